@@ -1,0 +1,43 @@
+# Two commands matter: `make run` (the pipeline on the local stack) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install stack stack-down run test unit lint bench schema clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+stack:
+	bash scripts/stack.sh up
+
+stack-down:
+	bash scripts/stack.sh down
+
+run: install stack
+	$(PY) -m demo.run
+
+test: install stack
+	$(PY) -m pytest -q
+
+unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy segmentation consumer trainer demo
+
+bench: install stack
+	$(PY) -m bench
+
+schema: install
+	$(PY) -m segmentation.events > segmentation/event.schema.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,296 @@
+"""The consume loop: poll a batch, score it, deliver outputs, then store offsets; learn; report.
+
+Thin on purpose: every stage is a named function elsewhere (``scoring.score_batch``,
+``delivery.Delivery.deliver``, ``online.OnlineKMeans.learn``, ``quality.QualityTracker``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.delivery import Delivery, DeliveryFailed
+from consumer.model import ActiveModel, ModelWatcher
+from consumer.online import OnlineKMeans
+from consumer.quality import QualityTracker, centroid_drift
+from consumer.scoring import ScoredBatch, score_batch
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 5.0
+
+
+class ConsumeLoop:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: Consumer,
+        delivery: Delivery,
+        store: ModelStore,
+        customers: CustomerStore,
+        metrics: ConsumerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.delivery = delivery
+        self.store = store
+        self.customers = customers
+        self.metrics = metrics
+        self.watcher = ModelWatcher(settings, store, metrics)
+        self.online: OnlineKMeans | None = None
+        self.quality: QualityTracker | None = None
+        self.assigned: set[tuple[str, int]] = set()
+        self.paused = False
+        self._next_report = 0.0
+        self.exactly_once = settings.delivery == "exactly-once"
+
+    # --- group membership ----------------------------------------------------------------
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.settings.events_topic],
+            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
+        )
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        log.info("partitions assigned", extra={"partitions": _names(partitions)})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every batch is delivered before the next poll, so what is stored is acknowledged.
+        if not self.exactly_once:
+            self._commit_stored()
+        self._forget(partitions)
+        log.info("partitions revoked", extra={"partitions": _names(partitions)})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Never commit on loss: another member may already own these partitions.
+        self._forget(partitions)
+        log.warning("partitions lost", extra={"partitions": _names(partitions)})
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(tp.partition))
+
+    def _commit_stored(self) -> None:
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit failed", extra={"error": str(exc)})
+
+    @property
+    def ready(self) -> bool:
+        return self.watcher.active is not None and bool(self.assigned) and not self.paused
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self, stopping: Callable[[], bool]) -> None:
+        self.subscribe()
+        self.metrics.up.set(1)
+        try:
+            while not stopping():
+                self.step()
+        finally:
+            self.metrics.up.set(0)
+
+    def step(self) -> None:
+        if self.watcher.refresh():
+            self._on_new_model()
+        messages = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+        messages = [m for m in messages if not self._is_error(m)]
+        model = self.watcher.active
+        if model is None:
+            self._hold(messages)
+        elif messages:
+            self._process(messages, model)
+        self._report()
+
+    def _hold(self, messages: list[Message]) -> None:
+        """No model yet: put messages back, pause everything, commit nothing."""
+        self._rewind(messages)
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.pause(assignment)
+            if not self.paused:
+                log.info("no model yet: partitions paused until one is published")
+            self.paused = True
+        time.sleep(0.2)
+
+    def _on_new_model(self) -> None:
+        model = self.watcher.active
+        assert model is not None
+        self.online = OnlineKMeans(
+            model.centroids, np.asarray(model.bundle.quality.shares),
+            self.settings.half_life_events, self.settings.random_state,
+        )
+        self.quality = QualityTracker(model)
+        if self.paused:
+            self.consumer.resume(self.consumer.assignment())
+            self.paused = False
+            log.info("model available: partitions resumed")
+
+    def _process(self, messages: list[Message], model: ActiveModel) -> None:
+        started = time.monotonic()
+        batch = score_batch(
+            messages, model, self.settings.features, self.settings.categorical,
+            self.settings.segments_topic, self.settings.dlq_topic,
+        )
+        try:
+            self.delivery.deliver(batch.outputs + batch.dead_letters, _next_offsets(messages))
+        except DeliveryFailed as exc:
+            self.metrics.delivery_failures.inc()
+            log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
+            self._rewind(messages)
+            return
+        self._write_customers(batch)
+        self._learn(batch)
+        self._count(batch, started)
+
+    def _write_customers(self, batch: ScoredBatch) -> None:
+        """Best effort: the output topic is the record of truth; Redis holds a hot copy that
+        the next event of the customer refreshes."""
+        if not batch.customers:
+            return
+        try:
+            self.customers.write_latest(batch.customers)
+        except REDIS_ERRORS:
+            self.metrics.redis_errors.labels("customer_write").inc()
+            self.metrics.customer_writes_skipped.inc(len(batch.customers))
+
+    def _learn(self, batch: ScoredBatch) -> None:
+        if self.online is None or self.quality is None or batch.indices.shape[0] == 0:
+            return
+        self.online.learn(batch.encoded)
+        self.quality.update(batch.indices, batch.nearest, batch.second, batch.encoded)
+
+    def _count(self, batch: ScoredBatch, started: float) -> None:
+        m = self.metrics
+        m.events.labels("scored").inc(len(batch.outputs))
+        m.events.labels("dead_letter").inc(len(batch.dead_letters))
+        for reason in batch.reasons:
+            m.dead_letters.labels(reason).inc()
+        if batch.unknown_categories:
+            m.unknown_categories.inc(batch.unknown_categories)
+        model = self.watcher.active
+        if model is not None and batch.indices.shape[0]:
+            counts = np.bincount(batch.indices, minlength=model.bundle.k)
+            for i, n in enumerate(counts.tolist()):
+                if n:
+                    m.assignments.labels(str(model.bundle.segment_ids[i])).inc(n)
+            lag = time.time() - batch.event_ms / 1000.0
+            for value in lag.tolist():
+                m.event_lag.observe(max(value, 0.0))
+        m.batch_duration.observe(time.monotonic() - started)
+
+    def _rewind(self, messages: list[Message]) -> None:
+        """Seek each partition back to the first offset of ``messages`` (replayed later)."""
+        first: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            key = (msg.topic(), msg.partition())
+            first[key] = min(first.get(key, msg.offset()), msg.offset())
+        for (topic, partition), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                log.warning("seek failed", extra={"partition": partition, "error": str(exc)})
+
+    def _is_error(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return False
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consumer error", extra={"error": str(err)})
+        return True
+
+    # --- periodic reporting (off the per-event hot path) -------------------------------------
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now < self._next_report:
+            return
+        self._next_report = now + REPORT_EVERY_S
+        self._report_lag()
+        model, quality, online = self.watcher.active, self.quality, self.online
+        if model is None or quality is None or online is None:
+            return
+        m = self.metrics
+        simplified = quality.simplified()
+        if simplified is not None:
+            m.silhouette.labels("simplified").set(simplified)
+            shares = quality.shares()
+            for sid, share in zip(model.bundle.segment_ids, shares.tolist(), strict=True):
+                m.share.labels(str(sid)).set(share)
+            m.share_psi.set(quality.psi())
+        sampled = quality.sampled_silhouette()
+        drift = quality.drift()
+        if sampled is not None and drift is not None:
+            m.silhouette.labels("sampled").set(sampled)
+            m.silhouette_drift.set(drift)
+        distances = centroid_drift(model, online)
+        for sid, d in zip(model.bundle.segment_ids, distances.tolist(), strict=True):
+            m.centroid_drift.labels(str(sid)).set(d)
+        self._publish_replica_state(model, online, simplified, sampled, drift)
+
+    def _publish_replica_state(
+        self, model: ActiveModel, online: OnlineKMeans, simplified: float | None,
+        sampled: float | None, drift: float | None,
+    ) -> None:
+        state = {
+            "replica": self.settings.replica_id, "model_version": model.version,
+            "at": time.time(), "events_seen": online.events_seen,
+            "online_centroids": online.centroids.tolist(), "counts": online.counts.tolist(),
+            "segment_ids": model.bundle.segment_ids,
+            "silhouette_simplified": simplified, "silhouette_sampled": sampled,
+            "silhouette_drift": drift,
+        }
+        try:
+            self.store.put_replica_state(self.settings.replica_id, state, ttl_s=120)
+        except REDIS_ERRORS:
+            self.metrics.redis_errors.labels("replica_state").inc()
+
+    def _report_lag(self) -> None:
+        assignment = [TopicPartition(t, p) for t, p in self.assigned]
+        if not assignment:
+            return
+        try:
+            positions = self.consumer.position(assignment)
+        except KafkaException:
+            return
+        for tp in positions:
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            except KafkaException:
+                continue
+            if tp.offset >= 0:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
+
+    def close(self) -> None:
+        """Flush, commit what is acknowledged, leave the group."""
+        self.delivery.close(self.settings.shutdown_timeout_s)
+        if not self.exactly_once:
+            self._commit_stored()
+        self.watcher.close()
+        self.consumer.close()
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """Per partition, the offset after the last message (what a commit means)."""
+    last: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        key = (msg.topic(), msg.partition())
+        last[key] = max(last.get(key, -1), msg.offset())
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+

@@ -1,0 +1,125 @@
+"""The model in use: loaded from Redis, validated, swapped between batches, never older.
+
+Redis is off the hot path: the bundle is cached in memory and refreshed when the trainer's
+pub/sub notification arrives or, as a fallback, when the periodic poll sees a new pointer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from redis.client import PubSub
+
+from segmentation.bundle import BundleError, ModelBundle
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+from segmentation.store import REDIS_ERRORS, ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """A validated bundle with its arrays prepared for scoring."""
+
+    bundle: ModelBundle
+    centroids: np.ndarray
+    segment_ids: np.ndarray
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> ActiveModel:
+        return cls(bundle, bundle.centroid_array(), np.asarray(bundle.segment_ids))
+
+    @property
+    def version(self) -> int:
+        return self.bundle.version
+
+
+class ModelWatcher:
+    """Keeps the newest valid model. Rejects (and counts) invalid, incompatible or older ones."""
+
+    def __init__(self, settings: Settings, store: ModelStore, metrics: ConsumerMetrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.active: ActiveModel | None = None
+        self._rejected: set[int] = set()
+        self._pubsub: PubSub | None = None
+        self._next_poll = 0.0
+
+    def refresh(self, force_poll: bool = False) -> bool:
+        """Look for a newer version (notification or due poll); True if the model changed."""
+        notified = self._notified()
+        now = time.monotonic()
+        if not (notified or force_poll or now >= self._next_poll or self.active is None):
+            return False
+        self._next_poll = now + self.settings.model_poll_s
+        try:
+            version = self.store.current_version()
+        except REDIS_ERRORS:
+            self.metrics.redis_errors.labels("model_poll").inc()
+            return False
+        except BundleError as exc:
+            self._reject(-1, str(exc))
+            return False
+        if version is None or version in self._rejected:
+            return False
+        if self.active is not None and version <= self.active.version:
+            if version < self.active.version:
+                # Fencing: an older pointer (a stale replica of Redis, a manual SET) is ignored.
+                self._reject(version, f"v{version} is older than v{self.active.version} in use")
+            return False
+        return self._load(version)
+
+    def _load(self, version: int) -> bool:
+        try:
+            bundle = self.store.load(version)
+            bundle.check_compatible(self.settings.features, self.settings.categorical)
+        except REDIS_ERRORS:
+            self.metrics.redis_errors.labels("model_load").inc()
+            return False
+        except BundleError as exc:
+            self._reject(version, str(exc))
+            return False
+        previous = self.active.version if self.active else None
+        self.active = ActiveModel.of(bundle)
+        self.metrics.model_version.set(bundle.version)
+        self.metrics.model_created_at = bundle.created_at.timestamp()
+        self.metrics.silhouette_baseline.set(bundle.quality.silhouette)
+        log.info("model swapped", extra={"from_version": previous, "to_version": bundle.version,
+                                         "k": bundle.k})
+        return True
+
+    def _reject(self, version: int, reason: str) -> None:
+        if version >= 0:
+            self._rejected.add(version)
+        self.metrics.bundle_rejections.inc()
+        log.error("bundle rejected; keeping the last good model",
+                  extra={"version": version, "reason": reason,
+                         "in_use": self.active.version if self.active else None})
+
+    def _notified(self) -> bool:
+        """Drain pub/sub notifications without blocking; reconnects lazily after an outage."""
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(self.store.channel)
+            seen = False
+            while (message := self._pubsub.get_message(timeout=0.0)) is not None:
+                seen = seen or message.get("type") == "message"
+            return seen
+        except REDIS_ERRORS:
+            self.metrics.redis_errors.labels("pubsub").inc()
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except REDIS_ERRORS:
+                pass
+            self._pubsub = None

@@ -1,0 +1,111 @@
+"""Streaming quality signals, computed from numbers the scoring step already has.
+
+* simplified silhouette per event (nearest vs second-nearest centroid), averaged over the last
+  ``window_events`` events;
+* a true silhouette on a reservoir sample of encoded events, recomputed every ``every_s``;
+* segment shares over the window and their PSI against the training shares;
+* centroid drift: online centroid vs published centroid, in scaled units.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from consumer.model import ActiveModel
+from consumer.online import OnlineKMeans
+from segmentation.scoring import population_stability_index, sampled_silhouette, simplified_silhouette
+
+
+class Reservoir:
+    """Uniform sample of fixed size over a stream (Vitter's algorithm R), vectorised per batch.
+
+    >>> r = Reservoir(3, 2, seed=0)
+    >>> r.add(np.arange(10.0).reshape(5, 2), np.arange(5))
+    >>> r.rows().shape, int(r.seen)
+    ((3, 2), 5)
+    """
+
+    def __init__(self, size: int, width: int, seed: int = 0) -> None:
+        self.size = size
+        self.x = np.empty((size, width))
+        self.labels = np.empty(size, dtype=np.intp)
+        self.seen = 0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, x: np.ndarray, labels: np.ndarray) -> None:
+        for row, label in zip(x, labels, strict=True):
+            if self.seen < self.size:
+                self.x[self.seen], self.labels[self.seen] = row, label
+            else:
+                j = int(self.rng.integers(0, self.seen + 1))
+                if j < self.size:
+                    self.x[j], self.labels[j] = row, label
+            self.seen += 1
+
+    def rows(self) -> np.ndarray:
+        return self.x[: min(self.seen, self.size)]
+
+    def row_labels(self) -> np.ndarray:
+        return self.labels[: min(self.seen, self.size)]
+
+
+class QualityTracker:
+    """Per model version: reset whenever the model is swapped (the space changes)."""
+
+    def __init__(
+        self, model: ActiveModel, window_events: int = 5000, reservoir: int = 1000,
+        every_s: float = 15.0,
+    ) -> None:
+        self.model = model
+        self.window_events = window_events
+        self.every_s = every_s
+        self._batches: deque[tuple[float, np.ndarray]] = deque()
+        self._in_window = 0
+        self.reservoir = Reservoir(reservoir, model.centroids.shape[1])
+        self._next_sampled = time.monotonic() + every_s / 3
+        self.sampled: float | None = None
+
+    def update(self, indices: np.ndarray, d1: np.ndarray, d2: np.ndarray, x: np.ndarray) -> None:
+        if indices.shape[0] == 0:
+            return
+        s = simplified_silhouette(d1, d2)
+        counts = np.bincount(indices, minlength=self.model.bundle.k)
+        self._batches.append((float(s.sum()), counts))
+        self._in_window += indices.shape[0]
+        while self._in_window - int(self._batches[0][1].sum()) >= self.window_events:
+            self._in_window -= int(self._batches.popleft()[1].sum())
+        self.reservoir.add(x, indices)
+
+    def simplified(self) -> float | None:
+        if not self._in_window:
+            return None
+        return sum(b[0] for b in self._batches) / self._in_window
+
+    def shares(self) -> np.ndarray:
+        counts = sum((b[1] for b in self._batches), np.zeros(self.model.bundle.k))
+        return counts / max(counts.sum(), 1.0)
+
+    def psi(self) -> float:
+        return population_stability_index(self.shares(), np.asarray(self.model.bundle.quality.shares))
+
+    def sampled_silhouette(self, force: bool = False) -> float | None:
+        """True silhouette on the reservoir, recomputed at most every ``every_s`` seconds."""
+        now = time.monotonic()
+        if (force or now >= self._next_sampled) and self.reservoir.seen >= 50:
+            self._next_sampled = now + self.every_s
+            self.sampled = sampled_silhouette(
+                self.reservoir.rows(), self.reservoir.row_labels(), self.reservoir.size, 0
+            )
+        return self.sampled
+
+    def drift(self) -> float | None:
+        sampled = self.sampled
+        return None if sampled is None else sampled - self.model.bundle.quality.silhouette
+
+
+def centroid_drift(model: ActiveModel, online: OnlineKMeans) -> np.ndarray:
+    """Distance of each online centroid from its published centroid (scaled units)."""
+    return np.linalg.norm(online.centroids - model.centroids, axis=1)

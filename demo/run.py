@@ -1,0 +1,208 @@
+"""``make run``: the whole pipeline on the local stack, with a compact status line.
+
+Starts the trainer and the consumer as processes (their logs go to ``.stack/logs``), produces
+demo events in this process, and reads the output and dead-letter topics as a downstream
+subscriber would. Stops on Ctrl-C or after ``DURATION`` seconds, drains, prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from demo.producer import DemoProducer
+from segmentation.kafka import ensure_topics
+from segmentation.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STATUS_EVERY_S = 5.0
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Observed:
+    """What a downstream subscriber saw of this run."""
+
+    event_ids: set[str] = field(default_factory=set)
+    by_version: Counter[int] = field(default_factory=Counter)
+    by_segment: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+
+
+class Subscriber(threading.Thread):
+    def __init__(self, settings: Settings, run_id: str) -> None:
+        super().__init__(name="subscriber", daemon=True)
+        self.settings = settings
+        self.run_id = run_id
+        self.observed = Observed()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"demo-subscriber-{run_id}",
+            "enable.auto.commit": False, "isolation.level": "read_committed",
+            **settings.kafka_extra,
+        })
+        self.consumer.assign(self._from_end([settings.segments_topic, settings.dlq_topic]))
+
+    def _from_end(self, topics: list[str]) -> list[TopicPartition]:
+        assignment = []
+        for topic in topics:
+            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+            for p in meta.partitions:
+                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                assignment.append(TopicPartition(topic, p, high))
+        return assignment
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                for msg in self.consumer.consume(1000, 0.5):
+                    if msg.error() is None:
+                        self._observe(msg)
+        finally:
+            self.consumer.close()
+
+    def _observe(self, msg: object) -> None:
+        topic = msg.topic()  # type: ignore[attr-defined]
+        with self.lock:
+            if topic == self.settings.dlq_topic:
+                headers = dict(msg.headers() or [])  # type: ignore[attr-defined]
+                if headers.get("demo-run") == self.run_id.encode():
+                    self.observed.dead_letters[headers.get("dlq.reason", b"?").decode()] += 1
+                return
+            record = json.loads(msg.value())  # type: ignore[attr-defined]
+            event_id = record.get("event_id") or ""
+            if not event_id.startswith(self.run_id + "-"):
+                return
+            if event_id in self.observed.event_ids:
+                self.observed.duplicates += 1
+                return
+            self.observed.event_ids.add(event_id)
+            self.observed.by_version[record["model_version"]] += 1
+            self.observed.by_segment[f"{record['segment_id']} {record['segment']}"] += 1
+
+
+def start_process(module: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
+    log_file = (log_dir / f"{module.replace('.', '-')}.log").open("ab")
+    args = [sys.executable, "-m", *module.split()]
+    return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate: float) -> str:
+    version = max(observed.by_version) if observed.by_version else "-"
+    segments = " ".join(f"{k.split(' ')[0]}:{v}" for k, v in sorted(observed.by_segment.items()))
+    return (f"[{elapsed:5.0f}s] produced {producer.stats.sent} "
+            f"({sum(producer.stats.malformed.values())} malformed) | scored "
+            f"{len(observed.event_ids)} ({rate:.0f}/s) | model v{version} | segments {segments or '-'}"
+            f" | dead letters {sum(observed.dead_letters.values())}")
+
+
+def main() -> int:
+    settings = Settings()
+    duration = float(os.environ["DURATION"]) if os.environ.get("DURATION") else None
+    run_id = f"run{int(time.time())}"
+    ensure_topics(settings)
+    log_dir = ROOT / ".stack" / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "SEG_TRAIN_INTERVAL_S": os.environ.get("SEG_TRAIN_INTERVAL_S", "30"),
+        "SEG_WINDOW_S": os.environ.get("SEG_WINDOW_S", "600"),
+    }
+    children = {
+        "trainer": start_process("trainer run", {**env, "SEG_METRICS_PORT": "9102"}, log_dir),
+        "consumer": start_process("consumer", {**env, "SEG_METRICS_PORT": "9101"}, log_dir),
+    }
+    subscriber = Subscriber(settings, run_id)
+    subscriber.start()
+    producer = DemoProducer(
+        settings, run_id, rate=float(os.environ.get("DEMO_RATE", "300")),
+        customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
+        drift=os.environ.get("DEMO_DRIFT", "0") == "1",
+    )
+    producing = threading.Thread(target=producer.run, args=(duration,), daemon=True)
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
+    print(f"run {run_id}: trainer and consumer started (logs in {log_dir}); "
+          f"metrics on :9101 (consumer) and :9102 (trainer). Ctrl-C stops.", flush=True)
+    started = time.monotonic()
+    producing.start()
+    last_count, last_at = 0, started
+    while producing.is_alive() and not interrupted.is_set():
+        interrupted.wait(STATUS_EVERY_S)
+        now = time.monotonic()
+        with subscriber.lock:
+            count = len(subscriber.observed.event_ids)
+            line = status_line(now - started, producer, subscriber.observed,
+                               (count - last_count) / max(now - last_at, 1e-9))
+        last_count, last_at = count, now
+        print(line, flush=True)
+        for name, proc in children.items():
+            if proc.poll() is not None:
+                print(f"{name} exited with {proc.returncode}; see {log_dir}", flush=True)
+                interrupted.set()
+    producer.stop.set()
+    producing.join(60)
+    elapsed = time.monotonic() - started
+    drained = drain(subscriber, producer)
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in children.values():
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    subscriber.stop.set()
+    subscriber.join(10)
+    print_summary(run_id, elapsed, producer, subscriber.observed, drained)
+    ok = drained and sum(subscriber.observed.dead_letters.values()) == sum(producer.stats.malformed.values())
+    return 0 if ok else 1
+
+
+def drain(subscriber: Subscriber, producer: DemoProducer) -> bool:
+    """Wait (bounded) until every event of this run has an output or a dead letter."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with subscriber.lock:
+            o = subscriber.observed
+            if (len(o.event_ids) >= producer.stats.valid
+                    and sum(o.dead_letters.values()) >= sum(producer.stats.malformed.values())):
+                return True
+        time.sleep(0.5)
+    return False
+
+
+def print_summary(
+    run_id: str, elapsed: float, producer: DemoProducer, observed: Observed, drained: bool
+) -> None:
+    malformed = sum(producer.stats.malformed.values())
+    dead = sum(observed.dead_letters.values())
+    print(f"\nsummary of {run_id} ({elapsed:.0f} s)")
+    print(f"  produced      {producer.stats.sent} events: {producer.stats.valid} valid, {malformed} "
+          f"malformed {dict(producer.stats.malformed)}")
+    print(f"  scored        {len(observed.event_ids)} of {producer.stats.valid} valid events "
+          f"({len(observed.event_ids) / max(elapsed, 1e-9):.0f}/s), duplicates {observed.duplicates}"
+          f"{'' if drained else '  (NOT fully drained)'}")
+    print("  by model      " + ", ".join(f"v{v}: {n}" for v, n in sorted(observed.by_version.items())))
+    print(f"  dead letters  {dead} {dict(observed.dead_letters)} "
+          f"{'== malformed sent' if dead == malformed else f'!= {malformed} malformed sent'}")
+    print("  segments")
+    for name, n in sorted(observed.by_segment.items(), key=lambda kv: int(kv[0].split()[0])):
+        print(f"    {n:>7}  {name}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""All settings of the consumer, the trainer and the demo: one frozen object, env prefix ``SEG_``.
+
+Defaults point at the local stack (``make stack``). List and dict settings are read from the
+environment as JSON, e.g. ``SEG_FEATURES='["recency_days","monetary_90d"]'`` or
+``SEG_KAFKA_EXTRA='{"security.protocol":"SASL_SSL"}'``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_FEATURES = (
+    "recency_days",
+    "frequency_90d",
+    "monetary_90d",
+    "avg_basket_value",
+    "sessions_30d",
+    "tenure_days",
+)
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service. Built once in ``main()`` and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="SEG_", frozen=True, extra="ignore")
+
+    # --- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
+    kafka_extra: dict[str, str] = Field(
+        default_factory=dict,
+        description="librdkafka options passed through to every client (JSON object)",
+    )
+    kafka_password: SecretStr | None = Field(None, description="sasl.password, never logged")
+    events_topic: str = Field("customer-events", description="input topic")
+    segments_topic: str = Field("customer-segments", description="output topic")
+    dlq_topic: str = Field("customer-events-dlq", description="dead-letter topic")
+    models_topic: str = Field("segment-models", description="compacted model audit topic")
+    events_partitions: int = Field(6, ge=1, description="partitions when the project creates it")
+    consumer_group: str = Field("segmentation-consumer", description="consumer group.id")
+
+    # --- Redis ---------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_prefix: str = Field("seg", description="namespace of every Redis key and channel")
+    redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis calls")
+    redis_retries: int = Field(2, ge=0, description="retries (exponential backoff) per Redis call")
+    customer_ttl_s: int = Field(0, ge=0, description="TTL of per-customer state; 0 = none")
+
+    # --- Features ------------------------------------------------------------------------
+    features: tuple[str, ...] = Field(DEFAULT_FEATURES, description="numeric features used")
+    categorical: tuple[str, ...] = Field(("channel",), description="categorical attributes")
+    scaler: Literal["standard", "robust"] = Field("standard", description="feature scaler")
+    log_features: tuple[str, ...] = Field(
+        (), description="features transformed with log1p before scaling (heavy-tailed spend)"
+    )
+
+    # --- Trainer -------------------------------------------------------------------------
+    k: int | None = Field(5, ge=2, description="fixed K; null chooses K over k_min..k_max")
+    k_min: int = Field(2, ge=2, description="smallest K tried when choosing K")
+    k_max: int = Field(10, ge=2, description="largest K tried when choosing K")
+    n_init: int = Field(10, ge=1, description="k-means++ restarts")
+    random_state: int = Field(42, description="seed of every fit and sample")
+    window_s: int = Field(3600, gt=0, description="training window, seconds back from now")
+    max_rows: int = Field(50_000, ge=10, description="row cap; larger windows are sampled")
+    min_rows: int = Field(200, ge=2, description="rows needed before the first fit")
+    silhouette_sample: int = Field(5000, ge=100, description="rows in the sampled silhouette")
+    train_interval_s: float = Field(600.0, gt=0, description="seconds between retrains")
+    names_file: str | None = Field(None, description="JSON file mapping segment_id to name")
+    lock_ttl_s: int = Field(120, gt=0, description="trainer lease lock TTL")
+    # quality gate
+    gate_min_share: float = Field(0.01, ge=0, lt=1, description="smallest segment share")
+    gate_min_separation: float = Field(
+        0.2, ge=0, description="min centroid distance / median centroid distance"
+    )
+    gate_silhouette_margin: float = Field(
+        0.05, ge=0, description="max silhouette drop vs the current model on the same window"
+    )
+    match_threshold: float = Field(
+        0.5, gt=0, description="max matching distance / median centroid distance to keep an id"
+    )
+    drift_retrain_threshold: float = Field(
+        0.1, gt=0, description="silhouette drop reported by consumers that triggers a retrain"
+    )
+    drift_retrain_after_s: float = Field(
+        120.0, ge=0, description="how long the drift must last before the early retrain"
+    )
+
+    # --- Consumer ------------------------------------------------------------------------
+    batch_size: int = Field(500, ge=1, description="max messages per batch")
+    batch_timeout_s: float = Field(0.5, gt=0, description="max wait to fill a batch")
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once", description="delivery guarantee"
+    )
+    transactional_id: str = Field(
+        default_factory=lambda: f"segmentation-{socket.gethostname()}",
+        description="transactional.id prefix (exactly-once)",
+    )
+    commit_interval_ms: int = Field(1000, gt=0, description="offset commit interval")
+    model_poll_s: float = Field(5.0, gt=0, description="model pointer poll (besides pub/sub)")
+    half_life_events: float = Field(
+        5000.0, gt=0, description="online k-means forgetting half-life, in events"
+    )
+    shutdown_timeout_s: float = Field(10.0, gt=0, description="bound on graceful shutdown")
+    replica_id: str = Field(default_factory=socket.gethostname, description="replica name")
+
+    # --- Metrics / logs ------------------------------------------------------------------
+    metrics_port: int = Field(0, ge=0, description="/metrics, /healthz, /readyz port; 0 = off")
+    log_json: bool = Field(False, description="JSON log lines")
+    log_level: str = Field("INFO", description="log level")
+
+    @field_validator("features")
+    @classmethod
+    def _features_nonempty_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one numeric feature is required")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate feature names in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) > k_max ({self.k_max})")
+        unknown = set(self.log_features) - set(self.features)
+        if unknown:
+            raise ValueError(f"log_features not in features: {sorted(unknown)}")
+        return self
+
+    def kafka_common(self) -> dict[str, str | int | bool]:
+        """librdkafka options shared by every client (passed-through extras win)."""
+        conf: dict[str, str | int | bool] = {"bootstrap.servers": self.kafka_bootstrap}
+        conf.update(self.kafka_extra)
+        if self.kafka_password is not None:
+            conf["sasl.password"] = self.kafka_password.get_secret_value()
+        return conf

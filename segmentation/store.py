@@ -1,0 +1,235 @@
+"""Redis: the model store (immutable versions + one atomically switched pointer), the trainer's
+lease lock, and per-customer latest assignments written idempotently.
+
+Keys (``P`` is ``settings.redis_prefix``)::
+
+    P:bundle:<v>        JSON bundle, written once (SET NX), never changed
+    P:current           the current version number (switched only by the publish script)
+    P:versions          sorted set of published versions
+    P:version_seq       INCR counter: versions strictly rise, even across rollbacks
+    P:segment_id_seq    INCR counter: segment ids are never reused
+    P:lock              trainer lease (SET NX PX, released only by its owner)
+    P:customer:<id>     hash: latest segment of a customer
+    P:online:<replica>  JSON: a consumer replica's online centroids and quality figures
+    P:models            pub/sub channel: a published version number
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from segmentation.bundle import BundleError, ModelBundle
+from segmentation.settings import Settings
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+# Compare-and-set publish: all or nothing, because a Lua script runs atomically in Redis.
+_PUBLISH = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+if cur and tonumber(ARGV[2]) <= tonumber(cur) then return -1 end
+if not redis.call('SET', KEYS[2], ARGV[3], 'NX') then return -2 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[2]), ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+"""
+
+# An older event (event time, then offset) never overwrites a newer assignment.
+_WRITE_CUSTOMER = """
+local cur = redis.call('HMGET', KEYS[1], 'event_ms', 'offset')
+if cur[1] then
+  local cms, nms = tonumber(cur[1]), tonumber(ARGV[1])
+  if cms > nms then return 0 end
+  if cms == nms and tonumber(cur[2] or '-1') >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'event_ms', ARGV[1], 'offset', ARGV[2], 'segment_id', ARGV[3],
+           'segment', ARGV[4], 'model_version', ARGV[5], 'event_id', ARGV[6])
+if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7])) end
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client that retries connection errors with exponential backoff, a bounded number
+    of times, and never blocks longer than the configured socket timeout per attempt."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.redis_retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=10,
+    )
+
+
+class PublishConflict(RuntimeError):
+    """Another trainer published on the same base version first."""
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerAssignment:
+    customer_id: str
+    event_ms: int
+    offset: int
+    segment_id: int
+    segment: str
+    model_version: int
+    event_id: str
+
+
+class ModelStore:
+    """Model versions in Redis. Every read is validated; every publish is compare-and-set."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.channel = f"{prefix}:models"
+        self._publish = client.register_script(_PUBLISH)
+        self._release = client.register_script(_RELEASE)
+
+    def _key(self, *parts: object) -> str:
+        return ":".join([self.prefix, *map(str, parts)])
+
+    def current_version(self) -> int | None:
+        raw = self.client.get(self._key("current"))
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise BundleError(f"current pointer is not a version number: {raw!r}") from None
+
+    def load(self, version: int) -> ModelBundle:
+        """The bundle of ``version``, validated; ``BundleError`` if missing or invalid."""
+        raw = self.client.get(self._key("bundle", version))
+        if raw is None:
+            raise BundleError(f"bundle v{version} does not exist")
+        bundle = ModelBundle.from_json(raw)
+        if bundle.version != version:
+            raise BundleError(f"bundle stored as v{version} says it is v{bundle.version}")
+        return bundle
+
+    def load_current(self) -> ModelBundle | None:
+        version = self.current_version()
+        return None if version is None else self.load(version)
+
+    def versions(self) -> list[int]:
+        return [int(v) for v in self.client.zrange(self._key("versions"), 0, -1)]
+
+    def allocate_version(self) -> int:
+        return int(self.client.incr(self._key("version_seq")))
+
+    def allocate_segment_ids(self, n: int) -> list[int]:
+        """``n`` fresh segment ids, never handed out before (ids start at 0)."""
+        end = int(self.client.incrby(self._key("segment_id_seq"), n))
+        return list(range(end - n, end))
+
+    def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
+        """Store ``bundle`` and make it current, only if current is still ``base_version``.
+
+        Bundle write, pointer switch, history and notification happen in one Lua script, so a
+        crash of the trainer at any point leaves either the old or the new model current.
+        """
+        result = self._publish(
+            keys=[self._key("current"), self._key("bundle", bundle.version), self._key("versions")],
+            args=["" if base_version is None else str(base_version), str(bundle.version),
+                  bundle.to_json(), self.channel],
+        )
+        if result == 0:
+            raise PublishConflict(f"current moved away from base v{base_version}")
+        if result == -1:
+            raise PublishConflict(f"v{bundle.version} is not newer than current")
+        if result == -2:
+            raise PublishConflict(f"v{bundle.version} already exists")
+
+    @contextlib.contextmanager
+    def lease(self, ttl_s: int) -> Iterator[bool]:
+        """Yields True when this caller holds the trainer lock, False when another does."""
+        token = uuid.uuid4().hex
+        held = bool(self.client.set(self._key("lock"), token, nx=True, px=ttl_s * 1000))
+        try:
+            yield held
+        finally:
+            if held:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self._release(keys=[self._key("lock")], args=[token])
+
+    def record_run(self, run: dict[str, Any], keep: int = 200) -> None:
+        """Append a trainer run (published, rejected with why, ...) to a bounded log."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            key = self._key("runs")
+            self.client.pipeline().lpush(key, json.dumps(run, default=str)).ltrim(
+                key, 0, keep - 1).execute()
+
+    def runs(self, count: int = 50) -> list[dict[str, Any]]:
+        return [json.loads(r) for r in self.client.lrange(self._key("runs"), 0, count - 1)]
+
+    def put_replica_state(self, replica: str, state: dict[str, Any], ttl_s: int) -> None:
+        self.client.set(self._key("online", replica), json.dumps(state), ex=ttl_s)
+
+    def replica_states(self) -> list[dict[str, Any]]:
+        keys = list(self.client.scan_iter(match=self._key("online", "*"), count=100))
+        states = []
+        for raw in self.client.mget(keys) if keys else []:
+            if raw is None:
+                continue
+            with contextlib.suppress(ValueError):
+                states.append(json.loads(raw))
+        return states
+
+
+class CustomerStore:
+    """Latest segment per customer. Writes are idempotent under replay."""
+
+    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int = 0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._write = client.register_script(_WRITE_CUSTOMER)
+
+    def key(self, customer_id: str) -> str:
+        return f"{self.prefix}:customer:{customer_id}"
+
+    def write_latest(self, assignments: Sequence[CustomerAssignment]) -> int:
+        """Write a batch in one round trip; returns how many were newer than what was stored."""
+        pipe = self.client.pipeline(transaction=False)
+        for a in assignments:
+            self._write(
+                keys=[self.key(a.customer_id)],
+                args=[a.event_ms, a.offset, a.segment_id, a.segment, a.model_version,
+                      a.event_id, self.ttl_s],
+                client=pipe,
+            )
+        return sum(int(r) for r in pipe.execute())
+
+    def get(self, customer_id: str) -> dict[str, str]:
+        raw = self.client.hgetall(self.key(customer_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def wait_for_redis(client: redis.Redis, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except REDIS_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

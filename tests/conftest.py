@@ -1,0 +1,236 @@
+"""Fixtures for tests against the real local stack (``make stack``): Kafka on 127.0.0.1:9092,
+Redis on 127.0.0.1:6379. Every test gets its own topics, consumer group and Redis prefix."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from consumer.__main__ import build_delivery
+from consumer.loop import ConsumeLoop
+from demo.generator import Customer, event_value, make_customers
+from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
+from segmentation.metrics import ConsumerMetrics, TrainerMetrics
+from segmentation.settings import Settings
+from segmentation.store import CustomerStore, ModelStore, connect
+
+STACK_HINT = "the local stack is not running: `make stack` (or `bash scripts/stack.sh up`)"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack() -> None:
+    """Fails (never skips) when Kafka or Redis is down: these tests are the point."""
+    try:
+        redis.Redis(socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"{STACK_HINT}: redis: {exc}")
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": "127.0.0.1:9092"}).list_topics(timeout=10)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"{STACK_HINT}: kafka: {exc}")
+
+
+def make_settings(**overrides: Any) -> Settings:
+    tag = uuid.uuid4().hex[:10]
+    base: dict[str, Any] = {
+        "events_topic": f"t{tag}-customer-events",
+        "segments_topic": f"t{tag}-customer-segments",
+        "dlq_topic": f"t{tag}-customer-events-dlq",
+        "models_topic": f"t{tag}-segment-models",
+        "consumer_group": f"t{tag}-group",
+        "redis_prefix": f"t{tag}",
+        "batch_timeout_s": 0.2,
+        "model_poll_s": 1.0,
+        "min_rows": 50,
+        "n_init": 4,
+        "replica_id": f"r{tag}",
+        "transactional_id": f"t{tag}",
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture
+def settings_factory(stack: None) -> Iterator[Callable[..., Settings]]:
+    made: list[Settings] = []
+
+    def factory(**overrides: Any) -> Settings:
+        s = make_settings(**overrides)
+        ensure_topics(s)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        delete_topics(s, [s.events_topic, s.segments_topic, s.dlq_topic, s.models_topic])
+        client = connect(s)
+        keys = list(client.scan_iter(match=f"{s.redis_prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings]) -> Settings:
+    return settings_factory()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ModelStore:
+    return ModelStore(connect(settings), settings.redis_prefix)
+
+
+@pytest.fixture
+def trainer_metrics() -> TrainerMetrics:
+    return TrainerMetrics()
+
+
+# --- producing -----------------------------------------------------------------------------
+def produce_events(
+    settings: Settings, customers: list[Customer], seed: int = 0, prefix: str = "e",
+    shift: Callable[[Customer], np.ndarray | None] = lambda c: None,
+) -> dict[str, Customer]:
+    """One event per customer; returns event_id -> customer."""
+    rng = np.random.default_rng(seed)
+    producer = Producer(producer_config(settings))
+    sent = {}
+    for i, c in enumerate(customers):
+        event_id = f"{prefix}-{i}"
+        value = event_value(c, rng, event_id, shift=shift(c))
+        producer.produce(settings.events_topic, key=c.customer_id, value=json.dumps(value))
+        sent[event_id] = c
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    return sent
+
+
+def produce_raw(settings: Settings, messages: list[tuple[str, bytes]]) -> None:
+    producer = Producer(producer_config(settings))
+    for key, value in messages:
+        producer.produce(settings.events_topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def customers(n: int = 1500, seed: int = 1, prefix: str = "c") -> list[Customer]:
+    return make_customers(n, np.random.default_rng(seed), prefix=prefix)
+
+
+# --- reading ---------------------------------------------------------------------------------
+@dataclass
+class Received:
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.value or b"null")
+
+
+def read_topic(
+    settings: Settings, topic: str, until: Callable[[list[Received]], bool], timeout_s: float = 60.0,
+    isolation: str = "read_committed",
+) -> list[Received]:
+    """Everything on ``topic`` from the beginning, until ``until(received)`` or the timeout."""
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+        "enable.auto.commit": False, "isolation.level": isolation,
+    })
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    received: list[Received] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not until(received):
+            for m in consumer.consume(1000, 0.3):
+                if m.error() is None:
+                    received.append(Received(m.key(), m.value(), dict(m.headers() or []),
+                                             m.partition(), m.offset()))
+    finally:
+        consumer.close()
+    return received
+
+
+def read_outputs(
+    settings: Settings, event_ids: set[str], timeout_s: float = 60.0
+) -> dict[str, dict[str, Any]]:
+    """Latest output per event_id, waiting until every id in ``event_ids`` has one."""
+    def done(rs: list[Received]) -> bool:
+        return event_ids <= {r.json().get("event_id") for r in rs}
+
+    records = read_topic(settings, settings.segments_topic, done, timeout_s)
+    return {r.json()["event_id"]: r.json() for r in records}
+
+
+# --- running the consumer in-process --------------------------------------------------------
+class RunningConsumer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ConsumerMetrics()
+        client = connect(settings)
+        consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+        self.loop = ConsumeLoop(
+            settings, consumer, build_delivery(settings, consumer),
+            ModelStore(client, settings.redis_prefix),
+            CustomerStore(client, settings.redis_prefix), self.metrics,
+        )
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run(self._stop.is_set)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+            self.error = exc
+        finally:
+            self.loop.close()
+
+    def start(self) -> RunningConsumer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "consumer did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@contextmanager
+def running_consumer(settings: Settings) -> Iterator[RunningConsumer]:
+    rc = RunningConsumer(settings).start()
+    try:
+        yield rc
+    finally:
+        rc.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")

@@ -1,0 +1,150 @@
+"""Fast tests of the pure core: contracts, bundle validation, matching, gate, online learning."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumer.online import OnlineKMeans
+from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.events import CustomerEvent, json_schema
+from segmentation.features import FeatureSpec
+from segmentation.settings import Settings
+from trainer.fit import fit_model
+from trainer.gate import run_gate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bundle_dict(**overrides: object) -> dict:
+    spec = FeatureSpec(numeric=["a", "b"], vocabulary={"channel": ["app", "other"]},
+                       center=[0.0, 0.0], scale=[1.0, 1.0])
+    b = ModelBundle(
+        version=1, features=spec, centroids=[[0, 0, 1, 0], [5, 5, 0, 1]], segment_ids=[0, 1],
+        segment_names=["x", "y"],
+        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5],
+                        sizes=[1, 1]),
+        lineage=Lineage(topic="t"),
+    )
+    d = json.loads(b.to_json())
+    d.update(overrides)
+    return d
+
+
+def test_a_valid_bundle_round_trips_through_json() -> None:
+    raw = json.dumps(bundle_dict())
+    assert ModelBundle.from_json(raw).to_json() == ModelBundle.from_json(raw).to_json()
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"centroids": [[0, 0, 1], [5, 5, 0]]},  # wrong shape
+        {"centroids": [[0, 0, 1, 0], [float("nan"), 5, 0, 1]]},  # NaN
+        {"segment_ids": [3, 3]},  # duplicate ids
+        {"segment_names": ["only one"]},
+        {"version": 0},
+        {"schema_version": 99},
+    ],
+)
+def test_a_poisoned_bundle_is_refused_with_a_reason(poison: dict) -> None:
+    raw = json.dumps(bundle_dict(**poison)).replace("NaN", "NaN")
+    with pytest.raises(BundleError, match="invalid bundle"):
+        ModelBundle.from_json(raw)
+
+
+def test_pickle_or_garbage_is_not_a_bundle() -> None:
+    with pytest.raises(BundleError):
+        ModelBundle.from_json(b"\x80\x04\x95garbage")
+
+
+def test_a_bundle_with_other_features_is_incompatible() -> None:
+    bundle = ModelBundle.model_validate(bundle_dict())
+    with pytest.raises(BundleError, match="features"):
+        bundle.check_compatible(("a", "c"), ("channel",))
+    bundle.check_compatible(("a", "b"), ("channel",))
+
+
+def test_the_committed_json_schema_is_the_generated_one() -> None:
+    committed = json.loads((ROOT / "segmentation" / "event.schema.json").read_text())
+    assert committed == json_schema(), "run `make schema` and commit segmentation/event.schema.json"
+
+
+def test_rfc3339_and_epoch_millisecond_event_times_agree() -> None:
+    a = CustomerEvent(customer_id="c", event_time="2026-11-29T10:15:00Z", features={})
+    b = CustomerEvent(customer_id="c", event_time=a.event_ms, features={})
+    assert a.event_ms == b.event_ms
+
+
+def test_settings_refuse_inconsistent_values() -> None:
+    with pytest.raises(ValueError, match="k_min"):
+        Settings(k_min=6, k_max=3)
+    with pytest.raises(ValueError, match="log_features"):
+        Settings(log_features=("nope",))
+    with pytest.raises(ValueError):
+        Settings(batch_size=0)
+
+
+def test_reencode_maps_centroids_between_scalers() -> None:
+    old = FeatureSpec(numeric=["a"], vocabulary={"ch": ["app", "other"]}, center=[10.0], scale=[2.0])
+    new = FeatureSpec(numeric=["a"], vocabulary={"ch": ["app", "web", "other"]},
+                      center=[0.0], scale=[4.0])
+    moved = new.reencode(np.array([[1.0, 1.0, 0.0]]), old)  # raw a = 12
+    assert moved.tolist() == [[3.0, 1.0, 0.0, 0.0]]
+
+
+def test_quality_gate_refuses_a_collapsed_model() -> None:
+    rng = np.random.default_rng(0)
+    three = np.vstack([rng.normal(c, 0.3, size=(300, 2)) for c in ((0, 0), (10, 0), (0, 10))])
+    fit, _ = fit_model(three, 5, (2, 8), 4, 0, 2000)  # five segments on three real clusters
+    failures = run_gate(fit.centroids, fit.shares, fit.silhouette, None, 0.01, 0.2, 0.05)
+    assert "separation" in {f.check for f in failures}
+    good, _ = fit_model(three, 3, (2, 8), 4, 0, 2000)
+    assert run_gate(good.centroids, good.shares, good.silhouette, None, 0.01, 0.2, 0.05) == []
+
+
+@pytest.mark.parametrize("true_k", [3, 4, 5, 6, 7, 8])
+def test_k_selection_recovers_the_true_k_on_well_separated_data(true_k: int) -> None:
+    rng = np.random.default_rng(true_k)
+    centres = rng.uniform(-50, 50, size=(true_k, 4))
+    while np.min([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]) < 15:
+        centres = rng.uniform(-50, 50, size=(true_k, 4))
+    x = np.vstack([rng.normal(c, 1.0, size=(150, 4)) for c in centres])
+    fit, fits = fit_model(x, None, (2, 10), 4, 0, 2000)
+    assert fit.k == true_k
+    assert len(fits) == 9
+
+
+def test_forgetting_follows_a_shift_that_plain_partial_fit_lags_behind() -> None:
+    rng = np.random.default_rng(0)
+    start = np.array([[0.0, 0.0], [10.0, 10.0]])
+    half_life = 2000.0
+    forgetting = OnlineKMeans(start, np.array([0.5, 0.5]), half_life)
+    plain = OnlineKMeans(start, np.array([0.5, 0.5]), None)
+    # a long stationary period, then segment 0 moves to (3, 0)
+    for centre0 in [(0.0, 0.0)] * 100 + [(3.0, 0.0)] * 20:
+        batch = np.vstack([rng.normal(centre0, 0.3, (100, 2)), rng.normal((10, 10), 0.3, (100, 2))])
+        forgetting.learn(batch)
+        plain.learn(batch)
+    # 20 batches x 100 events of segment 0 = 2000 events: one half-life
+    moved = lambda m: float(m.centroids[0, 0]) / 3.0  # noqa: E731
+    assert moved(forgetting) >= 0.5
+    assert moved(plain) < 0.25
+    assert np.allclose(forgetting.centroids[1], (10, 10), atol=0.2)
+
+
+def test_consumer_and_trainer_never_import_each_other() -> None:
+    for package, forbidden in (("consumer", "trainer"), ("trainer", "consumer")):
+        for path in (ROOT / package).glob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                assert not any(n.split(".")[0] == forbidden for n in names), f"{path} imports {forbidden}"

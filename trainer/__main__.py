@@ -1,0 +1,183 @@
+"""``python -m trainer once|run|show|history|rollback|reproduce|report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from segmentation import logs
+from segmentation.bundle import BundleError, ModelBundle
+from segmentation.kafka import ensure_topics
+from segmentation.metrics import TrainerMetrics, serve
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from trainer.operations import reproduce, rollback
+from trainer.pipeline import train_once
+from trainer.schedule import Schedule
+
+log = logging.getLogger("trainer")
+
+
+def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
+    return {
+        "version": bundle.version,
+        "created_at": bundle.created_at.isoformat(),
+        "previous_version": bundle.previous_version,
+        "rolled_back_from": bundle.rolled_back_from,
+        "forced": bundle.forced,
+        "k": bundle.k,
+        "segments": [
+            {"segment_id": sid, "segment": name, "size": size, "share": round(share, 4)}
+            for sid, name, size, share in zip(
+                bundle.segment_ids, bundle.segment_names, bundle.quality.sizes,
+                bundle.quality.shares, strict=True,
+            )
+        ],
+        "silhouette": bundle.quality.silhouette,
+        "davies_bouldin": bundle.quality.davies_bouldin,
+        "inertia": bundle.quality.inertia,
+        "label_mapping": {
+            kind: [c.segment_id for c in getattr(bundle.label_mapping, kind)]
+            for kind in ("matched", "new", "retired")
+        },
+        "lineage": bundle.lineage.model_dump(),
+    }
+
+
+def cmd_show(store: ModelStore, as_json: bool) -> int:
+    bundle = store.load_current()
+    if bundle is None:
+        print("no model published yet", file=sys.stderr)
+        return 1
+    summary = bundle_summary(bundle)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"model v{bundle.version} (from v{bundle.previous_version}) created {summary['created_at']}"
+          f"  K={bundle.k}  silhouette={bundle.quality.silhouette:.3f}"
+          f"  davies-bouldin={bundle.quality.davies_bouldin:.3f}")
+    for seg in summary["segments"]:
+        print(f"  {seg['segment_id']:>4}  {seg['share']:7.2%}  {seg['size']:>7}  {seg['segment']}")
+    return 0
+
+
+def cmd_history(store: ModelStore, as_json: bool) -> int:
+    rows = []
+    for version in store.versions():
+        try:
+            b = store.load(version)
+        except BundleError as exc:
+            rows.append({"version": version, "error": str(exc)})
+            continue
+        rows.append({
+            "version": b.version, "created_at": b.created_at.isoformat(), "k": b.k,
+            "silhouette": round(b.quality.silhouette, 4),
+            "davies_bouldin": round(b.quality.davies_bouldin, 4),
+            "sizes": dict(zip(map(str, b.segment_ids), b.quality.sizes, strict=True)),
+            "matched": len(b.label_mapping.matched), "new": [c.segment_id for c in b.label_mapping.new],
+            "retired": [c.segment_id for c in b.label_mapping.retired],
+            "forced": b.forced, "rolled_back_from": b.rolled_back_from,
+        })
+    refused = [r for r in store.runs() if r["result"] == "rejected"]
+    if as_json:
+        print(json.dumps({"versions": rows, "recent_refusals": refused}, indent=2))
+        return 0
+    current = store.current_version()
+    for r in rows:
+        mark = "*" if r["version"] == current else " "
+        if "error" in r:
+            print(f"{mark} v{r['version']}: {r['error']}")
+            continue
+        extra = " forced" if r["forced"] else ""
+        extra += f" rollback-of-v{r['rolled_back_from']}" if r["rolled_back_from"] else ""
+        print(f"{mark} v{r['version']:<4} {r['created_at'][:19]} K={r['k']} sil={r['silhouette']:.3f}"
+              f" db={r['davies_bouldin']:.3f} new={r['new']} retired={r['retired']} "
+              f"sizes={r['sizes']}{extra}")
+    for r in refused[:10]:
+        print(f"  refused at {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(r['at']))}: {r['detail']}")
+    return 0
+
+
+def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> int:
+    stop = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop["flag"]:
+            sys.exit(1)
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    schedule = Schedule(settings)
+    metrics.up.set(1)
+    log.info("trainer running", extra={"interval_s": settings.train_interval_s})
+    while not stop["flag"]:
+        reason = schedule.due(store)
+        if reason:
+            log.info("training", extra={"reason": reason})
+            result = train_once(settings, store, metrics)
+            schedule.ran(result.result)
+        time.sleep(0.5)
+    metrics.up.set(0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    once = sub.add_parser("once", help="one training run now")
+    once.add_argument("--force", action="store_true", help="publish even if the gate refuses")
+    sub.add_parser("run", help="train periodically (and early on sustained drift)")
+    for name in ("show", "history"):
+        p = sub.add_parser(name)
+        p.add_argument("--json", action="store_true")
+    rb = sub.add_parser("rollback", help="make an earlier version's model current again")
+    rb.add_argument("version", type=int)
+    rp = sub.add_parser("reproduce", help="refit a version from its recorded offsets")
+    rp.add_argument("version", type=int)
+    rp.add_argument("--tolerance", type=float, default=1e-6)
+    rep = sub.add_parser("report", help="HTML report with figures")
+    rep.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_json)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    if args.command == "show":
+        return cmd_show(store, args.json)
+    if args.command == "history":
+        return cmd_history(store, args.json)
+    if args.command == "rollback":
+        version = rollback(settings, store, args.version)
+        print(f"v{args.version} is current again as v{version}")
+        return 0
+    if args.command == "reproduce":
+        outcome = reproduce(settings, store, args.version, args.tolerance)
+        print(json.dumps(outcome, indent=2))
+        return 0 if outcome["reproduced"] else 1
+    if args.command == "report":
+        from trainer.report import write_report
+
+        path = write_report(store, args.out)
+        print(f"report written to {path}")
+        return 0
+
+    ensure_topics(settings)
+    metrics = TrainerMetrics()
+    if settings.metrics_port:
+        serve(metrics.registry, settings.metrics_port)
+    if args.command == "once":
+        result = train_once(settings, store, metrics, force=args.force)
+        print(json.dumps({"result": result.result, "version": result.version,
+                          "detail": result.detail}))
+        return {"published": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]
+    return cmd_run(settings, store, metrics)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Operator commands that act on published versions: rollback and reproduce."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from segmentation.bundle import BundleError
+from segmentation.matching import match_centroids
+from segmentation.settings import Settings
+from segmentation.store import ModelStore
+from trainer.pipeline import data_hash, fit_window, publish_audit
+from trainer.window import read_window
+
+
+def rollback(settings: Settings, store: ModelStore, version: int) -> int:
+    """Republish ``version``'s model as a new version (versions only ever rise, so consumers
+    that refuse to go back to an older version still follow a rollback)."""
+    target = store.load(version)  # validated; raises BundleError if unusable
+    target.check_compatible(settings.features, settings.categorical)
+    base = store.current_version()
+    if base == version:
+        raise BundleError(f"v{version} is already current")
+    bundle = target.model_copy(update={
+        "version": store.allocate_version(),
+        "previous_version": base,
+        "rolled_back_from": version,
+    })
+    store.publish(bundle, base)
+    publish_audit(settings, bundle)
+    return bundle.version
+
+
+def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: float) -> dict[str, Any]:
+    """Refit from the offsets recorded in ``version``'s lineage with its recorded parameters, and
+    compare with the published centroids (matched up to a permutation)."""
+    bundle = store.load(version)
+    params = bundle.lineage.params
+    fit_settings = settings.model_copy(update={
+        "k": params.get("k", bundle.k),
+        "n_init": params.get("n_init", settings.n_init),
+        "max_rows": params.get("max_rows", settings.max_rows),
+        "scaler": params.get("scaler", bundle.features.scaler),
+        "log_features": tuple(params.get("log_features", bundle.features.log_features)),
+        "features": tuple(bundle.features.numeric),
+        "categorical": tuple(bundle.features.vocabulary),
+        "silhouette_sample": params.get("silhouette_sample", settings.silhouette_sample),
+        "random_state": bundle.lineage.random_state,
+        "events_topic": bundle.lineage.topic,
+    })
+    window = read_window(fit_settings, now_ms=bundle.lineage.window_end_ms,
+                         ranges=bundle.lineage.partitions)
+    if len(window.events) == 0:
+        return {"version": version, "reproduced": False,
+                "detail": "no rows: the recorded offsets are no longer retained"}
+    _, x, fit, _ = fit_window(fit_settings, window)
+    published = bundle.centroid_array()
+    pairs = match_centroids(published, fit.centroids, np.inf)
+    max_diff = max((d for _, _, d in pairs), default=float("inf"))
+    same_data = data_hash(x) == bundle.lineage.data_sha256
+    return {
+        "version": version,
+        "reproduced": bool(same_data and max_diff <= tolerance and fit.k == bundle.k),
+        "same_data_hash": same_data,
+        "rows_used": len(window.events),
+        "max_centroid_difference": max_diff,
+        "tolerance": tolerance,
+    }

@@ -1,0 +1,212 @@
+"""One training run along the data flow: window -> fit -> gate -> match -> publish."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version as package_version
+
+import numpy as np
+from confluent_kafka import Producer
+
+from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.features import FeatureSpec, fit_spec
+from segmentation.kafka import producer_config
+from segmentation.metrics import TrainerMetrics
+from segmentation.scoring import nearest_two, sampled_silhouette
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, PublishConflict
+from trainer.fit import Fit, fit_model
+from trainer.gate import GateFailure, run_gate
+from trainer.registry import label_segments, load_names
+from trainer.window import Window, read_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    result: str  # published | rejected | skipped | failed
+    detail: str = ""
+    version: int | None = None
+    failures: list[GateFailure] = field(default_factory=list)
+    bundle: ModelBundle | None = None
+
+
+def data_hash(x: np.ndarray) -> str:
+    """SHA-256 of the training matrix (float64, C order): same rows, same hash.
+
+    >>> data_hash(np.zeros((2, 2)))[:12]
+    '66687aadf862'
+    """
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float64).tobytes()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    return {p: package_version(p) for p in ("scikit-learn", "numpy", "scipy")}
+
+
+def fit_params(settings: Settings, k: int) -> dict[str, object]:
+    """The settings a fit depends on, recorded so that `reproduce` can repeat it."""
+    return {
+        "k": k, "n_init": settings.n_init, "max_rows": settings.max_rows,
+        "scaler": settings.scaler, "log_features": list(settings.log_features),
+        "features": list(settings.features), "categorical": list(settings.categorical),
+        "silhouette_sample": settings.silhouette_sample, "window_s": settings.window_s,
+    }
+
+
+def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray, Fit, list[Fit]]:
+    """Fit scaler + vocabulary and K-Means on a window (also used by `reproduce`)."""
+    spec = fit_spec(
+        window.events, settings.features, settings.categorical, settings.scaler,
+        settings.log_features,
+    )
+    x, _ = spec.encode(window.events)
+    fit, fits = fit_model(
+        x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
+        settings.random_state, settings.silhouette_sample,
+    )
+    return spec, x, fit, fits
+
+
+def current_silhouette(settings: Settings, current: ModelBundle | None, window: Window) -> float | None:
+    """The current model's sampled silhouette on the same window, in its own space."""
+    if current is None or tuple(current.features.numeric) != settings.features:
+        return None
+    x, _ = current.features.encode(window.events)
+    labels, _, _ = nearest_two(x, current.centroid_array())
+    return sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
+
+
+def load_base(store: ModelStore) -> tuple[int | None, ModelBundle | None]:
+    """The version a run starts from. A current bundle that fails validation is reported and
+    treated as absent for matching, but stays the compare-and-set base."""
+    base = store.current_version()
+    if base is None:
+        return None, None
+    try:
+        return base, store.load(base)
+    except BundleError as exc:
+        log.error("current bundle invalid; fitting without it", extra={"error": str(exc)})
+        return base, None
+
+
+def train_once(
+    settings: Settings,
+    store: ModelStore,
+    metrics: TrainerMetrics,
+    force: bool = False,
+    now_ms: int | None = None,
+) -> RunResult:
+    started = time.monotonic()
+    with store.lease(settings.lock_ttl_s) as held:
+        if not held:
+            return _finish(metrics, store, RunResult("skipped", "another trainer holds the lock"))
+        try:
+            result = _train(settings, store, metrics, force, now_ms)
+        except PublishConflict as exc:
+            result = RunResult("skipped", f"publish lost the race: {exc}")
+        except Exception as exc:  # a failed run must not kill the periodic trainer
+            log.exception("training run failed")
+            result = RunResult("failed", f"{type(exc).__name__}: {exc}")
+    metrics.duration.observe(time.monotonic() - started)
+    return _finish(metrics, store, result)
+
+
+def _train(
+    settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None
+) -> RunResult:
+    base, current = load_base(store)
+    window = read_window(settings, now_ms)
+    metrics.rows.labels("read").set(window.rows_read)
+    metrics.rows.labels("invalid").set(window.rows_invalid)
+    metrics.rows.labels("used").set(len(window.events))
+    needed = max(settings.min_rows, (settings.k or settings.k_max) + 1)
+    if len(window.events) < needed:
+        return RunResult("skipped", f"{len(window.events)} customers in window, need {needed}")
+
+    spec, x, fit, fits = fit_window(settings, window)
+    metrics.silhouette.set(fit.silhouette)
+    metrics.davies_bouldin.set(fit.davies_bouldin)
+    metrics.k.set(fit.k)
+    baseline = current_silhouette(settings, current, window)
+    failures = run_gate(
+        fit.centroids, fit.shares, fit.silhouette, baseline, settings.gate_min_share,
+        settings.gate_min_separation, settings.gate_silhouette_margin,
+    )
+    for failure in failures:
+        metrics.gate_refusals.labels(failure.check).inc()
+    if failures and not force:
+        detail = "; ".join(f.detail for f in failures)
+        log.warning("model refused by the quality gate", extra={"failures": detail})
+        return RunResult("rejected", detail, failures=failures)
+
+    ids, names, mapping = label_segments(
+        current, spec, fit.centroids, settings.match_threshold,
+        store.allocate_segment_ids, load_names(settings.names_file),
+    )
+    gate_record: dict[str, float | str | bool] = {
+        "passed": not failures, "current_silhouette": baseline if baseline is not None else "none",
+    }
+    for failure in failures:
+        gate_record[failure.check] = failure.value
+    bundle = ModelBundle(
+        version=store.allocate_version(),
+        features=spec,
+        centroids=fit.centroids.tolist(),
+        segment_ids=ids,
+        segment_names=names,
+        previous_version=base,
+        label_mapping=mapping,
+        quality=Quality(
+            silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin, inertia=fit.inertia,
+            shares=fit.shares.tolist(), sizes=fit.sizes,
+            k_selection="fixed" if settings.k is not None else "silhouette, davies-bouldin tiebreak",
+            k_scores=[f.scores() for f in fits], gate=gate_record,
+        ),
+        lineage=Lineage(
+            topic=settings.events_topic, partitions=window.ranges,
+            window_start_ms=window.start_ms, window_end_ms=window.end_ms,
+            rows_read=window.rows_read, rows_invalid=window.rows_invalid,
+            rows_used=len(window.events), data_sha256=data_hash(x),
+            random_state=settings.random_state, libraries=library_versions(),
+            params=fit_params(settings, fit.k),
+        ),
+        forced=bool(failures),
+    )
+    store.publish(bundle, base)
+    publish_audit(settings, bundle)
+    metrics.label_changes.labels("matched").inc(len(mapping.matched))
+    metrics.label_changes.labels("new").inc(len(mapping.new))
+    metrics.label_changes.labels("retired").inc(len(mapping.retired))
+    metrics.last_publish.set(time.time())
+    log.info("model published", extra={"version": bundle.version, "k": fit.k,
+                                       "silhouette": round(fit.silhouette, 4), "forced": bundle.forced})
+    return RunResult("published", version=bundle.version, bundle=bundle, failures=failures)
+
+
+def publish_audit(settings: Settings, bundle: ModelBundle) -> None:
+    """Append the bundle to the compacted ``segment-models`` topic (audit and subscribers).
+    Redis is what consumers read; a failure here is logged, not fatal."""
+    producer = Producer(producer_config(settings))
+    producer.produce(settings.models_topic, key=f"v{bundle.version}", value=bundle.to_json())
+    producer.produce(settings.models_topic, key="current",
+                     value=json.dumps({"version": bundle.version}))
+    if producer.flush(10.0) > 0:
+        log.error("audit record not delivered", extra={"version": bundle.version})
+
+
+def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> RunResult:
+    metrics.runs.labels(result.result).inc()
+    store.record_run({
+        "at": time.time(), "result": result.result, "detail": result.detail,
+        "version": result.version,
+        "failures": [f.__dict__ for f in result.failures],
+    })
+    if result.result != "published":
+        log.info("training run ended", extra={"result": result.result, "detail": result.detail})
+    return result
