@@ -1,0 +1,372 @@
+#!/usr/bin/env bash
+# Local stack without Docker: Apache Kafka 4.1.1 (single-node KRaft, classpath from Maven
+# Central) and Redis (Debian's redis-server), both bound to 127.0.0.1.
+#
+#   scripts/stack.sh up | down | status
+#   scripts/stack.sh kafka-start | kafka-stop | redis-start | redis-stop
+#
+# `up` is idempotent: a service already answering on its port (started by a previous `up` or
+# by someone else) is reused, never started twice. Only what this script starts is recorded
+# (pidfiles in $STACK_DIR) and only that is ever stopped.
+#
+# Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), REDIS_PORT (6379),
+#   STACK_DIR (.stack, relative to the repo root), KAFKA_HEAP_OPTS (-Xms256m -Xmx512m),
+#   KAFKA_READY_TIMEOUT (60 s), REDIS_READY_TIMEOUT (15 s), STOP_TIMEOUT (60 s), JAVA_HOME.
+# status exits 0 when both services are up, 3 otherwise.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+STACK_DIR="${STACK_DIR:-.stack}"
+case "$STACK_DIR" in /*) ;; *) STACK_DIR="$ROOT/$STACK_DIR" ;; esac
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
+KAFKA_READY_TIMEOUT="${KAFKA_READY_TIMEOUT:-60}"
+REDIS_READY_TIMEOUT="${REDIS_READY_TIMEOUT:-15}"
+STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
+
+HOST=127.0.0.1
+KAFKA_DIR="$STACK_DIR/kafka"
+KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_DATA="$KAFKA_DIR/data"
+KAFKA_LOGS="$KAFKA_DIR/logs"
+KAFKA_PROPS="$KAFKA_DIR/server.properties"
+KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
+KAFKA_PIDFILE="$STACK_DIR/kafka.pid"
+KAFKA_TEMPLATE="$ROOT/stack/kafka-server.properties.template"
+KAFKA_LOG4J="$ROOT/stack/kafka-log4j2.properties"
+KAFKA_POM="$ROOT/stack/kafka-pom.xml"
+REDIS_DIR="$STACK_DIR/redis"
+REDIS_PIDFILE="$STACK_DIR/redis.pid"
+
+log() { printf '[stack] %s\n' "$*"; }
+err() { printf '[stack] ERROR: %s\n' "$*" >&2; }
+die() { err "$*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+port_open() { # host port -> 0 if something accepts a TCP connection
+  timeout 2 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null
+}
+
+pid_alive() { # pid -> 0 if running and not a zombie
+  local pid="$1" state
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
+  [ "$state" != "Z" ] && [ "$state" != "X" ]
+}
+
+# owned_pid pidfile pattern -> prints the pid if the pidfile names a live process whose command
+# line matches pattern; removes a stale pidfile (dead process or recycled pid).
+owned_pid() {
+  local pidfile="$1" pattern="$2" pid
+  [ -f "$pidfile" ] || return 1
+  pid="$(tr -dc '0-9' <"$pidfile")"
+  if pid_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$pattern"; then
+    printf '%s\n' "$pid"
+    return 0
+  fi
+  rm -f "$pidfile"
+  return 1
+}
+
+kafka_owned_pid() { owned_pid "$KAFKA_PIDFILE" "kafka.Kafka"; }
+redis_owned_pid() { owned_pid "$REDIS_PIDFILE" "redis-server"; }
+
+kafka_up() { port_open "$HOST" "$KAFKA_PORT"; }
+
+redis_up() {
+  local reply
+  if command -v redis-cli >/dev/null; then
+    reply="$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null || true)"
+  else # raw RESP fallback
+    reply="$(timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"; printf "PING\r\n" >&3; head -c 5 <&3' \
+      "$HOST" "$REDIS_PORT" 2>/dev/null || true)"
+  fi
+  case "$reply" in *PONG*) return 0 ;; *) return 1 ;; esac
+}
+
+# Serialise concurrent invocations (parallel test runners, make -j). The fd is closed for the
+# daemons we launch so they do not keep holding the lock.
+take_lock() {
+  mkdir -p "$STACK_DIR"
+  if command -v flock >/dev/null; then
+    exec 9>"$STACK_DIR/.lock"
+    flock -w 180 9 || die "could not lock $STACK_DIR/.lock (another stack.sh still running?)"
+  fi
+}
+
+# stop_pid name pid: TERM, wait up to STOP_TIMEOUT, then KILL.
+stop_pid() {
+  local name="$1" pid="$2" waited=0 limit=$((STOP_TIMEOUT * 5))
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  while pid_alive "$pid"; do
+    if [ "$waited" -ge "$limit" ]; then
+      err "$name (pid $pid) still running after ${STOP_TIMEOUT}s; sending KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.5
+      break
+    fi
+    sleep 0.2
+    waited=$((waited + 1))
+  done
+  log "$name stopped after ~$((waited / 5))s"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Kafka
+
+java_bin() {
+  if [ -n "${JAVA_HOME:-}" ] && [ -x "$JAVA_HOME/bin/java" ]; then
+    printf '%s\n' "$JAVA_HOME/bin/java"
+  elif command -v java >/dev/null; then
+    command -v java
+  else
+    die "java not found: Kafka 4.x needs Java 17+ (apt-get install openjdk-17-jre-headless)"
+  fi
+}
+
+kafka_libs() { # assemble the broker classpath from Maven Central once (cached in $KAFKA_LIBS)
+  if [ -d "$KAFKA_LIBS" ] && compgen -G "$KAFKA_LIBS/kafka_2.13-*.jar" >/dev/null; then
+    return 0
+  fi
+  command -v mvn >/dev/null || die "mvn not found: needed once to fetch the Kafka jars (apt-get install maven)"
+  log "fetching Kafka jars from Maven Central into $KAFKA_LIBS (once)"
+  local tmp="$KAFKA_LIBS.tmp.$$"
+  rm -rf "$tmp"
+  if ! mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
+    -DoutputDirectory="$tmp" </dev/null; then
+    rm -rf "$tmp"
+    die "mvn dependency:copy-dependencies failed (see output above)"
+  fi
+  rm -rf "$KAFKA_LIBS"
+  mv "$tmp" "$KAFKA_LIBS" # atomic-ish: a half-finished download never looks like a cache
+}
+
+new_cluster_id() { # 16 random bytes, base64url without padding, not starting with '-'
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    case "$id" in -*) ;; *) printf '%s\n' "$id"; return ;; esac
+  done
+}
+
+kafka_configure() {
+  mkdir -p "$KAFKA_DATA" "$KAFKA_LOGS"
+  [ -f "$KAFKA_TEMPLATE" ] || die "missing $KAFKA_TEMPLATE"
+  [ -f "$KAFKA_LOG4J" ] || die "missing $KAFKA_LOG4J"
+  sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
+    -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+    -e "s|@DATA_DIR@|$KAFKA_DATA|g" "$KAFKA_TEMPLATE" >"$KAFKA_PROPS.tmp"
+  mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
+
+  # Format the data dir once. An already formatted dir is the source of truth for the id.
+  local meta="$KAFKA_DATA/meta.properties" cid
+  if [ -f "$meta" ]; then
+    cid="$(sed -n 's/^cluster\.id=//p' "$meta")"
+    [ -n "$cid" ] && printf '%s\n' "$cid" >"$KAFKA_CLUSTER_ID_FILE"
+    return 0
+  fi
+  if [ -s "$KAFKA_CLUSTER_ID_FILE" ]; then
+    cid="$(cat "$KAFKA_CLUSTER_ID_FILE")"
+  else
+    cid="$(new_cluster_id)"
+    printf '%s\n' "$cid" >"$KAFKA_CLUSTER_ID_FILE"
+  fi
+  log "formatting Kafka storage in $KAFKA_DATA (cluster id $cid)"
+  "$(java_bin)" -Xmx256m -cp "$KAFKA_LIBS/*" \
+    -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_LOGS" \
+    kafka.tools.StorageTool format -t "$cid" -c "$KAFKA_PROPS" --ignore-formatted \
+    </dev/null >>"$KAFKA_LOGS/format.out" 2>&1 ||
+    { tail -n 30 "$KAFKA_LOGS/format.out" >&2; die "kafka storage format failed"; }
+}
+
+KAFKA_OUT_OFFSET=0
+KAFKA_LOG_OFFSET=0
+kafka_fail() { # pid message -> print what this start logged and exit non-zero
+  local pid="${1:-}"
+  err "$2"
+  if [ -s "$KAFKA_LOGS/kafkaServer.out" ]; then
+    printf '%s\n' "----- tail $KAFKA_LOGS/kafkaServer.out" >&2
+    tail -c +"$((KAFKA_OUT_OFFSET + 1))" "$KAFKA_LOGS/kafkaServer.out" | tail -n 40 >&2
+  fi
+  if [ -s "$KAFKA_LOGS/server.log" ]; then
+    printf '%s\n' "----- tail $KAFKA_LOGS/server.log" >&2
+    tail -c +"$((KAFKA_LOG_OFFSET + 1))" "$KAFKA_LOGS/server.log" | tail -n 40 >&2
+  fi
+  if [ -n "$pid" ] && pid_alive "$pid"; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$KAFKA_PIDFILE"
+  exit 1
+}
+
+file_size() { if [ -f "$1" ]; then wc -c <"$1" | tr -d ' '; else echo 0; fi; }
+
+kafka_start() {
+  local pid
+  if pid="$(kafka_owned_pid)"; then
+    if kafka_up; then
+      log "kafka already up on $HOST:$KAFKA_PORT (ours, pid $pid)"
+      return 0
+    fi
+    log "kafka (ours, pid $pid) is starting; waiting for it"
+  elif kafka_up; then
+    log "kafka already answering on $HOST:$KAFKA_PORT (not started by this script); reusing it"
+    return 0
+  else
+    if port_open "$HOST" "$KAFKA_CONTROLLER_PORT"; then
+      die "controller port $HOST:$KAFKA_CONTROLLER_PORT is taken by another process; set KAFKA_CONTROLLER_PORT"
+    fi
+    local java
+    java="$(java_bin)"
+    kafka_libs
+    kafka_configure
+    log "starting kafka on $HOST:$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT), logs in $KAFKA_LOGS"
+    printf '=== %s stack.sh starting kafka.Kafka\n' "$(date -u +%FT%TZ)" >>"$KAFKA_LOGS/kafkaServer.out"
+    KAFKA_OUT_OFFSET="$(file_size "$KAFKA_LOGS/kafkaServer.out")"
+    KAFKA_LOG_OFFSET="$(file_size "$KAFKA_LOGS/server.log")"
+    local launcher=()
+    command -v setsid >/dev/null && launcher=(setsid)
+    # shellcheck disable=SC2086  # KAFKA_HEAP_OPTS is a list of JVM flags
+    nohup "${launcher[@]}" "$java" $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+      -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_LOGS" \
+      -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_PROPS" \
+      </dev/null >>"$KAFKA_LOGS/kafkaServer.out" 2>&1 9>&- &
+    pid=$!
+    printf '%s\n' "$pid" >"$KAFKA_PIDFILE"
+  fi
+
+  local start=$SECONDS
+  until kafka_up; do
+    pid_alive "$pid" || kafka_fail "" "kafka (pid $pid) exited during startup"
+    if [ $((SECONDS - start)) -ge "$KAFKA_READY_TIMEOUT" ]; then
+      kafka_fail "$pid" "kafka not accepting connections on $HOST:$KAFKA_PORT after ${KAFKA_READY_TIMEOUT}s"
+    fi
+    sleep 0.25
+  done
+  log "kafka ready on $HOST:$KAFKA_PORT after $((SECONDS - start))s (pid $pid)"
+}
+
+kafka_stop() { # [quiet]: a foreign kafka is reported, not an error (used by `down`)
+  local pid
+  if pid="$(kafka_owned_pid)"; then
+    stop_pid kafka "$pid"
+    rm -f "$KAFKA_PIDFILE"
+  elif kafka_up; then
+    if [ "${1:-}" = quiet ]; then
+      log "kafka on $HOST:$KAFKA_PORT was not started by this script; leaving it running"
+      return 0
+    fi
+    err "kafka on $HOST:$KAFKA_PORT was not started by this script; not stopping it"
+    return 1
+  else
+    log "kafka not running"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Redis
+
+redis_start() {
+  local pid
+  if redis_up; then
+    if pid="$(redis_owned_pid)"; then
+      log "redis already up on $HOST:$REDIS_PORT (ours, pid $pid)"
+    else
+      log "redis already answering on $HOST:$REDIS_PORT (not started by this script); reusing it"
+    fi
+    return 0
+  fi
+  if ! pid="$(redis_owned_pid)"; then
+    command -v redis-server >/dev/null ||
+      die "redis-server not found. Run: sudo bash scripts/install-system.sh (installs redis-server; needs root)"
+    if port_open "$HOST" "$REDIS_PORT"; then
+      die "port $HOST:$REDIS_PORT is taken by something that does not answer Redis PING; set REDIS_PORT"
+    fi
+    mkdir -p "$REDIS_DIR"
+    rm -f "$REDIS_PIDFILE"
+    log "starting redis on $HOST:$REDIS_PORT (dir $REDIS_DIR)"
+    redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
+      --pidfile "$REDIS_PIDFILE" --dir "$REDIS_DIR" --logfile "$REDIS_DIR/redis.log" \
+      --save '' --appendonly no </dev/null 9>&- ||
+      { tail -n 20 "$REDIS_DIR/redis.log" >&2 2>/dev/null; die "redis-server failed to start"; }
+  fi
+  local start=$SECONDS
+  until redis_up; do
+    if [ $((SECONDS - start)) -ge "$REDIS_READY_TIMEOUT" ]; then
+      tail -n 20 "$REDIS_DIR/redis.log" >&2 2>/dev/null || true
+      pid="$(redis_owned_pid || true)"
+      [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null
+      rm -f "$REDIS_PIDFILE"
+      die "redis not answering PING on $HOST:$REDIS_PORT after ${REDIS_READY_TIMEOUT}s"
+    fi
+    sleep 0.1
+  done
+  # The daemon writes its pidfile itself, shortly after it starts listening.
+  local i
+  for i in $(seq 1 50); do
+    [ -s "$REDIS_PIDFILE" ] && break
+    sleep 0.1
+  done
+  log "redis ready on $HOST:$REDIS_PORT (pid $(redis_owned_pid || echo '?'))"
+}
+
+redis_stop() { # [quiet]: as kafka_stop
+  local pid
+  if pid="$(redis_owned_pid)"; then
+    stop_pid redis "$pid"
+    rm -f "$REDIS_PIDFILE"
+  elif redis_up; then
+    if [ "${1:-}" = quiet ]; then
+      log "redis on $HOST:$REDIS_PORT was not started by this script; leaving it running"
+      return 0
+    fi
+    err "redis on $HOST:$REDIS_PORT was not started by this script; not stopping it"
+    return 1
+  else
+    log "redis not running"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+
+status() {
+  local rc=0 pid state owner
+  if kafka_up; then state=up; else state=down; rc=3; fi
+  if pid="$(kafka_owned_pid)"; then owner="owned (pid $pid)"; elif [ $state = up ]; then owner="external"; else owner="-"; fi
+  printf '%-6s %-22s %-5s %s\n' kafka "$HOST:$KAFKA_PORT" "$state" "$owner"
+  if redis_up; then state=up; else state=down; rc=3; fi
+  if pid="$(redis_owned_pid)"; then owner="owned (pid $pid)"; elif [ $state = up ]; then owner="external"; else owner="-"; fi
+  printf '%-6s %-22s %-5s %s\n' redis "$HOST:$REDIS_PORT" "$state" "$owner"
+  return $rc
+}
+
+usage() {
+  sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+cmd="${1:-}"
+case "$cmd" in
+  up)
+    take_lock
+    redis_start
+    kafka_start
+    ;;
+  down)
+    take_lock
+    kafka_stop quiet
+    redis_stop quiet
+    ;;
+  status) status ;;
+  kafka-start) take_lock; kafka_start ;;
+  kafka-stop) take_lock; kafka_stop ;;
+  redis-start) take_lock; redis_start ;;
+  redis-stop) take_lock; redis_stop ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac
