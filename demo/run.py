@@ -94,7 +94,7 @@ class Subscriber(threading.Thread):
 
 
 def start_process(module: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
-    log_file = (log_dir / f"{module.replace('.', '-')}.log").open("ab")
+    log_file = (log_dir / f"{module.split()[0]}.log").open("ab")
     args = [sys.executable, "-m", *module.split()]
     return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -124,6 +124,16 @@ def main() -> int:
         "trainer": start_process("trainer run", {**env, "SEG_METRICS_PORT": "9102"}, log_dir),
         "consumer": start_process("consumer", {**env, "SEG_METRICS_PORT": "9101"}, log_dir),
     }
+    try:
+        return demo(settings, run_id, duration, children, log_dir)
+    finally:
+        stop_processes(children)
+
+
+def demo(
+    settings: Settings, run_id: str, duration: float | None,
+    children: dict[str, subprocess.Popen[bytes]], log_dir: Path,
+) -> int:
     subscriber = Subscriber(settings, run_id)
     subscriber.start()
     producer = DemoProducer(
@@ -156,7 +166,18 @@ def main() -> int:
     producer.stop.set()
     producing.join(60)
     elapsed = time.monotonic() - started
+    print("stopping: draining the consumer ...", flush=True)
     drained = drain(subscriber, producer)
+    stop_processes(children)
+    subscriber.stop.set()
+    subscriber.join(10)
+    print_summary(run_id, elapsed, producer, subscriber.observed, drained)
+    dead = sum(subscriber.observed.dead_letters.values())
+    return 0 if drained and dead == sum(producer.stats.malformed.values()) else 1
+
+
+def stop_processes(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (graceful: finish the batch, commit), then SIGKILL after a bound."""
     for proc in children.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -165,11 +186,6 @@ def main() -> int:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    subscriber.stop.set()
-    subscriber.join(10)
-    print_summary(run_id, elapsed, producer, subscriber.observed, drained)
-    ok = drained and sum(subscriber.observed.dead_letters.values()) == sum(producer.stats.malformed.values())
-    return 0 if ok else 1
 
 
 def drain(subscriber: Subscriber, producer: DemoProducer) -> bool:

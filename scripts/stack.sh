@@ -137,10 +137,12 @@ kafka_libs() { # assemble the broker classpath from Maven Central once (cached i
   log "fetching Kafka jars from Maven Central into $KAFKA_LIBS (once)"
   local tmp="$KAFKA_LIBS.tmp.$$"
   rm -rf "$tmp"
+  mkdir -p "$KAFKA_DIR"
   if ! mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DincludeScope=runtime \
-    -DoutputDirectory="$tmp" </dev/null; then
+    -DoutputDirectory="$tmp" </dev/null >"$KAFKA_DIR/mvn.log" 2>&1; then
     rm -rf "$tmp"
-    die "mvn dependency:copy-dependencies failed (see output above)"
+    tail -n 40 "$KAFKA_DIR/mvn.log" >&2
+    die "mvn dependency:copy-dependencies failed (full output: $KAFKA_DIR/mvn.log)"
   fi
   rm -rf "$KAFKA_LIBS"
   mv "$tmp" "$KAFKA_LIBS" # atomic-ish: a half-finished download never looks like a cache
@@ -347,7 +349,7 @@ status() {
 }
 
 usage() {
-  sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd="${1:-}"

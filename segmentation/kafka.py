@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -88,12 +89,24 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-    # Metadata propagates asynchronously: wait until the broker lists every new topic.
-    for _ in range(100):
-        if set(created) <= set(admin.list_topics(timeout=timeout_s).topics):
-            break
+    _wait_for_leaders(admin, created, timeout_s)
     log.info("topics created", extra={"topics": created})
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -> None:
+    """Topic creation returns before every partition has a leader; wait until it does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = admin.list_topics(timeout=timeout_s).topics
+        if all(
+            t in listed and listed[t].partitions
+            and all(p.leader >= 0 for p in listed[t].partitions.values())
+            for t in topics
+        ):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topics {topics} have no leader after {timeout_s}s")
 
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:

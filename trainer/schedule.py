@@ -39,11 +39,9 @@ class Schedule:
         """True once some replica's silhouette drift has stayed below -threshold for
         ``drift_retrain_after_s`` seconds."""
         current = store.current_version()
-        worst = min(
-            (s.get("silhouette_drift", 0.0) for s in store.replica_states()
-             if s.get("model_version") == current),
-            default=0.0,
-        )
+        drifts = [s.get("silhouette_drift") for s in store.replica_states()
+                  if s.get("model_version") == current]
+        worst = min((float(d) for d in drifts if isinstance(d, int | float)), default=0.0)
         if worst > -self.settings.drift_retrain_threshold:
             self.drift_since = None
             return False
