@@ -148,3 +148,9 @@ def test_consumer_and_trainer_never_import_each_other() -> None:
                 elif isinstance(node, ast.ImportFrom) and node.module:
                     names = [node.module]
                 assert not any(n.split(".")[0] == forbidden for n in names), f"{path} imports {forbidden}"
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"SEG_{n.upper()}" for n in Settings.model_fields if f"`SEG_{n.upper()}`" not in readme]
+    assert not missing, f"README settings table lacks {missing}"
