@@ -1,0 +1,249 @@
+"""The consumer against the real broker and Redis: delivery, hot swap, outages, lifecycle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka.admin import AdminClient
+
+from segmentation.metrics import TrainerMetrics
+from segmentation.settings import Settings
+from segmentation.store import CustomerStore, ModelStore, connect
+from tests.conftest import (
+    customers,
+    produce_events,
+    read_outputs,
+    read_topic,
+    running_consumer,
+    start_service,
+    wait_until,
+)
+from trainer.pipeline import train_once
+
+
+def published(settings: Settings) -> ModelStore:
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    assert train_once(settings, store, TrainerMetrics()).result == "published"
+    return store
+
+
+def committed(settings: Settings) -> dict[int, int]:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(settings.consumer_group)])
+    result = next(iter(futures.values())).result()
+    return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0}
+
+
+def members(settings: Settings) -> dict[str, set[int]]:
+    """Group member client ids -> partitions, from the broker."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    group = admin.describe_consumer_groups([settings.consumer_group])[settings.consumer_group].result()
+    return {m.member_id: {tp.partition for tp in m.assignment.topic_partitions} for m in group.members}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_a_consumer_killed_mid_stream_and_restarted_loses_nothing(
+    settings_factory, tmp_path: Path, delivery: str
+) -> None:
+    settings = settings_factory(delivery=delivery, batch_size=200)
+    seed_events = produce_events(settings, customers(600), prefix="seed")
+    published(settings)
+    log = tmp_path / "consumer.log"
+    proc = start_service(settings, "consumer", log)
+    sent = dict(seed_events)
+    try:
+        # keep producing while the consumer works, then kill it without warning
+        sent |= produce_events(settings, customers(3000, seed=5), prefix="live")
+        wait_until(lambda: len(read_topic(settings, settings.segments_topic, lambda rs: len(rs) > 500,
+                                          5)) > 500, 30, "some outputs before the kill")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        sent |= produce_events(settings, customers(500, seed=9), prefix="after")
+        proc = start_service(settings, "consumer", log)
+        outputs = read_topic(
+            settings, settings.segments_topic,
+            lambda rs: set(sent) <= {r.json()["event_id"] for r in rs}, 90,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    ids = [r.json()["event_id"] for r in outputs]
+    assert set(sent) <= set(ids), f"lost {len(set(sent) - set(ids))} events; log: {log.read_text()[-2000:]}"
+    if delivery == "exactly-once":
+        # a read_committed reader sees each event exactly once, even across the SIGKILL
+        assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicates"
+
+
+def test_two_consumers_split_the_partitions_and_a_leaver_hands_them_over(
+    settings: Settings, tmp_path: Path
+) -> None:
+    produce_events(settings, customers(600), prefix="seed")
+    published(settings)
+    a = start_service(settings, "consumer", tmp_path / "a.log", SEG_REPLICA_ID="a")
+    b = start_service(settings, "consumer", tmp_path / "b.log", SEG_REPLICA_ID="b")
+    try:
+        wait_until(lambda: sorted(len(p) for p in members(settings).values()) == [3, 3], 45,
+                   "both members to own 3 of the 6 partitions")
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(20) == 0
+        wait_until(lambda: [len(p) for p in members(settings).values()] == [6], 45,
+                   "the remaining member to own all 6 partitions")
+        sent = produce_events(settings, customers(1200, seed=3), prefix="after")
+        outputs = read_outputs(settings, set(sent), timeout_s=60)
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(20)
+    assert set(sent) <= set(outputs)
+
+
+def test_outputs_carry_non_decreasing_model_versions_per_partition(settings: Settings) -> None:
+    population = customers(1000)
+    produce_events(settings, population, prefix="seed")
+    store = published(settings)
+    stop = threading.Event()
+    sent: dict[str, object] = {}
+
+    def keep_producing() -> None:
+        round_ = 0
+        while not stop.is_set():
+            round_ += 1
+            sent.update(produce_events(settings, population[:300], seed=round_, prefix=f"r{round_}"))
+            time.sleep(0.1)
+
+    with running_consumer(settings) as rc:
+        producer = threading.Thread(target=keep_producing)
+        producer.start()
+        for expected in (2, 3):
+            time.sleep(1.5)
+            assert train_once(settings, store, TrainerMetrics()).version == expected
+            wait_until(lambda v=expected: rc.loop.watcher.active.version == v, 15, f"swap to v{expected}")
+        time.sleep(1.5)
+        stop.set()
+        producer.join()
+        outputs = read_topic(settings, settings.segments_topic,
+                             lambda rs: set(sent) <= {r.json()["event_id"] for r in rs}, 60)
+    versions_by_partition: dict[int, list[int]] = {}
+    for r in sorted(outputs, key=lambda r: (r.partition, r.offset)):
+        versions_by_partition.setdefault(r.partition, []).append(r.json()["model_version"])
+    assert {v for vs in versions_by_partition.values() for v in vs} == {1, 2, 3}
+    for partition, versions in versions_by_partition.items():
+        assert versions == sorted(versions), f"partition {partition} went back to an older model"
+
+
+@pytest.mark.parametrize("poison", ["wrong_shape", "nan", "wrong_features", "not_json"])
+def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings, poison: str) -> None:
+    population = customers(600)
+    produce_events(settings, population, prefix="seed")
+    store = published(settings)
+    good = json.loads(store.client.get(f"{settings.redis_prefix}:bundle:1"))
+    bad = dict(good, version=2)
+    if poison == "wrong_shape":
+        bad["centroids"] = [row[:-1] for row in good["centroids"]]
+    elif poison == "nan":
+        bad["centroids"] = [[float("nan")] * len(good["centroids"][0])] + good["centroids"][1:]
+    elif poison == "wrong_features":
+        bad["features"] = dict(good["features"], numeric=["a", "b", "c", "d", "e", "f"])
+    raw = b"\x80\x04 not json" if poison == "not_json" else json.dumps(bad).encode()
+    with running_consumer(settings) as rc:
+        read_outputs(settings, {"seed-0"})
+        store.client.set(f"{settings.redis_prefix}:bundle:2", raw)
+        store.client.set(f"{settings.redis_prefix}:current", 2)
+        store.client.publish(store.channel, "2")
+        wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
+        sent = produce_events(settings, population[:200], seed=2, prefix="after")
+        outputs = read_outputs(settings, set(sent))
+        assert rc.loop.watcher.active.version == 1
+    assert {outputs[e]["model_version"] for e in sent} == {1}
+
+
+def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
+    settings_factory, tmp_path: Path
+) -> None:
+    """A private Redis server, so that stopping it touches no other test."""
+    port = free_port()
+    server = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+              "--appendonly", "no", "--dir", str(tmp_path)]
+    redis_proc = subprocess.Popen(server, stdout=subprocess.DEVNULL)
+    try:
+        settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3)
+        wait_until(lambda: _pings(settings), 10, "private redis")
+        population = customers(600)
+        produce_events(settings, population, prefix="seed")
+        published(settings)
+        with running_consumer(settings) as rc:
+            read_outputs(settings, {"seed-0"})
+            bundle = connect(settings).get(f"{settings.redis_prefix}:bundle:1")
+            redis_proc.terminate()
+            redis_proc.wait(10)
+            during = produce_events(settings, population, seed=2, prefix="during")
+            outputs = read_outputs(settings, set(during), timeout_s=60)  # outputs keep flowing
+            assert set(during) <= set(outputs)
+            assert rc.metrics.customer_writes_skipped._value.get() > 0
+            time.sleep(max(0.0, 20 - 5))  # the outage lasts about 20 s in all
+            redis_proc = subprocess.Popen(server, stdout=subprocess.DEVNULL)
+            wait_until(lambda: _pings(settings), 10, "redis back")
+            connect(settings).set(f"{settings.redis_prefix}:bundle:1", bundle)  # no persistence
+            after = produce_events(settings, population, seed=3, prefix="after")
+            read_outputs(settings, set(after), timeout_s=60)
+            customers_store = CustomerStore(connect(settings), settings.redis_prefix)
+            wait_until(lambda: all(customers_store.get(c.customer_id).get("event_id", "").startswith("after")
+                                   for c in population[:50]), 30, "customer state to catch up")
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+def _pings(settings: Settings) -> bool:
+    try:
+        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_sigterm_under_load_exits_within_the_bound_with_offsets_committed(
+    settings_factory, tmp_path: Path
+) -> None:
+    settings = settings_factory(shutdown_timeout_s=10.0, batch_size=100)
+    produce_events(settings, customers(600), prefix="seed")
+    published(settings)
+    port = free_port()
+    proc = start_service(settings, "consumer", tmp_path / "c.log", SEG_METRICS_PORT=str(port))
+    stop = threading.Event()
+    produced = threading.Thread(target=lambda: [
+        produce_events(settings, customers(500, seed=i), seed=i, prefix=f"load{i}")
+        for i in range(100) if not stop.is_set()])
+    produced.start()
+    try:
+        wait_until(lambda: sum(committed(settings).values()) > 1000, 45, "some commits under load")
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        took = time.monotonic() - began
+    finally:
+        stop.set()
+        produced.join(60)
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    assert took <= settings.shutdown_timeout_s
+    # everything that has an output was committed: a restart would not replay it
+    outputs = read_topic(settings, settings.segments_topic, lambda rs: False, 5)
+    assert sum(committed(settings).values()) == len({r.json()["event_id"] for r in outputs})
