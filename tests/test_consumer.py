@@ -247,3 +247,112 @@ def test_sigterm_under_load_exits_within_the_bound_with_offsets_committed(
     # everything that has an output was committed: a restart would not replay it
     outputs = read_topic(settings, settings.segments_topic, lambda rs: False, 5)
     assert sum(committed(settings).values()) == len({r.json()["event_id"] for r in outputs})
+
+
+def test_healthz_is_alive_and_readyz_waits_for_a_model_and_partitions(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+        except OSError:
+            return -1
+
+    produce_events(settings, customers(300), prefix="seed")
+    port = free_port()
+    proc = start_service(settings, "consumer", tmp_path / "c.log", SEG_METRICS_PORT=str(port))
+    try:
+        wait_until(lambda: status("/healthz") == 200, 20, "/healthz")
+        time.sleep(2)
+        assert status("/readyz") == 503  # no model yet
+        published(settings)
+        wait_until(lambda: status("/readyz") == 200, 30, "/readyz after the first model")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            assert b"segment_model_version 1.0" in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_lags(
+    settings_factory,
+) -> None:
+    """Runs the real consumer on a shifted stream, reads its online centroids from Redis, and
+    replays the same encoded stream through a never-forgetting model for comparison."""
+    import numpy as np
+
+    from consumer.online import OnlineKMeans
+    from demo.generator import FEATURES
+    from segmentation.events import CustomerEvent
+
+    half_life = 2000.0
+    settings = settings_factory(half_life_events=half_life)
+    population = customers(1000)
+    produce_events(settings, population, prefix="seed")
+    store = published(settings)
+    bundle = store.load(1)
+    shift = np.ones(len(FEATURES))
+    shift[FEATURES.index("avg_basket_value")] = 2.5
+    moved_segment = 4  # bargain hunters: profile index in demo.generator.PROFILES
+    shifted = lambda c: shift if c.segment == moved_segment else None  # noqa: E731
+    sent: dict[str, object] = {}
+    with running_consumer(settings) as rc:
+        for round_ in range(5):  # 5000 events after the shift, 1000 of them of that segment
+            sent |= produce_events(settings, population, seed=10 + round_, prefix=f"s{round_}",
+                                   shift=shifted)
+        read_outputs(settings, set(sent), timeout_s=60)
+        rc.loop._next_report = 0  # publish the replica state now  # noqa: SLF001
+        rc.loop._report()  # noqa: SLF001
+        online_seen = rc.loop.online.events_seen
+    state = store.replica_states()[0]
+    online = np.asarray(state["online_centroids"])
+    # where the moved segment's centre really is now, in the model's scaled space
+    moved = [CustomerEvent.model_validate(e) for e in _shifted_events(population, moved_segment, shift)]
+    target = bundle.features.encode(moved)[0].mean(axis=0)
+    index = int(np.argmin(np.linalg.norm(bundle.centroid_array() - target, axis=1)))
+    start_gap = np.linalg.norm(bundle.centroid_array()[index] - target)
+    online_gap = np.linalg.norm(online[index] - target)
+    # the same stream through plain partial_fit (counts never decay)
+    plain = OnlineKMeans(bundle.centroid_array(), np.asarray(bundle.quality.shares), None)
+    events = [CustomerEvent.model_validate_json(r.value) for r in read_topic(
+        settings, settings.events_topic, lambda rs: len(rs) >= online_seen, 30)]
+    x = bundle.features.encode(events)[0]
+    for i in range(0, len(x), 500):
+        plain.learn(x[i:i + 500])
+    plain_gap = np.linalg.norm(plain.centroids[index] - target)
+    assert online_seen == len(sent) + 1000  # the seed events are scored too
+    assert online_gap <= 0.5 * start_gap, (start_gap, online_gap)
+    assert plain_gap > 2 * online_gap, (plain_gap, online_gap)
+
+
+def _shifted_events(population, segment: int, shift) -> list[dict]:
+    import numpy as np
+
+    from demo.generator import event_value
+
+    rng = np.random.default_rng(99)
+    return [event_value(c, rng, "x", shift=shift) for c in population if c.segment == segment]
+
+
+def test_an_older_event_never_overwrites_a_newer_customer_assignment(settings: Settings) -> None:
+    from segmentation.store import CustomerAssignment
+
+    store = CustomerStore(connect(settings), settings.redis_prefix)
+
+    def write(event_ms: int, offset: int, segment_id: int) -> int:
+        return store.write_latest([CustomerAssignment("c-1", event_ms, offset, segment_id,
+                                                      f"s{segment_id}", 1, f"e{offset}")])
+
+    assert write(2000, 10, 3) == 1
+    assert write(1000, 11, 4) == 0  # older event time, even at a later offset
+    assert write(2000, 9, 5) == 0  # same time, earlier offset: a replay
+    assert write(2000, 10, 6) == 0  # the very same event replayed
+    assert store.get("c-1")["segment_id"] == "3"
+    assert write(3000, 12, 7) == 1
+    assert store.get("c-1")["segment_id"] == "7"
