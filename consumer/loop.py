@@ -267,10 +267,11 @@ class ConsumeLoop:
             return
         for tp in positions:
             try:
-                _, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                # cached: from the last fetch response, no broker round trip on the loop's thread
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
             except KafkaException:
                 continue
-            if tp.offset >= 0:
+            if tp.offset >= 0 and high >= 0:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
 
     def close(self) -> None:

@@ -5,13 +5,13 @@ No I/O here: the loop hands in Kafka messages and gets back what to produce and 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic_core import to_json
 
 from consumer.model import ActiveModel
 from segmentation.events import CustomerEvent, Rejection, decode, event_time_iso
@@ -68,21 +68,22 @@ def dead_letter(msg: Message, rejection: Rejection, dlq_topic: str) -> OutRecord
 
 
 def output_value(
-    event: CustomerEvent, segment_id: int, segment: str, distance: float, version: int,
-    scored_at: str,
+    event: CustomerEvent, event_ms: int, segment_id: int, segment: str, distance: float,
+    version: int, scored_at: str,
 ) -> bytes:
     """The output contract on ``customer-segments``."""
     record: dict[str, Any] = {
         "customer_id": event.customer_id,
         "event_id": event.event_id,
-        "event_time": event_time_iso(event.event_ms),
+        "event_time": event_time_iso(event_ms),
         "segment_id": segment_id,
         "segment": segment,
         "distance": round(distance, 6),
         "model_version": version,
         "scored_at": scored_at,
     }
-    return json.dumps(record, separators=(",", ":")).encode()
+    # pydantic-core's serialiser: compact JSON, several times faster than json.dumps here
+    return to_json(record)
 
 
 def score_batch(
@@ -109,18 +110,21 @@ def score_batch(
     x, batch.unknown_categories = model.bundle.features.encode(events)
     idx, d1, d2 = nearest_two(x, model.centroids)
     batch.encoded, batch.indices, batch.nearest, batch.second = x, idx, d1, d2
-    batch.event_ms = np.fromiter((e.event_ms for e in events), dtype=np.float64, count=len(events))
+    event_ms = [e.event_ms for e in events]
+    batch.event_ms = np.asarray(event_ms, dtype=np.float64)
     scored_at = event_time_iso(int(time.time() * 1000))
     names = model.bundle.segment_names
     version = model.version
-    for event, msg, i, dist in zip(events, sources, idx.tolist(), d1.tolist(), strict=True):
-        sid = int(model.segment_ids[i])
-        value = output_value(event, sid, names[i], dist, version, scored_at)
+    segment_ids = model.bundle.segment_ids
+    rows = zip(events, event_ms, sources, idx.tolist(), d1.tolist(), strict=True)
+    for event, ms, msg, i, dist in rows:
+        sid = segment_ids[i]
+        value = output_value(event, ms, sid, names[i], dist, version, scored_at)
         batch.outputs.append(
             OutRecord(segments_topic, event.customer_id.encode(), value, [])
         )
         batch.customers.append(CustomerAssignment(
-            customer_id=event.customer_id, event_ms=event.event_ms, offset=int(msg.offset() or 0),
+            customer_id=event.customer_id, event_ms=ms, offset=int(msg.offset() or 0),
             segment_id=sid, segment=names[i], model_version=version,
             event_id=event.event_id or "",
         ))

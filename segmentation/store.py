@@ -45,18 +45,29 @@ redis.call('PUBLISH', ARGV[4], ARGV[2])
 return 1
 """
 
-# An older event (event time, then offset) never overwrites a newer assignment.
-_WRITE_CUSTOMER = """
-local cur = redis.call('HMGET', KEYS[1], 'event_ms', 'offset')
-if cur[1] then
-  local cms, nms = tonumber(cur[1]), tonumber(ARGV[1])
-  if cms > nms then return 0 end
-  if cms == nms and tonumber(cur[2] or '-1') >= tonumber(ARGV[2]) then return 0 end
+# An older event (event time, then offset) never overwrites a newer assignment. One call per
+# batch: ARGV[1] is a JSON array of [event_ms, offset, segment_id, segment, version, event_id],
+# one per key (packing one string is far cheaper than thousands of arguments).
+_WRITE_CUSTOMERS = """
+local rows = cjson.decode(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local written = 0
+for i, key in ipairs(KEYS) do
+  local r = rows[i]
+  local cur = redis.call('HMGET', key, 'event_ms', 'offset')
+  local newer = true
+  if cur[1] then
+    local cms = tonumber(cur[1])
+    if cms > r[1] or (cms == r[1] and tonumber(cur[2] or '-1') >= r[2]) then newer = false end
+  end
+  if newer then
+    redis.call('HSET', key, 'event_ms', string.format('%d', r[1]), 'offset', string.format('%d', r[2]),
+               'segment_id', r[3], 'segment', r[4], 'model_version', r[5], 'event_id', r[6])
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    written = written + 1
+  end
 end
-redis.call('HSET', KEYS[1], 'event_ms', ARGV[1], 'offset', ARGV[2], 'segment_id', ARGV[3],
-           'segment', ARGV[4], 'model_version', ARGV[5], 'event_id', ARGV[6])
-if tonumber(ARGV[7]) > 0 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[7])) end
-return 1
+return written
 """
 
 _RELEASE = """
@@ -201,22 +212,24 @@ class CustomerStore:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self._write = client.register_script(_WRITE_CUSTOMER)
+        self._write = client.register_script(_WRITE_CUSTOMERS)
 
     def key(self, customer_id: str) -> str:
         return f"{self.prefix}:customer:{customer_id}"
 
     def write_latest(self, assignments: Sequence[CustomerAssignment]) -> int:
         """Write a batch in one round trip; returns how many were newer than what was stored."""
-        pipe = self.client.pipeline(transaction=False)
+        latest: dict[str, CustomerAssignment] = {}
         for a in assignments:
-            self._write(
-                keys=[self.key(a.customer_id)],
-                args=[a.event_ms, a.offset, a.segment_id, a.segment, a.model_version,
-                      a.event_id, self.ttl_s],
-                client=pipe,
-            )
-        return sum(int(r) for r in pipe.execute())
+            kept = latest.get(a.customer_id)
+            if kept is None or (a.event_ms, a.offset) > (kept.event_ms, kept.offset):
+                latest[a.customer_id] = a
+        if not latest:
+            return 0
+        rows = [[a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
+                for a in latest.values()]
+        keys = [self.key(c) for c in latest]
+        return int(self._write(keys=keys, args=[json.dumps(rows), self.ttl_s]))
 
     def get(self, customer_id: str) -> dict[str, str]:
         raw = self.client.hgetall(self.key(customer_id))
