@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.scoring import OutRecord
 
@@ -29,7 +29,10 @@ class Delivery(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
-def _produce_all(producer: Producer, records: Sequence[OutRecord], on_delivery: object) -> None:
+def _produce_all(
+    producer: Producer, records: Sequence[OutRecord],
+    on_delivery: Callable[[KafkaError | None, Message], None] | None,
+) -> None:
     for r in records:
         while True:
             try:
@@ -49,7 +52,7 @@ class AtLeastOnce:
     def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None:
         errors: list[KafkaError] = []
 
-        def on_delivery(err: KafkaError | None, _msg: object) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 errors.append(err)
 

@@ -18,7 +18,7 @@ from consumer.delivery import Delivery, DeliveryFailed
 from consumer.model import ActiveModel, ModelWatcher
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift
-from consumer.scoring import ScoredBatch, score_batch
+from consumer.scoring import ScoredBatch, coordinates, score_batch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore
@@ -195,8 +195,8 @@ class ConsumeLoop:
         """Seek each partition back to the first offset of ``messages`` (replayed later)."""
         first: dict[tuple[str, int], int] = {}
         for msg in messages:
-            key = (msg.topic(), msg.partition())
-            first[key] = min(first.get(key, msg.offset()), msg.offset())
+            topic, partition, offset = coordinates(msg)
+            first[(topic, partition)] = min(first.get((topic, partition), offset), offset)
         for (topic, partition), offset in first.items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
@@ -287,8 +287,8 @@ def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
     """Per partition, the offset after the last message (what a commit means)."""
     last: dict[tuple[str, int], int] = {}
     for msg in messages:
-        key = (msg.topic(), msg.partition())
-        last[key] = max(last.get(key, -1), msg.offset())
+        topic, partition, offset = coordinates(msg)
+        last[(topic, partition)] = max(last.get((topic, partition), -1), offset)
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 

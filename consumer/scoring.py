@@ -18,7 +18,7 @@ from segmentation.events import CustomerEvent, Rejection, decode, event_time_iso
 from segmentation.scoring import nearest_two
 from segmentation.store import CustomerAssignment
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
 
 
 class Message(Protocol):
@@ -29,7 +29,9 @@ class Message(Protocol):
     def offset(self) -> int | None: ...
     def key(self) -> str | bytes | None: ...
     def value(self) -> str | bytes | None: ...
-    def headers(self) -> list[tuple[str, bytes | None]] | None: ...
+    def headers(
+        self,
+    ) -> dict[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +56,15 @@ class ScoredBatch:
     unknown_categories: int = 0
 
 
+def coordinates(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message (always set when it has no error)."""
+    return str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
+
+
 def dead_letter(msg: Message, rejection: Rejection, dlq_topic: str) -> OutRecord:
     """The original key and bytes unchanged, the reason and the source in headers."""
-    headers: Headers = [(k, v) for k, v in (msg.headers() or []) if v is not None]
+    original = msg.headers() or []
+    headers: Headers = list(original.items() if isinstance(original, dict) else original)
     headers += [
         ("dlq.reason", rejection.reason.encode()),
         ("dlq.detail", rejection.detail.encode()),
@@ -124,7 +132,7 @@ def score_batch(
             OutRecord(segments_topic, event.customer_id.encode(), value, [])
         )
         batch.customers.append(CustomerAssignment(
-            customer_id=event.customer_id, event_ms=ms, offset=int(msg.offset() or 0),
+            customer_id=event.customer_id, event_ms=ms, offset=coordinates(msg)[2],
             segment_id=sid, segment=names[i], model_version=version,
             event_id=event.event_id or "",
         ))

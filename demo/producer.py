@@ -76,7 +76,7 @@ class DemoProducer:
         self._seq += 1
         customer = self.customers[int(self.rng.integers(len(self.customers)))]
         event_id = f"{self.run_id}-{self._seq}"
-        headers = [("demo-run", self.run_id.encode())]
+        headers: list[tuple[str, str | bytes | None]] = [("demo-run", self.run_id.encode())]
         if self.malformed_every and self._seq % self.malformed_every == 0:
             kind = MALFORMED_KINDS[(self._seq // self.malformed_every) % len(MALFORMED_KINDS)]
             value = malformed_value(kind, customer, self.rng, event_id)

@@ -60,6 +60,10 @@ class LabelMapping(BaseModel):
     matched: list[LabelChange] = Field(default_factory=list)
     new: list[LabelChange] = Field(default_factory=list)
     retired: list[LabelChange] = Field(default_factory=list)
+    restored: list[LabelChange] = Field(
+        default_factory=list,
+        description="set by `trainer rollback`: earlier ids this version brings back",
+    )
     space: str = "new version's scaled space"
     threshold: float | None = None
 

@@ -129,9 +129,9 @@ class Settings(BaseSettings):
             raise ValueError(f"log_features not in features: {sorted(unknown)}")
         return self
 
-    def kafka_common(self) -> dict[str, str | int | bool]:
+    def kafka_common(self) -> dict[str, str | int | float | bool]:
         """librdkafka options shared by every client (passed-through extras win)."""
-        conf: dict[str, str | int | bool] = {"bootstrap.servers": self.kafka_bootstrap}
+        conf: dict[str, str | int | float | bool] = {"bootstrap.servers": self.kafka_bootstrap}
         conf.update(self.kafka_extra)
         if self.kafka_password is not None:
             conf["sasl.password"] = self.kafka_password.get_secret_value()

@@ -141,7 +141,8 @@ class ModelStore:
         return None if version is None else self.load(version)
 
     def versions(self) -> list[int]:
-        return [int(v) for v in self.client.zrange(self._key("versions"), 0, -1)]
+        members: list[bytes] = self.client.zrange(self._key("versions"), 0, -1)  # type: ignore[assignment]
+        return [int(v) for v in members]
 
     def allocate_version(self) -> int:
         return int(self.client.incr(self._key("version_seq")))
@@ -185,8 +186,10 @@ class ModelStore:
         """Append a trainer run (published, rejected with why, ...) to a bounded log."""
         with contextlib.suppress(*REDIS_ERRORS):
             key = self._key("runs")
-            self.client.pipeline().lpush(key, json.dumps(run, default=str)).ltrim(
-                key, 0, keep - 1).execute()
+            pipe = self.client.pipeline()
+            pipe.lpush(key, json.dumps(run, default=str))
+            pipe.ltrim(key, 0, keep - 1)
+            pipe.execute()
 
     def runs(self, count: int = 50) -> list[dict[str, Any]]:
         return [json.loads(r) for r in self.client.lrange(self._key("runs"), 0, count - 1)]
@@ -232,7 +235,7 @@ class CustomerStore:
         return int(self._write(keys=keys, args=[json.dumps(rows), self.ttl_s]))
 
     def get(self, customer_id: str) -> dict[str, str]:
-        raw = self.client.hgetall(self.key(customer_id))
+        raw: dict[bytes, bytes] = self.client.hgetall(self.key(customer_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
 
 
