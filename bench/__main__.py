@@ -164,7 +164,7 @@ def main() -> int:
             print(f"round {r + 1}: passthrough {n / base[-1]:,.0f}/s, service {n / svc[-1]:,.0f}/s, "
                   f"json.loads {lo:.1f} us/event, score_batch {sc:.1f} us/event", flush=True)
         b, s_, lo, sc = (statistics.median(v) for v in (base, svc, loads, scoring))
-        print("\n| measure (median of %d rounds, %d events) | baseline | service | ratio |" % (rounds, n))
+        print(f"\n| measure (median of {rounds} rounds, {n} events) | baseline | service | ratio |")
         print("|---|---|---|---|")
         print(f"| end to end, events/s | passthrough {n / b:,.0f} | consume loop {n / s_:,.0f} | "
               f"{(n / s_) / (n / b):.2f}x of passthrough |")
