@@ -19,7 +19,7 @@ from consumer.loop import ConsumeLoop
 from segmentation import logs
 from segmentation.kafka import consumer_config, ensure_topics, producer_config
 from segmentation.metrics import ConsumerMetrics, serve
-from segmentation.settings import Settings
+from segmentation.settings import Settings, load_settings
 from segmentation.store import CustomerStore, ModelStore, connect
 
 log = logging.getLogger("consumer")
@@ -54,7 +54,7 @@ def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
 
 
 def main() -> int:
-    settings = Settings()
+    settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
     stop = StopFlag(settings.shutdown_timeout_s)
     signal.signal(signal.SIGTERM, stop.handle)

@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 
 from demo.generator import FEATURES, MALFORMED_KINDS, Customer, event_value, make_customers, malformed_value
 from segmentation.kafka import producer_config
-from segmentation.settings import Settings
+from segmentation.settings import Settings, load_settings
 
 DRIFT_SEGMENT = 4  # bargain hunters
 
@@ -108,7 +108,7 @@ class DemoProducer:
 
 
 def main() -> int:
-    settings = Settings()
+    settings = load_settings()
     duration = float(os.environ["DURATION"]) if os.environ.get("DURATION") else None
     producer = DemoProducer(
         settings, run_id=f"demo{int(time.time())}",

@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from demo.producer import DemoProducer
 from segmentation.kafka import ensure_topics
-from segmentation.settings import Settings
+from segmentation.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS_EVERY_S = 5.0
@@ -109,7 +109,7 @@ def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate
 
 
 def main() -> int:
-    settings = Settings()
+    settings = load_settings()
     duration = float(os.environ["DURATION"]) if os.environ.get("DURATION") else None
     run_id = f"run{int(time.time())}"
     ensure_topics(settings)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import socket
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 DEFAULT_FEATURES = (
     "recency_days",
@@ -136,3 +137,17 @@ class Settings(BaseSettings):
         if self.kafka_password is not None:
             conf["sasl.password"] = self.kafka_password.get_secret_value()
         return conf
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit with one readable line per wrong setting."""
+    try:
+        return Settings()
+    except SettingsError as exc:  # a list/dict setting that is not JSON
+        raise SystemExit(f"invalid settings: {exc} (lists and dicts are JSON)") from None
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            name = "SEG_" + "_".join(str(p) for p in error["loc"][:1]).upper()
+            lines.append(f"  {name}: {error['msg']}")
+        raise SystemExit("invalid settings:\n" + "\n".join(lines)) from None

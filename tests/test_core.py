@@ -154,3 +154,17 @@ def test_the_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [f"SEG_{n.upper()}" for n in Settings.model_fields if f"`SEG_{n.upper()}`" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+
+
+def test_a_wrong_setting_stops_the_consumer_with_a_readable_message() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SEG_BATCH_SIZE": "0", "SEG_DELIVERY": "maybe"}
+    done = subprocess.run([sys.executable, "-m", "consumer"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0
+    assert "SEG_BATCH_SIZE: Input should be greater than or equal to 1" in done.stderr
+    assert "SEG_DELIVERY" in done.stderr
+    assert "Traceback" not in done.stderr
