@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install stack stack-down run test unit lint bench schema clean
+.PHONY: install stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,17 @@ bench: install stack
 
 schema: install
 	$(PY) -m segmentation.events > segmentation/event.schema.json
+
+prometheus: stack
+	bash scripts/stack.sh prometheus-up
+
+prometheus-down:
+	bash scripts/stack.sh prometheus-down
+
+rules:
+	promtool check config monitoring/prometheus.yml
+	promtool check config monitoring/prometheus-compose.yml
+	promtool test rules monitoring/alerts_test.yml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -133,6 +133,10 @@ class ConsumeLoop:
             self.settings.half_life_events, self.settings.random_state,
         )
         self.quality = QualityTracker(model)
+        # Per-segment gauges of the previous model must not linger (a retired id would keep
+        # its last share and drift for ever); the next report fills in the new model's ids.
+        self.metrics.share.clear()
+        self.metrics.centroid_drift.clear()
         if self.paused:
             self.consumer.resume(self.consumer.assignment())
             self.paused = False

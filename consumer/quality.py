@@ -2,7 +2,7 @@
 
 * simplified silhouette per event (nearest vs second-nearest centroid), averaged over the last
   ``window_events`` events;
-* a true silhouette on a reservoir sample of encoded events, recomputed every ``every_s``;
+* a true silhouette on a sample of the same recent events, recomputed every ``every_s``;
 * segment shares over the window and their PSI against the training shares;
 * centroid drift: online centroid vs published centroid, in scaled units.
 """
@@ -19,44 +19,47 @@ from consumer.online import OnlineKMeans
 from segmentation.scoring import population_stability_index, sampled_silhouette, simplified_silhouette
 
 
-class Reservoir:
-    """Uniform sample of fixed size over a stream (Vitter's algorithm R), vectorised per batch.
+class RecentSample:
+    """A uniform sample of about ``size`` of the last ``window`` events: each event is kept with
+    probability ``size / window`` in a ring buffer, so old events age out and the sample
+    follows drift (a classic reservoir over the whole stream would dilute it for ever).
 
-    >>> r = Reservoir(3, 2, seed=0)
+    >>> r = RecentSample(3, 3, seed=0)
     >>> r.add(np.arange(10.0).reshape(5, 2), np.arange(5))
-    >>> r.rows().shape, int(r.seen)
-    ((3, 2), 5)
+    >>> r.rows().tolist(), r.row_labels().tolist()
+    ([[4.0, 5.0], [6.0, 7.0], [8.0, 9.0]], [2, 3, 4])
     """
 
-    def __init__(self, size: int, width: int, seed: int = 0) -> None:
+    def __init__(self, size: int, window: int, seed: int = 0) -> None:
         self.size = size
-        self.x = np.empty((size, width))
+        self.keep = min(1.0, size / window)
+        self.x: np.ndarray | None = None
         self.labels = np.empty(size, dtype=np.intp)
-        self.seen = 0
+        self.filled = 0
+        self.next = 0
         self.rng = np.random.default_rng(seed)
 
     def add(self, x: np.ndarray, labels: np.ndarray) -> None:
-        for row, label in zip(x, labels, strict=True):
-            if self.seen < self.size:
-                self.x[self.seen], self.labels[self.seen] = row, label
-            else:
-                j = int(self.rng.integers(0, self.seen + 1))
-                if j < self.size:
-                    self.x[j], self.labels[j] = row, label
-            self.seen += 1
+        if self.x is None:
+            self.x = np.empty((self.size, x.shape[1]))
+        kept = np.flatnonzero(self.rng.random(x.shape[0]) < self.keep)
+        for i in kept[-self.size:]:
+            self.x[self.next], self.labels[self.next] = x[i], labels[i]
+            self.next = (self.next + 1) % self.size
+            self.filled = min(self.filled + 1, self.size)
 
     def rows(self) -> np.ndarray:
-        return self.x[: min(self.seen, self.size)]
+        return np.empty((0, 0)) if self.x is None else self.x[: self.filled]
 
     def row_labels(self) -> np.ndarray:
-        return self.labels[: min(self.seen, self.size)]
+        return self.labels[: self.filled]
 
 
 class QualityTracker:
     """Per model version: reset whenever the model is swapped (the space changes)."""
 
     def __init__(
-        self, model: ActiveModel, window_events: int = 5000, reservoir: int = 1000,
+        self, model: ActiveModel, window_events: int = 5000, sample: int = 1000,
         every_s: float = 15.0,
     ) -> None:
         self.model = model
@@ -64,7 +67,7 @@ class QualityTracker:
         self.every_s = every_s
         self._batches: deque[tuple[float, np.ndarray]] = deque()
         self._in_window = 0
-        self.reservoir = Reservoir(reservoir, model.centroids.shape[1])
+        self.sample = RecentSample(sample, window_events)
         self._next_sampled = time.monotonic() + every_s / 3
         self.sampled: float | None = None
 
@@ -77,7 +80,7 @@ class QualityTracker:
         self._in_window += indices.shape[0]
         while self._in_window - int(self._batches[0][1].sum()) >= self.window_events:
             self._in_window -= int(self._batches.popleft()[1].sum())
-        self.reservoir.add(x, indices)
+        self.sample.add(x, indices)
 
     def simplified(self) -> float | None:
         if not self._in_window:
@@ -92,12 +95,12 @@ class QualityTracker:
         return population_stability_index(self.shares(), np.asarray(self.model.bundle.quality.shares))
 
     def sampled_silhouette(self, force: bool = False) -> float | None:
-        """True silhouette on the reservoir, recomputed at most every ``every_s`` seconds."""
+        """True silhouette on the recent sample, recomputed at most every ``every_s`` seconds."""
         now = time.monotonic()
-        if (force or now >= self._next_sampled) and self.reservoir.seen >= 50:
+        if (force or now >= self._next_sampled) and self.sample.filled >= 50:
             self._next_sampled = now + self.every_s
             self.sampled = sampled_silhouette(
-                self.reservoir.rows(), self.reservoir.row_labels(), self.reservoir.size, 0
+                self.sample.rows(), self.sample.row_labels(), self.sample.size, 0
             )
         return self.sampled
 

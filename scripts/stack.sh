@@ -13,6 +13,14 @@
 #   STACK_DIR (.stack, relative to the repo root), KAFKA_HEAP_OPTS (-Xms256m -Xmx512m),
 #   KAFKA_READY_TIMEOUT (60 s), REDIS_READY_TIMEOUT (15 s), STOP_TIMEOUT (60 s), JAVA_HOME.
 # status exits 0 when both services are up, 3 otherwise.
+#
+# Prometheus (Debian's `prometheus` binary; not part of up/down/status):
+#   scripts/stack.sh prometheus-up [CONFIG]   # default monitoring/prometheus.yml
+#   scripts/stack.sh prometheus-down | prometheus-status | prometheus-reload
+# serves http://127.0.0.1:$PROM_PORT with its data in $STACK_DIR/prometheus/data and its log in
+# $STACK_DIR/prometheus/prometheus.log. The config is checked with promtool first. up waits
+# for /-/ready (PROM_READY_TIMEOUT, 30 s); reload re-reads the config and rules (SIGHUP).
+# Environment: PROM_PORT (9090), PROM_READY_TIMEOUT (30 s), PROM_RETENTION (2d).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,6 +47,11 @@ KAFKA_LOG4J="$ROOT/stack/kafka-log4j2.properties"
 KAFKA_POM="$ROOT/stack/kafka-pom.xml"
 REDIS_DIR="$STACK_DIR/redis"
 REDIS_PIDFILE="$STACK_DIR/redis.pid"
+PROM_PORT="${PROM_PORT:-9090}"
+PROM_READY_TIMEOUT="${PROM_READY_TIMEOUT:-30}"
+PROM_RETENTION="${PROM_RETENTION:-2d}"
+PROM_DIR="$STACK_DIR/prometheus"
+PROM_PIDFILE="$STACK_DIR/prometheus.pid"
 
 log() { printf '[stack] %s\n' "$*"; }
 err() { printf '[stack] ERROR: %s\n' "$*" >&2; }
@@ -336,6 +349,100 @@ redis_stop() { # [quiet]: as kafka_stop
 }
 
 # ---------------------------------------------------------------------------------------------
+# Prometheus (optional: the monitoring of the local stack; tests start their own instances)
+
+# Our instance is recognised by its data dir on the command line.
+prom_owned_pid() { owned_pid "$PROM_PIDFILE" "--storage.tsdb.path=$PROM_DIR/data"; }
+
+http_ok() { # host port path -> 0 on an HTTP 2xx answer
+  if command -v curl >/dev/null; then
+    curl -fsS -m 3 -o /dev/null "http://$1:$2$3" 2>/dev/null
+  else
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"; printf "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" "$2" "$0" >&3;
+      head -n 1 <&3 | grep -q " 2[0-9][0-9] "' "$1" "$2" "$3" 2>/dev/null
+  fi
+}
+
+prom_ready() { http_ok "$HOST" "$PROM_PORT" /-/ready; }
+
+prometheus_start() { # [config file]
+  local config="${1:-$ROOT/monitoring/prometheus.yml}" pid log="$PROM_DIR/prometheus.log"
+  case "$config" in /*) ;; *) config="$PWD/$config" ;; esac
+  if pid="$(prom_owned_pid)"; then
+    if prom_ready; then
+      log "prometheus already up on http://$HOST:$PROM_PORT (ours, pid $pid); to change its config: prometheus-reload, or prometheus-down then prometheus-up"
+      return 0
+    fi
+    log "prometheus (ours, pid $pid) is starting; waiting for it"
+  else
+    [ -f "$config" ] || die "prometheus config not found: $config"
+    command -v prometheus >/dev/null ||
+      die "prometheus not found. Run: sudo bash scripts/install-system.sh (installs Debian's prometheus; needs root)"
+    if port_open "$HOST" "$PROM_PORT"; then
+      die "port $HOST:$PROM_PORT is taken by a process this script did not start; set PROM_PORT"
+    fi
+    mkdir -p "$PROM_DIR/data"
+    if command -v promtool >/dev/null && ! promtool check config "$config" >"$PROM_DIR/check.out" 2>&1; then
+      cat "$PROM_DIR/check.out" >&2
+      die "promtool check config $config failed"
+    fi
+    log "starting prometheus on http://$HOST:$PROM_PORT (config $config, data $PROM_DIR/data, log $log)"
+    printf '=== %s stack.sh starting prometheus --config.file=%s\n' "$(date -u +%FT%TZ)" "$config" >>"$log"
+    local launcher=()
+    command -v setsid >/dev/null && launcher=(setsid)
+    nohup "${launcher[@]}" prometheus --config.file="$config" --storage.tsdb.path="$PROM_DIR/data" \
+      --storage.tsdb.retention.time="$PROM_RETENTION" --web.listen-address="$HOST:$PROM_PORT" \
+      --web.enable-lifecycle </dev/null >>"$log" 2>&1 9>&- &
+    pid=$!
+    printf '%s\n' "$pid" >"$PROM_PIDFILE"
+  fi
+  local start=$SECONDS
+  until prom_ready; do
+    if ! pid_alive "$pid"; then
+      tail -n 30 "$log" >&2 || true
+      rm -f "$PROM_PIDFILE"
+      die "prometheus (pid $pid) exited during startup (log $log)"
+    fi
+    if [ $((SECONDS - start)) -ge "$PROM_READY_TIMEOUT" ]; then
+      tail -n 30 "$log" >&2 || true
+      kill -KILL "$pid" 2>/dev/null || true
+      rm -f "$PROM_PIDFILE"
+      die "prometheus not ready on http://$HOST:$PROM_PORT/-/ready after ${PROM_READY_TIMEOUT}s"
+    fi
+    sleep 0.2
+  done
+  log "prometheus ready on http://$HOST:$PROM_PORT after $((SECONDS - start))s (pid $pid)"
+}
+
+prometheus_stop() {
+  local pid
+  if pid="$(prom_owned_pid)"; then
+    stop_pid prometheus "$pid"
+    rm -f "$PROM_PIDFILE"
+  elif port_open "$HOST" "$PROM_PORT"; then
+    err "something on $HOST:$PROM_PORT was not started by this script; not stopping it"
+    return 1
+  else
+    log "prometheus not running"
+  fi
+}
+
+prometheus_reload() {
+  local pid
+  pid="$(prom_owned_pid)" || die "no prometheus started by this script is running (prometheus-up)"
+  kill -HUP "$pid"
+  log "prometheus (pid $pid) asked to reload its config and rules (see $PROM_DIR/prometheus.log)"
+}
+
+prometheus_status() { # exits 0 when ready, 3 otherwise
+  local pid state=down owner=- rc=3
+  if prom_ready; then state=up; rc=0; fi
+  if pid="$(prom_owned_pid)"; then owner="owned (pid $pid)"; elif port_open "$HOST" "$PROM_PORT"; then owner="external"; fi
+  printf '%-10s %-22s %-5s %s\n' prometheus "$HOST:$PROM_PORT" "$state" "$owner"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------------------------
 
 status() {
   local rc=0 pid state owner
@@ -349,7 +456,7 @@ status() {
 }
 
 usage() {
-  sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd="${1:-}"
@@ -369,6 +476,10 @@ case "$cmd" in
   kafka-stop) take_lock; kafka_stop ;;
   redis-start) take_lock; redis_start ;;
   redis-stop) take_lock; redis_stop ;;
+  prometheus-up) take_lock; prometheus_start "${2:-}" ;;
+  prometheus-down) take_lock; prometheus_stop ;;
+  prometheus-reload) prometheus_reload ;;
+  prometheus-status) prometheus_status ;;
   -h | --help | help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

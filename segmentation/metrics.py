@@ -20,7 +20,23 @@ from prometheus_client import (
     generate_latest,
 )
 
+from segmentation.events import REASONS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+# Label values known up front are exported at 0 from the start, so that a series exists before
+# the first occurrence: increase()/rate() then count that occurrence, and dashboards and alert
+# rules see 0 instead of "no data". tests/test_monitoring.py checks these lists against the code.
+OUTCOMES = ("scored", "dead_letter")
+REDIS_OPERATIONS = ("model_poll", "model_load", "pubsub", "customer_write", "replica_state")
+RUN_RESULTS = ("published", "rejected", "failed", "skipped")
+GATE_CHECKS = ("finite", "min_share", "separation", "silhouette")
+LABEL_CHANGE_KINDS = ("matched", "new", "retired")
+
+
+def _initialise(counter: Counter, values: tuple[str, ...]) -> None:
+    for value in values:
+        counter.labels(value)
 
 
 class ConsumerMetrics:
@@ -100,6 +116,9 @@ class ConsumerMetrics:
             registry=r,
         )
         self.up = Gauge("segment_consumer_up", "1 while the consumer loop runs", registry=r)
+        _initialise(self.events, OUTCOMES)
+        _initialise(self.dead_letters, REASONS)
+        _initialise(self.redis_errors, REDIS_OPERATIONS)
 
     def _model_age(self) -> float:
         if not self.model_created_at:
@@ -142,6 +161,9 @@ class TrainerMetrics:
             ["kind"], registry=r,
         )
         self.up = Gauge("segment_trainer_up", "1 while the trainer runs", registry=r)
+        _initialise(self.runs, RUN_RESULTS)
+        _initialise(self.gate_refusals, GATE_CHECKS)
+        _initialise(self.label_changes, LABEL_CHANGE_KINDS)
 
 
 def serve(
