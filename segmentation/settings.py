@@ -27,7 +27,9 @@ DEFAULT_FEATURES = (
 class Settings(BaseSettings):
     """Every tunable of the service. Built once in ``main()`` and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="SEG_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SEG_", frozen=True, extra="ignore", env_parse_none_str="null"
+    )
 
     # --- Kafka ---------------------------------------------------------------------------
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")

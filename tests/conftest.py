@@ -247,6 +247,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
     for name, value in settings.model_dump(mode="json").items():
         if value is None:
+            env[f"SEG_{name.upper()}"] = "null"
             continue
         env[f"SEG_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     env.update(extra)

@@ -168,3 +168,8 @@ def test_a_wrong_setting_stops_the_consumer_with_a_readable_message() -> None:
     assert "SEG_BATCH_SIZE: Input should be greater than or equal to 1" in done.stderr
     assert "SEG_DELIVERY" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_null_in_the_environment_turns_on_k_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEG_K", "null")
+    assert Settings().k is None

@@ -15,7 +15,7 @@ from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, connect
+from segmentation.store import ModelStore, PublishConflict, connect
 from trainer.operations import reproduce, rollback
 from trainer.pipeline import train_once
 from trainer.schedule import Schedule
@@ -43,7 +43,7 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
         "inertia": bundle.quality.inertia,
         "label_mapping": {
             kind: [c.segment_id for c in getattr(bundle.label_mapping, kind)]
-            for kind in ("matched", "new", "retired")
+            for kind in ("matched", "new", "retired", "restored")
         },
         "lineage": bundle.lineage.model_dump(),
     }
@@ -67,7 +67,7 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
 
 
 def cmd_history(store: ModelStore, as_json: bool) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for version in store.versions():
         try:
             b = store.load(version)
@@ -81,7 +81,9 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "sizes": dict(zip(map(str, b.segment_ids), b.quality.sizes, strict=True)),
             "matched": len(b.label_mapping.matched), "new": [c.segment_id for c in b.label_mapping.new],
             "retired": [c.segment_id for c in b.label_mapping.retired],
+            "restored": [c.segment_id for c in b.label_mapping.restored],
             "forced": b.forced, "rolled_back_from": b.rolled_back_from,
+            "previous_version": b.previous_version,
         })
     refused = [r for r in store.runs() if r["result"] == "rejected"]
     if as_json:
@@ -95,11 +97,13 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             continue
         extra = " forced" if r["forced"] else ""
         extra += f" rollback-of-v{r['rolled_back_from']}" if r["rolled_back_from"] else ""
+        extra += f" restored={r['restored']}" if r["restored"] else ""
         print(f"{mark} v{r['version']:<4} {r['created_at'][:19]} K={r['k']} sil={r['silhouette']:.3f}"
-              f" db={r['davies_bouldin']:.3f} new={r['new']} retired={r['retired']} "
-              f"sizes={r['sizes']}{extra}")
-    for r in refused[:10]:
-        print(f"  refused at {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(r['at']))}: {r['detail']}")
+              f" db={r['davies_bouldin']:.3f} matched={r['matched']} new={r['new']}"
+              f" retired={r['retired']} sizes={r['sizes']}{extra}")
+    for run in refused[:10]:
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(run["at"])))
+        print(f"  refused at {at}: {run['detail']}")
     return 0
 
 
@@ -130,7 +134,9 @@ def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    once = sub.add_parser("once", help="one training run now")
+    once = sub.add_parser(
+        "once", help="one training run now (exit 0 published, 1 failed, 2 refused, 3 skipped)"
+    )
     once.add_argument("--force", action="store_true", help="publish even if the gate refuses")
     sub.add_parser("run", help="train periodically (and early on sustained drift)")
     for name in ("show", "history"):
@@ -148,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(connect(settings), settings.redis_prefix)
+    try:
+        return run_command(args, settings, store)
+    except (BundleError, PublishConflict) as exc:
+        # An operator error (unknown or invalid version, a trainer published meanwhile): say
+        # why in one line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore) -> int:
     if args.command == "show":
         return cmd_show(store, args.json)
     if args.command == "history":
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from trainer.report import write_report
 
-        path = write_report(store, args.out)
+        path = write_report(store, args.out, settings)
         print(f"report written to {path}")
         return 0
 
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "once":
         result = train_once(settings, store, metrics, force=args.force)
         print(json.dumps({"result": result.result, "version": result.version,
-                          "detail": result.detail}))
+                          "forced": result.forced, "detail": result.detail}))
         return {"published": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]
     return cmd_run(settings, store, metrics)
 

@@ -29,6 +29,25 @@ def check_finite(centroids: np.ndarray, silhouette: float) -> GateFailure | None
     return GateFailure("finite", float("nan"), 0.0, "non-finite centroid or silhouette")
 
 
+def check_finite_window(x: np.ndarray, center: list[float], scale: list[float]) -> GateFailure | None:
+    """The scaled training matrix and the scaler must be finite before anything is fitted.
+
+    Every feature value is finite (the decoder refuses NaN and infinity), yet a few absurd ones
+    (``1e308``) overflow the scaler's mean and variance, and every scaled row becomes NaN.
+
+    >>> check_finite_window(np.ones((2, 1)), [1e308], [float("inf")]).detail
+    'the scaler or the scaled window is not finite (an absurdly large feature value?)'
+    >>> check_finite_window(np.ones((2, 1)), [1.0], [1.0]) is None
+    True
+    """
+    if np.isfinite(x).all() and np.isfinite(center).all() and np.isfinite(scale).all():
+        return None
+    return GateFailure(
+        "finite", float("nan"), 0.0,
+        "the scaler or the scaled window is not finite (an absurdly large feature value?)",
+    )
+
+
 def check_min_share(shares: np.ndarray, floor: float) -> GateFailure | None:
     """The smallest segment's share of the window must reach the floor.
 

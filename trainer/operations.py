@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -10,21 +11,28 @@ from segmentation.bundle import BundleError
 from segmentation.matching import match_centroids
 from segmentation.settings import Settings
 from segmentation.store import ModelStore
-from trainer.pipeline import data_hash, fit_window, publish_audit
+from trainer.pipeline import data_hash, fit_window, load_base, publish_audit
+from trainer.registry import rollback_mapping
 from trainer.window import read_window
 
 
 def rollback(settings: Settings, store: ModelStore, version: int) -> int:
     """Republish ``version``'s model as a new version (versions only ever rise, so consumers
-    that refuse to go back to an older version still follow a rollback)."""
+    that refuse to go back to an older version still follow a rollback).
+
+    The model (scaler, centroids, segment ids and names, quality, lineage) is the old one's;
+    the label mapping is recomputed against the version it replaces. Compare-and-set against
+    the current version: a trainer publishing at the same moment makes one of the two fail."""
     target = store.load(version)  # validated; raises BundleError if unusable
     target.check_compatible(settings.features, settings.categorical)
-    base = store.current_version()
+    base, current = load_base(store)
     if base == version:
         raise BundleError(f"v{version} is already current")
     bundle = target.model_copy(update={
         "version": store.allocate_version(),
+        "created_at": datetime.now(UTC),
         "previous_version": base,
+        "label_mapping": rollback_mapping(current, target),
         "rolled_back_from": version,
     })
     store.publish(bundle, base)
@@ -51,9 +59,10 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
     })
     window = read_window(fit_settings, now_ms=bundle.lineage.window_end_ms,
                          ranges=bundle.lineage.partitions)
-    if len(window.events) == 0:
+    if window.rows_read != bundle.lineage.rows_read:
         return {"version": version, "reproduced": False,
-                "detail": "no rows: the recorded offsets are no longer retained"}
+                "rows_read": window.rows_read, "rows_recorded": bundle.lineage.rows_read,
+                "detail": "the recorded offsets are no longer (all) retained by the topic"}
     _, x, fit, _ = fit_window(fit_settings, window)
     published = bundle.centroid_array()
     pairs = match_centroids(published, fit.centroids, np.inf)

@@ -20,7 +20,7 @@ from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict
 from trainer.fit import Fit, fit_model
-from trainer.gate import GateFailure, run_gate
+from trainer.gate import GateFailure, check_finite_window, run_gate
 from trainer.registry import label_segments, load_names
 from trainer.window import Window, read_window
 
@@ -34,6 +34,7 @@ class RunResult:
     version: int | None = None
     failures: list[GateFailure] = field(default_factory=list)
     bundle: ModelBundle | None = None
+    forced: bool = False
 
 
 def data_hash(x: np.ndarray) -> str:
@@ -59,26 +60,45 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
     }
 
 
-def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray, Fit, list[Fit]]:
-    """Fit scaler + vocabulary and K-Means on a window (also used by `reproduce`)."""
+def encode_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray]:
+    """Fit the vocabulary and the scaler on a window and encode it with them."""
     spec = fit_spec(
         window.events, settings.features, settings.categorical, settings.scaler,
         settings.log_features,
     )
     x, _ = spec.encode(window.events)
-    fit, fits = fit_model(
-        x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
-        settings.random_state, settings.silhouette_sample,
-    )
+    return spec, x
+
+
+def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray, Fit, list[Fit]]:
+    """Fit scaler + vocabulary and K-Means on a window (also used by `reproduce`)."""
+    spec, x = encode_window(settings, window)
+    fit, fits = fit_encoded(settings, x)
     return spec, x, fit, fits
 
 
-def current_silhouette(settings: Settings, current: ModelBundle | None, window: Window) -> float | None:
-    """The current model's sampled silhouette on the same window, in its own space."""
+def fit_encoded(settings: Settings, x: np.ndarray) -> tuple[Fit, list[Fit]]:
+    """K-Means on an encoded window: K fixed, or chosen over ``k_min..k_max``."""
+    return fit_model(
+        x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
+        settings.random_state, settings.silhouette_sample,
+    )
+
+
+def current_silhouette(
+    settings: Settings, current: ModelBundle | None, window: Window, x: np.ndarray
+) -> float | None:
+    """The sampled silhouette of the current model's partition of the same window, measured in
+    the new version's scaled space ``x``.
+
+    The current model assigns the customers exactly as the consumers do (its own scaler and
+    centroids); the distances that judge that partition are the ones that judge the new fit.
+    Silhouette depends on the metric, and the scaler changes between versions, so scoring each
+    model in its own space would mix a change of yardstick into the comparison."""
     if current is None or tuple(current.features.numeric) != settings.features:
         return None
-    x, _ = current.features.encode(window.events)
-    labels, _, _ = nearest_two(x, current.centroid_array())
+    x_current, _ = current.features.encode(window.events)
+    labels, _, _ = nearest_two(x_current, current.centroid_array())
     return sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
 
 
@@ -129,21 +149,26 @@ def _train(
     if len(window.events) < needed:
         return RunResult("skipped", f"{len(window.events)} customers in window, need {needed}")
 
-    spec, x, fit, fits = fit_window(settings, window)
+    spec, x = encode_window(settings, window)
+    not_finite = check_finite_window(x, spec.center, spec.scale)
+    if not_finite is not None:
+        # Nothing can be fitted on NaN, and the bundle format refuses non-finite numbers, so
+        # not even --force publishes this.
+        return _refuse(metrics, [not_finite], force)
+    fit, fits = fit_encoded(settings, x)
     metrics.silhouette.set(fit.silhouette)
     metrics.davies_bouldin.set(fit.davies_bouldin)
     metrics.k.set(fit.k)
-    baseline = current_silhouette(settings, current, window)
+    baseline = current_silhouette(settings, current, window, x)
     failures = run_gate(
         fit.centroids, fit.shares, fit.silhouette, baseline, settings.gate_min_share,
         settings.gate_min_separation, settings.gate_silhouette_margin,
     )
+    if failures and (not force or any(f.check == "finite" for f in failures)):
+        return _refuse(metrics, failures, force)
     for failure in failures:
         metrics.gate_refusals.labels(failure.check).inc()
-    if failures and not force:
-        detail = "; ".join(f.detail for f in failures)
-        log.warning("model refused by the quality gate", extra={"failures": detail})
-        return RunResult("rejected", detail, failures=failures)
+        log.warning("quality gate overridden by --force", extra={"failure": failure.detail})
 
     ids, names, mapping = label_segments(
         current, spec, fit.centroids, settings.match_threshold,
@@ -186,7 +211,20 @@ def _train(
     metrics.last_publish.set(time.time())
     log.info("model published", extra={"version": bundle.version, "k": fit.k,
                                        "silhouette": round(fit.silhouette, 4), "forced": bundle.forced})
-    return RunResult("published", version=bundle.version, bundle=bundle, failures=failures)
+    detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
+    return RunResult("published", detail, version=bundle.version, bundle=bundle,
+                     failures=failures, forced=bundle.forced)
+
+
+def _refuse(metrics: TrainerMetrics, failures: list[GateFailure], force: bool) -> RunResult:
+    """The current model stays; why is logged, counted per check and recorded with the run."""
+    for failure in failures:
+        metrics.gate_refusals.labels(failure.check).inc()
+    detail = "; ".join(f.detail for f in failures)
+    if force:
+        detail += " (a non-finite model cannot be forced)"
+    log.warning("model refused by the quality gate", extra={"failures": detail})
+    return RunResult("rejected", detail, failures=failures)
 
 
 def publish_audit(settings: Settings, bundle: ModelBundle) -> None:
@@ -204,7 +242,7 @@ def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> Ru
     metrics.runs.labels(result.result).inc()
     store.record_run({
         "at": time.time(), "result": result.result, "detail": result.detail,
-        "version": result.version,
+        "version": result.version, "forced": result.forced,
         "failures": [f.__dict__ for f in result.failures],
     })
     if result.result != "published":

@@ -55,13 +55,19 @@ def label_segments(
     median distance between new centroids) is in the same units as the clusters it judges.
     """
     threshold = threshold_fraction * median_pairwise_distance(centroids)
-    if previous is None:
-        prev_centroids = np.empty((0, centroids.shape[1]))
-        prev_ids: list[int] = []
-    else:
+    comparable = previous is not None and set(spec.numeric) <= set(previous.features.numeric)
+    if previous is not None and comparable:
         prev_centroids = spec.reencode(previous.centroid_array(), previous.features)
         prev_ids = previous.segment_ids
+    else:
+        # No previous version, or one without some of today's features: its centroids cannot
+        # be placed in this space, so nothing matches and all of its ids retire.
+        prev_centroids = np.empty((0, centroids.shape[1]))
+        prev_ids = []
     result = assign_segment_ids(prev_centroids, prev_ids, centroids, threshold, fresh_ids)
+    retired = result.retired
+    if previous is not None and not comparable:
+        retired = [(sid, p) for p, sid in enumerate(previous.segment_ids)]
     segment_names = [
         names.get(sid) or default_name(sid, centroids[i], spec)
         for i, sid in enumerate(result.segment_ids)
@@ -70,7 +76,53 @@ def label_segments(
         matched=[LabelChange(segment_id=s, previous_index=p, index=i, distance=d)
                  for s, p, i, d in result.matched],
         new=[LabelChange(segment_id=s, index=i) for s, i in result.new],
-        retired=[LabelChange(segment_id=s, previous_index=p) for s, p in result.retired],
+        retired=[LabelChange(segment_id=s, previous_index=p) for s, p in retired],
         threshold=threshold,
+        space="new version's scaled space" if comparable or previous is None
+        else "not comparable: the previous version lacks some of the features",
     )
     return result.segment_ids, segment_names, mapping
+
+
+def rollback_mapping(base: ModelBundle | None, target: ModelBundle) -> LabelMapping:
+    """The label changes of republishing ``target`` on top of ``base`` (a rollback): ids are
+    compared by identity, since the target's ids are the ones it was published with. Ids only
+    the target has come back (``restored``); ids only the base has are retired. Distances of the
+    ids both have are measured in the target's scaled space.
+
+    >>> from segmentation.bundle import Lineage, Quality
+    >>> spec = FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0])
+    >>> def bundle(version, ids, xs):
+    ...     return ModelBundle(version=version, features=spec, centroids=[[x] for x in xs],
+    ...         segment_ids=ids, segment_names=[str(i) for i in ids],
+    ...         quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0,
+    ...                         shares=[1 / len(ids)] * len(ids), sizes=[1] * len(ids)),
+    ...         lineage=Lineage(topic="t"))
+    >>> m = rollback_mapping(bundle(2, [0, 2], [0.5, 9.0]), bundle(1, [0, 1], [0.0, 5.0]))
+    >>> [(c.segment_id, c.distance) for c in m.matched]
+    [(0, 0.5)]
+    >>> [c.segment_id for c in m.restored], [c.segment_id for c in m.retired]
+    ([1], [2])
+    """
+    base_index = {} if base is None else {sid: i for i, sid in enumerate(base.segment_ids)}
+    in_target_space = None
+    if base is not None and set(target.features.numeric) <= set(base.features.numeric):
+        in_target_space = target.features.reencode(base.centroid_array(), base.features)
+    target_centroids = target.centroid_array()
+    matched, restored = [], []
+    for i, sid in enumerate(target.segment_ids):
+        p = base_index.get(sid)
+        if p is None:
+            restored.append(LabelChange(segment_id=sid, index=i))
+            continue
+        distance = None
+        if in_target_space is not None:
+            distance = float(np.linalg.norm(in_target_space[p] - target_centroids[i]))
+        matched.append(LabelChange(segment_id=sid, previous_index=p, index=i, distance=distance))
+    kept = set(target.segment_ids)
+    retired = [LabelChange(segment_id=sid, previous_index=p) for sid, p in base_index.items()
+               if sid not in kept]
+    return LabelMapping(
+        matched=matched, retired=retired, restored=restored,
+        space=f"rollback to v{target.version}: ids compared by identity, distances in its space",
+    )

@@ -51,13 +51,18 @@ def window_ranges(
 def read_ranges(
     settings: Settings, ranges: list[PartitionRange], timeout_s: float = 120.0
 ) -> tuple[list[bytes | None], int]:
-    """Every message value in the given offset ranges; also returns how many were read."""
+    """Every message value in the given offset ranges, in (partition, offset) order; also
+    returns how many were read.
+
+    The broker interleaves partitions differently on every read, and both the per-customer
+    de-duplication and k-means++ depend on row order, so the order is fixed here: the same
+    ranges give the same training matrix (and ``reproduce`` the same centroids)."""
     consumer = Consumer(reader_config(settings, "trainer"))
     todo = {r.partition: r for r in ranges if r.end > r.start}
-    values: list[bytes | None] = []
+    read: list[tuple[int, int, bytes | None]] = []
     try:
         if not todo:
-            return values, 0
+            return [], 0
         consumer.assign(
             [TopicPartition(settings.events_topic, r.partition, r.start) for r in todo.values()]
         )
@@ -66,22 +71,22 @@ def read_ranges(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"window read incomplete, partitions left: {sorted(todo)}")
             for msg in consumer.consume(num_messages=5000, timeout=0.5):
-                p = msg.partition()
-                err = msg.error()
+                p, offset, err = msg.partition(), msg.offset(), msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF and p is not None:
                         todo.pop(p, None)
                         continue
                     raise RuntimeError(f"window read: {err}")
-                r = todo.get(p)
-                if r is None or msg.offset() >= r.end:
+                r = None if p is None or offset is None else todo.get(p)
+                if r is None or offset is None or offset >= r.end:
                     continue
-                values.append(msg.value())
-                if msg.offset() >= r.end - 1:
-                    todo.pop(p)
+                read.append((r.partition, offset, msg.value()))
+                if offset >= r.end - 1:
+                    todo.pop(r.partition)
     finally:
         consumer.close()
-    return values, len(values)
+    read.sort(key=lambda m: (m[0], m[1]))
+    return [value for _, _, value in read], len(read)
 
 
 def latest_per_customer(events: list[CustomerEvent]) -> list[CustomerEvent]:

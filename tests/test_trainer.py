@@ -1,0 +1,663 @@
+"""The trainer on the real broker and Redis: the quality gate, the stable segment registry,
+concurrent and crashing trainers, the operator commands and the report.
+
+Each scenario builds the data that triggers its case from behavioural profiles
+(``demo.generator.Profile``) with chosen sizes, produced to the test's topic as real events.
+Most profiles here use one channel each: with mixed channels, the (unweighted) one-hot channel
+columns split a profile in two, and K selection finds 7 segments in the 5 demo profiles, which
+would blur the K-chosen cases below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from demo.generator import PROFILES, Customer, Profile, make_customers
+from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.events import CustomerEvent
+from segmentation.features import FeatureSpec
+from segmentation.metrics import TrainerMetrics
+from segmentation.scoring import nearest_two
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from tests.conftest import (
+    Received,
+    customers,
+    produce_events,
+    produce_raw,
+    read_topic,
+    running_consumer,
+    settings_env,
+    wait_until,
+)
+from trainer.operations import reproduce
+from trainer.pipeline import RunResult, train_once
+from trainer.report import write_report
+from trainer.schedule import Schedule
+from trainer.window import read_window
+
+ONE_CHANNEL = tuple(Profile(p.name, p.means, ((p.channels[0][0], 1.0),)) for p in PROFILES)
+CHAMPIONS, LOYAL, NEWCOMERS, AT_RISK, BARGAIN = ONE_CHANNEL
+BIG_BASKETS = Profile("big-basket weekenders", (30, 4, 2600, 320, 5, 400), (("web", 1.0),))
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def population(groups: Sequence[tuple[Profile, int]], seed: int = 1, prefix: str = "c") -> list[Customer]:
+    """Customers with a chosen count per profile, ids ``prefix-0..`` in order (so a second
+    population with the same sizes is the same customers, behaving differently);
+    ``Customer.segment`` is the group's index."""
+    rng = np.random.default_rng(seed)
+    out: list[Customer] = []
+    for group, (profile, n) in enumerate(groups):
+        for c in make_customers(n, rng, profiles=(profile,)):
+            out.append(Customer(f"{prefix}-{len(out)}", group, c.centre, c.channel))
+    return out
+
+
+def store_for(settings: Settings) -> ModelStore:
+    return ModelStore(connect(settings), settings.redis_prefix)
+
+
+def published(settings: Settings, store: ModelStore, metrics: TrainerMetrics, **kwargs: Any) -> ModelBundle:
+    result = train_once(settings, store, metrics, **kwargs)
+    assert result.result == "published", result.detail
+    assert result.bundle is not None
+    return result.bundle
+
+
+def segment_ids(bundle: ModelBundle, events: Sequence[CustomerEvent]) -> np.ndarray:
+    """The segment id ``bundle`` gives each event (as the consumer computes it)."""
+    x, _ = bundle.features.encode(events)
+    index, _, _ = nearest_two(x, bundle.centroid_array())
+    return np.asarray(bundle.segment_ids)[index]
+
+
+def latest_events(settings: Settings, people: Sequence[Customer]) -> list[CustomerEvent]:
+    """The latest event of each of ``people`` in the topic, in ``people`` order."""
+    by_id = {e.customer_id: e for e in read_window(settings).events}
+    return [by_id[c.customer_id] for c in people]
+
+
+def segment_of_group(bundle: ModelBundle, events: Sequence[CustomerEvent], people: Sequence[Customer],
+                     group: int) -> int:
+    ids = segment_ids(bundle, events)
+    mine = Counter(int(s) for s, c in zip(ids, people, strict=True) if c.segment == group)
+    return mine.most_common(1)[0][0]
+
+
+def refusals(metrics: TrainerMetrics, check: str) -> float:
+    value = metrics.registry.get_sample_value("segment_trainer_gate_refusals_total", {"check": check})
+    return value or 0.0
+
+
+def assert_refused(result: RunResult, check: str, store: ModelStore, current: int,
+                   metrics: TrainerMetrics) -> None:
+    """Refused by exactly ``check``; the current model stays; the refusal is recorded and counted."""
+    assert result.result == "rejected", f"{result.result}: {result.detail}"
+    assert [f.check for f in result.failures] == [check], result.detail
+    assert store.current_version() == current
+    assert store.load(current).version == current
+    run = store.runs()[0]
+    assert run["result"] == "rejected" and [f["check"] for f in run["failures"]] == [check]
+    assert run["detail"] == result.detail
+    assert refusals(metrics, check) == 1
+    assert metrics.registry.get_sample_value("segment_trainer_runs_total", {"result": "rejected"}) == 1
+
+
+def trainer_cli(settings: Settings, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python -m trainer ARGS`` as an operator runs it, configured through SEG_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], env=settings_env(settings), capture_output=True,
+        text=True, timeout=timeout_s,
+    )
+
+
+def bundle_keys(store: ModelStore) -> list[int]:
+    return sorted(int(k.decode().rsplit(":", 1)[1])
+                  for k in store.client.scan_iter(match=f"{store.prefix}:bundle:*"))
+
+
+def champions_jump(c: Customer) -> np.ndarray | None:
+    """Champions triple their basket and quadruple their spend: far beyond any threshold."""
+    return np.array([1.0, 1.0, 4.0, 3.0, 1.0, 1.0]) if c.segment == 0 else None
+
+
+# --- the quality gate --------------------------------------------------------------------------
+def test_a_segment_below_the_share_floor_is_refused_and_force_publishes_it_marked_forced(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    produce_events(settings, population([(p, 200) for p in ONE_CHANNEL]))
+    first = published(settings, store, trainer_metrics)
+    # The same 1000 customers later: 'at risk' has almost emptied, 4 customers are left in it.
+    drained = population([(CHAMPIONS, 249), (LOYAL, 249), (NEWCOMERS, 249), (BARGAIN, 249),
+                          (AT_RISK, 4)], seed=2)
+    produce_events(settings, drained, seed=2, prefix="d")
+
+    result = train_once(settings, store, trainer_metrics)
+
+    assert_refused(result, "min_share", store, first.version, trainer_metrics)
+    assert result.failures[0].value == pytest.approx(4 / 1000)
+    assert "floor 1.00%" in result.detail
+
+    forced = trainer_cli(settings, "once", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["result"] == "published"
+    bundle = store.load_current()
+    assert bundle is not None and bundle.version == json.loads(forced.stdout)["version"]
+    assert bundle.forced and bundle.previous_version == first.version
+    assert bundle.quality.gate["passed"] is False
+    assert bundle.quality.gate["min_share"] == pytest.approx(4 / 1000)
+    assert min(bundle.quality.shares) < 0.01
+    run = store.runs()[0]
+    assert run["result"] == "published" and run["forced"] is True
+    assert [f["check"] for f in run["failures"]] == ["min_share"]
+
+    history = trainer_cli(settings, "history", "--json")
+    assert history.returncode == 0, history.stderr
+    listed = json.loads(history.stdout)
+    assert [(v["version"], v["forced"]) for v in listed["versions"]] == [(1, False), (bundle.version, True)]
+    assert listed["recent_refusals"][0]["failures"][0]["check"] == "min_share"
+
+
+def test_two_near_identical_centroids_are_refused(
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
+) -> None:
+    # This model also scores worse than the current one on the same window; the silhouette
+    # check is switched off so that the refusal is provably the separation check's alone.
+    settings = settings_factory(gate_silhouette_margin=1.0)
+    store = store_for(settings)
+    produce_events(settings, population([(p, 200) for p in ONE_CHANNEL]))
+    first = published(settings, store, trainer_metrics)
+    # Loyal regulars now behave exactly like champions: two segments became indistinguishable,
+    # and a fixed K=5 has to cut the merged group in two.
+    merged = population([(CHAMPIONS, 200), (CHAMPIONS, 200), (NEWCOMERS, 200), (AT_RISK, 200),
+                         (BARGAIN, 200)], seed=3)
+    produce_events(settings, merged, seed=3, prefix="m")
+
+    result = train_once(settings, store, trainer_metrics)
+
+    assert_refused(result, "separation", store, first.version, trainer_metrics)
+    failure = result.failures[0]
+    assert failure.value < failure.limit == settings.gate_min_separation
+
+
+def test_a_refit_worse_than_the_current_model_on_the_same_window_is_refused(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    people = population([(p, 200) for p in ONE_CHANNEL])
+    produce_events(settings, people, seed=1)
+    first = published(settings, store, trainer_metrics)
+    produce_events(settings, people, seed=2, prefix="f")  # same behaviour, fresh events
+    # A refit that partitions the same customers worse than the model in use: here K was set
+    # one too low, so two real segments are merged.
+    result = train_once(settings.model_copy(update={"k": 4}), store, trainer_metrics)
+
+    assert_refused(result, "silhouette", store, first.version, trainer_metrics)
+    failure = result.failures[0]
+    current_on_window = failure.limit + settings.gate_silhouette_margin
+    assert failure.value < current_on_window - settings.gate_silhouette_margin
+    assert current_on_window == pytest.approx(first.quality.silhouette, abs=0.02)
+
+
+def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_forced(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    produce_events(settings, customers(800))
+    first = published(settings, store, trainer_metrics)
+    # Finite, valid events (the decoder only refuses NaN and infinity), but absurd: three
+    # spends of 1e308 overflow the scaler's mean, and every scaled row becomes NaN.
+    absurd = {"recency_days": 3, "frequency_90d": 14, "monetary_90d": 1e308, "avg_basket_value": 58.0,
+              "sessions_30d": 22, "tenure_days": 730}
+    produce_raw(settings, [(f"bot-{i}", json.dumps({
+        "customer_id": f"bot-{i}", "event_time": int(time.time() * 1000), "features": absurd,
+        "attributes": {"channel": "web"}}).encode()) for i in range(3)])
+
+    for force in (False, True):
+        result = train_once(settings, store, trainer_metrics, force=force)
+        assert result.result == "rejected" and [f.check for f in result.failures] == ["finite"]
+    assert "cannot be forced" in result.detail
+    assert store.current_version() == first.version
+    assert refusals(trainer_metrics, "finite") == 2
+    assert [r["result"] for r in store.runs()[:2]] == ["rejected", "rejected"]
+
+
+# --- the stable segment registry -------------------------------------------------------------------
+def test_five_consecutive_retrains_on_a_stationary_stream_keep_customers_on_their_segment_ids(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    people = customers(1500)  # the demo profiles, mixed channels, the default fixed K=5
+    bundles = []
+    for round_ in range(6):  # a first fit, then five retrains
+        produce_events(settings, people, seed=round_, prefix=f"r{round_}")
+        bundles.append(published(settings, store, trainer_metrics))
+
+    for bundle in bundles[1:]:
+        m = bundle.label_mapping
+        assert len(m.matched) == 5 and not m.new and not m.retired, m
+        assert sorted(bundle.segment_ids) == [0, 1, 2, 3, 4]
+    events = latest_events(settings, people)
+    ids = [segment_ids(b, events) for b in bundles]
+    for before, after in zip(ids, ids[1:], strict=False):
+        assert (before == after).mean() >= 0.995
+    assert (ids[0] == ids[-1]).mean() >= 0.995
+
+
+def test_a_cluster_that_moves_within_the_threshold_keeps_its_id_and_one_that_jumps_gets_a_new_one(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    people = customers(1000)
+    produce_events(settings, people, seed=1)
+    first = published(settings, store, trainer_metrics)
+    champions = segment_of_group(first, latest_events(settings, people), people, 0)
+
+    # Champions spend a third more, with bigger baskets: the cluster moves, within the threshold.
+    produce_events(settings, people, seed=2, prefix="m",
+                   shift=lambda c: np.array([1.0, 1.0, 1.35, 1.2, 1.0, 1.0]) if c.segment == 0 else None)
+    moved = published(settings, store, trainer_metrics)
+    m = moved.label_mapping
+    assert not m.new and not m.retired
+    distance = {c.segment_id: c.distance or 0.0 for c in m.matched}
+    assert m.threshold is not None
+    others = [d for sid, d in distance.items() if sid != champions]
+    assert 3 * max(others) < distance[champions] < m.threshold  # it did move, and kept its id
+    events = latest_events(settings, people)
+    assert segment_of_group(moved, events, people, 0) == champions
+    assert (segment_ids(first, events) == segment_ids(moved, events)).mean() >= 0.995
+
+    # Then they jump: far beyond the threshold, the cluster is another segment.
+    produce_events(settings, people, seed=3, prefix="j", shift=champions_jump)
+    jumped = published(settings, store, trainer_metrics)
+    m = jumped.label_mapping
+    assert [c.segment_id for c in m.retired] == [champions]
+    assert [c.segment_id for c in m.new] == [5]  # fresh from the counter, never a reused id
+    assert sorted(c.segment_id for c in m.matched) == sorted(set(first.segment_ids) - {champions})
+    events = latest_events(settings, people)
+    assert segment_of_group(jumped, events, people, 0) == 5
+    rest = np.array([c.segment != 0 for c in people])
+    assert (segment_ids(moved, events)[rest] == segment_ids(jumped, events)[rest]).mean() >= 0.995
+
+    # The mapping is also on the compacted audit topic, with the bundle it belongs to.
+    def audited(rs: list[Received]) -> bool:
+        return any(r.key == b"v3" for r in rs)
+
+    record = next(r for r in read_topic(settings, settings.models_topic, audited, 30) if r.key == b"v3")
+    mapping = record.json()["label_mapping"]
+    assert [c["segment_id"] for c in mapping["retired"]] == [champions]
+    assert [c["segment_id"] for c in mapping["new"]] == [5]
+    assert all(c["distance"] < mapping["threshold"] for c in mapping["matched"])
+
+
+def test_a_new_cluster_gets_a_fresh_id_named_by_default_and_leaves_the_others_unchanged(
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics, tmp_path: Path
+) -> None:
+    names = {str(i): name for i, name in enumerate(["Alpha", "Bravo", "Charlie", "Delta", "Echo"])}
+    (tmp_path / "names.json").write_text(json.dumps(names))
+    # K chosen, not fixed: with a fixed K a sixth cluster could only enter by merging two others.
+    settings = settings_factory(k=None, k_max=8, names_file=str(tmp_path / "names.json"))
+    store = store_for(settings)
+    people = population([(p, 200) for p in ONE_CHANNEL])
+    produce_events(settings, people)
+    first = published(settings, store, trainer_metrics)
+    assert first.k == 5 and first.segment_names == ["Alpha", "Bravo", "Charlie", "Delta", "Echo"]
+
+    newcomers = population([(BIG_BASKETS, 200)], seed=7, prefix="n")
+    produce_events(settings, newcomers, seed=7, prefix="n")
+    grown = published(settings, store, trainer_metrics)
+
+    m = grown.label_mapping
+    assert grown.k == 6 and grown.quality.k_selection.startswith("silhouette")
+    assert [c.segment_id for c in m.new] == [5] and not m.retired
+    assert sorted(c.segment_id for c in m.matched) == [0, 1, 2, 3, 4]
+    names_now = dict(zip(grown.segment_ids, grown.segment_names, strict=True))
+    assert [names_now[i] for i in range(5)] == ["Alpha", "Bravo", "Charlie", "Delta", "Echo"]
+    assert names_now[5].startswith("segment 5: high ")
+    events = latest_events(settings, people)
+    assert (segment_ids(first, events) == segment_ids(grown, events)).mean() >= 0.995
+    assert (segment_ids(grown, latest_events(settings, newcomers)) == 5).mean() >= 0.99
+
+    # A K-chosen version reproduces from its lineage, and reports from its stored K scores.
+    outcome = reproduce(settings, store, grown.version, 1e-6)
+    assert outcome["reproduced"], outcome
+    page = write_report(store, tmp_path / "report").read_text()
+    assert "K=6 was chosen by silhouette" in page and (tmp_path / "report" / "k_curves.png").exists()
+
+
+def test_a_vanished_cluster_is_retired_and_the_others_keep_their_ids(
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
+) -> None:
+    settings = settings_factory(k=None, k_max=8)  # K chosen: four clusters left should make four segments
+    store = store_for(settings)
+    people = population([(p, 200) for p in ONE_CHANNEL])
+    produce_events(settings, people)
+    first = published(settings, store, trainer_metrics)
+    at_risk = segment_of_group(first, latest_events(settings, people), people, 3)
+
+    # From now on the at-risk customers are gone from the stream; the window starts now.
+    time.sleep(0.05)
+    since_ms = int(time.time() * 1000)
+    staying = [c for c in people if c.segment != 3]
+    produce_events(settings, staying, seed=2, prefix="s")
+    shrunk = published(settings, store, trainer_metrics, now_ms=since_ms + settings.window_s * 1000)
+
+    m = shrunk.label_mapping
+    assert shrunk.k == 4 and shrunk.lineage.rows_used == len(staying)
+    assert [c.segment_id for c in m.retired] == [at_risk] and not m.new
+    assert sorted(c.segment_id for c in m.matched) == sorted(set(first.segment_ids) - {at_risk})
+    events = latest_events(settings, staying)
+    assert (segment_ids(first, events) == segment_ids(shrunk, events)).mean() >= 0.995
+
+
+def test_sustained_silhouette_drift_reported_by_consumers_triggers_an_early_retrain(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(train_interval_s=600, drift_retrain_threshold=0.1,
+                                drift_retrain_after_s=60)
+    store = store_for(settings)
+    schedule = Schedule(settings)
+    assert schedule.due(store, now=1000.0) == "no model yet"
+    store.publish(tiny_bundle(1), None)
+    schedule.ran("published", now=1000.0)
+
+    def consumers_report(drift: float, version: int = 1, replica: str = "a") -> None:
+        store.put_replica_state(replica, {"model_version": version, "silhouette_drift": drift}, 60)
+
+    consumers_report(-0.05)  # within the threshold
+    assert schedule.due(store, now=1100.0) is None
+    consumers_report(-0.3, version=0, replica="b")  # a replica still on an old model: ignored
+    assert schedule.due(store, now=1110.0) is None
+    consumers_report(-0.2)  # beyond the threshold: the clock starts
+    assert schedule.due(store, now=1120.0) is None
+    assert schedule.due(store, now=1179.0) is None
+    consumers_report(-0.05)  # recovered: a blip is not sustained drift
+    assert schedule.due(store, now=1185.0) is None
+    consumers_report(-0.2)
+    assert schedule.due(store, now=1200.0) is None
+    assert schedule.due(store, now=1260.0) == "sustained silhouette drift"
+    schedule.ran("published", now=1260.0)
+    assert schedule.due(store, now=1300.0) is None
+    assert schedule.due(store, now=1860.0) == "interval"
+
+
+def tiny_bundle(version: int) -> ModelBundle:
+    spec = FeatureSpec(numeric=["recency_days"], center=[0.0], scale=[1.0])
+    return ModelBundle(
+        version=version, features=spec, centroids=[[0.0], [5.0]], segment_ids=[0, 1],
+        segment_names=["a", "b"], lineage=Lineage(topic="t"),
+        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5], sizes=[1, 1]),
+    )
+
+
+# --- concurrent and crashing trainers ----------------------------------------------------------
+WAIT_THEN_TRAIN = """
+import os, sys, time
+from trainer.__main__ import main
+go = sys.argv[1]
+open(f"{go}.ready-{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+sys.exit(main(["once"]))
+"""
+
+
+def test_three_trainers_started_at_once_publish_once_per_base_version(
+    settings: Settings, store: ModelStore, tmp_path: Path
+) -> None:
+    produce_events(settings, customers(800))
+    for round_ in range(2):
+        go = tmp_path / f"go-{round_}"
+        trainers = [subprocess.Popen([sys.executable, "-c", WAIT_THEN_TRAIN, str(go)],
+                                     env=settings_env(settings), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        # Released together once all three have imported everything.
+        wait_until(lambda: len(list(tmp_path.glob(f"go-{round_}.ready-*"))) == 3, 60, "trainers ready")  # noqa: B023
+        go.touch()
+        outputs = [t.communicate(timeout=180) for t in trainers]
+        results = sorted((t.returncode, json.loads(out)["detail"])
+                         for t, (out, _) in zip(trainers, outputs, strict=True))
+        assert [code for code, _ in results] == [0, 3, 3], outputs  # published, skipped, skipped
+        assert all(detail == "another trainer holds the lock" for _, detail in results[1:])
+
+    bundles = [store.load(v) for v in store.versions()]
+    assert [b.version for b in bundles] == [1, 2]
+    assert [b.previous_version for b in bundles] == [None, 1]
+
+
+class ContendingStore(ModelStore):
+    """No lease (as if it had expired mid-run), and a publish that waits for every other
+    trainer to reach it: all of them fitted on the same base and publish at the same moment."""
+
+    def __init__(self, settings: Settings, barrier: threading.Barrier) -> None:
+        super().__init__(connect(settings), settings.redis_prefix)
+        self.barrier = barrier
+
+    @contextlib.contextmanager
+    def lease(self, ttl_s: int) -> Iterator[bool]:
+        yield True
+
+    def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
+        self.barrier.wait(120)
+        super().publish(bundle, base_version)
+
+
+def test_without_the_lease_the_compare_and_set_still_lets_one_trainer_publish_per_base(
+    settings: Settings, store: ModelStore
+) -> None:
+    produce_events(settings, customers(800))
+    base: int | None = None
+    for _round in range(2):
+        barrier = threading.Barrier(3)
+        results: list[RunResult] = []
+
+        def trainer(barrier: threading.Barrier = barrier, results: list[RunResult] = results) -> None:
+            results.append(train_once(settings, ContendingStore(settings, barrier), TrainerMetrics()))
+
+        threads = [threading.Thread(target=trainer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert sorted(r.result for r in results) == ["published", "skipped", "skipped"]
+        winner = next(r for r in results if r.result == "published")
+        assert winner.bundle is not None and winner.bundle.previous_version == base
+        assert all("publish lost the race" in r.detail for r in results if r is not winner)
+        assert store.current_version() == winner.version
+        base = winner.version
+
+    # Versions strictly rise; the losers' versions were never written.
+    assert store.versions() == bundle_keys(store) == sorted(store.versions())
+    assert len(store.versions()) == 2
+
+
+KILL_DURING_PUBLISH = r"""
+import os, signal, sys
+from redis.connection import AbstractConnection
+from segmentation.metrics import TrainerMetrics
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from trainer.pipeline import train_once
+
+moment = sys.argv[1]
+publishing = False
+send = AbstractConnection.send_packed_command
+publish = ModelStore.publish
+
+def die(at):
+    sys.stderr.write(f"killed at {at}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def send_packed_command(self, command, check_health=True):
+    data = command.encode() if isinstance(command, str) else b"".join(bytes(c) for c in command)
+    if not (publishing and b"EVALSHA" in data[:32]):
+        return send(self, command, check_health)
+    if moment == "half-sent":  # the publish command is half on the wire
+        self._sock.sendall(data[: len(data) // 2])
+        die(moment)
+    send(self, command, check_health)
+    if moment == "sent-no-reply":  # Redis has the whole command, the trainer never sees a reply
+        die(moment)
+
+def killed_publish(self, bundle, base_version):
+    global publishing
+    if moment == "before-publish":
+        die(moment)
+    publishing = True
+    publish(self, bundle, base_version)
+    die("after-publish")  # before the audit record and before the lease is released
+
+AbstractConnection.send_packed_command = send_packed_command
+ModelStore.publish = killed_publish
+settings = Settings()
+train_once(settings, ModelStore(connect(settings), settings.redis_prefix), TrainerMetrics())
+sys.exit("not killed")
+"""
+
+
+def test_a_trainer_killed_during_publish_leaves_a_valid_current_model(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(lock_ttl_s=1)
+    store = store_for(settings)
+    produce_events(settings, customers(800))
+    published(settings, store, TrainerMetrics())  # v1; also caches the publish script in Redis
+
+    # Whether the new version landed depends only on whether Redis received the whole command.
+    for moment, lands in (("before-publish", False), ("half-sent", False),
+                          ("sent-no-reply", True), ("after-publish", True)):
+        before = store.current_version()
+        child = subprocess.run([sys.executable, "-c", KILL_DURING_PUBLISH, moment],
+                               env=settings_env(settings), capture_output=True, text=True, timeout=180)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        assert child.stderr.endswith(f"killed at {moment}\n"), child.stderr
+        allocated = int(store.client.get(f"{settings.redis_prefix}:version_seq") or 0)
+        current = store.load_current()  # parsed and validated: a torn bundle would raise here
+        assert current is not None
+        if lands:
+            assert current.version == allocated and current.previous_version == before, moment
+        else:
+            assert current.version == before, moment
+            assert not store.client.exists(f"{settings.redis_prefix}:bundle:{allocated}"), moment
+        assert store.versions() == bundle_keys(store), moment
+        # The dead trainer never released its lease; it expires, and training goes on.
+        wait_until(lambda: not store.client.exists(f"{settings.redis_prefix}:lock"), 10, "lease expiry")
+
+    after = published(settings, store, TrainerMetrics())
+    assert after.previous_version == store.versions()[-2]
+    assert [store.load(v).version for v in store.versions()] == store.versions()
+
+
+# --- operator commands -----------------------------------------------------------------------------
+def test_rollback_republishes_an_earlier_model_as_a_new_version_that_consumers_follow(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    people = customers(1000)
+    produce_events(settings, people, seed=1)
+    v1 = published(settings, store, trainer_metrics)
+    produce_events(settings, people, seed=2, prefix="j", shift=champions_jump)
+    v2 = published(settings, store, trainer_metrics)
+    assert v2.label_mapping.new and v2.label_mapping.retired
+
+    with running_consumer(settings) as rc:
+        def active() -> int | None:
+            return None if rc.loop.watcher.active is None else rc.loop.watcher.active.version
+        wait_until(lambda: active() == 2, 20, "the consumer to use v2")
+        out = trainer_cli(settings, "rollback", "1")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "v1 is current again as v3"
+        # Consumers never go back to an older version; v3 is newer, so they follow.
+        wait_until(lambda: active() == 3, 20, "the consumer to follow the rollback")
+
+    v3 = store.load(3)
+    assert (v3.centroids, v3.segment_ids, v3.segment_names, v3.features) == (
+        v1.centroids, v1.segment_ids, v1.segment_names, v1.features)
+    assert (v3.quality, v3.lineage) == (v1.quality, v1.lineage)
+    assert v3.rolled_back_from == 1 and v3.previous_version == 2 and v3.created_at > v2.created_at
+    m = v3.label_mapping
+    assert [c.segment_id for c in m.restored] == [c.segment_id for c in v2.label_mapping.retired]
+    assert [c.segment_id for c in m.retired] == [c.segment_id for c in v2.label_mapping.new]
+    assert len(m.matched) == 4 and not m.new
+
+    history = trainer_cli(settings, "history")
+    assert history.returncode == 0, history.stderr
+    lines = history.stdout.splitlines()
+    assert lines[0].startswith("  v1 ") and "K=5" in lines[0] and "sil=" in lines[0]
+    assert f"new={[c.segment_id for c in v2.label_mapping.new]}" in lines[1]
+    assert lines[2].startswith("* v3 ") and "rollback-of-v1" in lines[2] and "restored=" in lines[2]
+    assert "sizes={" in lines[2]
+
+    again = trainer_cli(settings, "rollback", "3")
+    assert again.returncode == 1 and "v3 is already current" in again.stderr
+    store.client.set(f"{settings.redis_prefix}:bundle:2", b'{"version": 2}')  # damaged in storage
+    damaged = trainer_cli(settings, "rollback", "2")
+    assert damaged.returncode == 1 and "invalid bundle" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
+    assert store.current_version() == 3
+
+
+def test_reproduce_refits_a_version_from_its_recorded_offsets_and_says_when_they_are_gone(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    people = customers(1000)
+    produce_events(settings, people, seed=1)
+    v1 = published(settings, store, trainer_metrics)
+    produce_events(settings, people, seed=2, prefix="later")  # the topic moves on
+
+    out = trainer_cli(settings, "reproduce", "1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    outcome = json.loads(out.stdout)
+    assert outcome["reproduced"] and outcome["same_data_hash"]
+    assert outcome["max_centroid_difference"] <= 1e-6 and outcome["rows_used"] == 1000
+
+    # Retention deletes the start of the topic, v1's training window with it.
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    futures = admin.delete_records([TopicPartition(settings.events_topic, r.partition, r.end)
+                                    for r in v1.lineage.partitions])
+    for future in futures.values():
+        future.result(timeout=30)
+    gone = trainer_cli(settings, "reproduce", "1")
+    assert gone.returncode == 1
+    outcome = json.loads(gone.stdout)
+    assert not outcome["reproduced"] and "no longer" in outcome["detail"]
+
+
+def test_report_writes_a_self_contained_page_with_its_figures(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics, tmp_path: Path
+) -> None:
+    people = customers(1000)
+    produce_events(settings, people, seed=1)
+    published(settings, store, trainer_metrics)
+    produce_events(settings, people, seed=2, prefix="j", shift=champions_jump)
+    current = published(settings, store, trainer_metrics)
+
+    out = trainer_cli(settings, "report", "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr
+    index = tmp_path / "report" / "index.html"
+    assert out.stdout.strip() == f"report written to {index}"
+    figures = ["pca_segments.png", "silhouette_per_customer.png", "k_curves.png", "versions.png"]
+    for name in figures:
+        data = (tmp_path / "report" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    page = index.read_text()
+    # Self-contained: every figure is embedded, nothing is fetched.
+    assert page.count('src="data:image/png;base64,') == len(figures)
+    assert "http://" not in page and "https://" not in page
+    for name in current.segment_names:
+        assert name in page
+    assert "computed for this report" in page  # fixed K: the sweep is the report's own
+    assert "<b>v2</b>" in page and "<b>v1</b>" in page  # the label-change table
+    assert f"{current.lineage.data_sha256}" in page
