@@ -2,7 +2,8 @@
 
 The encoded space is ``[scaled numeric features | one-hot categorical attributes]``. Numeric
 features are (optionally) ``log1p``-transformed, then centred and scaled with parameters fitted
-by the trainer and shipped in the model bundle. One-hot columns stay 0/1.
+by the trainer and shipped in the model bundle. One-hot columns hold 0 or
+``categorical_weight``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class FeatureSpec(BaseModel):
     scaler: Literal["standard", "robust"] = "standard"
     center: list[float]
     scale: list[float]
+    categorical_weight: float = Field(
+        1.0, gt=0, description="value of a set one-hot column (distance between two categories "
+        "is weight x sqrt(2) scaled units)"
+    )
 
     @property
     def columns(self) -> list[str]:
@@ -51,7 +56,7 @@ class FeatureSpec(BaseModel):
         """Encode events; returns the matrix and how many category values were unknown."""
         raw = raw_numeric(events, self.numeric)
         scaled = scale(log_transform(raw, self.log_mask()), self.center, self.scale)
-        onehot, unknown = one_hot(events, self.vocabulary)
+        onehot, unknown = one_hot(events, self.vocabulary, self.categorical_weight)
         return np.hstack([scaled, onehot]), unknown
 
     def log_mask(self) -> np.ndarray:
@@ -76,7 +81,8 @@ class FeatureSpec(BaseModel):
         onehot = np.zeros((encoded.shape[0], len(onehot_cols)))
         for j, col in enumerate(onehot_cols):
             if col in src_cols:
-                onehot[:, j] = encoded[:, src_cols[col]]
+                onehot[:, j] = encoded[:, src_cols[col]] / source.categorical_weight
+        onehot *= self.categorical_weight
         return np.hstack([scaled, onehot])
 
 
@@ -154,9 +160,10 @@ def fit_vocabulary(
 
 
 def one_hot(
-    events: Sequence[CustomerEvent], vocabulary: dict[str, list[str]]
+    events: Sequence[CustomerEvent], vocabulary: dict[str, list[str]], weight: float = 1.0
 ) -> tuple[np.ndarray, int]:
-    """One-hot columns for each attribute; unknown or absent values go to ``other``.
+    """One-hot columns for each attribute; unknown or absent values go to ``other``. A set
+    column holds ``weight``: categories should shape segments, not split every segment.
 
     >>> e = CustomerEvent(customer_id="c", event_time=0, features={}, attributes={"ch": "tv"})
     >>> m, unknown = one_hot([e], {"ch": ["app", "other"]})
@@ -175,7 +182,7 @@ def one_hot(
             if col is None:
                 unknown += 1
                 col = other
-            out[row, offset + col] = 1.0
+            out[row, offset + col] = weight
         offset += len(values)
     return out, unknown
 
@@ -186,6 +193,7 @@ def fit_spec(
     categorical: Sequence[str],
     kind: Literal["standard", "robust"],
     log_features: Sequence[str] = (),
+    categorical_weight: float = 1.0,
 ) -> FeatureSpec:
     """Fit the vocabulary and the scaler on a training window."""
     mask = np.array([n in log_features for n in numeric], dtype=bool)
@@ -197,4 +205,5 @@ def fit_spec(
         scaler=kind,
         center=center,
         scale=scale_,
+        categorical_weight=categorical_weight,
     )

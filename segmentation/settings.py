@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     features: tuple[str, ...] = Field(DEFAULT_FEATURES, description="numeric features used")
     categorical: tuple[str, ...] = Field(("channel",), description="categorical attributes")
     scaler: Literal["standard", "robust"] = Field("standard", description="feature scaler")
+    categorical_weight: float = Field(
+        0.5, gt=0, description="value of a set one-hot column (1 = as far apart as 1 std dev x sqrt 2)"
+    )
     log_features: tuple[str, ...] = Field(
         (), description="features transformed with log1p before scaling (heavy-tailed spend)"
     )

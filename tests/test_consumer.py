@@ -356,3 +356,22 @@ def test_an_older_event_never_overwrites_a_newer_customer_assignment(settings: S
     assert store.get("c-1")["segment_id"] == "3"
     assert write(3000, 12, 7) == 1
     assert store.get("c-1")["segment_id"] == "7"
+
+
+def test_unacknowledged_outputs_are_replayed_not_committed_and_counted(settings: Settings) -> None:
+    """The output topic vanishes: deliveries time out, the batch is rewound and nothing is
+    committed; once the topic is back every event gets its output."""
+    from segmentation.kafka import delete_topics, ensure_topics
+
+    produce_events(settings, customers(600), prefix="seed")
+    published(settings)
+    delete_topics(settings, [settings.segments_topic])
+    failing = settings.model_copy(update={"kafka_extra": {"message.timeout.ms": "2000"}})
+    sent = produce_events(settings, customers(300, seed=4), prefix="x")
+    with running_consumer(failing) as rc:
+        wait_until(lambda: rc.metrics.delivery_failures._value.get() >= 1, 30, "a delivery failure")
+        assert committed(settings) == {}
+        ensure_topics(settings)  # the output topic is back
+        outputs = read_outputs(settings, set(sent), timeout_s=90)
+    assert set(sent) <= set(outputs)
+    assert sum(committed(settings).values()) == 600 + 300

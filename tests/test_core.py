@@ -173,3 +173,23 @@ def test_a_wrong_setting_stops_the_consumer_with_a_readable_message() -> None:
 def test_null_in_the_environment_turns_on_k_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEG_K", "null")
     assert Settings().k is None
+
+
+def test_k_selection_finds_the_five_demo_segments_with_the_default_categorical_weight() -> None:
+    from demo.generator import FEATURES, event_value, make_customers
+    from segmentation.features import fit_spec
+
+    rng = np.random.default_rng(1)
+    people = make_customers(2000, rng)
+    events = [CustomerEvent.model_validate(event_value(c, rng, str(i))) for i, c in enumerate(people)]
+    spec = fit_spec(events, FEATURES, ("channel",), "standard",
+                    categorical_weight=Settings().categorical_weight)
+    fit, _ = fit_model(spec.encode(events)[0], None, (2, 10), 4, 42, 2000)
+    assert fit.k == 5
+
+
+def test_reencode_respects_each_side_s_categorical_weight() -> None:
+    old = FeatureSpec(numeric=["a"], vocabulary={"ch": ["app", "other"]}, center=[0.0], scale=[1.0],
+                      categorical_weight=1.0)
+    new = old.model_copy(update={"categorical_weight": 0.5})
+    assert new.reencode(np.array([[2.0, 1.0, 0.0]]), old).tolist() == [[2.0, 0.5, 0.0]]

@@ -661,3 +661,17 @@ def test_report_writes_a_self_contained_page_with_its_figures(
     assert "computed for this report" in page  # fixed K: the sweep is the report's own
     assert "<b>v2</b>" in page and "<b>v1</b>" in page  # the label-change table
     assert f"{current.lineage.data_sha256}" in page
+
+
+def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_goes_on(
+    settings_factory,
+) -> None:
+    settings = settings_factory()
+    broken = settings.model_copy(update={"events_topic": settings.events_topic + "-missing"})
+    metrics = TrainerMetrics()
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    result = train_once(broken, store, metrics)
+    assert result.result == "failed" and "missing" in result.detail
+    assert metrics.runs.labels("failed")._value.get() == 1
+    assert store.runs()[0]["result"] == "failed"
+    assert store.current_version() is None

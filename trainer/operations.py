@@ -50,6 +50,7 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "n_init": params.get("n_init", settings.n_init),
         "max_rows": params.get("max_rows", settings.max_rows),
         "scaler": params.get("scaler", bundle.features.scaler),
+        "categorical_weight": params.get("categorical_weight", bundle.features.categorical_weight),
         "log_features": tuple(params.get("log_features", bundle.features.log_features)),
         "features": tuple(bundle.features.numeric),
         "categorical": tuple(bundle.features.vocabulary),

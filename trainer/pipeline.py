@@ -55,6 +55,7 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
     return {
         "k": k, "n_init": settings.n_init, "max_rows": settings.max_rows,
         "scaler": settings.scaler, "log_features": list(settings.log_features),
+        "categorical_weight": settings.categorical_weight,
         "features": list(settings.features), "categorical": list(settings.categorical),
         "silhouette_sample": settings.silhouette_sample, "window_s": settings.window_s,
     }
@@ -64,7 +65,7 @@ def encode_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.n
     """Fit the vocabulary and the scaler on a window and encode it with them."""
     spec = fit_spec(
         window.events, settings.features, settings.categorical, settings.scaler,
-        settings.log_features,
+        settings.log_features, settings.categorical_weight,
     )
     x, _ = spec.encode(window.events)
     return spec, x
