@@ -143,7 +143,7 @@ def cpu(store: ModelStore, settings: Settings, n: int = 20000) -> tuple[float, f
     t = time.perf_counter()
     for i in range(0, n, settings.batch_size):
         score_batch(messages[i:i + settings.batch_size], model, settings.features,
-                    settings.categorical, settings.segments_topic, settings.dlq_topic)
+                    settings.feature_ranges(), settings.segments_topic, settings.dlq_topic)
     scoring = (time.perf_counter() - t) / n * 1e6
     return loads, scoring
 

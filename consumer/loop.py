@@ -51,6 +51,7 @@ class ConsumeLoop:
         self.paused = False
         self._next_report = 0.0
         self.exactly_once = settings.delivery == "exactly-once"
+        self._ranges = settings.feature_ranges()
 
     # --- group membership ----------------------------------------------------------------
     def subscribe(self) -> None:
@@ -145,7 +146,7 @@ class ConsumeLoop:
     def _process(self, messages: list[Message], model: ActiveModel) -> None:
         started = time.monotonic()
         batch = score_batch(
-            messages, model, self.settings.features, self.settings.categorical,
+            messages, model, self.settings.features, self._ranges,
             self.settings.segments_topic, self.settings.dlq_topic,
         )
         try:

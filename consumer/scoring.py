@@ -6,7 +6,7 @@ No I/O here: the loop hands in Kafka messages and gets back what to produce and 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,7 +98,7 @@ def score_batch(
     messages: Sequence[Message],
     model: ActiveModel,
     features: tuple[str, ...],
-    categorical: tuple[str, ...],
+    bounds: Mapping[str, tuple[float, float]],
     segments_topic: str,
     dlq_topic: str,
 ) -> ScoredBatch:
@@ -106,7 +106,7 @@ def score_batch(
     events: list[CustomerEvent] = []
     sources: list[Message] = []
     for msg in messages:
-        decoded = decode(_as_bytes(msg.value()), features, categorical)
+        decoded = decode(_as_bytes(msg.value()), features, bounds)
         if isinstance(decoded, Rejection):
             batch.dead_letters.append(dead_letter(msg, decoded, dlq_topic))
             batch.reasons.append(decoded.reason)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +23,7 @@ REASONS = (
     "bad_event_time",  # event_time neither RFC 3339 with offset nor epoch milliseconds
     "missing_feature",  # a feature the model uses is absent
     "non_finite",  # NaN or +/-Infinity in a feature the model uses
+    "out_of_range",  # a feature outside its configured bounds (absurd values poison the scaler)
 )
 
 
@@ -86,7 +88,9 @@ class Rejection:
 
 
 def decode(
-    value: bytes | None, features: tuple[str, ...], categorical: tuple[str, ...] = ()
+    value: bytes | None,
+    features: tuple[str, ...],
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> CustomerEvent | Rejection:
     """Parse and validate one message value against the configured feature set.
 
@@ -100,6 +104,8 @@ def decode(
     'wrong_type'
     >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":NaN}}', ("x",))
     Rejection(reason='non_finite', detail='features.x is nan')
+    >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":1e308}}', ("x",), {"x": (0, 1e9)})
+    Rejection(reason='out_of_range', detail='features.x is 1e+308, outside [0, 1000000000.0]')
     """
     if value is None:
         return Rejection("not_json", "message has no value (tombstone)")
@@ -113,6 +119,10 @@ def decode(
             return Rejection("missing_feature", f"features.{name} is required")
         if not math.isfinite(number):
             return Rejection("non_finite", f"features.{name} is {number}")
+        if bounds is not None and name in bounds:
+            low, high = bounds[name]
+            if not low <= number <= high:
+                return Rejection("out_of_range", f"features.{name} is {number}, outside [{low}, {high}]")
     return event
 
 

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     features: tuple[str, ...] = Field(DEFAULT_FEATURES, description="numeric features used")
     categorical: tuple[str, ...] = Field(("channel",), description="categorical attributes")
     scaler: Literal["standard", "robust"] = Field("standard", description="feature scaler")
+    feature_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description='valid [min, max] per feature, e.g. {"recency_days": [0, 3650]}; else +/-max_abs_feature',
+    )
+    max_abs_feature: float = Field(
+        1e12, gt=0, description="largest magnitude accepted for a feature without explicit bounds"
+    )
     categorical_weight: float = Field(
         0.5, gt=0, description="value of a set one-hot column (1 = as far apart as 1 std dev x sqrt 2)"
     )
@@ -133,7 +140,19 @@ class Settings(BaseSettings):
         unknown = set(self.log_features) - set(self.features)
         if unknown:
             raise ValueError(f"log_features not in features: {sorted(unknown)}")
+        unknown = set(self.feature_bounds) - set(self.features)
+        if unknown:
+            raise ValueError(f"feature_bounds not in features: {sorted(unknown)}")
+        for name, (low, high) in self.feature_bounds.items():
+            if not low < high:
+                raise ValueError(f"feature_bounds[{name}]: min {low} must be < max {high}")
         return self
+
+    def feature_ranges(self) -> dict[str, tuple[float, float]]:
+        """Valid range of every numeric feature: out-of-range values are dead-lettered (consumer)
+        and skipped (trainer) rather than allowed to overflow the scaler."""
+        default = (-self.max_abs_feature, self.max_abs_feature)
+        return {name: self.feature_bounds.get(name, default) for name in self.features}
 
     def kafka_common(self) -> dict[str, str | int | float | bool]:
         """librdkafka options shared by every client (passed-through extras win)."""

@@ -75,6 +75,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason_while_neighbours_a
         "missing_feature": variant("bad-missing", monetary_90d=None),
         "wrong_type": variant("bad-type", frequency_90d="fourteen"),
         "non_finite": variant("bad-nan", avg_basket_value=float("nan")),
+        "out_of_range": variant("bad-huge", monetary_90d=1e308),
         "bad_event_time": json.dumps({**good, "event_time": "yesterday"}).encode(),
     }
     messages = []

@@ -214,18 +214,24 @@ def test_a_refit_worse_than_the_current_model_on_the_same_window_is_refused(
     assert current_on_window == pytest.approx(first.quality.silhouette, abs=0.02)
 
 
-def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_forced(
-    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
-) -> None:
-    produce_events(settings, customers(800))
-    first = published(settings, store, trainer_metrics)
-    # Finite, valid events (the decoder only refuses NaN and infinity), but absurd: three
-    # spends of 1e308 overflow the scaler's mean, and every scaled row becomes NaN.
+def produce_absurd_spenders(settings: Settings, n: int = 3) -> None:
     absurd = {"recency_days": 3, "frequency_90d": 14, "monetary_90d": 1e308, "avg_basket_value": 58.0,
               "sessions_30d": 22, "tenure_days": 730}
     produce_raw(settings, [(f"bot-{i}", json.dumps({
         "customer_id": f"bot-{i}", "event_time": int(time.time() * 1000), "features": absurd,
-        "attributes": {"channel": "web"}}).encode()) for i in range(3)])
+        "attributes": {"channel": "web"}}).encode()) for i in range(n)])
+
+
+def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_forced(
+    settings_factory, trainer_metrics: TrainerMetrics
+) -> None:
+    # Bounds opened to the largest float, so that absurd but finite spends of 1e308 reach the
+    # fit: they overflow the scaler's mean, and every scaled row becomes NaN.
+    settings = settings_factory(max_abs_feature=1.7e308)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    produce_events(settings, customers(800))
+    first = published(settings, store, trainer_metrics)
+    produce_absurd_spenders(settings)
 
     for force in (False, True):
         result = train_once(settings, store, trainer_metrics, force=force)
@@ -234,6 +240,17 @@ def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_f
     assert store.current_version() == first.version
     assert refusals(trainer_metrics, "finite") == 2
     assert [r["result"] for r in store.runs()[:2]] == ["rejected", "rejected"]
+
+
+def test_out_of_range_values_are_skipped_by_the_window_with_default_bounds(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    produce_events(settings, customers(800))
+    produce_absurd_spenders(settings)
+    result = train_once(settings, store, trainer_metrics)
+    assert result.result == "published", result.detail
+    assert result.bundle is not None and result.bundle.lineage.rows_invalid == 3
+    assert trainer_metrics.rows.labels("invalid")._value.get() == 3
 
 
 # --- the stable segment registry -------------------------------------------------------------------

@@ -138,8 +138,9 @@ def read_window(
     values, rows_read = read_ranges(settings, ranges)
     events: list[CustomerEvent] = []
     reasons: dict[str, int] = {}
+    bounds = settings.feature_ranges()
     for value in values:
-        decoded = decode(value, settings.features, settings.categorical)
+        decoded = decode(value, settings.features, bounds)
         if isinstance(decoded, CustomerEvent):
             events.append(decoded)
         else:
