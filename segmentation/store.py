@@ -9,6 +9,7 @@ Keys (``P`` is ``settings.redis_prefix``)::
     P:version_seq       INCR counter: versions strictly rise, even across rollbacks
     P:segment_id_seq    INCR counter: segment ids are never reused
     P:lock              trainer lease (SET NX PX, released only by its owner)
+    P:pinned            set by a rollback: scheduled retrains wait until `trainer unpin`
     P:customer:<id>     hash: latest segment of a customer
     P:online:<replica>  JSON: a consumer replica's online centroids and quality figures
     P:models            pub/sub channel: a published version number
@@ -181,6 +182,17 @@ class ModelStore:
             if held:
                 with contextlib.suppress(*REDIS_ERRORS):
                     self._release(keys=[self._key("lock")], args=[token])
+
+    def pin(self, version: int) -> None:
+        """Hold scheduled retrains (set by `trainer rollback`, cleared by `trainer unpin`)."""
+        self.client.set(self._key("pinned"), version)
+
+    def unpin(self) -> bool:
+        return bool(self.client.delete(self._key("pinned")))
+
+    def pinned(self) -> int | None:
+        raw = self.client.get(self._key("pinned"))
+        return None if raw is None else int(raw)
 
     def record_run(self, run: dict[str, Any], keep: int = 200) -> None:
         """Append a trainer run (published, rejected with why, ...) to a bounded log."""

@@ -595,7 +595,7 @@ def test_rollback_republishes_an_earlier_model_as_a_new_version_that_consumers_f
         wait_until(lambda: active() == 2, 20, "the consumer to use v2")
         out = trainer_cli(settings, "rollback", "1")
         assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "v1 is current again as v3"
+        assert out.stdout.startswith("v1 is current again as v3; scheduled retrains are held")
         # Consumers never go back to an older version; v3 is newer, so they follow.
         wait_until(lambda: active() == 3, 20, "the consumer to follow the rollback")
 
@@ -624,6 +624,14 @@ def test_rollback_republishes_an_earlier_model_as_a_new_version_that_consumers_f
     assert damaged.returncode == 1 and "invalid bundle" in damaged.stderr
     assert "Traceback" not in damaged.stderr
     assert store.current_version() == 3
+
+    # the rollback holds: the schedule does not retrain over it until an operator unpins
+    schedule = Schedule(settings)
+    assert store.pinned() == 3 and schedule.due(store) is None
+    assert "pinned by a rollback" in trainer_cli(settings, "show").stdout
+    unpin = trainer_cli(settings, "unpin")
+    assert unpin.returncode == 0 and "resume" in unpin.stdout
+    assert schedule.due(store) == "interval"
 
 
 def test_reproduce_refits_a_version_from_its_recorded_offsets_and_says_when_they_are_gone(

@@ -1,4 +1,4 @@
-"""``python -m trainer once|run|show|history|rollback|reproduce|report``."""
+"""``python -m trainer once|run|show|history|rollback|unpin|reproduce|report``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from segmentation import logs
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
-from segmentation.settings import Settings
+from segmentation.settings import Settings, load_settings
 from segmentation.store import ModelStore, PublishConflict, connect
 from trainer.operations import reproduce, rollback
 from trainer.pipeline import train_once
@@ -55,9 +55,12 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
         print("no model published yet", file=sys.stderr)
         return 1
     summary = bundle_summary(bundle)
+    summary["pinned"] = store.pinned()
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
+    if summary["pinned"] is not None:
+        print(f"pinned by a rollback (v{summary['pinned']}): scheduled retrains wait for `unpin`")
     print(f"model v{bundle.version} (from v{bundle.previous_version}) created {summary['created_at']}"
           f"  K={bundle.k}  silhouette={bundle.quality.silhouette:.3f}"
           f"  davies-bouldin={bundle.quality.davies_bouldin:.3f}")
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true")
     rb = sub.add_parser("rollback", help="make an earlier version's model current again")
     rb.add_argument("version", type=int)
+    sub.add_parser("unpin", help="let scheduled retrains replace a rolled-back model again")
     rp = sub.add_parser("reproduce", help="refit a version from its recorded offsets")
     rp.add_argument("version", type=int)
     rp.add_argument("--tolerance", type=float, default=1e-6)
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(connect(settings), settings.redis_prefix)
     try:
@@ -170,7 +174,11 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         return cmd_history(store, args.json)
     if args.command == "rollback":
         version = rollback(settings, store, args.version)
-        print(f"v{args.version} is current again as v{version}")
+        print(f"v{args.version} is current again as v{version}; scheduled retrains are held "
+              f"until `python -m trainer unpin`")
+        return 0
+    if args.command == "unpin":
+        print("scheduled retrains resume" if store.unpin() else "nothing was pinned")
         return 0
     if args.command == "reproduce":
         outcome = reproduce(settings, store, args.version, args.tolerance)

@@ -36,6 +36,7 @@ def rollback(settings: Settings, store: ModelStore, version: int) -> int:
         "rolled_back_from": version,
     })
     store.publish(bundle, base)
+    store.pin(bundle.version)
     publish_audit(settings, bundle)
     return bundle.version
 

@@ -1,5 +1,6 @@
 """When to train: as soon as possible while there is no model, then every interval, and early
-when the consumers report a sustained silhouette drop against the training baseline."""
+when the consumers report a sustained silhouette drop against the training baseline; never
+while a rollback pins the current model."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class Schedule:
         """Why a run is due now, or None."""
         now = time.time() if now is None else now
         try:
+            if store.pinned() is not None:
+                return None  # an operator rolled back: no retrain replaces it until `unpin`
             has_model = store.current_version() is not None
             drift = self.drifting(store, now)
         except REDIS_ERRORS:
