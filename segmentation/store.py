@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -76,6 +77,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
 
 def connect(settings: Settings) -> redis.Redis:
     """A client that retries connection errors with exponential backoff, a bounded number
@@ -114,6 +120,7 @@ class ModelStore:
         self.channel = f"{prefix}:models"
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
 
     def _key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -173,15 +180,31 @@ class ModelStore:
 
     @contextlib.contextmanager
     def lease(self, ttl_s: int) -> Iterator[bool]:
-        """Yields True when this caller holds the trainer lock, False when another does."""
+        """Yields True when this caller holds the trainer lock, False when another does.
+
+        While held, a background thread renews the lease every third of its TTL, so a run
+        longer than the TTL keeps it; a crashed holder stops renewing and the lease expires."""
         token = uuid.uuid4().hex
-        held = bool(self.client.set(self._key("lock"), token, nx=True, px=ttl_s * 1000))
+        key = self._key("lock")
+        held = bool(self.client.set(key, token, nx=True, px=ttl_s * 1000))
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(ttl_s / 3):
+                with contextlib.suppress(*REDIS_ERRORS):
+                    self._renew(keys=[key], args=[token, ttl_s * 1000])
+
+        renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+        if held:
+            renewer.start()
         try:
             yield held
         finally:
+            done.set()
             if held:
+                renewer.join()
                 with contextlib.suppress(*REDIS_ERRORS):
-                    self._release(keys=[self._key("lock")], args=[token])
+                    self._release(keys=[key], args=[token])
 
     def pin(self, version: int) -> None:
         """Hold scheduled retrains (set by `trainer rollback`, cleared by `trainer unpin`)."""

@@ -700,3 +700,13 @@ def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_
     assert metrics.runs.labels("failed")._value.get() == 1
     assert store.runs()[0]["result"] == "failed"
     assert store.current_version() is None
+
+
+def test_the_trainer_lease_is_renewed_while_held_and_released_after(store: ModelStore) -> None:
+    with store.lease(ttl_s=1) as held:
+        assert held
+        time.sleep(2.5)  # well past the TTL: only renewal keeps it
+        with store.lease(ttl_s=1) as other:
+            assert not other
+    with store.lease(ttl_s=1) as again:
+        assert again
