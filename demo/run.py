@@ -96,7 +96,10 @@ class Subscriber(threading.Thread):
 def start_process(module: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
     log_file = (log_dir / f"{module.split()[0]}.log").open("ab")
     args = [sys.executable, "-m", *module.split()]
-    return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    # Own process group: a terminal Ctrl-C reaches only this orchestrator, which drains the
+    # consumer before stopping it (a SIGINT to the whole group would stop it before the drain).
+    return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+                            process_group=0)
 
 
 def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate: float) -> str:
