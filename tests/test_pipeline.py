@@ -168,3 +168,24 @@ def committed_offsets(admin: AdminClient, settings: Settings) -> dict[int, int]:
     )
     result = next(iter(futures.values())).result()
     return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0}
+
+
+def test_make_run_demo_scores_every_event_with_two_model_versions_and_letters_every_malformed(
+    settings: Settings,
+) -> None:
+    """`make run`'s main job, short: its exit code says everything drained and the dead letters
+    equal the malformed messages sent."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import settings_env
+
+    env = settings_env(settings, DURATION="20", SEG_TRAIN_INTERVAL_S="6", DEMO_RATE="200")
+    done = subprocess.run([sys.executable, "-m", "demo.run"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "== malformed sent" in out and "NOT fully drained" not in out
+    versions = re.search(r"by model\s+(.*)", out)
+    assert versions is not None and len(versions.group(1).split(",")) >= 2, out
