@@ -267,22 +267,26 @@ kafka_start() {
   log "kafka ready on $HOST:$KAFKA_PORT after $((SECONDS - start))s (pid $pid)"
 }
 
-kafka_stop() { # [quiet]: a foreign kafka is reported, not an error (used by `down`)
-  local pid
-  if pid="$(kafka_owned_pid)"; then
-    stop_pid kafka "$pid"
-    rm -f "$KAFKA_PIDFILE"
-  elif kafka_up; then
-    if [ "${1:-}" = quiet ]; then
-      log "kafka on $HOST:$KAFKA_PORT was not started by this script; leaving it running"
+stop_owned() { # name owned-pid-fn up-fn pidfile port [quiet]: stop what this script started.
+  # Something else answering on the port is reported: an error, or with `quiet` (used by `down`)
+  # a note, and left running.
+  local name=$1 owned=$2 up=$3 pidfile=$4 port=$5 quiet=${6:-} pid
+  if pid="$($owned)"; then
+    stop_pid "$name" "$pid"
+    rm -f "$pidfile"
+  elif $up; then
+    if [ "$quiet" = quiet ]; then
+      log "$name on $HOST:$port was not started by this script; leaving it running"
       return 0
     fi
-    err "kafka on $HOST:$KAFKA_PORT was not started by this script; not stopping it"
+    err "$name on $HOST:$port was not started by this script; not stopping it"
     return 1
   else
-    log "kafka not running"
+    log "$name not running"
   fi
 }
+
+kafka_stop() { stop_owned kafka kafka_owned_pid kafka_up "$KAFKA_PIDFILE" "$KAFKA_PORT" "${1:-}"; }
 
 # ---------------------------------------------------------------------------------------------
 # Redis
@@ -331,28 +335,14 @@ redis_start() {
   log "redis ready on $HOST:$REDIS_PORT (pid $(redis_owned_pid || echo '?'))"
 }
 
-redis_stop() { # [quiet]: as kafka_stop
-  local pid
-  if pid="$(redis_owned_pid)"; then
-    stop_pid redis "$pid"
-    rm -f "$REDIS_PIDFILE"
-  elif redis_up; then
-    if [ "${1:-}" = quiet ]; then
-      log "redis on $HOST:$REDIS_PORT was not started by this script; leaving it running"
-      return 0
-    fi
-    err "redis on $HOST:$REDIS_PORT was not started by this script; not stopping it"
-    return 1
-  else
-    log "redis not running"
-  fi
-}
+redis_stop() { stop_owned redis redis_owned_pid redis_up "$REDIS_PIDFILE" "$REDIS_PORT" "${1:-}"; }
 
 # ---------------------------------------------------------------------------------------------
 # Prometheus (optional: the monitoring of the local stack; tests start their own instances)
 
 # Our instance is recognised by its data dir on the command line.
 prom_owned_pid() { owned_pid "$PROM_PIDFILE" "--storage.tsdb.path=$PROM_DIR/data"; }
+prom_up() { port_open "$HOST" "$PROM_PORT"; }
 
 http_ok() { # host port path -> 0 on an HTTP 2xx answer
   if command -v curl >/dev/null; then
@@ -414,18 +404,7 @@ prometheus_start() { # [config file]
   log "prometheus ready on http://$HOST:$PROM_PORT after $((SECONDS - start))s (pid $pid)"
 }
 
-prometheus_stop() {
-  local pid
-  if pid="$(prom_owned_pid)"; then
-    stop_pid prometheus "$pid"
-    rm -f "$PROM_PIDFILE"
-  elif port_open "$HOST" "$PROM_PORT"; then
-    err "something on $HOST:$PROM_PORT was not started by this script; not stopping it"
-    return 1
-  else
-    log "prometheus not running"
-  fi
-}
+prometheus_stop() { stop_owned prometheus prom_owned_pid prom_up "$PROM_PIDFILE" "$PROM_PORT"; }
 
 prometheus_reload() {
   local pid
