@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.delivery import Delivery, DeliveryFailed
@@ -167,9 +168,11 @@ class ConsumeLoop:
             return
         try:
             self.customers.write_latest(batch.customers)
-        except REDIS_ERRORS:
+        except redis.RedisError as exc:  # unreachable, but also full (OOM) or read-only
             self.metrics.redis_errors.labels("customer_write").inc()
             self.metrics.customer_writes_skipped.inc(len(batch.customers))
+            if not isinstance(exc, REDIS_ERRORS):
+                log.error("customer writes refused by Redis", extra={"error": str(exc)})
 
     def _learn(self, batch: ScoredBatch) -> None:
         if self.online is None or self.quality is None or batch.indices.shape[0] == 0:
@@ -259,7 +262,7 @@ class ConsumeLoop:
         }
         try:
             self.store.put_replica_state(self.settings.replica_id, state, ttl_s=120)
-        except REDIS_ERRORS:
+        except redis.RedisError:
             self.metrics.redis_errors.labels("replica_state").inc()
 
     def _report_lag(self) -> None:

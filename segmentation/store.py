@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ from redis.retry import Retry
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.settings import Settings
+
+log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
@@ -56,11 +59,14 @@ local ttl = tonumber(ARGV[2])
 local written = 0
 for i, key in ipairs(KEYS) do
   local r = rows[i]
+  -- A key of another type, or fields that are not numbers, is garbage: the assignment replaces it.
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
   local cur = redis.call('HMGET', key, 'event_ms', 'offset')
   local newer = true
-  if cur[1] then
-    local cms = tonumber(cur[1])
-    if cms > r[1] or (cms == r[1] and tonumber(cur[2] or '-1') >= r[2]) then newer = false end
+  local cms = tonumber(cur[1])
+  if cms then
+    if cms > r[1] or (cms == r[1] and (tonumber(cur[2]) or -1) >= r[2]) then newer = false end
   end
   if newer then
     redis.call('HSET', key, 'event_ms', string.format('%d', r[1]), 'offset', string.format('%d', r[2]),
@@ -125,8 +131,15 @@ class ModelStore:
     def _key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
 
+    def _get(self, key: str) -> bytes | None:
+        """GET a model key; a key of another type is an invalid model, not a crash."""
+        try:
+            return self.client.get(key)  # type: ignore[return-value]
+        except redis.ResponseError as exc:
+            raise BundleError(f"{key}: {exc}") from None
+
     def current_version(self) -> int | None:
-        raw = self.client.get(self._key("current"))
+        raw = self._get(self._key("current"))
         if raw is None:
             return None
         try:
@@ -136,7 +149,7 @@ class ModelStore:
 
     def load(self, version: int) -> ModelBundle:
         """The bundle of ``version``, validated; ``BundleError`` if missing or invalid."""
-        raw = self.client.get(self._key("bundle", version))
+        raw = self._get(self._key("bundle", version))
         if raw is None:
             raise BundleError(f"bundle v{version} does not exist")
         bundle = ModelBundle.from_json(raw)
@@ -150,7 +163,7 @@ class ModelStore:
 
     def versions(self) -> list[int]:
         members: list[bytes] = self.client.zrange(self._key("versions"), 0, -1)  # type: ignore[assignment]
-        return [int(v) for v in members]
+        return [int(v) for v in members if v.isdigit()]
 
     def allocate_version(self) -> int:
         return int(self.client.incr(self._key("version_seq")))
@@ -214,8 +227,16 @@ class ModelStore:
         return bool(self.client.delete(self._key("pinned")))
 
     def pinned(self) -> int | None:
+        """The version a rollback pinned, or None. A value that is not a version number still
+        holds retrains (0): an operator meant to pin; `trainer unpin` clears it."""
         raw = self.client.get(self._key("pinned"))
-        return None if raw is None else int(raw)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            log.error("pinned key is not a version number; retrains stay held", extra={"value": raw})
+            return 0
 
     def record_run(self, run: dict[str, Any], keep: int = 200) -> None:
         """Append a trainer run (published, rejected with why, ...) to a bounded log."""
@@ -227,20 +248,16 @@ class ModelStore:
             pipe.execute()
 
     def runs(self, count: int = 50) -> list[dict[str, Any]]:
-        return [json.loads(r) for r in self.client.lrange(self._key("runs"), 0, count - 1)]
+        """Recent runs, newest first; entries that are not JSON objects are skipped."""
+        raws: list[bytes] = self.client.lrange(self._key("runs"), 0, count - 1)  # type: ignore[assignment]
+        return _json_objects(raws)
 
     def put_replica_state(self, replica: str, state: dict[str, Any], ttl_s: int) -> None:
         self.client.set(self._key("online", replica), json.dumps(state), ex=ttl_s)
 
     def replica_states(self) -> list[dict[str, Any]]:
         keys = list(self.client.scan_iter(match=self._key("online", "*"), count=100))
-        states = []
-        for raw in self.client.mget(keys) if keys else []:
-            if raw is None:
-                continue
-            with contextlib.suppress(ValueError):
-                states.append(json.loads(raw))
-        return states
+        return _json_objects(self.client.mget(keys) if keys else [])
 
 
 class CustomerStore:
@@ -272,6 +289,23 @@ class CustomerStore:
     def get(self, customer_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.client.hgetall(self.key(customer_id))  # type: ignore[assignment]
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _json_objects(raws: Sequence[bytes | str | None]) -> list[dict[str, Any]]:
+    """The values that are JSON objects; anything else in Redis is untrusted and skipped.
+
+    >>> _json_objects([b'{"a": 1}', None, b'[1]', b'{oops'])
+    [{'a': 1}]
+    """
+    objects = []
+    for raw in raws:
+        if raw is None:
+            continue
+        with contextlib.suppress(ValueError):
+            value = json.loads(raw)
+            if isinstance(value, dict):
+                objects.append(value)
+    return objects
 
 
 def wait_for_redis(client: redis.Redis, timeout_s: float) -> None:

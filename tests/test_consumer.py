@@ -375,3 +375,31 @@ def test_unacknowledged_outputs_are_replayed_not_committed_and_counted(settings:
         outputs = read_outputs(settings, set(sent), timeout_s=90)
     assert set(sent) <= set(outputs)
     assert sum(committed(settings).values()) == 600 + 300
+
+
+def test_poisoned_customer_state_is_replaced_not_a_crash(settings: Settings) -> None:
+    from segmentation.store import CustomerAssignment
+
+    client = connect(settings)
+    store = CustomerStore(client, settings.redis_prefix)
+    client.hset(store.key("c-1"), mapping={"event_ms": "garbage", "offset": "x"})
+    client.set(store.key("c-2"), b"a string where a hash belongs")
+    written = store.write_latest([CustomerAssignment(c, 1000, 5, 2, "s2", 1, "e") for c in ("c-1", "c-2")])
+    assert written == 2
+    assert store.get("c-1")["segment_id"] == "2" and store.get("c-2")["event_ms"] == "1000"
+
+
+def test_a_model_pointer_of_the_wrong_redis_type_is_rejected_and_scoring_continues(
+    settings: Settings,
+) -> None:
+    population = customers(600)
+    produce_events(settings, population, prefix="seed")
+    store = published(settings)
+    with running_consumer(settings) as rc:
+        read_outputs(settings, {"seed-0"})
+        store.client.delete(f"{settings.redis_prefix}:current")
+        store.client.hset(f"{settings.redis_prefix}:current", mapping={"not": "a version"})
+        wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
+        sent = produce_events(settings, population[:100], seed=2, prefix="after")
+        outputs = read_outputs(settings, set(sent))
+    assert {outputs[e]["model_version"] for e in sent} == {1}

@@ -193,3 +193,17 @@ def test_reencode_respects_each_side_s_categorical_weight() -> None:
                       categorical_weight=1.0)
     new = old.model_copy(update={"categorical_weight": 0.5})
     assert new.reencode(np.array([[2.0, 1.0, 0.0]]), old).tolist() == [[2.0, 0.5, 0.0]]
+
+
+def test_a_broken_names_file_stops_the_trainer_at_start_with_a_readable_message(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    names = tmp_path / "names.json"
+    names.write_text('{"0": ')
+    env = {**os.environ, "SEG_NAMES_FILE": str(names)}
+    done = subprocess.run([sys.executable, "-m", "trainer", "run"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2
+    assert "SEG_NAMES_FILE" in done.stderr and "Traceback" not in done.stderr

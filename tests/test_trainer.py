@@ -710,3 +710,19 @@ def test_the_trainer_lease_is_renewed_while_held_and_released_after(store: Model
             assert not other
     with store.lease(ttl_s=1) as again:
         assert again
+
+
+def test_poisoned_trainer_state_in_redis_never_crashes_the_schedule_or_history(
+    settings: Settings, store: ModelStore
+) -> None:
+    p = settings.redis_prefix
+    store.publish(tiny_bundle(1), None)
+    store.client.set(f"{p}:online:x", b"[1, 2]")  # a replica state that is not an object
+    store.client.lpush(f"{p}:runs", b"{oops")
+    store.client.zadd(f"{p}:versions", {"garbage": 2})
+    assert Schedule(settings).due(store) == "interval"
+    assert store.runs() == [] and store.versions() == [1]
+    store.client.set(f"{p}:pinned", b"not a version")
+    assert store.pinned() == 0 and Schedule(settings).due(store) is None  # held, conservatively
+    history = trainer_cli(settings, "history")
+    assert history.returncode == 0, history.stderr

@@ -18,6 +18,7 @@ from segmentation.settings import Settings, load_settings
 from segmentation.store import ModelStore, PublishConflict, connect
 from trainer.operations import reproduce, rollback
 from trainer.pipeline import train_once
+from trainer.registry import load_names
 from trainer.schedule import Schedule
 
 log = logging.getLogger("trainer")
@@ -88,7 +89,7 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "forced": b.forced, "rolled_back_from": b.rolled_back_from,
             "previous_version": b.previous_version,
         })
-    refused = [r for r in store.runs() if r["result"] == "rejected"]
+    refused = [r for r in store.runs() if r.get("result") == "rejected"]
     if as_json:
         print(json.dumps({"versions": rows, "recent_refusals": refused}, indent=2))
         return 0
@@ -191,6 +192,11 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         print(f"report written to {path}")
         return 0
 
+    try:
+        load_names(settings.names_file)  # a wrong names file stops the start, not every run
+    except ValueError as exc:
+        print(f"invalid settings: SEG_NAMES_FILE: {exc}", file=sys.stderr)
+        return 2
     ensure_topics(settings)
     metrics = TrainerMetrics()
     if settings.metrics_port:
