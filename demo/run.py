@@ -48,10 +48,10 @@ class Subscriber(threading.Thread):
         self.observed = Observed()
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        # kafka_common: the same bootstrap, passed-through options and password as the services
         self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"demo-subscriber-{run_id}",
+            **settings.kafka_common(), "group.id": f"demo-subscriber-{run_id}",
             "enable.auto.commit": False, "isolation.level": "read_committed",
-            **settings.kafka_extra,
         })
         self.consumer.assign(self._from_end([settings.segments_topic, settings.dlq_topic]))
 
