@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, Producer
 from consumer.__main__ import build_delivery
 from consumer.loop import ConsumeLoop
 from consumer.model import ActiveModel
-from consumer.scoring import score_batch
+from consumer.scoring import ScoringRules, score_batch
 from demo.generator import event_value, make_customers
 from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics
@@ -104,7 +104,7 @@ def passthrough(settings: Settings, n: int, group: str) -> float:
             continue
         started = started or time.perf_counter()
         records = [OutRecord(s.segments_topic, m.key(), m.value(), []) for m in messages]
-        delivery.deliver(records, _next_offsets(messages))
+        delivery.deliver(records, _next_offsets(messages), lambda _r, _e: None)
         done += len(messages)
     took = time.perf_counter() - (started or time.perf_counter())
     delivery.close(10)
@@ -136,14 +136,14 @@ def cpu(store: ModelStore, settings: Settings, n: int = 20000) -> tuple[float, f
     values = make_values(n, seed=1)
     messages = [FakeMessage(v, i) for i, v in enumerate(values)]
     model = ActiveModel.of(store.load(1))
+    rules = ScoringRules.from_settings(settings)
     t = time.perf_counter()
     for v in values:
         json.loads(v)
     loads = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     for i in range(0, n, settings.batch_size):
-        score_batch(messages[i:i + settings.batch_size], model, settings.features,
-                    settings.feature_ranges(), settings.segments_topic, settings.dlq_topic)
+        score_batch(messages[i:i + settings.batch_size], model, rules)
     scoring = (time.perf_counter() - t) / n * 1e6
     return loads, scoring
 

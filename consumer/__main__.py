@@ -12,9 +12,9 @@ import signal
 import sys
 import threading
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
-from consumer.delivery import AtLeastOnce, Delivery, ExactlyOnce
+from consumer.delivery import AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
 from consumer.loop import ConsumeLoop
 from segmentation import logs
 from segmentation.kafka import consumer_config, ensure_topics, producer_config
@@ -23,6 +23,9 @@ from segmentation.settings import Settings, load_settings
 from segmentation.store import CustomerStore, ModelStore, connect
 
 log = logging.getLogger("consumer")
+
+EXIT_DELIVERY_STOPPED = 3
+EXIT_KAFKA_FATAL = 4
 
 
 class StopFlag:
@@ -49,8 +52,8 @@ class StopFlag:
 def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
     if settings.delivery == "exactly-once":
         tid = f"{settings.transactional_id}-{settings.replica_id}"
-        return ExactlyOnce(Producer(producer_config(settings, tid)), consumer, 30.0)
-    return AtLeastOnce(Producer(producer_config(settings)), consumer, 30.0)
+        return ExactlyOnce(Producer(producer_config(settings, tid)), consumer, settings.delivery_timeout_s)
+    return AtLeastOnce(Producer(producer_config(settings)), consumer, settings.delivery_timeout_s)
 
 
 def main() -> int:
@@ -75,6 +78,13 @@ def main() -> int:
                                          "replica": settings.replica_id})
     try:
         loop.run(stop)
+    except DeliveryStopped as exc:
+        log.error("stopping: outputs cannot be written; the batch's offsets stay uncommitted",
+                  extra={"error": str(exc)})
+        return EXIT_DELIVERY_STOPPED
+    except KafkaException as exc:  # fatal client error (e.g. fenced by a newer instance)
+        log.error("stopping: Kafka client error", extra={"error": str(exc)})
+        return EXIT_KAFKA_FATAL
     finally:
         loop.close()
         log.info("consumer stopped")

@@ -5,66 +5,172 @@
   the store replays the batch: duplicates are possible, losses are not.
 * ``ExactlyOnce``: outputs, dead letters and the input offsets in one Kafka transaction.
   Subscribers must read with ``isolation.level=read_committed``.
+
+Errors follow one policy (``classify``), in both modes:
+
+* **retry**: transient (broker down, leader moving, timeouts). Only the records not yet
+  acknowledged are produced again, and only after the previous attempt's delivery reports are
+  all in (no second copy while the first is in flight), with exponential backoff, for at most
+  ``timeout_s``; then ``DeliveryFailed`` and the loop replays the batch, skipping the sources
+  whose records were acknowledged.
+* **record**: this one record can never be written (too large for the broker, invalid). It is
+  replaced by a dead letter of its source (``substitute``); the rest of the batch goes on.
+* **stop**: the client cannot write at all (topic missing, not authorised, fenced). ``DeliveryStopped``:
+  the consumer exits non-zero with one log line and the batch's offsets uncommitted.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.scoring import OutRecord
+from consumer.scoring import OutRecord, coordinates
+from segmentation.kafka import Backoff
 
 log = logging.getLogger(__name__)
 
+Source = tuple[str, int, int]
+Substitute = Callable[[OutRecord, KafkaError], "OutRecord | None"]
+Outcome = Literal["retry", "record", "stop"]
+
+RECORD_ERRORS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError.INVALID_TIMESTAMP, KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+})
+STOP_ERRORS = frozenset({
+    KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.POLICY_VIOLATION, KafkaError._INVALID_ARG,
+})
+
+
+def classify(error: KafkaError) -> Outcome:
+    """What to do about one delivery error.
+
+    >>> classify(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+    'record'
+    >>> classify(KafkaError(KafkaError._MSG_TIMED_OUT))
+    'retry'
+    >>> classify(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    'stop'
+    """
+    if error.fatal() or error.code() in STOP_ERRORS:
+        return "stop"
+    if error.code() in RECORD_ERRORS:
+        return "record"
+    return "retry"
+
 
 class DeliveryFailed(RuntimeError):
-    """The batch was not fully acknowledged; its offsets were not stored or committed."""
+    """Transient errors outlasted the delivery timeout; offsets were not stored or committed.
+    ``acknowledged`` names the sources whose records are written (a replay must skip them)."""
+
+    def __init__(self, message: str, acknowledged: frozenset[Source] = frozenset()) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+
+
+class DeliveryStopped(RuntimeError):
+    """The producer cannot write at all; the consumer must stop (offsets uncommitted)."""
 
 
 class Delivery(Protocol):
-    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None: ...
+    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+                substitute: Substitute) -> None: ...
     def close(self, timeout_s: float) -> None: ...
 
 
-def _produce_all(
-    producer: Producer, records: Sequence[OutRecord],
+def _replace_or_stop(record: OutRecord, error: KafkaError, substitute: Substitute) -> OutRecord:
+    replacement = substitute(record, error)
+    if replacement is None:
+        raise DeliveryStopped(f"{record.topic}: even a stripped dead letter was refused: {error.str()}")
+    log.warning("record refused by the broker; dead-lettered",
+                extra={"topic": record.topic, "error": error.str()})
+    return replacement
+
+
+def _produce(
+    producer: Producer, record: OutRecord,
     on_delivery: Callable[[KafkaError | None, Message], None] | None,
-) -> None:
-    for r in records:
-        while True:
-            try:
-                producer.produce(r.topic, key=r.key, value=r.value, headers=r.headers or None,
-                                 on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)  # local queue full: serve delivery reports, then retry
+) -> KafkaError | None:
+    """Enqueue one record; returns the error when librdkafka refuses it at once."""
+    while True:
+        try:
+            producer.produce(record.topic, key=record.key, value=record.value,
+                             headers=record.headers or None, on_delivery=on_delivery)
+            return None
+        except BufferError:
+            producer.poll(0.05)  # local queue full: serve delivery reports, then retry
+        except KafkaException as exc:
+            return exc.args[0]  # type: ignore[no-any-return]
+
+
+def _await_reports(producer: Producer) -> None:
+    """Every queued record gets its delivery report within message.timeout.ms."""
+    while producer.flush(1.0) > 0:
+        pass
 
 
 class AtLeastOnce:
-    def __init__(self, producer: Producer, consumer: Consumer, ack_timeout_s: float) -> None:
+    def __init__(self, producer: Producer, consumer: Consumer, timeout_s: float) -> None:
         self.producer = producer
         self.consumer = consumer
-        self.ack_timeout_s = ack_timeout_s
+        self.timeout_s = timeout_s
 
-    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None:
-        errors: list[KafkaError] = []
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                errors.append(err)
-
-        _produce_all(self.producer, records, on_delivery)
-        pending = self.producer.flush(self.ack_timeout_s)
-        if pending or errors:
-            raise DeliveryFailed(f"{pending} unacknowledged, errors: {errors[:3]}")
+    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+                substitute: Substitute) -> None:
+        pending = list(records)
+        acknowledged: set[Source] = set()
+        backoff = Backoff(self.timeout_s)
+        while True:
+            pending = self._attempt(pending, acknowledged, substitute)
+            if not pending:
+                break
+            if not backoff.wait():
+                raise DeliveryFailed(
+                    f"{len(pending)} records unacknowledged after {self.timeout_s:g}s",
+                    frozenset(acknowledged),
+                )
         try:
             self.consumer.store_offsets(offsets=list(offsets))
         except KafkaException as exc:
             # A partition revoked meanwhile: its new owner replays from the last commit.
             log.warning("offsets not stored", extra={"error": str(exc)})
+
+    def _attempt(
+        self, records: list[OutRecord], acknowledged: set[Source], substitute: Substitute
+    ) -> list[OutRecord]:
+        """Produce ``records`` once and wait for every report; returns those to try again."""
+        failed: list[tuple[OutRecord, KafkaError]] = []
+        for record in records:
+            def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
+                if err is not None:
+                    failed.append((record, err))
+                elif record.source is not None:
+                    acknowledged.add(coordinates(record.source))
+
+            error = _produce(self.producer, record, on_delivery)
+            if error is not None:
+                failed.append((record, error))
+        _await_reports(self.producer)
+        again: list[OutRecord] = []
+        for record, error in failed:
+            outcome = classify(error)
+            if outcome == "stop":
+                raise DeliveryStopped(f"cannot write to {record.topic}: {error.str()}")
+            if outcome == "record":
+                again.append(_replace_or_stop(record, error, substitute))
+            else:
+                again.append(record)
+        if failed:
+            log.warning("delivery errors; retrying the unacknowledged records",
+                        extra={"records": len(again), "error": failed[0][1].str()})
+        return again
 
     def close(self, timeout_s: float) -> None:
         self.producer.flush(timeout_s)
@@ -77,30 +183,75 @@ class ExactlyOnce:
         self.timeout_s = timeout_s
         producer.init_transactions(timeout_s)
 
-    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition]) -> None:
+    def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+                substitute: Substitute) -> None:
+        batch = list(records)
+        backoff = Backoff(self.timeout_s)
+        while True:
+            refused = self._transaction(batch, offsets)
+            if refused is None:
+                return
+            if refused:  # replace what the broker refused, then write the whole batch again
+                batch = [_replace_or_stop(r, refused[id(r)], substitute) if id(r) in refused else r
+                         for r in batch]
+                continue
+            if not backoff.wait():
+                raise DeliveryFailed(f"transaction not committed after {self.timeout_s:g}s")
+
+    def _transaction(
+        self, batch: list[OutRecord], offsets: Sequence[TopicPartition]
+    ) -> dict[int, KafkaError] | None:
+        """One attempt: ``None`` when committed; otherwise aborted, with the records the broker
+        refused for good (by ``id``; empty when the failure was transient)."""
+        refused: dict[int, KafkaError] = {}
         self.producer.begin_transaction()
         try:
-            _produce_all(self.producer, records, None)
+            for record in batch:
+                def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
+                    if err is not None and classify(err) == "record":
+                        refused[id(record)] = err
+
+                error = _produce(self.producer, record, on_delivery)
+                if error is not None and classify(error) == "record":
+                    refused[id(record)] = error
+                elif error is not None:
+                    raise KafkaException(error)
+            if refused:
+                self._abort()
+                return refused
             self.producer.send_offsets_to_transaction(
                 list(offsets), self.consumer.consumer_group_metadata(), self.timeout_s
             )
             self._commit()
+            return None
         except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise  # fenced or otherwise unusable producer: the process must restart
-            self.producer.abort_transaction(self.timeout_s)
-            raise DeliveryFailed(f"transaction aborted: {error}") from exc
+            failure: KafkaError = exc.args[0]
+            if classify(failure) == "stop":
+                raise DeliveryStopped(f"transaction impossible: {failure.str()}") from None
+            log.warning("transaction aborted", extra={"error": failure.str()})
+            self._abort()
+            return refused
 
     def _commit(self) -> None:
-        for _ in range(3):
+        """A retriable commit failure is retried as such (the transaction is still open)."""
+        backoff = Backoff(self.timeout_s)
+        while True:
             try:
                 self.producer.commit_transaction(self.timeout_s)
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable():
+                error: KafkaError = exc.args[0]
+                if not error.retriable() or error.txn_requires_abort() or not backoff.wait():
                     raise
-        self.producer.commit_transaction(self.timeout_s)
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction(self.timeout_s)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal() or classify(error) == "stop":
+                raise DeliveryStopped(f"transaction cannot be aborted: {error.str()}") from None
+            raise DeliveryFailed(f"abort failed: {error.str()}") from None
 
     def close(self, timeout_s: float) -> None:
         self.producer.flush(timeout_s)

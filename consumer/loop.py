@@ -15,11 +15,11 @@ import numpy as np
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from consumer.delivery import Delivery, DeliveryFailed
+from consumer.delivery import Delivery, DeliveryFailed, Source
 from consumer.model import ActiveModel, ModelWatcher
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift
-from consumer.scoring import ScoredBatch, coordinates, score_batch
+from consumer.scoring import OutRecord, ScoredBatch, ScoringRules, coordinates, score_batch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore
@@ -52,7 +52,9 @@ class ConsumeLoop:
         self.paused = False
         self._next_report = 0.0
         self.exactly_once = settings.delivery == "exactly-once"
-        self._ranges = settings.feature_ranges()
+        self.rules = ScoringRules.from_settings(settings)
+        # sources whose records were acknowledged before their batch failed: a replay skips them
+        self._acknowledged: set[Source] = set()
 
     # --- group membership ----------------------------------------------------------------
     def subscribe(self) -> None:
@@ -79,6 +81,8 @@ class ConsumeLoop:
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         self.assigned -= {(tp.topic, tp.partition) for tp in partitions}
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._acknowledged = {s for s in self._acknowledged if s[:2] not in gone}
         for tp in partitions:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(tp.partition))
@@ -146,20 +150,31 @@ class ConsumeLoop:
 
     def _process(self, messages: list[Message], model: ActiveModel) -> None:
         started = time.monotonic()
-        batch = score_batch(
-            messages, model, self.settings.features, self._ranges,
-            self.settings.segments_topic, self.settings.dlq_topic,
-        )
+        batch = score_batch(messages, model, self.rules)
+        records = [r for r in batch.records if not self._written(r)]
         try:
-            self.delivery.deliver(batch.outputs + batch.dead_letters, _next_offsets(messages))
+            self.delivery.deliver(records, _next_offsets(messages), self.substitute)
         except DeliveryFailed as exc:
             self.metrics.delivery_failures.inc()
             log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
+            self._acknowledged |= exc.acknowledged
             self._rewind(messages)
             return
+        if self._acknowledged:
+            self._acknowledged -= {coordinates(m) for m in messages}
         self._write_customers(batch)
         self._learn(batch)
         self._count(batch, started)
+
+    def _written(self, record: OutRecord) -> bool:
+        return record.source is not None and coordinates(record.source) in self._acknowledged
+
+    def substitute(self, record: OutRecord, error: KafkaError) -> OutRecord | None:
+        """Delivery's replacement for a record the broker refused for good (counted here)."""
+        replacement = self.rules.replacement(record, error.str())
+        if replacement is not None and record.topic != self.rules.dlq_topic:
+            self.metrics.dead_letters.labels("output_rejected").inc()
+        return replacement
 
     def _write_customers(self, batch: ScoredBatch) -> None:
         """Best effort: the output topic is the record of truth; Redis holds a hot copy that
@@ -283,12 +298,19 @@ class ConsumeLoop:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
 
     def close(self) -> None:
-        """Flush, commit what is acknowledged, leave the group."""
-        self.delivery.close(self.settings.shutdown_timeout_s)
+        """Flush, commit what is acknowledged, leave the group. Never raises: a fenced or
+        broken producer has nothing left to flush that could be committed."""
+        try:
+            self.delivery.close(self.settings.shutdown_timeout_s)
+        except KafkaException as exc:
+            log.warning("producer flush on close failed", extra={"error": str(exc)})
         if not self.exactly_once:
             self._commit_stored()
         self.watcher.close()
-        self.consumer.close()
+        try:
+            self.consumer.close()
+        except KafkaException as exc:
+            log.warning("consumer close failed", extra={"error": str(exc)})
 
 
 def _next_offsets(messages: list[Message]) -> list[TopicPartition]:

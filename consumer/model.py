@@ -11,10 +11,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import redis
+from confluent_kafka import KafkaException
 from redis.client import PubSub
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
+from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings
 from segmentation.store import REDIS_ERRORS, ModelStore
 
@@ -49,6 +52,7 @@ class ModelWatcher:
         self._rejected: set[int] = set()
         self._pubsub: PubSub | None = None
         self._next_poll = 0.0
+        self._next_restore = 0.0
 
     def refresh(self, force_poll: bool = False) -> bool:
         """Look for a newer version (notification or due poll); True if the model changed."""
@@ -65,6 +69,8 @@ class ModelWatcher:
         except BundleError as exc:
             self._reject(-1, str(exc))
             return False
+        if version is None and self.active is None:
+            version = self._restore_from_models_topic()
         if version is None or version in self._rejected:
             return False
         if self.active is not None and version <= self.active.version:
@@ -73,6 +79,21 @@ class ModelWatcher:
                 self._reject(version, f"v{version} is older than v{self.active.version} in use")
             return False
         return self._load(version)
+
+    def _restore_from_models_topic(self) -> int | None:
+        """Redis has no model (emptied, restarted without data): rebuild it from the models topic,
+        the record of truth, instead of waiting for the next retrain. At most once per poll."""
+        now = time.monotonic()
+        if now < self._next_restore:
+            return None
+        self._next_restore = now + self.settings.model_poll_s
+        try:
+            if not sync_store(self.settings, self.store):
+                return None
+            return self.store.current_version()
+        except (ModelLogError, KafkaException, BundleError, redis.RedisError) as exc:
+            log.warning("model cache not rebuilt from the models topic", extra={"error": str(exc)})
+            return None
 
     def _load(self, version: int) -> bool:
         try:

@@ -5,8 +5,10 @@ No I/O here: the loop hands in Kafka messages and gets back what to produce and 
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -14,8 +16,9 @@ import numpy as np
 from pydantic_core import to_json
 
 from consumer.model import ActiveModel
-from segmentation.events import CustomerEvent, Rejection, decode, event_time_iso
+from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
 from segmentation.scoring import nearest_two
+from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -40,6 +43,32 @@ class OutRecord:
     key: bytes | None
     value: bytes | None
     headers: Headers
+    source: Message | None = None  # the consumed message this record answers
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringRules:
+    """What one message is checked against and where its records go."""
+
+    contract: InputContract
+    segments_topic: str
+    dlq_topic: str
+    max_record_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ScoringRules:
+        return cls(settings.input_contract(), settings.segments_topic, settings.dlq_topic,
+                   settings.max_record_bytes)
+
+    def replacement(self, record: OutRecord, error: str) -> OutRecord | None:
+        """What to write instead of a record the broker refused for good: a dead letter of the
+        output's source, or a dead letter stripped of key and value; ``None`` if nothing is left."""
+        if record.topic == self.dlq_topic:
+            return stripped_dead_letter(record)
+        if record.source is None:
+            return None
+        rejection = Rejection("output_rejected", f"the broker refused the output record: {error}")
+        return dead_letter(record.source, rejection, self.dlq_topic, self.max_record_bytes, error)
 
 
 @dataclass
@@ -55,24 +84,119 @@ class ScoredBatch:
     event_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
     unknown_categories: int = 0
 
+    @property
+    def records(self) -> list[OutRecord]:
+        return self.outputs + self.dead_letters
+
+    def reject(self, record: OutRecord, reason: str) -> None:
+        self.dead_letters.append(record)
+        self.reasons.append(reason)
+
+    def extend(self, other: ScoredBatch) -> None:
+        """Append another batch's scored events (used when a batch is scored one by one)."""
+        if not other.outputs:
+            return
+        first = not self.outputs
+        self.outputs += other.outputs
+        self.customers += other.customers
+        self.unknown_categories += other.unknown_categories
+        for name in ("encoded", "indices", "nearest", "second", "event_ms"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, theirs if first else np.concatenate([mine, theirs]))
+
 
 def coordinates(msg: Message) -> tuple[str, int, int]:
     """Topic, partition and offset of a consumed message (always set when it has no error)."""
     return str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
 
 
-def dead_letter(msg: Message, rejection: Rejection, dlq_topic: str) -> OutRecord:
-    """The original key and bytes unchanged, the reason and the source in headers."""
-    original = msg.headers() or []
-    headers: Headers = list(original.items() if isinstance(original, dict) else original)
+MAX_DETAIL_CHARS = 1000
+MAX_COPIED_HEADER_BYTES = 16_384
+RECORD_OVERHEAD_BYTES = 4096  # batch and record framing, our own headers
+
+
+def dead_letter(msg: Message, rejection: Rejection, dlq_topic: str, max_bytes: int = 1_000_000,
+                error: str | None = None) -> OutRecord:
+    """The original key and bytes unchanged when they fit under ``max_bytes``; otherwise a prefix
+    with the original sizes and sha256 in headers. The reason and the source in headers; every
+    header bounded.
+
+    >>> class M:
+    ...     def topic(self): return "in"
+    ...     def partition(self): return 0
+    ...     def offset(self): return 7
+    ...     def key(self): return b"k"
+    ...     def value(self): return b"v" * 50_000
+    ...     def headers(self): return None
+    >>> small = dead_letter(M(), Rejection("too_large", "x" * 5000), "dlq", max_bytes=20_000)
+    >>> record_bytes(small) <= 20_000 - RECORD_OVERHEAD_BYTES, small.value == b"v" * len(small.value)
+    (True, True)
+    >>> dict(small.headers)["dlq.original.value.bytes"], len(dict(small.headers)["dlq.detail"])
+    (b'50000', 1000)
+    """
+    key, value = _as_bytes(msg.key()), _as_bytes(msg.value())
+    headers, dropped = _bounded_headers(msg.headers())
     headers += [
         ("dlq.reason", rejection.reason.encode()),
-        ("dlq.detail", rejection.detail.encode()),
-        ("dlq.source.topic", str(msg.topic()).encode()),
+        ("dlq.detail", rejection.detail[:MAX_DETAIL_CHARS].encode()),
+        ("dlq.source.topic", str(msg.topic())[:255].encode()),
         ("dlq.source.partition", str(msg.partition()).encode()),
         ("dlq.source.offset", str(msg.offset()).encode()),
     ]
-    return OutRecord(dlq_topic, _as_bytes(msg.key()), _as_bytes(msg.value()), headers)
+    if error is not None:
+        headers.append(("dlq.error", error[:MAX_DETAIL_CHARS].encode()))
+    if dropped:
+        headers.append(("dlq.headers.dropped", str(dropped).encode()))
+    if len(key or b"") + len(value or b"") > _room(max_bytes, headers):
+        headers += _fingerprint("key", key) + _fingerprint("value", value)
+        headers.append(("dlq.truncated", b"true"))
+        key = None if key is None else key[:1024]
+        value = None if value is None else value[: max(_room(max_bytes, headers) - len(key or b""), 0)]
+    return OutRecord(dlq_topic, key, value, headers, msg)
+
+
+def record_bytes(record: OutRecord) -> int:
+    """Key, value and header bytes of a record (without Kafka's framing)."""
+    return len(record.key or b"") + len(record.value or b"") + sum(
+        len(k) + len(v or b"") for k, v in record.headers
+    )
+
+
+def _room(max_bytes: int, headers: Headers) -> int:
+    return max_bytes - RECORD_OVERHEAD_BYTES - sum(len(k) + len(v or b"") for k, v in headers)
+
+
+def stripped_dead_letter(record: OutRecord) -> OutRecord | None:
+    """A dead letter the broker refused, without key and value (its headers say what they
+    were); ``None`` when it is already stripped."""
+    if record.key is None and record.value is None:
+        return None
+    headers = [h for h in record.headers if not h[0].startswith("dlq.original.")]
+    headers += _fingerprint("key", record.key) + _fingerprint("value", record.value)
+    return OutRecord(record.topic, None, None, headers, record.source)
+
+
+def _fingerprint(name: str, data: bytes | None) -> Headers:
+    if data is None:
+        return []
+    return [(f"dlq.original.{name}.bytes", str(len(data)).encode()),
+            (f"dlq.original.{name}.sha256", hashlib.sha256(data).hexdigest().encode())]
+
+
+def _bounded_headers(
+    original: dict[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None,
+) -> tuple[Headers, int]:
+    """The message's own headers, as many as fit in ``MAX_COPIED_HEADER_BYTES``."""
+    items = list(original.items() if isinstance(original, dict) else original or [])
+    kept: Headers = []
+    used = 0
+    for name, value in items:
+        size = len(name) + len(value or b"")
+        if used + size > MAX_COPIED_HEADER_BYTES:
+            continue
+        kept.append((name, value))
+        used += size
+    return kept, len(items) - len(kept)
 
 
 def output_value(
@@ -80,6 +204,8 @@ def output_value(
     version: int, scored_at: str,
 ) -> bytes:
     """The output contract on ``customer-segments``."""
+    if not math.isfinite(distance):
+        raise ValueError(f"non-finite distance {distance} for segment {segment_id}")
     record: dict[str, Any] = {
         "customer_id": event.customer_id,
         "event_id": event.event_id,
@@ -95,24 +221,42 @@ def output_value(
 
 
 def score_batch(
-    messages: Sequence[Message],
-    model: ActiveModel,
-    features: tuple[str, ...],
-    bounds: Mapping[str, tuple[float, float]],
-    segments_topic: str,
-    dlq_topic: str,
+    messages: Sequence[Message], model: ActiveModel, rules: ScoringRules, now_ms: int | None = None,
 ) -> ScoredBatch:
+    """Every message becomes exactly one output or one dead letter, whatever it holds: an
+    exception while handling one message dead-letters that message (``internal_error``)."""
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     batch = ScoredBatch()
     events: list[CustomerEvent] = []
     sources: list[Message] = []
     for msg in messages:
-        decoded = decode(_as_bytes(msg.value()), features, bounds)
+        try:
+            decoded = rules.contract.decode(_as_bytes(msg.value()), _as_bytes(msg.key()), now_ms)
+        except Exception as exc:  # noqa: BLE001 - the safety net: one message, never the batch
+            decoded = _internal_error(exc)
         if isinstance(decoded, Rejection):
-            batch.dead_letters.append(dead_letter(msg, decoded, dlq_topic))
-            batch.reasons.append(decoded.reason)
+            batch.reject(_dead_letter(msg, decoded, rules), decoded.reason)
         else:
             events.append(decoded)
             sources.append(msg)
+    try:
+        batch.extend(assign_events(events, sources, model, rules, now_ms))
+    except Exception:  # noqa: BLE001 - find the one event that fails, score the others
+        for event, msg in zip(events, sources, strict=True):
+            try:
+                batch.extend(assign_events([event], [msg], model, rules, now_ms))
+            except Exception as exc:  # noqa: BLE001
+                rejection = _internal_error(exc)
+                batch.reject(_dead_letter(msg, rejection, rules, type(exc).__name__), rejection.reason)
+    return batch
+
+
+def assign_events(
+    events: Sequence[CustomerEvent], sources: Sequence[Message], model: ActiveModel,
+    rules: ScoringRules, now_ms: int,
+) -> ScoredBatch:
+    """Encode, assign the nearest segment and build the output records (vectorised)."""
+    batch = ScoredBatch()
     if not events:
         return batch
     x, batch.unknown_categories = model.bundle.features.encode(events)
@@ -120,7 +264,7 @@ def score_batch(
     batch.encoded, batch.indices, batch.nearest, batch.second = x, idx, d1, d2
     event_ms = [e.event_ms for e in events]
     batch.event_ms = np.asarray(event_ms, dtype=np.float64)
-    scored_at = event_time_iso(int(time.time() * 1000))
+    scored_at = event_time_iso(now_ms)
     names = model.bundle.segment_names
     version = model.version
     segment_ids = model.bundle.segment_ids
@@ -129,7 +273,7 @@ def score_batch(
         sid = segment_ids[i]
         value = output_value(event, ms, sid, names[i], dist, version, scored_at)
         batch.outputs.append(
-            OutRecord(segments_topic, event.customer_id.encode(), value, [])
+            OutRecord(rules.segments_topic, event.customer_id.encode(), value, [], msg)
         )
         batch.customers.append(CustomerAssignment(
             customer_id=event.customer_id, event_ms=ms, offset=coordinates(msg)[2],
@@ -137,6 +281,16 @@ def score_batch(
             event_id=event.event_id or "",
         ))
     return batch
+
+
+def _internal_error(exc: BaseException) -> Rejection:
+    return Rejection("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def _dead_letter(
+    msg: Message, rejection: Rejection, rules: ScoringRules, error: str | None = None
+) -> OutRecord:
+    return dead_letter(msg, rejection, rules.dlq_topic, rules.max_record_bytes, error)
 
 
 def _as_bytes(v: str | bytes | None) -> bytes | None:

@@ -11,6 +11,7 @@
 #
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), REDIS_PORT (6379),
 #   STACK_DIR (.stack, relative to the repo root), KAFKA_HEAP_OPTS (-Xms256m -Xmx512m),
+#   REDIS_MAXMEMORY (1gb; Redis runs with an append-only file and evicts only keys with a TTL),
 #   KAFKA_READY_TIMEOUT (60 s), REDIS_READY_TIMEOUT (15 s), STOP_TIMEOUT (60 s), JAVA_HOME.
 # status exits 0 when both services are up, 3 otherwise.
 #
@@ -32,6 +33,9 @@ case "$STACK_DIR" in /*) ;; *) STACK_DIR="$ROOT/$STACK_DIR" ;; esac
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
 KAFKA_READY_TIMEOUT="${KAFKA_READY_TIMEOUT:-60}"
 REDIS_READY_TIMEOUT="${REDIS_READY_TIMEOUT:-15}"
+# Persistence on (append-only file in $STACK_DIR/redis); when full, Redis evicts only keys with a
+# TTL (per-customer state, replica state), never the model registry.
+REDIS_MAXMEMORY="${REDIS_MAXMEMORY:-1gb}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 
 HOST=127.0.0.1
@@ -312,7 +316,8 @@ redis_start() {
     log "starting redis on $HOST:$REDIS_PORT (dir $REDIS_DIR)"
     redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
       --pidfile "$REDIS_PIDFILE" --dir "$REDIS_DIR" --logfile "$REDIS_DIR/redis.log" \
-      --save '' --appendonly no </dev/null 9>&- ||
+      --appendonly yes --appendfsync everysec --save '' \
+      --maxmemory "$REDIS_MAXMEMORY" --maxmemory-policy volatile-lru </dev/null 9>&- ||
       { tail -n 20 "$REDIS_DIR/redis.log" >&2 2>/dev/null; die "redis-server failed to start"; }
   fi
   local start=$SECONDS

@@ -12,11 +12,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segmentation.features import FeatureSpec
+from segmentation.features import OTHER, FeatureSpec
 
 SCHEMA_VERSION = 1
+
+# Bounds on what a bundle may hold. A bundle is untrusted input: whatever passes these scores
+# every event to a finite distance, in bounded time and memory.
+MAX_K = 256
+MAX_COLUMNS = 2048
+MAX_NAME_CHARS = 200
+MAX_CENTROID_ABS = 1e6  # in scaled units (standard deviations)
+MIN_SCALE, MAX_SCALE = 1e-12, 1e15
+MAX_CENTER_ABS = 1e15
+MAX_CATEGORICAL_WEIGHT = 1e3
 
 
 class BundleError(ValueError):
@@ -79,12 +89,34 @@ class Quality(BaseModel):
     gate: dict[str, float | str | bool] = Field(default_factory=dict)
 
 
+def _check_features(spec: FeatureSpec) -> None:
+    """The feature spec of a bundle can be applied to any valid event without overflow."""
+    n = len(spec.numeric)
+    if len(spec.center) != n or len(spec.scale) != n:
+        raise ValueError(f"scaler has wrong length for {n} numeric features")
+    if len(set(spec.numeric)) != n or not set(spec.log_features) <= set(spec.numeric):
+        raise ValueError("numeric features must be unique and include every log feature")
+    if len(spec.columns) > MAX_COLUMNS:
+        raise ValueError(f"{len(spec.columns)} encoded columns; at most {MAX_COLUMNS}")
+    if any(len(c) > 2 * MAX_NAME_CHARS + 1 for c in spec.columns):
+        raise ValueError(f"feature and category names must have at most {MAX_NAME_CHARS} characters")
+    if not all(math.isfinite(v) and abs(v) <= MAX_CENTER_ABS for v in spec.center):
+        raise ValueError(f"scaler center must be finite and within +/-{MAX_CENTER_ABS:g}")
+    if not all(math.isfinite(v) and MIN_SCALE <= v <= MAX_SCALE for v in spec.scale):
+        raise ValueError(f"scaler scale must be within [{MIN_SCALE:g}, {MAX_SCALE:g}]")
+    if not (math.isfinite(spec.categorical_weight) and spec.categorical_weight <= MAX_CATEGORICAL_WEIGHT):
+        raise ValueError(f"categorical_weight must be finite and at most {MAX_CATEGORICAL_WEIGHT:g}")
+    for attribute, values in spec.vocabulary.items():
+        if not values or values[-1] != OTHER or len(set(values)) != len(values):
+            raise ValueError(f"vocabulary[{attribute}] must be unique values ending with {OTHER!r}")
+
+
 class ModelBundle(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     schema_version: int = SCHEMA_VERSION
     version: int = Field(ge=1)
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     features: FeatureSpec
     centroids: list[list[float]] = Field(description="in the encoded (scaled) space")
     segment_ids: list[int]
@@ -103,24 +135,25 @@ class ModelBundle(BaseModel):
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"schema_version {self.schema_version} != {SCHEMA_VERSION}")
         k = len(self.centroids)
-        if k < 1:
-            raise ValueError("no centroids")
+        if not 1 <= k <= MAX_K:
+            raise ValueError(f"{k} centroids; 1..{MAX_K} allowed")
+        _check_features(self.features)
         width = len(self.features.columns)
         if any(len(row) != width for row in self.centroids):
-            raise ValueError(f"centroids must have {width} columns ({self.features.columns})")
-        n = len(self.features.numeric)
-        if len(self.features.center) != n or len(self.features.scale) != n:
-            raise ValueError(f"scaler has wrong length for {n} numeric features")
+            raise ValueError(f"centroids must have {width} columns ({self.features.columns[:20]})")
         if len(self.segment_ids) != k or len(self.segment_names) != k:
             raise ValueError(f"{k} centroids need {k} segment ids and names")
-        if len(set(self.segment_ids)) != k:
-            raise ValueError(f"duplicate segment ids {self.segment_ids}")
-        numbers = [v for row in self.centroids for v in row]
-        numbers += self.features.center + self.features.scale
-        if not all(math.isfinite(v) for v in numbers):
-            raise ValueError("non-finite number in centroids or scaler")
-        if any(s <= 0 for s in self.features.scale):
-            raise ValueError("scaler scale must be > 0")
+        if len(set(self.segment_ids)) != k or any(not 0 <= i < 2**31 for i in self.segment_ids):
+            raise ValueError(f"segment ids must be unique and in [0, 2^31): {self.segment_ids}")
+        if any(not 0 < len(n) <= MAX_NAME_CHARS for n in self.segment_names):
+            raise ValueError(f"segment names must have 1..{MAX_NAME_CHARS} characters")
+        if not all(math.isfinite(v) and abs(v) <= MAX_CENTROID_ABS for row in self.centroids for v in row):
+            raise ValueError(f"centroids must be finite and within +/-{MAX_CENTROID_ABS:g}")
+        q = self.quality
+        if len(q.shares) != k or len(q.sizes) != k:
+            raise ValueError(f"quality.shares and quality.sizes need {k} entries")
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in q.shares):
+            raise ValueError("quality.shares must be in [0, 1]")
         return self
 
     @classmethod

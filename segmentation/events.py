@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,11 @@ REASONS = (
     "missing_feature",  # a feature the model uses is absent
     "non_finite",  # NaN or +/-Infinity in a feature the model uses
     "out_of_range",  # a feature outside its configured bounds (absurd values poison the scaler)
+    "too_large",  # the message (key + value) is over SEG_MAX_MESSAGE_BYTES
+    "too_long",  # an id, attribute key or value over its length limit, or too many fields
+    "event_time_out_of_range",  # event_time older than SEG_MAX_EVENT_AGE_S or too far ahead
+    "internal_error",  # scoring this one message raised; the exception class is in a header
+    "output_rejected",  # the broker refused this message's output record; the error is in a header
 )
 
 
@@ -87,12 +93,123 @@ class Rejection:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class InputContract:
+    """The bounds of the input contract: what a message may be before it is scored or trained on.
+
+    Every field has a limit so that no single message, however absurd, can make an output or a
+    dead letter too large for the broker, overflow a conversion, or freeze a customer's state.
+    ``max_age_s`` / ``max_skew_s`` of ``None`` leave ``event_time`` unbounded (doctests, tools).
+    """
+
+    features: tuple[str, ...]
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    max_message_bytes: int = 65_536
+    max_id_chars: int = 256
+    max_attribute_chars: int = 256
+    max_fields: int = 256
+    max_age_s: float | None = None
+    max_skew_s: float | None = None
+
+    def decode(
+        self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None
+    ) -> CustomerEvent | Rejection:
+        """Parse and validate one message; never raises on bad input.
+
+        >>> c = InputContract(("x",), max_id_chars=3, max_age_s=60, max_skew_s=60)
+        >>> c.decode(b'{"customer_id":"abcd","event_time":0,"features":{"x":1}}', now_ms=0)
+        Rejection(reason='too_long', detail='customer_id has 4 characters, more than 3')
+        >>> c.decode(b'{"customer_id":"a","event_time":253402300800000,"features":{"x":1}}', now_ms=0).reason
+        'event_time_out_of_range'
+        >>> c.decode(b'{"customer_id":"a","event_time":0,"features":{"x":1}}', key=b"k" * 70000).reason
+        'too_large'
+        >>> c.decode(b'{"customer_id":"a","event_time":0,"features":{"x":1%s}}' % (b"0" * 320), now_ms=0)
+        Rejection(reason='out_of_range', detail='features.x is an integer of 1064 bits')
+        """
+        if value is None:
+            return Rejection("not_json", "message has no value (tombstone)")
+        size = len(value) + (len(key) if key else 0)
+        if size > self.max_message_bytes:
+            return Rejection("too_large", f"message is {size} bytes, more than {self.max_message_bytes}")
+        try:
+            event = CustomerEvent.model_validate_json(value)
+        except ValidationError as exc:
+            return _rejection_from(exc)
+        return (
+            self._check_sizes(event)
+            or self._check_event_time(event, now_ms)
+            or self._check_features(event)
+            or event
+        )
+
+    def _check_sizes(self, event: CustomerEvent) -> Rejection | None:
+        for name, text in (("customer_id", event.customer_id), ("event_id", event.event_id or "")):
+            if len(text) > self.max_id_chars:
+                limit = self.max_id_chars
+                return Rejection("too_long", f"{name} has {len(text)} characters, more than {limit}")
+        for name, fields in (("features", event.features), ("attributes", event.attributes)):
+            if len(fields) > self.max_fields:
+                return Rejection("too_long", f"{name} has {len(fields)} entries, more than {self.max_fields}")
+        for attribute, text in event.attributes.items():
+            longest = max(len(attribute), len(text))
+            if longest > self.max_attribute_chars:
+                limit = self.max_attribute_chars
+                return Rejection(
+                    "too_long", f"an attribute key or value has {longest} characters, more than {limit}"
+                )
+        return None
+
+    def _check_event_time(self, event: CustomerEvent, now_ms: int | None) -> Rejection | None:
+        try:
+            ms = event.event_ms
+        except (OverflowError, ValueError, OSError):
+            return Rejection("event_time_out_of_range", "event_time cannot be represented")
+        if not _EPOCH_MS_MIN <= ms <= _EPOCH_MS_MAX:
+            return Rejection("event_time_out_of_range", f"event_time {ms} ms is outside years 1..9999")
+        if self.max_age_s is None and self.max_skew_s is None:
+            return None
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        if self.max_age_s is not None and ms < now - self.max_age_s * 1000:
+            return Rejection(
+                "event_time_out_of_range", f"event_time {ms} ms is older than {self.max_age_s:g} s"
+            )
+        if self.max_skew_s is not None and ms > now + self.max_skew_s * 1000:
+            return Rejection(
+                "event_time_out_of_range", f"event_time {ms} ms is more than {self.max_skew_s:g} s ahead"
+            )
+        return None
+
+    def _check_features(self, event: CustomerEvent) -> Rejection | None:
+        for name in self.features:
+            number = event.features.get(name)
+            if number is None:
+                return Rejection("missing_feature", f"features.{name} is required")
+            if isinstance(number, int) and not -_FLOAT_MAX < number < _FLOAT_MAX:
+                # a JSON integer can have any number of digits; float() (and str()) of it would fail
+                bits = number.bit_length()
+                return Rejection("out_of_range", f"features.{name} is an integer of {bits} bits")
+            if not math.isfinite(number):
+                return Rejection("non_finite", f"features.{name} is {number}")
+            if name in self.bounds:
+                low, high = self.bounds[name]
+                if not low <= number <= high:
+                    detail = f"features.{name} is {number:.6g}, outside [{low:g}, {high:g}]"
+                    return Rejection("out_of_range", detail)
+        return None
+
+
+_FLOAT_MAX = 10**308
+# 0001-01-01 and 9999-12-31T23:59:59.999Z: what an output's RFC 3339 event_time can express
+_EPOCH_MS_MIN = -62_135_596_800_000
+_EPOCH_MS_MAX = 253_402_300_799_999
+
+
 def decode(
     value: bytes | None,
     features: tuple[str, ...],
     bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> CustomerEvent | Rejection:
-    """Parse and validate one message value against the configured feature set.
+    """Parse and validate one message value with the default size limits and no time bounds.
 
     >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":1.5}}', ("x",)).features
     {'x': 1.5}
@@ -105,25 +222,9 @@ def decode(
     >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":NaN}}', ("x",))
     Rejection(reason='non_finite', detail='features.x is nan')
     >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":1e308}}', ("x",), {"x": (0, 1e9)})
-    Rejection(reason='out_of_range', detail='features.x is 1e+308, outside [0, 1000000000.0]')
+    Rejection(reason='out_of_range', detail='features.x is 1e+308, outside [0, 1e+09]')
     """
-    if value is None:
-        return Rejection("not_json", "message has no value (tombstone)")
-    try:
-        event = CustomerEvent.model_validate_json(value)
-    except ValidationError as exc:
-        return _rejection_from(exc)
-    for name in features:
-        number = event.features.get(name)
-        if number is None:
-            return Rejection("missing_feature", f"features.{name} is required")
-        if not math.isfinite(number):
-            return Rejection("non_finite", f"features.{name} is {number}")
-        if bounds is not None and name in bounds:
-            low, high = bounds[name]
-            if not low <= number <= high:
-                return Rejection("out_of_range", f"features.{name} is {number}, outside [{low}, {high}]")
-    return event
+    return InputContract(features, bounds or {}).decode(value)
 
 
 def _rejection_from(exc: ValidationError) -> Rejection:
@@ -156,7 +257,26 @@ def json_schema() -> dict[str, Any]:
     schema = CustomerEvent.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "CustomerEvent"
+    _add_default_bounds(schema, InputContract(()))
     return schema
+
+
+def _add_default_bounds(schema: dict[str, Any], c: InputContract) -> None:
+    """The input contract's default bounds, in the schema (deployments may configure others)."""
+    props = schema["properties"]
+    props["customer_id"]["maxLength"] = c.max_id_chars
+    props["event_id"]["anyOf"][0]["maxLength"] = c.max_id_chars
+    for name in ("features", "attributes"):
+        props[name]["maxProperties"] = c.max_fields
+    props["attributes"]["propertyNames"] = {"maxLength": c.max_attribute_chars}
+    props["attributes"]["additionalProperties"]["maxLength"] = c.max_attribute_chars
+    props["event_time"]["description"] += (
+        "; within [now - SEG_MAX_EVENT_AGE_S, now + SEG_MAX_EVENT_SKEW_S] (10 years, 1 hour)"
+    )
+    schema["description"] += (
+        f" The whole message (key + value) is at most {c.max_message_bytes} bytes by default"
+        " (SEG_MAX_MESSAGE_BYTES); feature values within the configured feature bounds."
+    )
 
 
 if __name__ == "__main__":  # python -m segmentation.events > segmentation/event.schema.json

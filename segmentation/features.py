@@ -8,6 +8,7 @@ by the trainer and shipped in the model bundle. One-hot columns hold 0 or
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -138,25 +139,32 @@ def scale(x: np.ndarray, center: Sequence[float], scale_: Sequence[float]) -> np
 
 
 def fit_vocabulary(
-    events: Iterable[CustomerEvent], attributes: Sequence[str], min_count: int = 1
+    events: Iterable[CustomerEvent], attributes: Sequence[str], min_count: int = 1,
+    max_values: int | None = None,
 ) -> dict[str, list[str]]:
-    """Sorted values seen at least ``min_count`` times, plus ``other`` for the unseen.
+    """Per attribute, the ``max_values`` most frequent values seen at least ``min_count`` times
+    (sorted), plus ``other`` for everything else: a high-cardinality attribute cannot widen
+    the model without bound.
 
     >>> e = [CustomerEvent(customer_id="c", event_time=0, features={}, attributes={"ch": v})
-    ...      for v in ("web", "app", "web")]
+    ...      for v in ("web", "app", "web", "tv", "tv", "tv")]
     >>> fit_vocabulary(e, ["ch"])
-    {'ch': ['app', 'web', 'other']}
+    {'ch': ['app', 'tv', 'web', 'other']}
+    >>> fit_vocabulary(e, ["ch"], min_count=2, max_values=1)
+    {'ch': ['tv', 'other']}
     """
-    counts: dict[str, dict[str, int]] = {a: {} for a in attributes}
+    counts: dict[str, Counter[str]] = {a: Counter() for a in attributes}
     for event in events:
         for a in attributes:
             value = event.attributes.get(a)
-            if value is not None:
-                counts[a][value] = counts[a].get(value, 0) + 1
-    return {
-        a: sorted(v for v, n in counts[a].items() if n >= min_count and v != OTHER) + [OTHER]
-        for a in attributes
-    }
+            if value is not None and value != OTHER:
+                counts[a][value] += 1
+    vocabulary = {}
+    for a in attributes:
+        # most_common orders ties by first appearance; sort ties by value for determinism
+        ranked = sorted(counts[a].items(), key=lambda vn: (-vn[1], vn[0]))[:max_values]
+        vocabulary[a] = sorted(v for v, n in ranked if n >= min_count) + [OTHER]
+    return vocabulary
 
 
 def one_hot(
@@ -194,6 +202,8 @@ def fit_spec(
     kind: Literal["standard", "robust"],
     log_features: Sequence[str] = (),
     categorical_weight: float = 1.0,
+    vocabulary_min_count: int = 1,
+    vocabulary_max: int | None = None,
 ) -> FeatureSpec:
     """Fit the vocabulary and the scaler on a training window."""
     mask = np.array([n in log_features for n in numeric], dtype=bool)
@@ -201,7 +211,7 @@ def fit_spec(
     return FeatureSpec(
         numeric=list(numeric),
         log_features=list(log_features),
-        vocabulary=fit_vocabulary(events, categorical),
+        vocabulary=fit_vocabulary(events, categorical, vocabulary_min_count, vocabulary_max),
         scaler=kind,
         center=center,
         scale=scale_,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -12,6 +13,59 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TRANSIENT_ERRORS = frozenset({
+    KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+    KafkaError._MSG_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.NETWORK_EXCEPTION,
+    KafkaError._WAIT_COORD, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.KAFKA_STORAGE_ERROR,
+    KafkaError.REPLICA_NOT_AVAILABLE, KafkaError._RESOLVE, KafkaError.OFFSET_NOT_AVAILABLE,
+})
+
+
+def is_transient(error: KafkaError) -> bool:
+    """Errors that go away by themselves (leader moving, broker restarting, timeouts).
+
+    >>> is_transient(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
+    True
+    >>> is_transient(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+    False
+    """
+    return not error.fatal() and (error.retriable() or error.code() in TRANSIENT_ERRORS)
+
+
+class Backoff:
+    """Exponential backoff bounded by a deadline."""
+
+    def __init__(self, timeout_s: float, first_s: float = 0.1, max_s: float = 5.0) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.delay_s = first_s
+        self.max_s = max_s
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; ``False`` once the deadline has passed."""
+        if time.monotonic() + self.delay_s > self.deadline:
+            return False
+        time.sleep(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.max_s)
+        return True
+
+
+def retrying(call: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
+    """``call()``, retried with backoff while it raises a transient Kafka error."""
+    backoff = Backoff(timeout_s)
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if not is_transient(error) or not backoff.wait():
+                raise
+            log.warning("transient Kafka error; retrying", extra={"call": what, "error": error.str()})
 
 
 def consumer_config(settings: Settings, exactly_once: bool) -> dict[str, Any]:
@@ -39,6 +93,10 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        "message.max.bytes": settings.max_record_bytes,
+        # every record gets its delivery report within this bound, well inside
+        # max.poll.interval.ms: a retry never queues a second copy of a record still in flight
+        "message.timeout.ms": 30_000,
     }
     if transactional_id is not None:
         conf["transactional.id"] = transactional_id

@@ -7,12 +7,16 @@ environment as JSON, e.g. ``SEG_FEATURES='["recency_days","monetary_90d"]'`` or
 
 from __future__ import annotations
 
+import os
 import socket
+import uuid
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
+
+from segmentation.events import InputContract
 
 DEFAULT_FEATURES = (
     "recency_days",
@@ -50,7 +54,10 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("seg", description="namespace of every Redis key and channel")
     redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis calls")
     redis_retries: int = Field(2, ge=0, description="retries (exponential backoff) per Redis call")
-    customer_ttl_s: int = Field(0, ge=0, description="TTL of per-customer state; 0 = none")
+    customer_ttl_s: int = Field(
+        30 * 86400, ge=0,
+        description="TTL of per-customer state (evictable when Redis is full); 0 = none (never evicted)",
+    )
 
     # --- Features ------------------------------------------------------------------------
     features: tuple[str, ...] = Field(DEFAULT_FEATURES, description="numeric features used")
@@ -61,13 +68,40 @@ class Settings(BaseSettings):
         description='valid [min, max] per feature, e.g. {"recency_days": [0, 3650]}; else +/-max_abs_feature',
     )
     max_abs_feature: float = Field(
-        1e12, gt=0, description="largest magnitude accepted for a feature without explicit bounds"
+        1e12, gt=0, le=1e15, description="largest magnitude accepted for a feature without explicit bounds"
     )
     categorical_weight: float = Field(
         0.5, gt=0, description="value of a set one-hot column (1 = as far apart as 1 std dev x sqrt 2)"
     )
     log_features: tuple[str, ...] = Field(
         (), description="features transformed with log1p before scaling (heavy-tailed spend)"
+    )
+    vocabulary_max: int = Field(
+        20, ge=1, le=1000, description="most values per categorical attribute (top by count; rest: other)"
+    )
+    vocabulary_min_count: int = Field(
+        5, ge=1, description="a categorical value needs this many window rows to get its own column"
+    )
+
+    # --- Input bounds (anything outside is a dead letter with its own reason) ---------------
+    max_message_bytes: int = Field(
+        65_536, ge=1024, le=900_000, description="largest input message (key + value); else too_large"
+    )
+    max_id_chars: int = Field(
+        256, ge=1, le=10_000, description="longest customer_id / event_id; else too_long"
+    )
+    max_attribute_chars: int = Field(
+        256, ge=1, le=10_000, description="longest attribute key or value; else too_long"
+    )
+    max_fields: int = Field(
+        256, ge=1, le=10_000, description="most entries in features or attributes; else too_long"
+    )
+    max_event_age_s: float = Field(
+        10 * 365 * 86400.0, gt=0,
+        description="oldest accepted event_time, seconds before now; else event_time_out_of_range",
+    )
+    max_event_skew_s: float = Field(
+        3600.0, ge=0, description="how far event_time may be ahead of now; else event_time_out_of_range"
     )
 
     # --- Trainer -------------------------------------------------------------------------
@@ -108,8 +142,15 @@ class Settings(BaseSettings):
         "at-least-once", description="delivery guarantee"
     )
     transactional_id: str = Field(
-        default_factory=lambda: f"segmentation-{socket.gethostname()}",
-        description="transactional.id prefix (exactly-once)",
+        default_factory=lambda: f"segmentation-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        description="transactional.id (exactly-once); unique per process unless set",
+    )
+    max_record_bytes: int = Field(
+        1_000_000, ge=10_000, description="largest record produced (producer message.max.bytes)"
+    )
+    delivery_timeout_s: float = Field(
+        60.0, gt=0, lt=290,
+        description="how long one batch's retriable delivery errors are retried before it is replayed",
     )
     commit_interval_ms: int = Field(1000, gt=0, description="offset commit interval")
     model_poll_s: float = Field(5.0, gt=0, description="model pointer poll (besides pub/sub)")
@@ -153,6 +194,15 @@ class Settings(BaseSettings):
         and skipped (trainer) rather than allowed to overflow the scaler."""
         default = (-self.max_abs_feature, self.max_abs_feature)
         return {name: self.feature_bounds.get(name, default) for name in self.features}
+
+    def input_contract(self) -> InputContract:
+        """The bounds every input message is checked against, in the consumer and the trainer."""
+        return InputContract(
+            features=self.features, bounds=self.feature_ranges(),
+            max_message_bytes=self.max_message_bytes, max_id_chars=self.max_id_chars,
+            max_attribute_chars=self.max_attribute_chars, max_fields=self.max_fields,
+            max_age_s=self.max_event_age_s, max_skew_s=self.max_event_skew_s,
+        )
 
     def kafka_common(self) -> dict[str, str | int | float | bool]:
         """librdkafka options shared by every client (passed-through extras win)."""

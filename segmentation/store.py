@@ -1,6 +1,9 @@
 """Redis: the model store (immutable versions + one atomically switched pointer), the trainer's
 lease lock, and per-customer latest assignments written idempotently.
 
+The model keys are a cache of the compacted models topic (``segmentation.model_log``), which is
+the record of truth: ``restore`` rebuilds them from it after Redis was lost or fell behind.
+
 Keys (``P`` is ``settings.redis_prefix``)::
 
     P:bundle:<v>        JSON bundle, written once (SET NX), never changed
@@ -10,6 +13,7 @@ Keys (``P`` is ``settings.redis_prefix``)::
     P:segment_id_seq    INCR counter: segment ids are never reused
     P:lock              trainer lease (SET NX PX, released only by its owner)
     P:pinned            set by a rollback: scheduled retrains wait until `trainer unpin`
+    P:registry_offset   the models topic's end offset this cache last caught up with
     P:customer:<id>     hash: latest segment of a customer
     P:online:<replica>  JSON: a consumer replica's online centroids and quality figures
     P:models            pub/sub channel: a published version number
@@ -78,6 +82,32 @@ end
 return written
 """
 
+# Rebuild the registry part of the cache from the models topic. Counters only ever rise, the
+# pointer only ever moves forward (a consumer never goes back to an older version), and the pin
+# mirrors the topic. KEYS: version_seq, segment_id_seq, current, pinned, registry_offset.
+# ARGV: highest version, next segment id, current ('' if none), pinned ('' if none), the
+# topic's end offset, the notification channel.
+_RESTORE = """
+local function raise_to(key, value)
+  local cur = tonumber(redis.call('GET', key) or '') or -1
+  if cur < value then redis.call('SET', key, value) end
+end
+raise_to(KEYS[1], tonumber(ARGV[1]))
+raise_to(KEYS[2], tonumber(ARGV[2]))
+local switched = 0
+if ARGV[3] ~= '' then
+  local cur = tonumber(redis.call('GET', KEYS[3]) or '')
+  if cur == nil or cur < tonumber(ARGV[3]) then
+    redis.call('SET', KEYS[3], ARGV[3])
+    redis.call('PUBLISH', ARGV[6], ARGV[3])
+    switched = 1
+  end
+end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4]) else redis.call('DEL', KEYS[4]) end
+redis.call('SET', KEYS[5], ARGV[5])
+return switched
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -127,6 +157,7 @@ class ModelStore:
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
+        self._restore = client.register_script(_RESTORE)
 
     def _key(self, *parts: object) -> str:
         return ":".join([self.prefix, *map(str, parts)])
@@ -190,6 +221,33 @@ class ModelStore:
             raise PublishConflict(f"v{bundle.version} is not newer than current")
         if result == -2:
             raise PublishConflict(f"v{bundle.version} already exists")
+
+    def registry_offset(self) -> int | None:
+        """The models topic's end offset this cache last caught up with (None: never, or lost)."""
+        raw = self.client.get(self._key("registry_offset"))
+        try:
+            return None if raw is None else int(raw)
+        except ValueError:
+            return None
+
+    def set_registry_offset(self, offset: int) -> None:
+        self.client.set(self._key("registry_offset"), offset)
+
+    def restore(self, bundles: Sequence[ModelBundle], max_version: int, next_segment_id: int,
+                current: int | None, pinned: int | None, end_offset: int) -> bool:
+        """Bring the cache up to the models topic: missing bundles written, counters raised,
+        the pointer moved forward (never back) and announced, the pin mirrored. Idempotent;
+        returns True if the pointer moved."""
+        pipe = self.client.pipeline(transaction=False)
+        for bundle in bundles:
+            pipe.set(self._key("bundle", bundle.version), bundle.to_json(), nx=True)
+            pipe.zadd(self._key("versions"), {str(bundle.version): bundle.version})
+        pipe.execute()
+        keys = [self._key(k) for k in ("version_seq", "segment_id_seq", "current", "pinned",
+                                       "registry_offset")]
+        args = [max_version, next_segment_id, "" if current is None else current,
+                "" if pinned is None else pinned, end_offset, self.channel]
+        return bool(self._restore(keys=keys, args=args))
 
     @contextlib.contextmanager
     def lease(self, ttl_s: int) -> Iterator[bool]:

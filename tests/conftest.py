@@ -4,6 +4,7 @@ Redis on 127.0.0.1:6379. Every test gets its own topics, consumer group and Redi
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -230,6 +231,12 @@ def running_consumer(settings: Settings) -> Iterator[RunningConsumer]:
         rc.stop()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -262,3 +269,54 @@ def start_service(settings: Settings, module: str, log_path: Any, **extra: str) 
         [sys.executable, "-m", *module.split()], env=settings_env(settings, **extra),
         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
     )
+
+
+# --- a private broker, for tests that kill it ---------------------------------------------------
+class PrivateBroker:
+    """A Kafka broker of one test's own, started by scripts/stack.sh on free ports with its data
+    in ``directory`` (the jars are shared with the local stack's)."""
+
+    def __init__(self, directory: Any) -> None:
+        import os
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        self.script = root / "scripts" / "stack.sh"
+        self.port = free_port()
+        self.env = {**os.environ, "STACK_DIR": str(directory), "KAFKA_PORT": str(self.port),
+                    "KAFKA_CONTROLLER_PORT": str(free_port())}
+        libs = root / ".stack" / "kafka" / "libs"
+        (Path(directory) / "kafka").mkdir(parents=True, exist_ok=True)
+        if libs.is_dir() and not (Path(directory) / "kafka" / "libs").exists():
+            (Path(directory) / "kafka" / "libs").symlink_to(libs)
+        self.pidfile = Path(directory) / "kafka.pid"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import subprocess
+
+        subprocess.run(["bash", str(self.script), "kafka-start"], env=self.env, check=True,
+                       capture_output=True, timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        import os
+        import signal
+
+        os.kill(int(self.pidfile.read_text()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(int(self.pidfile.read_text()), 0)
+                time.sleep(0.1)
+            except ProcessLookupError:
+                return
+
+    def stop(self) -> None:
+        import subprocess
+
+        subprocess.run(["bash", str(self.script), "kafka-stop"], env=self.env, capture_output=True,
+                       timeout=120)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +47,7 @@ from segmentation.events import REASONS
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics, serve
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
-from tests.conftest import RunningConsumer, customers, produce_events, produce_raw, wait_until
+from tests.conftest import RunningConsumer, customers, free_port, produce_events, produce_raw, wait_until
 from trainer.pipeline import train_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,12 +97,6 @@ def load_yaml(path: Path) -> Any:
 
 def alert_rules() -> dict[str, dict[str, Any]]:
     return {r["alert"]: r for g in load_yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

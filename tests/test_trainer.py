@@ -32,6 +32,7 @@ from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.events import CustomerEvent
 from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
+from segmentation.model_log import sync_store
 from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
@@ -227,7 +228,7 @@ def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_f
 ) -> None:
     # Bounds opened to the largest float, so that absurd but finite spends of 1e308 reach the
     # fit: they overflow the scaler's mean, and every scaled row becomes NaN.
-    settings = settings_factory(max_abs_feature=1.7e308)
+    settings = settings_factory(feature_bounds={"monetary_90d": [-1.7e308, 1.7e308]})
     store = ModelStore(connect(settings), settings.redis_prefix)
     produce_events(settings, customers(800))
     first = published(settings, store, trainer_metrics)
@@ -505,10 +506,12 @@ import os, signal, sys
 from redis.connection import AbstractConnection
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
+from segmentation.model_log import ModelLog
 from segmentation.store import ModelStore, connect
 from trainer.pipeline import train_once
 
 moment = sys.argv[1]
+log_publish = ModelLog.publish
 publishing = False
 send = AbstractConnection.send_packed_command
 publish = ModelStore.publish
@@ -529,6 +532,11 @@ def send_packed_command(self, command, check_health=True):
     if moment == "sent-no-reply":  # Redis has the whole command, the trainer never sees a reply
         die(moment)
 
+def killed_log_publish(self, bundle):
+    if moment == "before-log":  # the models topic never hears of the new version
+        die(moment)
+    return log_publish(self, bundle)
+
 def killed_publish(self, bundle, base_version):
     global publishing
     if moment == "before-publish":
@@ -538,6 +546,7 @@ def killed_publish(self, bundle, base_version):
     die("after-publish")  # before the audit record and before the lease is released
 
 AbstractConnection.send_packed_command = send_packed_command
+ModelLog.publish = killed_log_publish
 ModelStore.publish = killed_publish
 settings = Settings()
 train_once(settings, ModelStore(connect(settings), settings.redis_prefix), TrainerMetrics())
@@ -553,9 +562,12 @@ def test_a_trainer_killed_during_publish_leaves_a_valid_current_model(
     produce_events(settings, customers(800))
     published(settings, store, TrainerMetrics())  # v1; also caches the publish script in Redis
 
-    # Whether the new version landed depends only on whether Redis received the whole command.
-    for moment, lands in (("before-publish", False), ("half-sent", False),
+    # A version is published once the models topic has it (the record of truth, written before
+    # Redis). Redis alone is never torn: it shows the old or the new model, and the next catch-up
+    # (every trainer run starts with one) brings it to the topic's version.
+    for moment, lands in (("before-log", False), ("before-publish", True), ("half-sent", True),
                           ("sent-no-reply", True), ("after-publish", True)):
+        sync_store(settings, store)
         before = store.current_version()
         child = subprocess.run([sys.executable, "-c", KILL_DURING_PUBLISH, moment],
                                env=settings_env(settings), capture_output=True, text=True, timeout=180)
@@ -563,6 +575,10 @@ def test_a_trainer_killed_during_publish_leaves_a_valid_current_model(
         assert child.stderr.endswith(f"killed at {moment}\n"), child.stderr
         allocated = int(store.client.get(f"{settings.redis_prefix}:version_seq") or 0)
         current = store.load_current()  # parsed and validated: a torn bundle would raise here
+        assert current is not None and current.version in (before, allocated), moment
+        assert store.versions() == bundle_keys(store), moment
+        sync_store(settings, store)
+        current = store.load_current()
         assert current is not None
         if lands:
             assert current.version == allocated and current.previous_version == before, moment

@@ -10,18 +10,24 @@ import sys
 import time
 from typing import Any
 
+import redis
+from confluent_kafka import KafkaException
+
 from segmentation import logs
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
+from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings, load_settings
 from segmentation.store import ModelStore, PublishConflict, connect
-from trainer.operations import reproduce, rollback
+from trainer.operations import pin, reproduce, rollback
 from trainer.pipeline import train_once
 from trainer.registry import load_names
 from trainer.schedule import Schedule
 
 log = logging.getLogger("trainer")
+
+CATCH_UP_EVERY_S = 5.0
 
 
 def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
@@ -111,6 +117,15 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
     return 0
 
 
+def catch_up(settings: Settings, store: ModelStore) -> None:
+    """Rebuild the Redis cache from the models topic if Redis lost it (the pin included, so a
+    rolled-back model is not replaced by a retrain because Redis restarted)."""
+    try:
+        sync_store(settings, store)
+    except (ModelLogError, KafkaException, redis.RedisError) as exc:
+        log.warning("model cache not checked against the models topic", extra={"error": str(exc)})
+
+
 def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> int:
     stop = {"flag": False}
 
@@ -124,7 +139,11 @@ def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> i
     schedule = Schedule(settings)
     metrics.up.set(1)
     log.info("trainer running", extra={"interval_s": settings.train_interval_s})
+    next_check = 0.0
     while not stop["flag"]:
+        if time.monotonic() >= next_check:
+            catch_up(settings, store)
+            next_check = time.monotonic() + CATCH_UP_EVERY_S
         reason = schedule.due(store)
         if reason:
             log.info("training", extra={"reason": reason})
@@ -159,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(connect(settings), settings.redis_prefix)
+    catch_up(settings, store)
     try:
         return run_command(args, settings, store)
     except (BundleError, PublishConflict) as exc:
@@ -179,7 +199,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
               f"until `python -m trainer unpin`")
         return 0
     if args.command == "unpin":
-        print("scheduled retrains resume" if store.unpin() else "nothing was pinned")
+        print("scheduled retrains resume" if pin(settings, store, None) else "nothing was pinned")
         return 0
     if args.command == "reproduce":
         outcome = reproduce(settings, store, args.version, args.tolerance)

@@ -9,9 +9,10 @@ import numpy as np
 
 from segmentation.bundle import BundleError
 from segmentation.matching import match_centroids
+from segmentation.model_log import ModelLog, sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore
-from trainer.pipeline import data_hash, fit_window, load_base, publish_audit
+from trainer.pipeline import data_hash, fit_window, load_base, publish
 from trainer.registry import rollback_mapping
 from trainer.window import read_window
 
@@ -23,6 +24,7 @@ def rollback(settings: Settings, store: ModelStore, version: int) -> int:
     The model (scaler, centroids, segment ids and names, quality, lineage) is the old one's;
     the label mapping is recomputed against the version it replaces. Compare-and-set against
     the current version: a trainer publishing at the same moment makes one of the two fail."""
+    sync_store(settings, store)
     target = store.load(version)  # validated; raises BundleError if unusable
     target.check_compatible(settings.features, settings.categorical)
     base, current = load_base(store)
@@ -35,10 +37,20 @@ def rollback(settings: Settings, store: ModelStore, version: int) -> int:
         "label_mapping": rollback_mapping(current, target),
         "rolled_back_from": version,
     })
-    store.publish(bundle, base)
-    store.pin(bundle.version)
-    publish_audit(settings, bundle)
+    publish(settings, store, bundle, base)
+    pin(settings, store, bundle.version)
     return bundle.version
+
+
+def pin(settings: Settings, store: ModelStore, version: int | None) -> bool:
+    """Hold (a version) or release (None) scheduled retrains: in the models topic first, then in
+    Redis. Returns whether something was pinned before."""
+    ModelLog(settings).pin(version)
+    if version is None:
+        return store.unpin()
+    was = store.pinned() is not None
+    store.pin(version)
+    return was
 
 
 def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: float) -> dict[str, Any]:
@@ -56,6 +68,9 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "features": tuple(bundle.features.numeric),
         "categorical": tuple(bundle.features.vocabulary),
         "silhouette_sample": params.get("silhouette_sample", settings.silhouette_sample),
+        # bundles from before the vocabulary cap kept every value seen once
+        "vocabulary_max": params.get("vocabulary_max", 1000),
+        "vocabulary_min_count": params.get("vocabulary_min_count", 1),
         "random_state": bundle.lineage.random_state,
         "events_topic": bundle.lineage.topic,
     })

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 
 import numpy as np
-from confluent_kafka import Producer
 
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.features import FeatureSpec, fit_spec
-from segmentation.kafka import producer_config
 from segmentation.metrics import TrainerMetrics
+from segmentation.model_log import ModelLog, sync_store
 from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict
@@ -58,6 +56,8 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
         "categorical_weight": settings.categorical_weight,
         "features": list(settings.features), "categorical": list(settings.categorical),
         "silhouette_sample": settings.silhouette_sample, "window_s": settings.window_s,
+        "vocabulary_max": settings.vocabulary_max,
+        "vocabulary_min_count": settings.vocabulary_min_count,
     }
 
 
@@ -66,6 +66,7 @@ def encode_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.n
     spec = fit_spec(
         window.events, settings.features, settings.categorical, settings.scaler,
         settings.log_features, settings.categorical_weight,
+        settings.vocabulary_min_count, settings.vocabulary_max,
     )
     x, _ = spec.encode(window.events)
     return spec, x
@@ -128,6 +129,7 @@ def train_once(
         if not held:
             return _finish(metrics, store, RunResult("skipped", "another trainer holds the lock"))
         try:
+            sync_store(settings, store)  # versions and ids continue from the topic, whatever Redis lost
             result = _train(settings, store, metrics, force, now_ms)
         except PublishConflict as exc:
             result = RunResult("skipped", f"publish lost the race: {exc}")
@@ -204,8 +206,7 @@ def _train(
         ),
         forced=bool(failures),
     )
-    store.publish(bundle, base)
-    publish_audit(settings, bundle)
+    publish(settings, store, bundle, base)
     metrics.label_changes.labels("matched").inc(len(mapping.matched))
     metrics.label_changes.labels("new").inc(len(mapping.new))
     metrics.label_changes.labels("retired").inc(len(mapping.retired))
@@ -228,15 +229,21 @@ def _refuse(metrics: TrainerMetrics, failures: list[GateFailure], force: bool) -
     return RunResult("rejected", detail, failures=failures)
 
 
-def publish_audit(settings: Settings, bundle: ModelBundle) -> None:
-    """Append the bundle to the compacted ``segment-models`` topic (audit and subscribers).
-    Redis is what consumers read; a failure here is logged, not fatal."""
-    producer = Producer(producer_config(settings))
-    producer.produce(settings.models_topic, key=f"v{bundle.version}", value=bundle.to_json())
-    producer.produce(settings.models_topic, key="current",
-                     value=json.dumps({"version": bundle.version}))
-    if producer.flush(10.0) > 0:
-        log.error("audit record not delivered", extra={"version": bundle.version})
+def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: int | None) -> None:
+    """The models topic first (the record of truth: the bundle, then the pointer, acknowledged
+    by every replica), then the Redis pointer (compare-and-set on ``base``). If the topic write
+    fails nothing is switched; if another trainer won the Redis race, the topic's pointer is set
+    back to the winner, so that a cache rebuilt from the topic agrees with Redis."""
+    models = ModelLog(settings)
+    end = models.publish(bundle)
+    try:
+        store.publish(bundle, base)
+    except PublishConflict:
+        winner = store.current_version()
+        if winner is not None:
+            models.point_at(winner)
+        raise
+    store.set_registry_offset(end)
 
 
 def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> RunResult:

@@ -1,19 +1,22 @@
 """The training window: recent events read straight from the input topic (Kafka is the record of
-truth, there is no copy), one row per customer (their latest event), capped by uniform sampling
-so that the cost of a fit does not grow with traffic."""
+truth, there is no copy), one row per customer (their latest event), capped by a uniform sample
+of customers taken while reading, so that neither the memory nor the cost of a fit grows with
+traffic."""
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from segmentation.bundle import PartitionRange
-from segmentation.events import CustomerEvent, decode
-from segmentation.kafka import reader_config
+from segmentation.events import CustomerEvent, Rejection
+from segmentation.kafka import is_transient, reader_config, retrying
 from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,36 +36,48 @@ class Window:
 def window_ranges(
     consumer: Consumer, topic: str, start_ms: int, timeout_s: float = 10.0
 ) -> list[PartitionRange]:
-    """Per partition: the first offset at or after ``start_ms`` up to the high watermark now."""
-    meta = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
-    if meta.error is not None:
-        raise RuntimeError(f"topic {topic}: {meta.error}")
-    partitions = [TopicPartition(topic, p, start_ms) for p in sorted(meta.partitions)]
-    starts = consumer.offsets_for_times(partitions, timeout=timeout_s)
+    """Per partition: the first offset at or after ``start_ms`` up to the high watermark now.
+    Transient errors (a leader moving, a broker restarting) are retried; a partition that
+    answers with an error of its own fails the run with that error."""
+    meta = retrying(lambda: consumer.list_topics(topic, timeout=timeout_s), "list_topics")
+    described = meta.topics[topic]
+    if described.error is not None:
+        raise RuntimeError(f"topic {topic}: {described.error}")
+    partitions = [TopicPartition(topic, p, start_ms) for p in sorted(described.partitions)]
+    starts = retrying(lambda: consumer.offsets_for_times(partitions, timeout=timeout_s),
+                      "offsets_for_times")
     ranges = []
     for tp in starts:
-        _, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+        if tp.error is not None:
+            raise RuntimeError(f"offsets_for_times {topic}[{tp.partition}]: {tp.error}")
+        _, high = _high_watermark(consumer, tp, timeout_s)
         # offsets_for_times answers -1 (OFFSET_END) when no message is that recent.
         start = high if tp.offset in (OFFSET_END, -1) else tp.offset
         ranges.append(PartitionRange(partition=tp.partition, start=start, end=high))
     return ranges
 
 
-def read_ranges(
-    settings: Settings, ranges: list[PartitionRange], timeout_s: float = 120.0
-) -> tuple[list[bytes | None], int]:
-    """Every message value in the given offset ranges, in (partition, offset) order; also
-    returns how many were read.
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
+    watermarks: tuple[int, int] = retrying(
+        lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
+        "get_watermark_offsets",
+    )
+    return watermarks
 
-    The broker interleaves partitions differently on every read, and both the per-customer
-    de-duplication and k-means++ depend on row order, so the order is fixed here: the same
-    ranges give the same training matrix (and ``reproduce`` the same centroids)."""
-    consumer = Consumer(reader_config(settings, "trainer"))
+
+Position = tuple[int, int]  # partition, offset
+
+
+def iter_ranges(
+    settings: Settings, ranges: list[PartitionRange], timeout_s: float = 120.0
+) -> Iterator[tuple[Position, bytes | None]]:
+    """Every message value in the given offset ranges with its position, streamed (memory does
+    not grow with the window). Transient errors are retried by the client; others fail the read."""
     todo = {r.partition: r for r in ranges if r.end > r.start}
-    read: list[tuple[int, int, bytes | None]] = []
+    if not todo:
+        return
+    consumer = Consumer(reader_config(settings, "trainer"))
     try:
-        if not todo:
-            return [], 0
         consumer.assign(
             [TopicPartition(settings.events_topic, r.partition, r.start) for r in todo.values()]
         )
@@ -75,48 +90,76 @@ def read_ranges(
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF and p is not None:
                         todo.pop(p, None)
-                        continue
-                    raise RuntimeError(f"window read: {err}")
+                    elif is_transient(err):
+                        log.warning("window read: transient error", extra={"error": err.str()})
+                    else:
+                        raise RuntimeError(f"window read: {err}")
+                    continue
                 r = None if p is None or offset is None else todo.get(p)
                 if r is None or offset is None or offset >= r.end:
                     continue
-                read.append((r.partition, offset, msg.value()))
+                yield (r.partition, offset), msg.value()
                 if offset >= r.end - 1:
                     todo.pop(r.partition)
     finally:
         consumer.close()
-    read.sort(key=lambda m: (m[0], m[1]))
-    return [value for _, _, value in read], len(read)
 
 
-def latest_per_customer(events: list[CustomerEvent]) -> list[CustomerEvent]:
-    """One row per customer: the latest event (segments are of customers, not of events).
+class CustomerSample:
+    """The latest event of a uniform sample of at most ``cap`` customers, in memory bounded by
+    ``cap`` however many events are read (segments are of customers, not of events).
 
-    >>> a1 = CustomerEvent(customer_id="a", event_time=1, features={"x": 1})
-    >>> a2 = CustomerEvent(customer_id="a", event_time=2, features={"x": 2})
-    >>> b = CustomerEvent(customer_id="b", event_time=1, features={"x": 3})
-    >>> [e.features["x"] for e in latest_per_customer([a2, b, a1])]
-    [2, 3]
+    Bottom-k sampling: a customer is kept while its salted hash is among the ``cap`` smallest
+    seen. The sample is a function of the set of events, not of the read order (the broker
+    interleaves partitions differently on every read), so the same ranges give the same
+    training matrix, and an evicted customer can never come back.
+
+    >>> s = CustomerSample(cap=2, salt=0)
+    >>> for i, cid in enumerate("abcab"):
+    ...     s.offer(CustomerEvent(customer_id=cid, event_time=i, features={"x": i}), (0, i))
+    >>> sorted((e.customer_id, e.features["x"]) for e in s.events()), s.customers_seen
+    ([('a', 3), ('c', 2)], 3)
     """
-    latest: dict[str, CustomerEvent] = {}
-    for event in events:
-        kept = latest.get(event.customer_id)
-        if kept is None or event.event_ms >= kept.event_ms:
-            latest[event.customer_id] = event
-    return list(latest.values())
 
+    def __init__(self, cap: int, salt: int) -> None:
+        self.cap = cap
+        self._salt = salt.to_bytes(8, "little", signed=True)
+        self._kept: dict[str, tuple[tuple[int, int, int], CustomerEvent]] = {}
+        self._largest: list[tuple[int, str]] = []  # max-heap (negated) of the kept hashes
+        self._seen: set[int] = set()  # only to report how many customers there were
+        self._rows = 0
 
-def sample_rows(n: int, cap: int, random_state: int) -> np.ndarray:
-    """Sorted indices of a uniform sample of at most ``cap`` rows out of ``n``.
+    def _hash(self, customer_id: str) -> int:
+        digest = hashlib.blake2b(customer_id.encode(), digest_size=8, salt=self._salt).digest()
+        return int.from_bytes(digest, "little")
 
-    >>> sample_rows(5, 10, 0).tolist()
-    [0, 1, 2, 3, 4]
-    >>> len(sample_rows(1000, 10, 0))
-    10
-    """
-    if n <= cap:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(random_state).choice(n, size=cap, replace=False))
+    def offer(self, event: CustomerEvent, position: Position) -> None:
+        cid = event.customer_id
+        order = (event.event_ms, *position)  # latest event wins; ties by position
+        kept = self._kept.get(cid)
+        if kept is not None:
+            if order > kept[0]:
+                self._kept[cid] = (order, event)
+            return
+        h = self._hash(cid)
+        if len(self._seen) < 4 * self.cap:
+            self._seen.add(h)
+        if len(self._kept) >= self.cap:
+            if h >= -self._largest[0][0]:
+                return
+            _, evicted = heapq.heappop(self._largest)
+            del self._kept[evicted]
+        heapq.heappush(self._largest, (-h, cid))
+        self._kept[cid] = (order, event)
+
+    @property
+    def customers_seen(self) -> int:
+        """Distinct customers offered (counted exactly up to 4 x cap, then a lower bound)."""
+        return len(self._seen)
+
+    def events(self) -> list[CustomerEvent]:
+        """The kept events in (partition, offset) order."""
+        return [event for _, event in sorted(self._kept.values(), key=lambda kv: kv[0][1:])]
 
 
 def read_window(
@@ -124,9 +167,8 @@ def read_window(
     now_ms: int | None = None,
     ranges: list[PartitionRange] | None = None,
 ) -> Window:
-    """Read, validate, de-duplicate per customer and sample the training window.
-
-    With ``ranges`` (from a bundle's lineage) the exact same messages are read again."""
+    """Read, validate (the consumer's own input contract), keep each sampled customer's latest
+    event. With ``ranges`` (from a bundle's lineage) the exact same messages are read again."""
     end_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     start_ms = end_ms - settings.window_s * 1000
     if ranges is None:
@@ -135,20 +177,23 @@ def read_window(
             ranges = window_ranges(probe, settings.events_topic, start_ms)
         finally:
             probe.close()
-    values, rows_read = read_ranges(settings, ranges)
-    events: list[CustomerEvent] = []
+    contract = settings.input_contract()
+    sample = CustomerSample(settings.max_rows, settings.random_state)
     reasons: dict[str, int] = {}
-    bounds = settings.feature_ranges()
-    for value in values:
-        decoded = decode(value, settings.features, bounds)
+    rows_read = 0
+    for position, value in iter_ranges(settings, ranges):
+        rows_read += 1
+        try:
+            decoded = contract.decode(value, now_ms=end_ms)
+        except Exception as exc:  # noqa: BLE001 - one message never fails a training run
+            log.warning("window row could not be decoded", extra={"error": repr(exc)[:200]})
+            decoded = Rejection("internal_error", type(exc).__name__)
         if isinstance(decoded, CustomerEvent):
-            events.append(decoded)
+            sample.offer(decoded, position)
         else:
             reasons[decoded.reason] = reasons.get(decoded.reason, 0) + 1
-    customers = latest_per_customer(events)
-    keep = sample_rows(len(customers), settings.max_rows, settings.random_state)
     window = Window(
-        events=[customers[i] for i in keep],
+        events=sample.events(),
         ranges=ranges,
         start_ms=start_ms,
         end_ms=end_ms,
@@ -159,6 +204,6 @@ def read_window(
     log.info(
         "window read",
         extra={"rows_read": rows_read, "invalid": window.rows_invalid,
-               "customers": len(customers), "rows_used": len(window.events)},
+               "customers_seen": sample.customers_seen, "rows_used": len(window.events)},
     )
     return window

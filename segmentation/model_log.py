@@ -1,0 +1,257 @@
+"""The compacted models topic (``segment-models``): the record of truth of every published model
+and of the registry around it. Redis is a cache of it that rebuilds itself from it.
+
+Records (one partition, so their order is the publish order)::
+
+    v<N>      the bundle of version N (JSON), written once
+    current   {"version": N}: the version consumers must score with
+    pinned    {"version": N} while a rollback holds scheduled retrains; {"version": null} after
+
+Everything else the registry needs is derived from the bundles: the next version is one more
+than the highest version ever published, the next fresh segment id one more than the highest id
+any bundle ever carried (so ids are never reused), and names and retired ids are in the bundles'
+label mappings. A record read back is untrusted input: a bundle that fails validation is skipped
+(and counted), never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from segmentation.bundle import BundleError, ModelBundle
+from segmentation.kafka import is_transient, producer_config, reader_config, retrying
+from segmentation.settings import Settings
+from segmentation.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
+CURRENT = "current"
+PINNED = "pinned"
+
+
+class ModelLogError(RuntimeError):
+    """The models topic could not be written or read; nothing was switched."""
+
+
+@dataclass
+class Registry:
+    """The registry as the models topic records it, read up to ``end_offset``."""
+
+    bundles: dict[int, ModelBundle] = field(default_factory=dict)
+    current: int | None = None
+    pinned: int | None = None
+    end_offset: int = 0
+    invalid_records: int = 0
+
+    @property
+    def max_version(self) -> int:
+        return max(self.bundles, default=0)
+
+    @property
+    def next_segment_id(self) -> int:
+        """One more than every segment id any published bundle carried.
+
+        >>> Registry().next_segment_id
+        0
+        """
+        ids = [sid for b in self.bundles.values() for sid in b.segment_ids]
+        return max(ids, default=-1) + 1
+
+    def current_bundle(self) -> ModelBundle | None:
+        """The current version's bundle; the newest bundle if the pointer record is missing."""
+        if self.current in self.bundles:
+            return self.bundles[self.current]
+        return self.bundles.get(self.max_version)
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """Fold one record of the topic into the registry."""
+        name = (key or b"").decode("utf-8", "replace")
+        if name in (CURRENT, PINNED):
+            version = _version_of(value)
+            if name == CURRENT and version is not None:
+                self.current = version
+            elif name == PINNED:
+                self.pinned = version
+            return
+        if not name.startswith("v") or value is None:
+            return
+        try:
+            bundle = ModelBundle.from_json(value)
+        except BundleError as exc:
+            self.invalid_records += 1
+            log.error("models topic: invalid bundle record skipped",
+                      extra={"key": name[:40], "error": str(exc)})
+            return
+        if name != f"v{bundle.version}":
+            self.invalid_records += 1
+            log.error("models topic: bundle under the wrong key skipped", extra={"key": name[:40]})
+            return
+        self.bundles[bundle.version] = bundle
+
+
+def _version_of(value: bytes | None) -> int | None:
+    """``{"version": N}`` -> N; anything else (a tombstone, garbage, null) -> None.
+
+    >>> _version_of(b'{"version": 7}'), _version_of(None), _version_of(b'{"version": "x"}')
+    (7, None, None)
+    """
+    if value is None:
+        return None
+    try:
+        version = json.loads(value).get("version")
+    except (ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else None
+
+
+def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
+    """The models topic's high watermark: where the next record will go."""
+    consumer = Consumer(reader_config(settings, "models-probe"))
+    try:
+        tp = TopicPartition(settings.models_topic, 0)
+        _, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
+                           "models topic watermark")
+        return int(high)
+    except KafkaException as exc:
+        if exc.args[0].code() in MISSING:
+            return 0  # nothing was ever published (the topic is created with the first run)
+        raise
+    finally:
+        consumer.close()
+
+
+def read_registry(settings: Settings, timeout_s: float = 60.0) -> Registry:
+    """Read the whole models topic (it is compacted: one record per key, plus what the cleaner
+    has not reached yet) and fold it into a ``Registry``."""
+    registry = Registry()
+    consumer = Consumer(reader_config(settings, "models-reader"))
+    try:
+        tp = TopicPartition(settings.models_topic, 0)
+        low, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False),
+                             "models topic watermark")
+        registry.end_offset = int(high)
+        if high <= low:
+            return registry
+        consumer.assign([TopicPartition(settings.models_topic, 0, int(low))])
+        deadline = time.monotonic() + timeout_s
+        position = int(low)
+        while position < high:
+            if time.monotonic() > deadline:
+                raise ModelLogError(f"models topic read incomplete at offset {position} of {high}")
+            for msg in consumer.consume(num_messages=500, timeout=0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        position = high
+                    elif not is_transient(err):
+                        raise ModelLogError(f"models topic read: {err.str()}")
+                    continue
+                offset = msg.offset() or 0
+                if offset >= high:
+                    position = high
+                    continue
+                registry.apply(msg.key(), msg.value())
+                position = offset + 1
+    finally:
+        consumer.close()
+    return registry
+
+
+class ModelLog:
+    """Appends to the models topic with an idempotent producer and ``acks=all``; ``append``
+    returns only once the broker has every record, or raises ``ModelLogError``."""
+
+    def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
+        self.topic = settings.models_topic
+        self.timeout_s = timeout_s
+        self._producer = Producer(producer_config(settings))
+
+    def append(self, records: list[tuple[str, bytes | None]]) -> int:
+        """Write ``records`` in order; returns the offset after the last one."""
+        errors: list[str] = []
+        last = -1
+
+        def on_delivery(err: KafkaError | None, msg: object) -> None:
+            nonlocal last
+            if err is not None:
+                errors.append(err.str())
+            else:
+                last = max(last, int(msg.offset()))  # type: ignore[attr-defined]
+
+        for key, value in records:
+            self._producer.produce(self.topic, key=key.encode(), value=value, on_delivery=on_delivery)
+        pending = self._producer.flush(self.timeout_s)
+        if pending or errors or last < 0:
+            raise ModelLogError(f"models topic write failed: {pending} pending, errors {errors[:3]}")
+        return last + 1
+
+    def publish(self, bundle: ModelBundle) -> int:
+        """The bundle, then the pointer to it."""
+        return self.append([
+            (f"v{bundle.version}", bundle.to_json().encode()),
+            (CURRENT, json.dumps({"version": bundle.version}).encode()),
+        ])
+
+    def point_at(self, version: int) -> int:
+        return self.append([(CURRENT, json.dumps({"version": version}).encode())])
+
+    def pin(self, version: int | None) -> int:
+        return self.append([(PINNED, json.dumps({"version": version}).encode())])
+
+
+def sync_store(settings: Settings, store: ModelStore) -> bool:
+    """Bring the Redis cache and the models topic into agreement; True if anything was written.
+
+    * Redis behind the topic (emptied, restarted without its data, restored from an old
+      snapshot): the cache is rebuilt from the topic.
+    * The topic behind Redis (deleted and recreated, or written before this existed): every
+      version Redis still holds is appended to it first, so that the record of truth is whole.
+
+    Cheap when both agree: one watermark request and one GET."""
+    end = end_offset(settings)
+    if end > 0 and store.registry_offset() == end:
+        return False
+    registry = read_registry(settings) if end > 0 else Registry()
+    if backfill(settings, store, registry):
+        registry = read_registry(settings)
+    if not registry.bundles:
+        return False
+    current = registry.current if registry.current in registry.bundles else registry.max_version
+    moved = store.restore(
+        list(registry.bundles.values()), registry.max_version, registry.next_segment_id,
+        current, registry.pinned, registry.end_offset,
+    )
+    log.warning("model cache brought up to the models topic",
+                extra={"versions": len(registry.bundles), "current": current,
+                       "pointer_moved": moved, "invalid_records": registry.invalid_records})
+    return True
+
+
+def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
+    """Append to the models topic the valid versions Redis holds and the topic lacks, then the
+    pointer and the pin; True if anything was appended."""
+    records: list[tuple[str, bytes | None]] = []
+    for version in store.versions():
+        if version in registry.bundles:
+            continue
+        try:
+            records.append((f"v{version}", store.load(version).to_json().encode()))
+        except BundleError as exc:
+            log.error("version not backfilled to the models topic", extra={"version": version,
+                                                                            "error": str(exc)})
+    if not records:
+        return False
+    current, pinned = store.current_version(), store.pinned()
+    if current is not None and current > (registry.current or 0):
+        records.append((CURRENT, json.dumps({"version": current}).encode()))
+    if pinned is not None and registry.pinned is None:
+        records.append((PINNED, json.dumps({"version": pinned}).encode()))
+    ModelLog(settings).append(records)
+    log.warning("models topic backfilled from Redis", extra={"records": len(records)})
+    return True

@@ -1,0 +1,219 @@
+"""The bad day on the real broker: hostile messages, outputs the broker refuses, a deleted output
+topic, a fenced exactly-once instance, hostile rows in the training window."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+from consumer.delivery import DeliveryStopped, ExactlyOnce
+from consumer.scoring import OutRecord
+from segmentation.events import CustomerEvent
+from segmentation.kafka import consumer_config, producer_config
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from tests.conftest import (
+    RunningConsumer,
+    customers,
+    produce_events,
+    read_outputs,
+    read_topic,
+    running_consumer,
+    wait_until,
+)
+from trainer.pipeline import train_once
+from trainer.window import CustomerSample, read_window
+
+
+def good_event(event_id: str, **changes: object) -> dict[str, object]:
+    event: dict[str, object] = {
+        "customer_id": f"n-{event_id}", "event_time": int(time.time() * 1000), "event_id": event_id,
+        "features": {"recency_days": 3, "frequency_90d": 14, "monetary_90d": 812.5,
+                     "avg_basket_value": 58.0, "sessions_30d": 22, "tenure_days": 730},
+        "attributes": {"channel": "app"},
+    }
+    event.update(changes)
+    return event
+
+
+def hostile_messages() -> dict[str, bytes]:
+    """The messages of issue 8 that stopped a partition or a training run."""
+    huge_integer = json.dumps(good_event("h6")).replace('"recency_days": 3', '"recency_days": 1' + "0" * 310)
+    return {
+        "customer_id of 500,000 characters": json.dumps(good_event("h1", customer_id="c" * 500_000)).encode(),
+        "garbage just under 1 MB": bytes(random.Random(1).randbytes(999_000)),
+        "attribute key of 600 KB": json.dumps(good_event("h3", attributes={"k" * 600_000: "v"})).encode(),
+        "event_time 9999-12-31T23:59:59-23:59": json.dumps(
+            good_event("h4", event_time="9999-12-31T23:59:59-23:59")).encode(),
+        "event_time 2**63": json.dumps(good_event("h5", event_time=2**63)).encode(),
+        "a 310-digit feature": huge_integer.encode(),
+    }
+
+
+def produce(settings: Settings, values: list[bytes], key: bytes = b"k") -> None:
+    producer = Producer(producer_config(settings))
+    for value in values:
+        producer.produce(settings.events_topic, key=key, value=value)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def committed(settings: Settings) -> int:
+    consumer = Consumer(consumer_config(settings, exactly_once=False))
+    meta = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic]
+    offsets = consumer.committed([TopicPartition(settings.events_topic, p) for p in meta.partitions], 10)
+    consumer.close()
+    return sum(max(tp.offset, 0) for tp in offsets)
+
+
+def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
+    settings: Settings, store: ModelStore, trainer_metrics
+) -> None:
+    produce_events(settings, customers(600))
+    assert train_once(settings, store, trainer_metrics).result == "published"
+    hostile = hostile_messages()
+    values: list[bytes] = []
+    for i, value in enumerate(hostile.values()):
+        values += [json.dumps(good_event(f"good-{i}")).encode(), value]
+    values.append(json.dumps(good_event("good-last")).encode())
+    with running_consumer(settings) as rc:
+        produce(settings, values)  # one key: one partition, in this order
+        good_ids = {f"good-{i}" for i in range(len(hostile))} | {"good-last"}
+        outputs = read_outputs(settings, good_ids, timeout_s=60)
+        dlq = read_topic(settings, settings.dlq_topic, lambda rs: len(rs) >= len(hostile), 60)
+        assert rc.error is None
+
+    assert good_ids <= set(outputs)
+    assert len(dlq) == len(hostile)
+    for letter in dlq:
+        size = len(letter.value or b"") + len(letter.key or b"") + sum(
+            len(k) + len(v) for k, v in letter.headers.items())
+        assert size <= settings.max_record_bytes
+    reasons = sorted(letter.headers["dlq.reason"].decode() for letter in dlq)
+    assert reasons == sorted(["too_large", "too_large", "too_large", "event_time_out_of_range",
+                              "event_time_out_of_range", "out_of_range"])
+    truncated = [d for d in dlq if "dlq.truncated" in d.headers]
+    assert [int(d.headers["dlq.original.value.bytes"]) for d in truncated] == [999_000]
+
+
+def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
+    settings_factory, trainer_metrics
+) -> None:
+    # one record per produce request, so the broker judges each output on its own
+    settings = settings_factory(kafka_extra={"batch.num.messages": "1"})
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    produce_events(settings, customers(600))
+    assert train_once(settings, store, trainer_metrics).result == "published"
+    resource = ConfigResource("topic", settings.segments_topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", "900", incremental_operation=AlterConfigOpType.SET)])
+    admin = AdminClient(settings.kafka_common())
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+    # 1,000 bytes of UTF-8 within the 250-character limit, random so that lz4 cannot shrink it
+    rng = random.Random(7)
+    wide = "".join(chr(0x20000 + rng.randrange(40_000)) for _ in range(250))
+    values = [json.dumps(good_event("before")).encode(),
+              json.dumps(good_event("wide", customer_id=wide)).encode(),
+              json.dumps(good_event("after")).encode()]
+    with running_consumer(settings) as rc:
+        produce(settings, values)
+        outputs = read_outputs(settings, {"before", "after"}, timeout_s=60)
+        dlq = read_topic(settings, settings.dlq_topic, lambda rs: len(rs) >= 1, 60)
+        wait_until(lambda: rc.metrics.dead_letters.labels("output_rejected")._value.get() == 1)
+    assert {"before", "after"} <= set(outputs) and "wide" not in outputs
+    assert [d.headers["dlq.reason"] for d in dlq] == [b"output_rejected"]
+    assert b"size" in dlq[0].headers["dlq.error"].lower() or b"large" in dlq[0].headers["dlq.error"].lower()
+    assert dlq[0].value == values[1]
+
+
+def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_and_loses_nothing(
+    settings_factory, trainer_metrics
+) -> None:
+    settings = settings_factory(delivery_timeout_s=20.0)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    produce_events(settings, customers(300))
+    assert train_once(settings, store, trainer_metrics).result == "published"
+    rc = RunningConsumer(settings).start()
+    try:
+        wait_until(lambda: rc.metrics.events.labels("scored")._value.get() >= 300, 60, "first events")
+        wait_until(lambda: committed(settings) >= 300, 30, "first commit")
+        admin = AdminClient(settings.kafka_common())
+        admin.delete_topics([settings.segments_topic])[settings.segments_topic].result(30)
+        produce(settings, [json.dumps(good_event(f"late-{i}")).encode() for i in range(20)])
+        rc.thread.join(120)
+        assert not rc.thread.is_alive(), "the consumer did not stop on a missing output topic"
+        assert isinstance(rc.error, DeliveryStopped), rc.error
+        assert committed(settings) == 300  # the failing batch's offsets were not committed
+    finally:
+        rc._stop.set()
+        rc.thread.join(30)
+
+    # the operator recreates the topic and restarts: the uncommitted events are scored
+    admin.create_topics([NewTopic(settings.segments_topic, settings.events_partitions, 1)])[
+        settings.segments_topic].result(30)
+    wait_until(lambda: _has_leaders(admin, settings.segments_topic), 30, "leaders")
+    with running_consumer(settings):
+        outputs = read_outputs(settings, {f"late-{i}" for i in range(20)}, timeout_s=60)
+    assert {f"late-{i}" for i in range(20)} <= set(outputs)
+
+
+def _has_leaders(admin: AdminClient, topic: str) -> bool:
+    listed = admin.list_topics(topic, timeout=10).topics.get(topic)
+    return bool(listed and listed.partitions and all(p.leader >= 0 for p in listed.partitions.values()))
+
+
+def test_a_fenced_exactly_once_instance_stops_with_one_clear_error(settings: Settings) -> None:
+    tid = f"{settings.transactional_id}-fence"
+    consumer = Consumer(consumer_config(settings, exactly_once=True))
+    consumer.subscribe([settings.events_topic])
+    consumer.poll(1)
+    first = ExactlyOnce(Producer(producer_config(settings, tid)), consumer, 10)
+    second = ExactlyOnce(Producer(producer_config(settings, tid)), consumer, 10)
+    record = OutRecord(settings.segments_topic, b"k", b"{}", [])
+    try:
+        first.deliver([record], [], lambda r, e: None)
+        raise AssertionError("the fenced producer delivered")
+    except DeliveryStopped as exc:
+        assert "fenced" in str(exc).lower() or "epoch" in str(exc).lower(), exc
+    second.deliver([record], [], lambda r, e: None)  # the newer instance goes on
+    consumer.close()
+
+
+def test_default_transactional_ids_differ_between_processes_on_one_host() -> None:
+    assert Settings().transactional_id != Settings().transactional_id
+
+
+def test_hostile_rows_in_the_window_never_fail_a_training_run(
+    settings: Settings, store: ModelStore, trainer_metrics
+) -> None:
+    produce_events(settings, customers(600))
+    produce(settings, list(hostile_messages().values()))
+    result = train_once(settings, store, trainer_metrics)
+    assert result.result == "published", result.detail
+    window = read_window(settings)
+    assert window.rows_invalid == len(hostile_messages())
+    assert sum(window.invalid_reasons.values()) == window.rows_invalid
+
+
+def test_the_window_sample_is_bounded_and_independent_of_the_read_order() -> None:
+    events = [
+        (CustomerEvent(customer_id=f"c{i % 5000}", event_time=i, features={"x": i}), (i % 6, i))
+        for i in range(20_000)
+    ]
+
+    def sample(order: list[tuple[CustomerEvent, tuple[int, int]]]) -> list[tuple[str, float]]:
+        s = CustomerSample(cap=300, salt=42)
+        for event, position in order:
+            s.offer(event, position)
+        return sorted((e.customer_id, e.features["x"]) for e in s.events())
+
+    shuffled = events[:]
+    random.Random(3).shuffle(shuffled)
+    kept = sample(events)
+    assert len(kept) == 300 and kept == sample(shuffled)
+    # each kept customer's latest event (customer c{j} last appears at 15000 + j)
+    assert all(x == 15_000 + int(cid[1:]) for cid, x in kept)

@@ -1,0 +1,353 @@
+"""No single message can stop a partition: bounded input, the per-message safety net, dead
+letters that always fit, bundle validation, and property-based fuzzing of bytes in, records out.
+
+The fuzz budget is ``SEG_FUZZ_EXAMPLES`` (a few hundred in ``make test``, 10,000 in ``make chaos``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.model import ActiveModel
+from consumer.scoring import OutRecord, ScoringRules, record_bytes, score_batch
+from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.events import REASONS, InputContract
+from segmentation.features import FeatureSpec
+
+FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
+FEATURES = ("a", "b")
+MAX_RECORD = 50_000
+NOW_MS = 1_764_410_100_000  # 2025-11-29
+
+
+@dataclass
+class Msg:
+    """A consumed message as the loop sees it (the real class cannot be built in Python)."""
+
+    _value: bytes | None
+    _key: bytes | None = b"k"
+    _offset: int = 0
+    _headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return self._headers
+
+
+def small_bundle(**overrides: object) -> dict:
+    spec = FeatureSpec(numeric=list(FEATURES), vocabulary={"channel": ["app", "other"]},
+                       center=[0.0, 0.0], scale=[1.0, 1.0])
+    bundle = ModelBundle(
+        version=1, features=spec, centroids=[[0, 0, 1, 0], [5, 5, 0, 1]], segment_ids=[0, 1],
+        segment_names=["x", "y"],
+        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5],
+                        sizes=[1, 1]),
+        lineage=Lineage(topic="t"),
+    )
+    raw = json.loads(bundle.to_json())
+    raw.update(overrides)
+    return raw
+
+
+MODEL = ActiveModel.of(ModelBundle.model_validate(small_bundle()))
+RULES = ScoringRules(
+    InputContract(FEATURES, {f: (-1e12, 1e12) for f in FEATURES}, max_age_s=10 * 365 * 86400.0,
+                  max_skew_s=3600.0),
+    "out", "dlq", MAX_RECORD,
+)
+
+
+def event(**fields: object) -> bytes:
+    base: dict[str, object] = {"customer_id": "c-1", "event_time": NOW_MS, "event_id": "e-1",
+                               "features": {"a": 1.0, "b": 2}, "attributes": {"channel": "app"}}
+    base.update(fields)
+    return json.dumps(base).encode()
+
+
+def score(values: Sequence[bytes | None]) -> tuple[list[OutRecord], list[OutRecord], list[str]]:
+    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], MODEL, RULES, NOW_MS)
+    return batch.outputs, batch.dead_letters, batch.reasons
+
+
+def strict_json(raw: bytes) -> object:
+    def refuse(constant: str) -> object:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(raw, parse_constant=refuse)
+
+
+def assert_one_record_each(values: Sequence[bytes | None]) -> list[str]:
+    """The invariant of the per-message path: one output or one dead letter per message, every
+    record within the size limit, every output strict JSON."""
+    outputs, dead, reasons = score(values)
+    sources = sorted(r.source.offset() for r in outputs + dead if r.source is not None)
+    assert sources == list(range(len(values)))
+    for record in outputs + dead:
+        assert record_bytes(record) <= MAX_RECORD
+    for record in outputs:
+        assert record.value is not None
+        assert isinstance(strict_json(record.value), dict)
+    assert set(reasons) <= set(REASONS)
+    return reasons
+
+
+# --- the examples of issue 8, each a regression test ------------------------------------------
+
+HOSTILE = {
+    "customer_id of 500,000 characters": (event(customer_id="c" * 500_000), "too_large"),
+    "customer_id over the limit": (event(customer_id="c" * 300), "too_long"),
+    "event_id over the limit": (event(event_id="e" * 300), "too_long"),
+    "attribute key of 600 KB": (event(attributes={"k" * 600_000: "v"}), "too_large"),
+    "attribute value over the limit": (event(attributes={"channel": "v" * 300}), "too_long"),
+    "too many attributes": (event(attributes={f"k{i}": "v" for i in range(300)}), "too_long"),
+    "event_time 10**17": (event(event_time=10**17), "event_time_out_of_range"),
+    "event_time 2**63": (event(event_time=2**63), "event_time_out_of_range"),
+    "event_time 253402300800000": (event(event_time=253402300800000), "event_time_out_of_range"),
+    "event_time -10**17": (event(event_time=-10**17), "event_time_out_of_range"),
+    "event_time year 9999 at -23:59": (event(event_time="9999-12-31T23:59:59-23:59"),
+                                       "event_time_out_of_range"),
+    "event_time year 1 at +23:59": (event(event_time="0001-01-01T00:00:00+23:59"),
+                                    "event_time_out_of_range"),
+    "event_time an hour and more ahead": (event(event_time=NOW_MS + 2 * 3600_000), "event_time_out_of_range"),
+    "feature an integer of 310 digits": (event(features={"a": 10**310, "b": 1}), "out_of_range"),
+    # the JSON parser itself refuses integers past 4,300 digits (Python's int/str limit)
+    "feature an integer of 5,000 digits": (b'{"customer_id":"c","event_time":%d,"features":{"a":1%s,"b":1}}'
+                                           % (NOW_MS, b"0" * 5000), "not_json"),
+    "feature 1e400": (b'{"customer_id":"c","event_time":%d,"features":{"a":1e400,"b":1}}' % NOW_MS,
+                      "non_finite"),
+    "garbage just under 1 MB": (b"\x00\xff" * 499_000, "too_large"),
+    "a valid event padded to 990 KB": (event(pad="p" * 990_000), "too_large"),
+    "deeply nested JSON": (b"[" * 10_000, "not_json"),
+    "invalid UTF-8": (b'{"customer_id":"\xff"}', "not_json"),
+    "a tombstone": (None, "not_json"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_message_becomes_one_bounded_dead_letter_and_its_neighbours_are_scored(name: str) -> None:
+    value, reason = HOSTILE[name]
+    reasons = assert_one_record_each([event(), value, event(customer_id="c-2")])
+    assert reasons == [reason]
+
+
+def test_a_dead_letter_of_a_huge_message_keeps_a_prefix_and_the_original_size_and_hash() -> None:
+    huge = b"x" * 999_000
+    _, dead, _ = score([huge])
+    headers = dict(dead[0].headers)
+    assert headers["dlq.original.value.bytes"] == b"999000"
+    assert len(headers["dlq.original.value.sha256"] or b"") == 64
+    assert dead[0].value is not None and huge.startswith(dead[0].value) and len(dead[0].value) > 10_000
+
+
+def test_a_small_dead_letter_keeps_the_original_key_and_bytes_unchanged() -> None:
+    _, dead, _ = score([b"garbage"])
+    assert (dead[0].key, dead[0].value) == (b"k", b"garbage")
+    assert "dlq.truncated" not in dict(dead[0].headers)
+
+
+def test_huge_or_numerous_original_headers_are_bounded_in_the_dead_letter() -> None:
+    msg = Msg(b"garbage", _headers=[(f"h{i}", b"v" * 4096) for i in range(200)])
+    batch = score_batch([msg], MODEL, RULES, NOW_MS)
+    record = batch.dead_letters[0]
+    assert record_bytes(record) <= MAX_RECORD
+    assert int(dict(record.headers)["dlq.headers.dropped"] or 0) > 150
+
+
+def test_an_exception_while_scoring_one_message_dead_letters_only_that_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import consumer.scoring as scoring
+
+    real = scoring.output_value
+
+    def explode_for_boom(ev, *args):  # type: ignore[no-untyped-def]
+        if ev.customer_id == "boom":
+            raise ZeroDivisionError("injected")
+        return real(ev, *args)
+
+    monkeypatch.setattr(scoring, "output_value", explode_for_boom)
+    outputs, dead, reasons = score([event(), event(customer_id="boom"), event(customer_id="c-3")])
+    assert [json.loads(r.value or b"")["customer_id"] for r in outputs] == ["c-1", "c-3"]
+    assert reasons == ["internal_error"]
+    assert dict(dead[0].headers)["dlq.error"] == b"ZeroDivisionError"
+
+
+def test_a_model_that_gives_a_non_finite_distance_dead_letters_instead_of_writing_nan() -> None:
+    # a feature at the edge of its bounds squared overflows: the output would say "distance": NaN
+    wide = ScoringRules(InputContract(FEATURES, {f: (-1e300, 1e300) for f in FEATURES}), "out", "dlq",
+                        MAX_RECORD)
+    batch = score_batch([Msg(event(features={"a": 1e300, "b": 1e300}))], MODEL, wide, NOW_MS)
+    assert batch.reasons == ["internal_error"] and not batch.outputs
+
+
+def test_the_trainer_window_decodes_with_the_same_contract_and_never_raises() -> None:
+    contract = RULES.contract
+    for value, _ in HOSTILE.values():
+        decoded = contract.decode(value, now_ms=NOW_MS)
+        assert hasattr(decoded, "reason")
+
+
+def test_a_far_future_event_never_reaches_the_customer_state() -> None:
+    outputs, _, _ = score([event(event_time="9999-12-31T23:59:59Z")])
+    assert outputs == []
+
+
+# --- bundle validation -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"quality": {**small_bundle()["quality"], "shares": [1.0]}},
+        {"quality": {**small_bundle()["quality"], "sizes": [1, 1, 1]}},
+        {"features": {**small_bundle()["features"], "vocabulary": {"channel": ["app", "web"]}}},
+        {"features": {**small_bundle()["features"], "categorical_weight": 1e308}},
+        {"features": {**small_bundle()["features"], "scale": [5e-324, 1.0]}},
+        {"features": {**small_bundle()["features"], "center": [1e200, 0.0]}},
+        {"created_at": "2026-11-29T10:00:00"},
+        {"centroids": [[1e200, 0, 1, 0], [5, 5, 0, 1]]},
+        {"segment_names": ["x", "y" * 1000]},
+        {"segment_ids": [-1, 1]},
+    ],
+    ids=["shares", "sizes", "no-other", "weight", "subnormal-scale", "huge-center", "naive-time",
+         "huge-centroid", "long-name", "negative-id"],
+)
+def test_a_bundle_that_would_break_consumers_is_refused(poison: dict) -> None:
+    with pytest.raises(BundleError, match="invalid bundle"):
+        ModelBundle.from_json(json.dumps(small_bundle(**poison)))
+
+
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-(10**400), max_value=10**400),
+    st.sampled_from([0, -1, 5e-324, 1e-300, 1e300, 2**63]),
+)
+
+
+def _mutations() -> st.SearchStrategy[tuple[list[str | int], object]]:
+    paths: list[list[str | int]] = [
+        ["centroids", 0, 0], ["centroids", 1, 3], ["features", "scale", 0], ["features", "center", 1],
+        ["features", "categorical_weight"], ["quality", "shares", 0], ["segment_ids", 0], ["version"],
+    ]
+    return st.tuples(st.sampled_from(paths), NUMBERS)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutations=st.lists(_mutations(), min_size=1, max_size=4))
+def test_a_mutated_bundle_is_refused_or_scores_every_event_to_a_finite_output(
+    mutations: list[tuple[list[str | int], object]],
+) -> None:
+    raw = small_bundle()
+    for path, number in mutations:
+        node = raw
+        for step in path[:-1]:
+            node = node[step]
+        node[path[-1]] = number
+    try:
+        text = json.dumps(raw)
+    except (ValueError, OverflowError):
+        return
+    try:
+        bundle = ModelBundle.from_json(text)
+    except BundleError:
+        return
+    model = ActiveModel.of(bundle)
+    values = [event(features={"a": a, "b": -a}) for a in (0.0, 1.0, -1e12, 1e12)]
+    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], model, RULES, NOW_MS)
+    assert len(batch.outputs) + len(batch.dead_letters) == len(values)
+    assert len(batch.outputs) == len(values)  # a valid bundle scores every valid event
+    for record in batch.outputs:
+        strict_json(record.value or b"")
+
+
+# --- property-based fuzzing: bytes in, records out ------------------------------------------
+
+JSON_LEAVES = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=40), NUMBERS,
+    st.integers(min_value=-(2**70), max_value=2**70),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+TIMES = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=NOW_MS - 10**10, max_value=NOW_MS + 10**7),
+    st.datetimes().map(lambda d: d.isoformat() + "Z"),
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    JSON_VALUES,
+)
+TEXT = st.one_of(st.text(max_size=30), st.text(min_size=250, max_size=400), st.just(""))
+EVENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "customer_id": st.one_of(TEXT, JSON_VALUES),
+        "event_time": TIMES,
+        "event_id": st.one_of(TEXT, st.none(), JSON_VALUES),
+        "features": st.one_of(
+            st.fixed_dictionaries({"a": NUMBERS, "b": NUMBERS}),
+            st.dictionaries(st.sampled_from(["a", "b", "c"]), JSON_LEAVES),
+        ),
+        "attributes": st.one_of(st.dictionaries(TEXT, TEXT, max_size=4), JSON_VALUES),
+        "extra": JSON_VALUES,
+    },
+)
+
+
+def _encode(doc: object) -> bytes:
+    try:
+        return json.dumps(doc).encode()
+    except (ValueError, OverflowError):  # integers past Python's str() digit limit
+        return b"{}"
+
+
+MESSAGES = st.one_of(
+    EVENTS.map(_encode),
+    st.binary(max_size=200),
+    JSON_VALUES.map(_encode),
+    st.builds(lambda n: event(pad="p" * n), st.integers(min_value=0, max_value=200_000)),
+    st.none(),
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(values=st.lists(MESSAGES, min_size=1, max_size=8))
+def test_fuzz_every_message_gives_exactly_one_bounded_record(values: list[bytes | None]) -> None:
+    assert_one_record_each([event(), *values])
+
+
+def test_a_high_cardinality_attribute_cannot_widen_the_model_without_bound() -> None:
+    from segmentation.events import CustomerEvent
+    from segmentation.features import fit_spec
+    from segmentation.settings import Settings
+
+    s = Settings()
+    events = [CustomerEvent(customer_id=f"c{i}", event_time=0, features={"a": i, "b": 1},
+                            attributes={"channel": f"v{i % 2000}" if i % 3 else "app"})
+              for i in range(12_000)]
+    spec = fit_spec(events, FEATURES, ("channel",), "standard",
+                    vocabulary_min_count=s.vocabulary_min_count, vocabulary_max=s.vocabulary_max)
+    assert len(spec.columns) <= len(FEATURES) + s.vocabulary_max + 1
+    assert spec.vocabulary["channel"][0] == "app"
