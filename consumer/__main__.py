@@ -69,7 +69,7 @@ def main() -> int:
     loop = ConsumeLoop(
         settings, consumer, build_delivery(settings, consumer),
         ModelStore(redis_client, settings.redis_prefix),
-        CustomerStore(redis_client, settings.redis_prefix, settings.customer_ttl_s), metrics,
+        CustomerStore.for_settings(settings), metrics,
     )
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port, ready=lambda: loop.ready)

@@ -22,7 +22,7 @@ from consumer.quality import QualityTracker, centroid_drift
 from consumer.scoring import OutRecord, ScoredBatch, ScoringRules, coordinates, score_batch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
-from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore
+from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore, PartialWrite
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ class ConsumeLoop:
             self.customers.write_latest(batch.customers)
         except redis.RedisError as exc:  # unreachable, but also full (OOM) or read-only
             self.metrics.redis_errors.labels("customer_write").inc()
-            self.metrics.customer_writes_skipped.inc(len(batch.customers))
+            skipped = exc.failed if isinstance(exc, PartialWrite) else len(batch.customers)
+            self.metrics.customer_writes_skipped.inc(skipped)
             if not isinstance(exc, REDIS_ERRORS):
                 log.error("customer writes refused by Redis", extra={"error": str(exc)})
 

@@ -15,6 +15,11 @@
 #   KAFKA_READY_TIMEOUT (60 s), REDIS_READY_TIMEOUT (15 s), STOP_TIMEOUT (60 s), JAVA_HOME.
 # status exits 0 when both services are up, 3 otherwise.
 #
+# Redis Cluster for per-customer state past one node (not part of up/down/status):
+#   scripts/stack.sh redis-cluster-up | redis-cluster-down | redis-cluster-node-start PORT
+# three cluster-mode redis-server processes on $REDIS_CLUSTER_PORTS (7001 7002 7003), no
+# replicas, data in $STACK_DIR/redis-cluster/<port> (a restarted node rejoins).
+#
 # Prometheus (Debian's `prometheus` binary; not part of up/down/status):
 #   scripts/stack.sh prometheus-up [CONFIG]   # default monitoring/prometheus.yml
 #   scripts/stack.sh prometheus-down | prometheus-status | prometheus-reload
@@ -36,6 +41,7 @@ REDIS_READY_TIMEOUT="${REDIS_READY_TIMEOUT:-15}"
 # Persistence on (append-only file in $STACK_DIR/redis); when full, Redis evicts only keys with a
 # TTL (per-customer state, replica state), never the model registry.
 REDIS_MAXMEMORY="${REDIS_MAXMEMORY:-1gb}"
+REDIS_CLUSTER_PORTS="${REDIS_CLUSTER_PORTS:-7001 7002 7003}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-60}"
 
 HOST=127.0.0.1
@@ -426,6 +432,56 @@ prometheus_status() { # exits 0 when ready, 3 otherwise
   return $rc
 }
 
+# --- Redis Cluster (per-customer state past one node) ------------------------------------------
+# Three redis-server processes in cluster mode (no replicas), each with its data and nodes.conf
+# in $STACK_DIR/redis-cluster/<port>, so that a node restarted on its port rejoins the cluster.
+
+cluster_node_pidfile() { printf '%s/redis-cluster/%s/redis.pid\n' "$STACK_DIR" "$1"; }
+
+cluster_node_start() { # port
+  local port="$1" dir="$STACK_DIR/redis-cluster/$1"
+  command -v redis-server >/dev/null || die "redis-server not found (apt-get install redis-server)"
+  mkdir -p "$dir"
+  if redis-cli -h "$HOST" -p "$port" ping >/dev/null 2>&1; then return 0; fi
+  redis-server --bind "$HOST" --port "$port" --daemonize yes --dir "$dir" \
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" --cluster-enabled yes \
+    --cluster-config-file nodes.conf --cluster-node-timeout 2000 --cluster-require-full-coverage no \
+    --appendonly yes --save '' \
+    </dev/null 9>&- || die "redis cluster node $port failed to start"
+  local start=$SECONDS
+  until redis-cli -h "$HOST" -p "$port" ping >/dev/null 2>&1; do
+    [ $((SECONDS - start)) -ge "$REDIS_READY_TIMEOUT" ] && die "redis cluster node $port not answering"
+    sleep 0.1
+  done
+}
+
+cluster_up() {
+  local port nodes=()
+  for port in $REDIS_CLUSTER_PORTS; do
+    cluster_node_start "$port"
+    nodes+=("$HOST:$port")
+  done
+  local first="${REDIS_CLUSTER_PORTS%% *}"
+  if ! redis-cli -h "$HOST" -p "$first" cluster info | grep -q 'cluster_known_nodes:[2-9]'; then
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null ||
+      die "redis-cli --cluster create failed"
+  fi
+  local start=$SECONDS
+  until redis-cli -h "$HOST" -p "$first" cluster info | grep -q 'cluster_state:ok'; do
+    [ $((SECONDS - start)) -ge 30 ] && die "redis cluster not ok after 30s"
+    sleep 0.2
+  done
+  log "redis cluster ready on ${nodes[*]}"
+}
+
+cluster_down() {
+  local port pid
+  for port in $REDIS_CLUSTER_PORTS; do
+    pid="$(cat "$(cluster_node_pidfile "$port")" 2>/dev/null || true)"
+    if [ -n "$pid" ] && pid_alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
+}
+
 # ---------------------------------------------------------------------------------------------
 
 status() {
@@ -440,7 +496,7 @@ status() {
 }
 
 usage() {
-  sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd="${1:-}"
@@ -460,6 +516,9 @@ case "$cmd" in
   kafka-stop) take_lock; kafka_stop ;;
   redis-start) take_lock; redis_start ;;
   redis-stop) take_lock; redis_stop ;;
+  redis-cluster-up) take_lock; cluster_up ;;
+  redis-cluster-down) take_lock; cluster_down ;;
+  redis-cluster-node-start) cluster_node_start "${2:?port}" ;;
   prometheus-up) take_lock; prometheus_start "${2:-}" ;;
   prometheus-down) take_lock; prometheus_stop ;;
   prometheus-reload) prometheus_reload ;;

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("seg", description="namespace of every Redis key and channel")
     redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis calls")
     redis_retries: int = Field(2, ge=0, description="retries (exponential backoff) per Redis call")
+    customer_redis_url: str | None = Field(
+        None, description="Redis for per-customer state; null = SEG_REDIS_URL"
+    )
+    customer_redis_cluster: bool = Field(
+        False, description="per-customer state on a Redis Cluster (SEG_CUSTOMER_REDIS_URL names one node)"
+    )
     customer_ttl_s: int = Field(
         30 * 86400, ge=0,
         description="TTL of per-customer state (evictable when Redis is full); 0 = none (never evicted)",

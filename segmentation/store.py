@@ -33,6 +33,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from segmentation.bundle import BundleError, ModelBundle
@@ -132,8 +133,32 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+def connect_customers(settings: Settings) -> redis.Redis | RedisCluster:
+    """The client for per-customer state: the model store's Redis, another one, or a Redis
+    Cluster when one node cannot hold every customer."""
+    url = settings.customer_redis_url or settings.redis_url
+    if not settings.customer_redis_cluster:
+        return connect(settings) if url == settings.redis_url else connect(
+            settings.model_copy(update={"redis_url": url}))
+    return RedisCluster.from_url(
+        url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.redis_retries),
+    )
+
+
 class PublishConflict(RuntimeError):
     """Another trainer published on the same base version first."""
+
+
+class PartialWrite(redis.RedisError):
+    """Some of a batch's customer writes failed (a cluster node down); the rest are written."""
+
+    def __init__(self, message: str, written: int, failed: int) -> None:
+        super().__init__(message)
+        self.written = written
+        self.failed = failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,13 +344,19 @@ class ModelStore:
 
 
 class CustomerStore:
-    """Latest segment per customer. Writes are idempotent under replay."""
+    """Latest segment per customer. Writes are idempotent under replay, and work on a single
+    Redis (one script call per batch) or a Redis Cluster (per node, one pipeline of script
+    calls, one per hash slot: a script may only touch keys of one slot)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_s: int = 0) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str, ttl_s: int = 0) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._write = client.register_script(_WRITE_CUSTOMERS)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CustomerStore:
+        return cls(connect_customers(settings), settings.redis_prefix, settings.customer_ttl_s)
 
     def key(self, customer_id: str) -> str:
         return f"{self.prefix}:customer:{customer_id}"
@@ -339,10 +370,39 @@ class CustomerStore:
                 latest[a.customer_id] = a
         if not latest:
             return 0
-        rows = [[a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
-                for a in latest.values()]
-        keys = [self.key(c) for c in latest]
-        return int(self._write(keys=keys, args=[json.dumps(rows), self.ttl_s]))
+        rows = {self.key(c): [a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
+                for c, a in latest.items()}
+        if not isinstance(self.client, RedisCluster):
+            return int(self._write(keys=list(rows), args=[json.dumps(list(rows.values())), self.ttl_s]))
+        return self._write_cluster(rows)
+
+    def _write_cluster(self, rows: dict[str, list[Any]]) -> int:
+        """One round trip per node. A node that fails (down, failing over) costs only its own
+        customers' writes, which raise after the others are written."""
+        cluster = self.client
+        assert isinstance(cluster, RedisCluster)
+        by_node: dict[str, dict[int, list[str]]] = {}
+        for key in rows:
+            slot = cluster.keyslot(key)
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+            by_node.setdefault(node.name, {}).setdefault(slot, []).append(key)
+        written, failed = 0, 0
+        first_error: redis.RedisError | None = None
+        for name, slots in by_node.items():
+            node = cluster.get_node(node_name=name)
+            try:
+                pipe = node.redis_connection.pipeline(transaction=False)
+                for keys in slots.values():
+                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s],
+                                client=pipe)
+                written += sum(int(n) for n in pipe.execute())
+            except redis.RedisError as exc:
+                failed += sum(len(keys) for keys in slots.values())
+                first_error = first_error or exc
+                cluster.nodes_manager.initialize()  # the slot map may have moved
+        if first_error is not None:
+            raise PartialWrite(f"{failed} customer writes failed: {first_error}", written, failed)
+        return written
 
     def get(self, customer_id: str) -> dict[str, str]:
         raw: dict[bytes, bytes] = self.client.hgetall(self.key(customer_id))  # type: ignore[assignment]

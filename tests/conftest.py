@@ -196,7 +196,7 @@ class RunningConsumer:
         self.loop = ConsumeLoop(
             settings, consumer, build_delivery(settings, consumer),
             ModelStore(client, settings.redis_prefix),
-            CustomerStore(client, settings.redis_prefix), self.metrics,
+            CustomerStore.for_settings(settings), self.metrics,
         )
         self._stop = threading.Event()
         self.error: BaseException | None = None

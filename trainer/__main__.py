@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(connect(settings), settings.redis_prefix)
-    catch_up(settings, store)
+    if args.command not in ("once", "run"):  # those catch up themselves, after creating topics
+        catch_up(settings, store)
     try:
         return run_command(args, settings, store)
     except (BundleError, PublishConflict) as exc:
