@@ -8,6 +8,7 @@ COPY segmentation ./segmentation
 COPY consumer ./consumer
 COPY trainer ./trainer
 COPY demo ./demo
+COPY bench ./bench
 RUN pip install --no-cache-dir '.[report]'
 USER app
 EXPOSE 9100

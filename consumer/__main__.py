@@ -62,13 +62,17 @@ def main() -> int:
     stop = StopFlag(settings.shutdown_timeout_s)
     signal.signal(signal.SIGTERM, stop.handle)
     signal.signal(signal.SIGINT, stop.handle)
-    ensure_topics(settings)
     redis_client = connect(settings)
     metrics = ConsumerMetrics()
-    consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+    try:
+        ensure_topics(settings)
+        consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+        delivery = build_delivery(settings, consumer)
+    except KafkaException as exc:  # broker unreachable, not authorised, transactions refused
+        log.error("cannot start: Kafka refused the setup", extra={"error": str(exc)})
+        return EXIT_KAFKA_FATAL
     loop = ConsumeLoop(
-        settings, consumer, build_delivery(settings, consumer),
-        ModelStore(redis_client, settings.redis_prefix),
+        settings, consumer, delivery, ModelStore(redis_client, settings.redis_prefix),
         CustomerStore.for_settings(settings), metrics,
     )
     if settings.metrics_port:

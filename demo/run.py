@@ -16,12 +16,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
 from demo.producer import DemoProducer
-from segmentation.kafka import ensure_topics
+from segmentation.kafka import client_common, ensure_topics, retrying
 from segmentation.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +49,9 @@ class Subscriber(threading.Thread):
         self.observed = Observed()
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        # kafka_common: the same bootstrap, passed-through options and password as the services
+        # the same bootstrap, passed-through options, password and log routing as the services
         self.consumer = Consumer({
-            **settings.kafka_common(), "group.id": f"demo-subscriber-{run_id}",
+            **client_common(settings), "group.id": f"demo-subscriber-{run_id}",
             "enable.auto.commit": False, "isolation.level": "read_committed",
         })
         self.consumer.assign(self._from_end([settings.segments_topic, settings.dlq_topic]))
@@ -58,9 +59,11 @@ class Subscriber(threading.Thread):
     def _from_end(self, topics: list[str]) -> list[TopicPartition]:
         assignment = []
         for topic in topics:
-            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
-            for p in meta.partitions:
-                _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            # a fresh broker answers NOT_LEADER_FOR_PARTITION for a moment after topic creation
+            meta = retrying(partial(self.consumer.list_topics, topic, timeout=10), "list_topics")
+            for p in meta.topics[topic].partitions:
+                _, high = retrying(partial(self.consumer.get_watermark_offsets, TopicPartition(topic, p),
+                                           timeout=10), "get_watermark_offsets")
                 assignment.append(TopicPartition(topic, p, high))
         return assignment
 

@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 T = TypeVar("T")
 
@@ -68,6 +69,12 @@ def retrying(call: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
             log.warning("transient Kafka error; retrying", extra={"call": what, "error": error.str()})
 
 
+def client_common(settings: Settings) -> dict[str, Any]:
+    """What every client gets: the shared options, and librdkafka's own log lines routed through
+    the project's logger (so ``SEG_LOG_JSON=true`` output stays one JSON object per line)."""
+    return {**settings.kafka_common(), "logger": LIBRDKAFKA_LOG}
+
+
 def consumer_config(settings: Settings, exactly_once: bool) -> dict[str, Any]:
     """At-least-once: offsets are *stored* by the loop only after outputs are acknowledged and
     auto-committed on an interval. Exactly-once: offsets go through the producer transaction."""
@@ -83,7 +90,7 @@ def consumer_config(settings: Settings, exactly_once: bool) -> dict[str, Any]:
         "session.timeout.ms": 10000,
         "heartbeat.interval.ms": 1000,
     }
-    conf.update(settings.kafka_common())
+    conf.update(client_common(settings))
     return conf
 
 
@@ -100,7 +107,7 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
     }
     if transactional_id is not None:
         conf["transactional.id"] = transactional_id
-    conf.update(settings.kafka_common())
+    conf.update(client_common(settings))
     return conf
 
 
@@ -114,7 +121,7 @@ def reader_config(settings: Settings, purpose: str) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "enable.partition.eof": True,
     }
-    conf.update(settings.kafka_common())
+    conf.update(client_common(settings))
     return conf
 
 
@@ -134,8 +141,9 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are."""
-    admin = AdminClient(settings.kafka_common())
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    admin = AdminClient(client_common(settings))
+    # a broker still starting (compose, a restart) answers with transient errors for a while
+    existing = set(retrying(lambda: admin.list_topics(timeout=timeout_s), "list_topics", 60.0).topics)
     missing = [t for t in topic_specs(settings) if t.topic not in existing]
     if not missing:
         return []
@@ -168,7 +176,7 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -
 
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
-    admin = AdminClient(settings.kafka_common())
+    admin = AdminClient(client_common(settings))
     for future in admin.delete_topics(names, request_timeout=timeout_s).values():
         try:
             future.result(timeout=timeout_s)

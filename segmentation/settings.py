@@ -190,6 +190,11 @@ class Settings(BaseSettings):
         unknown = set(self.feature_bounds) - set(self.features)
         if unknown:
             raise ValueError(f"feature_bounds not in features: {sorted(unknown)}")
+        timeout = self.kafka_extra.get("message.timeout.ms")
+        if timeout is not None and not (timeout.isdigit() and 0 < int(timeout) <= 120_000):
+            # every record must get its delivery report in bounded time: the delivery policy
+            # waits for all of them before retrying, so that no second copy is ever in flight
+            raise ValueError(f"kafka_extra message.timeout.ms must be 1..120000, not {timeout!r}")
         for name, (low, high) in self.feature_bounds.items():
             if not low < high:
                 raise ValueError(f"feature_bounds[{name}]: min {low} must be < max {high}")

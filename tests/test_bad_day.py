@@ -217,3 +217,20 @@ def test_the_window_sample_is_bounded_and_independent_of_the_read_order() -> Non
     assert len(kept) == 300 and kept == sample(shuffled)
     # each kept customer's latest event (customer c{j} last appears at 15000 + j)
     assert all(x == 15_000 + int(cid[1:]) for cid, x in kept)
+
+
+def test_librdkafka_log_lines_go_through_the_project_logger_not_raw_to_stderr(
+    capfd, caplog
+) -> None:
+    import logging
+
+    dead = Settings(kafka_bootstrap="127.0.0.1:1", consumer_group="nobody")
+    consumer = Consumer(consumer_config(dead, exactly_once=False))
+    with caplog.at_level(logging.DEBUG, logger="librdkafka"):
+        consumer.subscribe(["anything"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not caplog.records:
+            consumer.poll(0.5)
+    consumer.close()
+    assert any(r.name == "librdkafka" for r in caplog.records)
+    assert "%3|" not in capfd.readouterr().err  # librdkafka's raw format never reaches stderr

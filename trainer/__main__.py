@@ -218,7 +218,11 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
     except ValueError as exc:
         print(f"invalid settings: SEG_NAMES_FILE: {exc}", file=sys.stderr)
         return 2
-    ensure_topics(settings)
+    try:
+        ensure_topics(settings)
+    except KafkaException as exc:
+        print(f"error: Kafka refused the setup: {exc}", file=sys.stderr)
+        return 1
     metrics = TrainerMetrics()
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port)
