@@ -17,7 +17,7 @@ from redis.client import PubSub
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
-from segmentation.model_log import ModelLogError, sync_store
+from segmentation.model_log import ModelLogError, read_registry, sync_store
 from segmentation.settings import Settings
 from segmentation.store import REDIS_ERRORS, ModelStore
 
@@ -65,12 +65,12 @@ class ModelWatcher:
             version = self.store.current_version()
         except REDIS_ERRORS:
             self.metrics.redis_errors.labels("model_poll").inc()
-            return False
+            return self.active is None and self._from_models_topic()
         except BundleError as exc:
             self._reject(-1, str(exc))
             return False
         if version is None and self.active is None:
-            version = self._restore_from_models_topic()
+            return self._from_models_topic()
         if version is None or version in self._rejected:
             return False
         if self.active is not None and version <= self.active.version:
@@ -78,32 +78,43 @@ class ModelWatcher:
                 # Fencing: an older pointer (a stale replica of Redis, a manual SET) is ignored.
                 self._reject(version, f"v{version} is older than v{self.active.version} in use")
             return False
-        return self._load(version)
-
-    def _restore_from_models_topic(self) -> int | None:
-        """Redis has no model (emptied, restarted without data): rebuild it from the models topic,
-        the record of truth, instead of waiting for the next retrain. At most once per poll."""
-        now = time.monotonic()
-        if now < self._next_restore:
-            return None
-        self._next_restore = now + self.settings.model_poll_s
-        try:
-            if not sync_store(self.settings, self.store):
-                return None
-            return self.store.current_version()
-        except (ModelLogError, KafkaException, BundleError, redis.RedisError) as exc:
-            log.warning("model cache not rebuilt from the models topic", extra={"error": str(exc)})
-            return None
-
-    def _load(self, version: int) -> bool:
         try:
             bundle = self.store.load(version)
-            bundle.check_compatible(self.settings.features, self.settings.categorical)
         except REDIS_ERRORS:
             self.metrics.redis_errors.labels("model_load").inc()
             return False
         except BundleError as exc:
             self._reject(version, str(exc))
+            return False
+        return self._activate(bundle)
+
+    def _from_models_topic(self) -> bool:
+        """No model in Redis (emptied, restarted without data, unreachable) and none in use: take
+        the current one from the models topic, the record of truth, instead of waiting for a
+        retrain, and rebuild the Redis cache from it (best effort). At most once per poll."""
+        now = time.monotonic()
+        if now < self._next_restore:
+            return False
+        self._next_restore = now + self.settings.model_poll_s
+        try:
+            registry = read_registry(self.settings)
+        except (ModelLogError, KafkaException) as exc:
+            log.warning("models topic unreadable; waiting for a model", extra={"error": str(exc)})
+            return False
+        bundle = registry.current_bundle()
+        if bundle is None:
+            return False
+        try:
+            sync_store(self.settings, self.store)
+        except (ModelLogError, KafkaException, BundleError, redis.RedisError) as exc:
+            log.warning("model cache not rebuilt from the models topic", extra={"error": str(exc)})
+        return self._activate(bundle)
+
+    def _activate(self, bundle: ModelBundle) -> bool:
+        try:
+            bundle.check_compatible(self.settings.features, self.settings.categorical)
+        except BundleError as exc:
+            self._reject(bundle.version, str(exc))
             return False
         previous = self.active.version if self.active else None
         self.active = ActiveModel.of(bundle)

@@ -246,3 +246,18 @@ def _recreated(settings: Settings) -> bool:
         return True
     except KafkaException:
         return False
+
+
+def test_a_consumer_started_while_redis_is_unreachable_scores_with_the_model_from_the_topic(
+    settings: Settings, store: ModelStore
+) -> None:
+    population = customers(600)
+    produce_events(settings, population, prefix="seed")
+    assert train_once(settings, store, TrainerMetrics()).version == 1
+    no_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                                           "redis_timeout_s": 0.2, "redis_retries": 0})
+    with running_consumer(no_redis) as rc:
+        sent = produce_events(settings, population[:100], seed=2, prefix="after")
+        outputs = read_outputs(settings, set(sent), timeout_s=30)
+        assert rc.loop.watcher.active is not None and rc.loop.watcher.active.version == 1
+    assert {outputs[e]["model_version"] for e in sent} == {1}
