@@ -3,7 +3,7 @@ and of the registry around it. Redis is a cache of it that rebuilds itself from 
 
 Records (one partition, so their order is the publish order)::
 
-    v<N>      the bundle of version N (JSON), written once
+    v<N>      the bundle of version N (JSON), written once; a tombstone if it lost the race
     current   {"version": N}: the version consumers must score with
     pinned    {"version": N} while a rollback holds scheduled retrains; {"version": null} after
 
@@ -79,7 +79,11 @@ class Registry:
             elif name == PINNED:
                 self.pinned = version
             return
-        if not name.startswith("v") or value is None:
+        if not name.startswith("v"):
+            return
+        if value is None:  # a tombstone: a version that lost the publish race, never current
+            if name[1:].isdigit():
+                self.bundles.pop(int(name[1:]), None)
             return
         try:
             bundle = ModelBundle.from_json(value)
@@ -198,8 +202,13 @@ class ModelLog:
             (CURRENT, json.dumps({"version": bundle.version}).encode()),
         ])
 
-    def point_at(self, version: int) -> int:
-        return self.append([(CURRENT, json.dumps({"version": version}).encode())])
+    def withdraw(self, version: int, current: int | None) -> int:
+        """A version that lost the publish race is removed (a tombstone, which compaction turns
+        into nothing) and the pointer set back to the version that won."""
+        records: list[tuple[str, bytes | None]] = [(f"v{version}", None)]
+        if current is not None:
+            records.append((CURRENT, json.dumps({"version": current}).encode()))
+        return self.append(records)
 
     def pin(self, version: int | None) -> int:
         return self.append([(PINNED, json.dumps({"version": version}).encode())])

@@ -239,9 +239,7 @@ def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: in
     try:
         store.publish(bundle, base)
     except PublishConflict:
-        winner = store.current_version()
-        if winner is not None:
-            models.point_at(winner)
+        models.withdraw(bundle.version, store.current_version())
         raise
     store.set_registry_offset(end)
 
