@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules
+.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-stack:
+system:
+	bash scripts/install-system.sh
+
+stack: system
 	bash scripts/stack.sh up
 
 stack-down:
@@ -35,6 +38,9 @@ lint: install
 
 bench: install stack
 	$(PY) -m bench
+
+chaos: install
+	$(PY) -m chaos
 
 schema: install
 	$(PY) -m segmentation.events > segmentation/event.schema.json
