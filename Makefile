@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos
+.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,16 +34,21 @@ unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy segmentation consumer trainer demo
+	$(VENV)/bin/mypy segmentation consumer trainer demo bench chaos
 
 bench: install stack
 	$(PY) -m bench
 
-chaos: install
+# 10,000 property-based cases of the per-message path, then the chaos table on a private stack
+chaos: install system
+	SEG_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_hostile_input.py -k "fuzz or mutated"
 	$(PY) -m chaos
 
 schema: install
 	$(PY) -m segmentation.events > segmentation/event.schema.json
+
+docs: install schema
+	$(PY) -m segmentation.settings_table > docs/settings.md
 
 prometheus: stack
 	bash scripts/stack.sh prometheus-up

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
-from consumer.__main__ import build_delivery
 from consumer.loop import ConsumeLoop
 from consumer.model import ActiveModel
 from consumer.scoring import ScoringRules, score_batch
+from consumer.service import build_delivery
 from demo.generator import event_value, make_customers
 from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics

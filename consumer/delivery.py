@@ -21,6 +21,7 @@ Errors follow one policy (``classify``), in both modes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 Source = tuple[str, int, int]
 Substitute = Callable[[OutRecord, KafkaError], "OutRecord | None"]
 Outcome = Literal["retry", "record", "stop"]
+MISSING_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+IN_PROGRESS = frozenset({KafkaError._CONFLICT, KafkaError._TIMED_OUT, KafkaError._PREV_IN_PROGRESS})
 
 RECORD_ERRORS = frozenset({
     KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
@@ -85,6 +88,19 @@ class Delivery(Protocol):
     def close(self, timeout_s: float) -> None: ...
 
 
+def _stop_if_missing(producer: Producer, topics: set[str]) -> None:
+    """``DeliveryStopped`` when the broker says one of ``topics`` does not exist (a transient
+    metadata error proves nothing and is ignored)."""
+    for topic in sorted(topics):
+        try:
+            described = producer.list_topics(topic, timeout=5).topics.get(topic)
+        except KafkaException:
+            continue
+        error = None if described is None else described.error
+        if described is None or (error is not None and error.code() in MISSING_TOPIC):
+            raise DeliveryStopped(f"cannot write to {topic}: the topic does not exist")
+
+
 def _replace_or_stop(record: OutRecord, error: KafkaError, substitute: Substitute) -> OutRecord:
     replacement = substitute(record, error)
     if replacement is None:
@@ -132,6 +148,7 @@ class AtLeastOnce:
             if not pending:
                 break
             if not backoff.wait():
+                _stop_if_missing(self.producer, {r.topic for r in pending})
                 raise DeliveryFailed(
                     f"{len(pending)} records unacknowledged after {self.timeout_s:g}s",
                     frozenset(acknowledged),
@@ -187,14 +204,21 @@ class ExactlyOnce:
                 substitute: Substitute) -> None:
         batch = list(records)
         backoff = Backoff(self.timeout_s)
+        topics = {r.topic for r in batch}
         while True:
-            refused = self._transaction(batch, offsets)
+            try:
+                refused = self._transaction(batch, offsets)
+            except DeliveryFailed:
+                _stop_if_missing(self.producer, topics)
+                raise
             if refused is None:
                 return
             if refused:  # replace what the broker refused, then write the whole batch again
                 batch = [_replace_or_stop(r, refused[id(r)], substitute) if id(r) in refused else r
                          for r in batch]
                 continue
+            # inside a transaction a deleted topic only shows as timeouts: ask the metadata
+            _stop_if_missing(self.producer, topics)
             if not backoff.wait():
                 raise DeliveryFailed(f"transaction not committed after {self.timeout_s:g}s")
 
@@ -204,8 +228,8 @@ class ExactlyOnce:
         """One attempt: ``None`` when committed; otherwise aborted, with the records the broker
         refused for good (by ``id``; empty when the failure was transient)."""
         refused: dict[int, KafkaError] = {}
-        self.producer.begin_transaction()
         try:
+            self.producer.begin_transaction()
             for record in batch:
                 def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
                     if err is not None and classify(err) == "record":
@@ -222,7 +246,7 @@ class ExactlyOnce:
             self.producer.send_offsets_to_transaction(
                 list(offsets), self.consumer.consumer_group_metadata(), self.timeout_s
             )
-            self._commit()
+            self._until_done(lambda: self.producer.commit_transaction(self.timeout_s))
             return None
         except KafkaException as exc:
             failure: KafkaError = exc.args[0]
@@ -232,26 +256,34 @@ class ExactlyOnce:
             self._abort()
             return refused
 
-    def _commit(self) -> None:
-        """A retriable commit failure is retried as such (the transaction is still open)."""
+    def _until_done(self, call: Callable[[], object]) -> None:
+        """A transaction call that timed out, or collides with the same call still running in
+        the background (``_CONFLICT``), is called again: it resumes rather than restarts."""
         backoff = Backoff(self.timeout_s)
         while True:
             try:
-                self.producer.commit_transaction(self.timeout_s)
+                call()
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
-                if not error.retriable() or error.txn_requires_abort() or not backoff.wait():
+                again = error.retriable() or error.code() in IN_PROGRESS
+                if error.fatal() or error.txn_requires_abort() or not again or not backoff.wait():
                     raise
 
     def _abort(self) -> None:
         try:
-            self.producer.abort_transaction(self.timeout_s)
+            self._until_done(lambda: self.producer.abort_transaction(self.timeout_s))
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
             if error.fatal() or classify(error) == "stop":
                 raise DeliveryStopped(f"transaction cannot be aborted: {error.str()}") from None
+            if error.code() == KafkaError._STATE:
+                return  # no transaction in progress (begin failed): nothing to abort
             raise DeliveryFailed(f"abort failed: {error.str()}") from None
 
     def close(self, timeout_s: float) -> None:
+        """Abort a transaction left open by a failure (best effort: otherwise the coordinator
+        holds it, and the group's offsets, until transaction.timeout.ms), then flush."""
+        with contextlib.suppress(KafkaException):
+            self.producer.abort_transaction(min(timeout_s, 10.0))
         self.producer.flush(timeout_s)

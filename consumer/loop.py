@@ -53,6 +53,7 @@ class ConsumeLoop:
         self._next_report = 0.0
         self.exactly_once = settings.delivery == "exactly-once"
         self.rules = ScoringRules.from_settings(settings)
+        self.step_started: float | None = None  # monotonic start of the step in progress
         # sources whose records were acknowledged before their batch failed: a replay skips them
         self._acknowledged: set[Source] = set()
 
@@ -109,16 +110,20 @@ class ConsumeLoop:
             self.metrics.up.set(0)
 
     def step(self) -> None:
-        if self.watcher.refresh():
-            self._on_new_model()
-        messages = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
-        messages = [m for m in messages if not self._is_error(m)]
-        model = self.watcher.active
-        if model is None:
-            self._hold(messages)
-        elif messages:
-            self._process(messages, model)
-        self._report()
+        self.step_started = time.monotonic()
+        try:
+            if self.watcher.refresh():
+                self._on_new_model()
+            messages = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
+            messages = [m for m in messages if not self._is_error(m)]
+            model = self.watcher.active
+            if model is None:
+                self._hold(messages)
+            elif messages:
+                self._process(messages, model)
+            self._report()
+        finally:
+            self.step_started = None
 
     def _hold(self, messages: list[Message]) -> None:
         """No model yet: put messages back, pause everything, commit nothing."""

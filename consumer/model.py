@@ -15,6 +15,7 @@ import redis
 from confluent_kafka import KafkaException
 from redis.client import PubSub
 
+from segmentation.baseline import baseline_of
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
 from segmentation.model_log import ModelLogError, read_registry, sync_store
@@ -120,7 +121,7 @@ class ModelWatcher:
         self.active = ActiveModel.of(bundle)
         self.metrics.model_version.set(bundle.version)
         self.metrics.model_created_at = bundle.created_at.timestamp()
-        self.metrics.silhouette_baseline.set(bundle.quality.silhouette)
+        self.metrics.silhouette_baseline.set(baseline_of(bundle).silhouette)
         log.info("model swapped", extra={"from_version": previous, "to_version": bundle.version,
                                          "k": bundle.k})
         return True

@@ -2,7 +2,8 @@
 
 * simplified silhouette per event (nearest vs second-nearest centroid), averaged over the last
   ``window_events`` events;
-* a true silhouette on a sample of the same recent events, recomputed every ``every_s``;
+* a true silhouette on a sample of the same recent events, recomputed every ``every_s``, and its
+  drift from the accepted baseline (``segmentation.baseline``);
 * segment shares over the window and their PSI against the training shares;
 * centroid drift: online centroid vs published centroid, in scaled units.
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
+from segmentation.baseline import baseline_of
 from segmentation.scoring import population_stability_index, sampled_silhouette, simplified_silhouette
 
 
@@ -104,9 +106,16 @@ class QualityTracker:
             )
         return self.sampled
 
+    @property
+    def baseline(self) -> float:
+        """The silhouette drift is measured from: the last accepted model's training silhouette,
+        which the bundle carries. A forced publish does not move it, so a collapsed model forced
+        live keeps reading a negative drift instead of becoming its own yardstick."""
+        return baseline_of(self.model.bundle).silhouette
+
     def drift(self) -> float | None:
         sampled = self.sampled
-        return None if sampled is None else sampled - self.model.bundle.quality.silhouette
+        return None if sampled is None else sampled - self.baseline
 
 
 def centroid_drift(model: ActiveModel, online: OnlineKMeans) -> np.ndarray:

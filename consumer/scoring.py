@@ -231,7 +231,7 @@ def score_batch(
     sources: list[Message] = []
     for msg in messages:
         try:
-            decoded = rules.contract.decode(_as_bytes(msg.value()), _as_bytes(msg.key()), now_ms)
+            decoded = rules.contract.decode_message(msg, now_ms)
         except Exception as exc:  # noqa: BLE001 - the safety net: one message, never the batch
             decoded = _internal_error(exc)
         if isinstance(decoded, Rejection):

@@ -346,6 +346,19 @@ redis_start() {
   log "redis ready on $HOST:$REDIS_PORT (pid $(redis_owned_pid || echo '?'))"
 }
 
+# The services' ACL user: only the project's keys and channels (prefix "seg"), no dangerous
+# commands; its password is generated once into $REDIS_DIR/password (mode 600). Applied on every
+# start (ACL users are configuration, not data). The default user stays for loopback tooling.
+redis_acl() {
+  local pw_file="$REDIS_DIR/password"
+  mkdir -p "$REDIS_DIR"
+  if [ ! -s "$pw_file" ]; then
+    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=\n' >"$pw_file")
+  fi
+  redis-cli -h "$HOST" -p "$REDIS_PORT" ACL SETUSER seg reset on ">$(cat "$pw_file")" \
+    '~seg:*' '&seg:*' +@all -@dangerous >/dev/null || err "could not create the Redis ACL user seg"
+}
+
 redis_stop() { stop_owned redis redis_owned_pid redis_up "$REDIS_PIDFILE" "$REDIS_PORT" "${1:-}"; }
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +517,7 @@ case "$cmd" in
   up)
     take_lock
     redis_start
+    redis_acl
     kafka_start
     ;;
   down)
@@ -514,7 +528,7 @@ case "$cmd" in
   status) status ;;
   kafka-start) take_lock; kafka_start ;;
   kafka-stop) take_lock; kafka_stop ;;
-  redis-start) take_lock; redis_start ;;
+  redis-start) take_lock; redis_start; redis_acl ;;
   redis-stop) take_lock; redis_stop ;;
   redis-cluster-up) take_lock; cluster_up ;;
   redis-cluster-down) take_lock; cluster_down ;;

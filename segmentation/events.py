@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
@@ -93,6 +93,20 @@ class Rejection:
     detail: str
 
 
+class KafkaMessage(Protocol):
+    """What decoding needs of a consumed message (a confluent_kafka.Message, or a test's own)."""
+
+    def key(self) -> str | bytes | None: ...
+    def value(self) -> str | bytes | None: ...
+    def headers(
+        self,
+    ) -> dict[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None: ...
+
+
+def _as_bytes(v: str | bytes | None) -> bytes | None:
+    return v.encode() if isinstance(v, str) else v
+
+
 @dataclass(frozen=True, slots=True)
 class InputContract:
     """The bounds of the input contract: what a message may be before it is scored or trained on.
@@ -111,8 +125,16 @@ class InputContract:
     max_age_s: float | None = None
     max_skew_s: float | None = None
 
+    def decode_message(self, msg: KafkaMessage, now_ms: int | None = None) -> CustomerEvent | Rejection:
+        """``decode`` of a consumed message: its key and headers count towards its size."""
+        headers = msg.headers() or []
+        items = headers.items() if isinstance(headers, dict) else headers
+        header_bytes = sum(len(name) + len(_as_bytes(v) or b"") for name, v in items)
+        return self.decode(_as_bytes(msg.value()), _as_bytes(msg.key()), now_ms, header_bytes)
+
     def decode(
-        self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None
+        self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None,
+        header_bytes: int = 0,
     ) -> CustomerEvent | Rejection:
         """Parse and validate one message; never raises on bad input.
 
@@ -128,7 +150,7 @@ class InputContract:
         """
         if value is None:
             return Rejection("not_json", "message has no value (tombstone)")
-        size = len(value) + (len(key) if key else 0)
+        size = len(value) + (len(key) if key else 0) + header_bytes
         if size > self.max_message_bytes:
             return Rejection("too_large", f"message is {size} bytes, more than {self.max_message_bytes}")
         try:

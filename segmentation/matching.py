@@ -1,14 +1,33 @@
 """Stable segment ids: KMeans numbers clusters arbitrarily on every fit, so new centroids are
-matched to the previous version's with the Hungarian algorithm under a distance threshold."""
+matched to the previous version's with the Hungarian algorithm under a distance threshold.
+
+The threshold is in **spread units**: how many within-cluster standard deviations of the new
+segment its centroid lies from the old one (the Mahalanobis distance under the new segment's
+covariance). A population that drifted a little keeps its id; a merged segment (its centroid
+halfway between two old ones) and a new population far from any old centroid get fresh ids, and
+so do the two halves K-Means cuts a merged population into (``merged_pairs``). A fraction of
+the distances between the centroids (the old rule: about 6 standard deviations on the demo data)
+let a different population inherit a vanished segment's id and kept both old ids on the two
+halves of a merge.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
+
+# Added to the diagonal of every within-cluster covariance, as a fraction of the cluster's mean
+# variance per column: along a column a cluster does not vary in (a one-hot column of a
+# single-channel segment), a tiny move would otherwise count as infinitely many deviations.
+SPREAD_RIDGE = 0.01
+
+# Two matched segments now closer than this fraction of their previous distance have merged.
+MERGE_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -24,11 +43,75 @@ class SegmentAssignment:
     """(segment_id, previous index)"""
 
 
+def cluster_residuals(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> list[np.ndarray]:
+    """Per cluster index, its rows minus its centroid.
+
+    >>> [r.tolist() for r in cluster_residuals(np.array([[0.0], [2.0], [5.0]]), np.array([0, 0, 1]),
+    ...                                        np.array([[1.0], [5.0]]))]
+    [[[-1.0], [1.0]], [[0.0]]]
+    """
+    return [x[labels == j] - centroids[j] for j in range(centroids.shape[0])]
+
+
+def within_covariance(residuals: np.ndarray) -> np.ndarray:
+    """A cluster's covariance about its centroid (from its residuals, or the residuals of
+    several clusters for their pooled covariance), with ``SPREAD_RIDGE`` of its mean variance
+    added to the diagonal.
+
+    >>> within_covariance(np.array([[-1.0, 0.0], [1.0, 0.0]])).tolist()
+    [[1.005, 0.0], [0.0, 0.005]]
+    """
+    d = residuals.shape[1]
+    if residuals.shape[0] == 0:
+        return np.zeros((d, d))
+    covariance = residuals.T @ residuals / residuals.shape[0]
+    covariance[np.diag_indices(d)] += SPREAD_RIDGE * float(np.trace(covariance)) / d
+    return covariance
+
+
+def spread_units(moves: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """The length of each move (rows) in standard deviations of a cluster with ``covariance``
+    (the Mahalanobis length): how many of its own deviations a centroid moved, whichever way.
+    ``inf`` for a move where the cluster has no spread at all.
+
+    >>> cov = np.array([[4.0, 0.0], [0.0, 0.01]])  # long along x, narrow along y
+    >>> spread_units(np.array([[6.0, 0.0], [0.0, 0.3], [0.0, 0.0]]), cov).tolist()
+    [3.0, 3.0, 0.0]
+    """
+    lengths = np.linalg.norm(moves, axis=1)
+    if not np.any(covariance):
+        return np.where(lengths > 0, np.inf, 0.0)
+    solved = np.linalg.solve(covariance, moves.T)
+    return np.sqrt(np.maximum(np.einsum("ij,ji->i", moves, solved), 0.0))
+
+
+def spread_distances(
+    previous: np.ndarray, current: np.ndarray, x: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """``[i, j]``: distance from previous centroid i to current centroid j in within-cluster
+    standard deviations of cluster j (``x``, ``labels``: the rows the current centroids were
+    fitted on).
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.vstack([rng.normal(0, 1, (500, 2)), rng.normal(20, 2, (500, 2))])
+    >>> labels = np.repeat([0, 1], 500)
+    >>> current = np.array([x[:500].mean(0), x[500:].mean(0)])
+    >>> spread_distances(np.array([[3.0, 0.0], [20.0, 26.0]]), current, x, labels).round(0).tolist()
+    [[3.0, 13.0], [33.0, 3.0]]
+    """
+    residuals = cluster_residuals(x, labels, current)
+    out = np.empty((previous.shape[0], current.shape[0]))
+    for j in range(current.shape[0]):
+        out[:, j] = spread_units(current[j] - previous, within_covariance(residuals[j]))
+    return out
+
+
 def match_centroids(
-    previous: np.ndarray, current: np.ndarray, max_distance: float
+    previous: np.ndarray, current: np.ndarray, max_distance: float, cost: np.ndarray | None = None
 ) -> list[tuple[int, int, float]]:
     """Minimum-total-distance one-to-one pairs ``(previous_index, current_index, distance)``,
-    keeping only pairs closer than ``max_distance``.
+    keeping only pairs closer than ``max_distance``. ``cost``: the distances to match on
+    (``[previous, current]``, ``inf`` for a pair that may never match); Euclidean by default.
 
     >>> prev = np.array([[0.0, 0.0], [10.0, 0.0]])
     >>> curr = np.array([[10.5, 0.0], [0.2, 0.0], [50.0, 50.0]])
@@ -37,17 +120,43 @@ def match_centroids(
     """
     if previous.shape[0] == 0 or current.shape[0] == 0:
         return []
-    cost = cdist(previous, current)
+    if cost is None:
+        cost = cdist(previous, current)
+    admissible = cost <= max_distance
     # Pairs beyond the threshold cost more than any admissible set of pairs, so the assignment
     # maximises the number of admissible matches first and their closeness second.
-    penalty = (cost.sum() + 1.0) * 2.0
-    gated = np.where(cost <= max_distance, cost, penalty)
+    penalty = (float(cost[admissible].sum()) + 1.0) * 2.0
+    gated = np.where(admissible, cost, penalty)
     rows, cols = linear_sum_assignment(gated)
     return [
         (int(r), int(c), float(cost[r, c]))
         for r, c in zip(rows, cols, strict=True)
-        if cost[r, c] <= max_distance
+        if admissible[r, c]
     ]
+
+
+def merged_pairs(
+    previous: np.ndarray, current: np.ndarray, pairs: list[tuple[int, int, float]],
+    max_ratio: float = MERGE_RATIO,
+) -> set[int]:
+    """Current indexes of matched pairs whose two segments converged: now closer than
+    ``max_ratio`` x the distance between the previous centroids they continue. Two segments that
+    closed more than half their gap in one retrain have merged (K-Means then cuts the merged
+    population in two, a half near each old centroid); neither half continues either segment.
+
+    >>> prev = np.array([[0.0], [5.0], [20.0]])
+    >>> pairs = [(0, 0, 0.1), (1, 1, 0.1), (2, 2, 0.1)]
+    >>> sorted(merged_pairs(prev, np.array([[2.0], [3.0], [20.0]]), pairs))
+    [0, 1]
+    >>> merged_pairs(prev, np.array([[0.1], [4.0], [20.0]]), pairs)
+    set()
+    """
+    merged: set[int] = set()
+    for (p1, c1, _), (p2, c2, _) in itertools.combinations(pairs, 2):
+        before = float(np.linalg.norm(previous[p1] - previous[p2]))
+        if float(np.linalg.norm(current[c1] - current[c2])) < max_ratio * before:
+            merged |= {c1, c2}
+    return merged
 
 
 def assign_segment_ids(
@@ -56,16 +165,21 @@ def assign_segment_ids(
     current: np.ndarray,
     max_distance: float,
     fresh_ids: Callable[[int], list[int]],
+    cost: np.ndarray | None = None,
 ) -> SegmentAssignment:
     """Give each current cluster a stable id: matched clusters keep the previous id, the rest get
     fresh ids from ``fresh_ids(n)`` (never reused), unmatched previous ids are retired.
+    ``cost`` as for ``match_centroids``; pairs of segments that merged (``merged_pairs``) do not
+    keep their ids.
 
     >>> prev = np.array([[0.0], [10.0]])
     >>> a = assign_segment_ids(prev, [7, 8], np.array([[10.1], [30.0]]), 1.0, lambda n: [9])
     >>> a.segment_ids, a.new, a.retired
     ([8, 9], [(9, 1)], [(7, 0)])
     """
-    pairs = match_centroids(previous, current, max_distance)
+    pairs = match_centroids(previous, current, max_distance, cost)
+    merged = merged_pairs(previous, current, pairs)
+    pairs = [(p, c, d) for p, c, d in pairs if c not in merged]
     ids: list[int | None] = [None] * current.shape[0]
     matched = []
     for p, c, d in pairs:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,13 +31,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OUTCOMES = ("scored", "dead_letter")
 REDIS_OPERATIONS = ("model_poll", "model_load", "pubsub", "customer_write", "replica_state")
 RUN_RESULTS = ("published", "rejected", "failed", "skipped")
-GATE_CHECKS = ("finite", "min_share", "separation", "silhouette")
+GATE_CHECKS = (
+    "finite", "min_share", "separation", "spread_separation", "min_silhouette",
+    "max_davies_bouldin", "silhouette", "silhouette_drop", "davies_bouldin_rise",
+)
 LABEL_CHANGE_KINDS = ("matched", "new", "retired")
 
 
-def _initialise(counter: Counter, values: tuple[str, ...]) -> None:
+def _initialise(metric: Counter | Gauge, values: tuple[str, ...]) -> None:
     for value in values:
-        counter.labels(value)
+        metric.labels(value)
 
 
 class ConsumerMetrics:
@@ -73,11 +77,12 @@ class ConsumerMetrics:
             registry=r,
         )
         self.silhouette_baseline = Gauge(
-            "segment_silhouette_baseline", "Silhouette of the model on its training window",
-            registry=r,
+            "segment_silhouette_baseline",
+            "Training silhouette of the last model the quality gate accepted (a forced publish "
+            "does not move it)", registry=r,
         )
         self.silhouette_drift = Gauge(
-            "segment_silhouette_drift", "Sampled silhouette minus the training baseline",
+            "segment_silhouette_drift", "Sampled silhouette minus the accepted baseline",
             registry=r,
         )
         self.centroid_drift = Gauge(
@@ -137,6 +142,11 @@ class TrainerMetrics:
             "segment_trainer_gate_refusals", "Quality-gate refusals by check", ["check"],
             registry=r,
         )
+        self.gate_failing = Gauge(
+            "segment_trainer_gate_failing",
+            "1 for each check the last gated refit failed (refused, or forced past the gate)",
+            ["check"], registry=r,
+        )
         self.duration = Histogram(
             "segment_trainer_duration_seconds", "Wall time of one training run", registry=r,
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
@@ -148,6 +158,15 @@ class TrainerMetrics:
             "segment_trainer_davies_bouldin", "Davies-Bouldin index of the last fit", registry=r
         )
         self.k = Gauge("segment_trainer_k", "K of the last fit", registry=r)
+        self.published_silhouette = Gauge(
+            "segment_trainer_published_silhouette",
+            "Training silhouette of the current (published) model", registry=r,
+        )
+        self.baseline_silhouette = Gauge(
+            "segment_trainer_baseline_silhouette",
+            "Training silhouette of the last model the quality gate accepted (a forced publish "
+            "does not move it)", registry=r,
+        )
         self.label_changes = Counter(
             "segment_trainer_label_changes", "Segment ids matched / new / retired by publishes",
             ["kind"], registry=r,
@@ -163,15 +182,48 @@ class TrainerMetrics:
         self.up = Gauge("segment_trainer_up", "1 while the trainer runs", registry=r)
         _initialise(self.runs, RUN_RESULTS)
         _initialise(self.gate_refusals, GATE_CHECKS)
+        _initialise(self.gate_failing, GATE_CHECKS)
         _initialise(self.label_changes, LABEL_CHANGE_KINDS)
 
 
+MAX_HANDLERS = 16
+REQUEST_TIMEOUT_S = 5.0
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """At most ``MAX_HANDLERS`` requests at once; a connection beyond that is closed at once, and
+    a client that sends slower than ``REQUEST_TIMEOUT_S`` is dropped, so that slow or half-sent
+    requests cannot hold threads (or the health check) for ever."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_HANDLERS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def serve(
-    registry: CollectorRegistry, port: int, ready: Callable[[], bool] = lambda: True
+    registry: CollectorRegistry, port: int, ready: Callable[[], bool] = lambda: True,
+    host: str = "127.0.0.1",
 ) -> ThreadingHTTPServer:
-    """/metrics, /healthz (process alive) and /readyz (``ready()``) on 0.0.0.0:port."""
+    """/metrics, /healthz (process alive) and /readyz (``ready()``) on host:port (loopback by
+    default; the image sets SEG_METRICS_HOST=0.0.0.0)."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # socket timeout: a half-sent request is dropped
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?")[0]
             if path == "/metrics":
@@ -193,7 +245,6 @@ def serve(
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             return
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    server.daemon_threads = True
+    server = BoundedHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server

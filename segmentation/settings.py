@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     # --- Redis ---------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
     redis_prefix: str = Field("seg", description="namespace of every Redis key and channel")
+    redis_username: str | None = Field(None, description="Redis ACL user (e.g. `seg`); none: default user")
+    redis_password: SecretStr | None = Field(None, description="Redis password, never logged")
     redis_timeout_s: float = Field(1.0, gt=0, description="socket timeout for Redis calls")
     redis_retries: int = Field(2, ge=0, description="retries (exponential backoff) per Redis call")
     customer_redis_url: str | None = Field(
@@ -131,8 +133,32 @@ class Settings(BaseSettings):
     gate_silhouette_margin: float = Field(
         0.05, ge=0, description="max silhouette drop vs the current model on the same window"
     )
+    gate_min_spread_separation: float | None = Field(
+        3.0, ge=0,
+        description="min distance of the two closest segments in standard deviations of their pooled "
+        "within-cluster covariance (one population cut in two: ~2.65); null: off",
+    )
+    gate_min_silhouette: float | None = Field(
+        0.25, ge=-1, le=1, description="silhouette floor of a refit; null: off"
+    )
+    gate_max_davies_bouldin: float | None = Field(
+        1.5, gt=0, description="Davies-Bouldin ceiling of a refit; null: off"
+    )
+    gate_max_silhouette_drop: float | None = Field(
+        0.1, ge=0,
+        description="max silhouette drop below the last accepted model's training silhouette; null: off",
+    )
+    gate_max_davies_bouldin_rise: float | None = Field(
+        0.3, ge=0,
+        description="max Davies-Bouldin rise above the last accepted model's training figure; null: off",
+    )
     match_threshold: float = Field(
         0.5, gt=0, description="max matching distance / median centroid distance to keep an id"
+    )
+    match_max_spread: float = Field(
+        3.0, gt=0,
+        description="max move of a centroid, in standard deviations of the new segment's "
+        "within-cluster covariance (Mahalanobis), to keep its id",
     )
     drift_retrain_threshold: float = Field(
         0.1, gt=0, description="silhouette drop reported by consumers that triggers a retrain"
@@ -168,6 +194,9 @@ class Settings(BaseSettings):
 
     # --- Metrics / logs ------------------------------------------------------------------
     metrics_port: int = Field(0, ge=0, description="/metrics, /healthz, /readyz port; 0 = off")
+    metrics_host: str = Field(
+        "127.0.0.1", description="address the metrics server binds (0.0.0.0 in the image)"
+    )
     log_json: bool = Field(False, description="JSON log lines")
     log_level: str = Field("INFO", description="log level")
 

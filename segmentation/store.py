@@ -130,7 +130,41 @@ def connect(settings: Settings) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.redis_retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         health_check_interval=10,
+        **_credentials(settings),
     )
+
+
+def _credentials(settings: Settings) -> dict[str, str]:
+    """Username and password from their own settings (the password is a secret, never in a URL
+    that could be logged); a URL's own credentials apply when these are not set."""
+    credentials = {}
+    if settings.redis_username is not None:
+        credentials["username"] = settings.redis_username
+    if settings.redis_password is not None:
+        credentials["password"] = settings.redis_password.get_secret_value()
+    return credentials
+
+
+class RedisRefused(RuntimeError):
+    """Redis answers but refuses this client (wrong password, no permission): a setting to fix."""
+
+
+def check_redis(client: redis.Redis) -> None:
+    """At start: a wrong password or a missing permission is a configuration error (raises
+    ``RedisRefused`` with one readable line); an unreachable Redis is not (it is an outage the
+    services ride out)."""
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise RedisRefused(
+            f"Redis refused the credentials (SEG_REDIS_USERNAME, SEG_REDIS_PASSWORD): {exc}"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOPERM" in str(exc) or "NOAUTH" in str(exc):
+            raise RedisRefused(f"Redis refused this client: {exc}") from None
+        raise
+    except redis.ConnectionError:
+        log.warning("Redis unreachable at start; going on without it for now")
 
 
 def connect_customers(settings: Settings) -> redis.Redis | RedisCluster:
@@ -145,6 +179,7 @@ def connect_customers(settings: Settings) -> redis.Redis | RedisCluster:
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.redis_retries),
+        **_credentials(settings),
     )
 
 

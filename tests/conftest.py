@@ -18,8 +18,8 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from consumer.__main__ import build_delivery
 from consumer.loop import ConsumeLoop
+from consumer.service import build_delivery
 from demo.generator import Customer, event_value, make_customers
 from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics

@@ -7,6 +7,7 @@ import json
 import random
 import time
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
@@ -65,7 +66,8 @@ def produce(settings: Settings, values: list[bytes], key: bytes = b"k") -> None:
 def committed(settings: Settings) -> int:
     consumer = Consumer(consumer_config(settings, exactly_once=False))
     meta = consumer.list_topics(settings.events_topic, timeout=10).topics[settings.events_topic]
-    offsets = consumer.committed([TopicPartition(settings.events_topic, p) for p in meta.partitions], 10)
+    # a transaction still open on the group makes the broker wait before it answers
+    offsets = consumer.committed([TopicPartition(settings.events_topic, p) for p in meta.partitions], 90)
     consumer.close()
     return sum(max(tp.offset, 0) for tp in offsets)
 
@@ -130,10 +132,11 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert dlq[0].value == values[1]
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_and_loses_nothing(
-    settings_factory, trainer_metrics
+    settings_factory, trainer_metrics, delivery: str
 ) -> None:
-    settings = settings_factory(delivery_timeout_s=20.0)
+    settings = settings_factory(delivery_timeout_s=20.0, delivery=delivery)
     store = ModelStore(connect(settings), settings.redis_prefix)
     produce_events(settings, customers(300))
     assert train_once(settings, store, trainer_metrics).result == "published"
@@ -234,3 +237,87 @@ def test_librdkafka_log_lines_go_through_the_project_logger_not_raw_to_stderr(
     consumer.close()
     assert any(r.name == "librdkafka" for r in caplog.records)
     assert "%3|" not in capfd.readouterr().err  # librdkafka's raw format never reaches stderr
+
+
+def test_the_report_escapes_every_value_it_did_not_write_itself(
+    settings: Settings, store: ModelStore, tmp_path
+) -> None:
+    from segmentation.bundle import Lineage, ModelBundle, Quality
+    from segmentation.features import FeatureSpec
+    from trainer.report import write_report
+
+    evil = "<script>alert(1)</script>"
+    spec = FeatureSpec(numeric=[evil, "b"], log_features=[evil], vocabulary={"ch": [evil, "other"]},
+                       center=[0.0, 0.0], scale=[1.0, 1.0])
+    bundle = ModelBundle(
+        version=1, features=spec, centroids=[[0, 0, 1, 0], [5, 5, 0, 1]], segment_ids=[0, 1],
+        segment_names=[evil, "y"],
+        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5], sizes=[1, 1],
+                        k_selection=evil, gate={evil: evil}),
+        lineage=Lineage(topic=evil, data_sha256=evil, params={evil: evil}, libraries={evil: evil}),
+    )
+    store.publish(bundle, None)
+    page = write_report(store, tmp_path / "report").read_text()
+    assert evil not in page and "&lt;script&gt;" in page
+
+
+def test_half_sent_requests_cannot_hold_the_metrics_server() -> None:
+    import socket
+    import threading
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from segmentation.metrics import MAX_HANDLERS, REQUEST_TIMEOUT_S, serve
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = serve(CollectorRegistry(), port)
+    before = threading.active_count()
+    slow = []
+    try:
+        for _ in range(3 * MAX_HANDLERS):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /heal")  # and never the rest
+            slow.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= MAX_HANDLERS
+        time.sleep(REQUEST_TIMEOUT_S + 1)  # the slow clients are dropped
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        for s in slow:
+            s.close()
+        server.shutdown()
+    assert server.server_address[0] == "127.0.0.1"  # loopback unless SEG_METRICS_HOST says otherwise
+
+
+def test_a_wrong_redis_password_stops_the_consumer_with_one_clear_line(settings: Settings, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import settings_env
+
+    env = settings_env(settings, SEG_REDIS_USERNAME="seg", SEG_REDIS_PASSWORD="not-the-s3cr3t")
+    done = subprocess.run([sys.executable, "-m", "consumer"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "refused the credentials" in lines[0], done.stderr
+    assert "s3cr3t" not in done.stderr  # the password is never printed
+
+
+def test_the_local_stack_s_acl_user_reaches_only_the_project_s_keys() -> None:
+    from pathlib import Path
+
+    import redis
+
+    password = (Path(__file__).resolve().parent.parent / ".stack" / "redis" / "password").read_text()
+    client = redis.Redis(username="seg", password=password.strip())
+    assert client.ping()
+    client.get("seg:current")  # allowed: the project's prefix
+    try:
+        client.get("someone-else:key")
+        raise AssertionError("the ACL user read a key outside its prefix")
+    except redis.exceptions.NoPermissionError:
+        pass

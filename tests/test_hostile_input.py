@@ -351,3 +351,10 @@ def test_a_high_cardinality_attribute_cannot_widen_the_model_without_bound() -> 
                     vocabulary_min_count=s.vocabulary_min_count, vocabulary_max=s.vocabulary_max)
     assert len(spec.columns) <= len(FEATURES) + s.vocabulary_max + 1
     assert spec.vocabulary["channel"][0] == "app"
+
+
+def test_a_valid_event_with_800_kb_of_headers_counts_them_towards_its_size() -> None:
+    msg = Msg(event(), _headers=[(f"h{i}", b"v" * 4096) for i in range(200)])
+    batch = score_batch([msg], MODEL, RULES, NOW_MS)
+    assert batch.reasons == ["too_large"] and not batch.outputs
+    assert record_bytes(batch.dead_letters[0]) <= MAX_RECORD

@@ -149,6 +149,11 @@ MUTATIONS = [
     ("ConsumerDown", 'up{job="consumer"} == 0', 'up{job="consumer"} == 1'),
     ("ConsumersAbsent", 'absent(up{job="consumer"} == 1)', 'absent(up{job="consumer"})'),
     ("TrainerDown", 'absent(up{job="trainer"} == 1)', 'absent(up{job="trainer"})'),
+    ("PublishedModelBelowBaseline", "published_silhouette) > 0.1", "published_silhouette) > 0.5"),
+    ("PublishedModelBelowBaseline", "(segment_trainer_baseline_silhouette - segment_trainer_published",
+     "(segment_trainer_published_silhouette - segment_trainer_baseline"),
+    ("QualityGateFailing", "(segment_trainer_gate_failing) > 0", "(segment_trainer_gate_failing) > 1"),
+    ("QualityGateFailing", "max by (job, check)", "max by (job)"),
 ]
 
 
@@ -172,6 +177,8 @@ def test_alert_thresholds_follow_the_settings_defaults() -> None:
     assert rules["SegmentCollapsed"]["expr"].strip().endswith(f"< {floor}")
     interval = int(fields["train_interval_s"].default)
     assert rules["ModelStale"]["expr"].count(f"> 2 * {interval}") == 2
+    drop = fields["gate_max_silhouette_drop"].default
+    assert rules["PublishedModelBelowBaseline"]["expr"].strip().endswith(f"> {drop}")
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert {"summary", "description"} <= set(rule["annotations"]), name
@@ -204,15 +211,34 @@ def test_compose_prometheus_discovers_every_consumer_replica_on_the_metrics_port
 def compose_config() -> dict[str, Any]:
     """docker-compose.yml as Compose resolves it (anchors, merges, defaults)."""
     need("docker-compose")
-    result = run(["docker-compose", "-f", str(COMPOSE), "config"])
+    result = run(["docker-compose", "-f", str(COMPOSE), "config"], env=COMPOSE_ENV)
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
 
+# what `.env` holds in a real deployment (`.env.example`)
+COMPOSE_ENV = {**os.environ, "REDIS_PASSWORD": "test-redis-secret", "GRAFANA_ADMIN_PASSWORD": "test-grafana"}
+
+
+def published_ports(service: dict[str, Any]) -> dict[int, str]:
+    """Published port -> host address, from either form `docker-compose config` prints."""
+    out = {}
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out[int(port["published"])] = port.get("host_ip", "0.0.0.0")
+        else:
+            parts = str(port).split("/")[0].split(":")
+            out[int(parts[-2])] = parts[0] if len(parts) == 3 else "0.0.0.0"
+    return out
+
+
 def test_compose_file_validates() -> None:
     need("docker-compose")
-    result = run(["docker-compose", "-f", str(COMPOSE), "config", "-q"])
+    result = run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], env=COMPOSE_ENV)
     assert result.returncode == 0, f"docker-compose config -q failed:\n{result.stderr}"
+    unset = {k: v for k, v in COMPOSE_ENV.items() if k not in ("REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")}
+    refused = run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], env=unset)
+    assert refused.returncode != 0 and "REDIS_PASSWORD" in refused.stderr  # no default secret
 
 
 def test_compose_stack_is_consistent_with_the_local_settings() -> None:
@@ -240,9 +266,16 @@ def test_compose_stack_is_consistent_with_the_local_settings() -> None:
         assert str(services[name]["environment"]["SEG_METRICS_PORT"]) == "9100", name
     interval = int(fields["train_interval_s"].default)  # what the ModelStale rule assumes
     assert int(float(services["trainer"]["environment"].get("SEG_TRAIN_INTERVAL_S", interval))) == interval
-    published = {name: {int(p["published"]) for p in s.get("ports", [])} for name, s in services.items()}
-    assert published["kafka"] == {9092} and published["redis"] == {6379}
-    assert published["prometheus"] == {9090} and published["grafana"] == {3000}
+    published = {name: published_ports(s) for name, s in services.items()}
+    # nothing beyond the host's loopback, Redis not at all
+    assert published["kafka"] == {9092: "127.0.0.1"} and published["redis"] == {}
+    assert published["prometheus"] == {9090: "127.0.0.1"} and published["grafana"] == {3000: "127.0.0.1"}
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "test-grafana"
+    redis_command = services["redis"]["command"]
+    assert "default" in redis_command and "~seg:*" in redis_command and "-@dangerous" in redis_command
+    for name in ("consumer", "trainer", "producer"):
+        assert services[name]["environment"]["SEG_REDIS_USERNAME"] == "seg"
 
     for name in ("kafka", "redis", "consumer", "trainer", "prometheus", "grafana"):
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"

@@ -14,12 +14,13 @@ import redis
 from confluent_kafka import KafkaException
 
 from segmentation import logs
+from segmentation.baseline import baseline_of
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
 from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings, load_settings
-from segmentation.store import ModelStore, PublishConflict, connect
+from segmentation.store import ModelStore, PublishConflict, RedisRefused, check_redis, connect
 from trainer.operations import pin, reproduce, rollback
 from trainer.pipeline import train_once
 from trainer.registry import load_names
@@ -56,6 +57,29 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
     }
 
 
+def gate_summary(bundle: ModelBundle) -> dict[str, Any]:
+    """How the bundle got past the quality gate, and the accepted baseline it carries."""
+    gate = bundle.quality.gate
+    overridden = str(gate.get("overridden", ""))
+    baseline = baseline_of(bundle)
+    return {
+        "passed": not bundle.forced, "forced": bundle.forced,
+        "overridden": [c for c in overridden.split(",") if c],
+        "baseline": {"silhouette": round(baseline.silhouette, 4),
+                     "davies_bouldin": round(baseline.davies_bouldin, 4),
+                     "accepted_version": baseline.version},
+        "below_baseline": round(baseline.silhouette - bundle.quality.silhouette, 4),
+    }
+
+
+def _when(run: dict[str, Any]) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(run.get("at", 0))))
+
+
+def _checks(run: dict[str, Any]) -> str:
+    return ",".join(str(f.get("check")) for f in run.get("failures", []))
+
+
 def cmd_show(store: ModelStore, as_json: bool) -> int:
     bundle = store.load_current()
     if bundle is None:
@@ -63,6 +87,9 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
         return 1
     summary = bundle_summary(bundle)
     summary["pinned"] = store.pinned()
+    summary["gate"] = gate_summary(bundle)
+    runs = store.runs()
+    summary["last_run"] = runs[0] if runs else None
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -71,8 +98,19 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
     print(f"model v{bundle.version} (from v{bundle.previous_version}) created {summary['created_at']}"
           f"  K={bundle.k}  silhouette={bundle.quality.silhouette:.3f}"
           f"  davies-bouldin={bundle.quality.davies_bouldin:.3f}")
+    gate, base = summary["gate"], summary["gate"]["baseline"]
+    accepted = f" (v{base['accepted_version']})" if base["accepted_version"] is not None else ""
+    status = ("FORCED past the quality gate: " + ", ".join(gate["overridden"]) if gate["forced"]
+              else "passed the quality gate")
+    below = gate["below_baseline"]
+    print(f"  {status}; accepted baseline{accepted}: silhouette={base['silhouette']:.3f}"
+          f"  davies-bouldin={base['davies_bouldin']:.3f}"
+          + (f"  (this model is {below:.3f} below it)" if below > 0 else ""))
     for seg in summary["segments"]:
         print(f"  {seg['segment_id']:>4}  {seg['share']:7.2%}  {seg['size']:>7}  {seg['segment']}")
+    last = summary["last_run"]
+    if last is not None and last.get("result") == "rejected":
+        print(f"last run refused at {_when(last)} ({_checks(last)}): {last.get('detail', '')}")
     return 0
 
 
@@ -84,6 +122,7 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
         except BundleError as exc:
             rows.append({"version": version, "error": str(exc)})
             continue
+        gate = gate_summary(b)
         rows.append({
             "version": b.version, "created_at": b.created_at.isoformat(), "k": b.k,
             "silhouette": round(b.quality.silhouette, 4),
@@ -92,7 +131,9 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "matched": len(b.label_mapping.matched), "new": [c.segment_id for c in b.label_mapping.new],
             "retired": [c.segment_id for c in b.label_mapping.retired],
             "restored": [c.segment_id for c in b.label_mapping.restored],
-            "forced": b.forced, "rolled_back_from": b.rolled_back_from,
+            "forced": b.forced, "overridden": gate["overridden"],
+            "baseline_silhouette": gate["baseline"]["silhouette"],
+            "rolled_back_from": b.rolled_back_from,
             "previous_version": b.previous_version,
         })
     refused = [r for r in store.runs() if r.get("result") == "rejected"]
@@ -105,15 +146,15 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
         if "error" in r:
             print(f"{mark} v{r['version']}: {r['error']}")
             continue
-        extra = " forced" if r["forced"] else ""
+        extra = f" forced({','.join(r['overridden'])})" if r["forced"] else ""
         extra += f" rollback-of-v{r['rolled_back_from']}" if r["rolled_back_from"] else ""
         extra += f" restored={r['restored']}" if r["restored"] else ""
         print(f"{mark} v{r['version']:<4} {r['created_at'][:19]} K={r['k']} sil={r['silhouette']:.3f}"
-              f" db={r['davies_bouldin']:.3f} matched={r['matched']} new={r['new']}"
+              f" db={r['davies_bouldin']:.3f} baseline={r['baseline_silhouette']:.3f}"
+              f" matched={r['matched']} new={r['new']}"
               f" retired={r['retired']} sizes={r['sizes']}{extra}")
     for run in refused[:10]:
-        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(run["at"])))
-        print(f"  refused at {at}: {run['detail']}")
+        print(f"  refused at {_when(run)} ({_checks(run)}): {run['detail']}")
     return 0
 
 
@@ -178,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
     store = ModelStore(connect(settings), settings.redis_prefix)
-    if args.command not in ("once", "run"):  # those catch up themselves, after creating topics
+    try:
+        check_redis(store.client)
+    except RedisRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.command in ("rollback", "unpin"):  # once and run catch up themselves; reads never write
         catch_up(settings, store)
     try:
         return run_command(args, settings, store)
@@ -225,7 +271,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         return 1
     metrics = TrainerMetrics()
     if settings.metrics_port:
-        serve(metrics.registry, settings.metrics_port)
+        serve(metrics.registry, settings.metrics_port, host=settings.metrics_host)
     if args.command == "once":
         result = train_once(settings, store, metrics, force=args.force)
         print(json.dumps({"result": result.result, "version": result.version,

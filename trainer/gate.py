@@ -1,21 +1,67 @@
-"""The quality gate: a refit that collapsed (a tiny segment, two near-identical centroids, a
-silhouette well below the current model's on the same window, a non-finite number) is refused
-and the current model stays."""
+"""The quality gate: a refit that collapsed is refused and the current model stays.
+
+A refit is compared with three references, because none suffices alone:
+
+* **itself**: no tiny segment, no two near-identical centroids, no non-finite number;
+* **absolute floors**: a silhouette floor, a Davies-Bouldin ceiling, and a minimum separation of
+  the two closest segments in units of their own spread (K-Means cutting one population in two
+  leaves halves about 2.65 within-cluster standard deviations apart, whatever the scale);
+* **memory**: the current model on the same window (does the refit partition today's customers
+  worse than the model in use?), and the quality the last *accepted* model had when it was
+  trained (``segmentation.baseline``). When the data itself collapses, the current model and the
+  refit look equally bad on the same window; only the remembered baseline shows the fall.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.distance import pdist
 
+from segmentation.baseline import QualityBaseline
+from segmentation.matching import cluster_residuals, spread_units, within_covariance
+from segmentation.settings import Settings
+from trainer.fit import Fit
+
 
 @dataclass(frozen=True)
 class GateFailure:
-    check: str  # finite | min_share | separation | silhouette
+    # finite | min_share | separation | spread_separation | min_silhouette | max_davies_bouldin
+    # | silhouette | silhouette_drop | davies_bouldin_rise
+    check: str
     value: float
     limit: float
     detail: str
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """What a refit must reach (``SEG_GATE_*``; the defaults are the settings'). ``None``
+    switches a check off."""
+
+    min_share: float
+    min_separation: float
+    silhouette_margin: float
+    min_spread_separation: float | None
+    min_silhouette: float | None
+    max_davies_bouldin: float | None
+    max_silhouette_drop: float | None
+    max_davies_bouldin_rise: float | None
+
+    @classmethod
+    def of(cls, settings: Settings) -> GateLimits:
+        return cls(
+            min_share=settings.gate_min_share,
+            min_separation=settings.gate_min_separation,
+            silhouette_margin=settings.gate_silhouette_margin,
+            min_spread_separation=settings.gate_min_spread_separation,
+            min_silhouette=settings.gate_min_silhouette,
+            max_davies_bouldin=settings.gate_max_davies_bouldin,
+            max_silhouette_drop=settings.gate_max_silhouette_drop,
+            max_davies_bouldin_rise=settings.gate_max_davies_bouldin_rise,
+        )
 
 
 def check_finite(centroids: np.ndarray, silhouette: float) -> GateFailure | None:
@@ -84,8 +130,88 @@ def check_separation(centroids: np.ndarray, min_fraction: float) -> GateFailure 
     )
 
 
+def spread_separation(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> tuple[float, int, int]:
+    """The two closest segments in spread units: the distance between their centroids in
+    standard deviations of their pooled within-cluster covariance (Fisher's separation, the
+    Mahalanobis distance); and which pair.
+
+    Scale-free, and it tells a real boundary from a cut: K-Means cutting one normal population
+    in two leaves halves 1.6 standard deviations apart, each spread 0.6 of one along the cut,
+    so about 2.65 units; two populations that are really distinct are much further apart.
+
+    >>> rng = np.random.default_rng(0)
+    >>> blob = rng.normal(0.0, 1.0, (4000, 2))
+    >>> halves = (blob[:, 0] > 0).astype(int)
+    >>> cut = np.array([blob[halves == 0].mean(0), blob[halves == 1].mean(0)])
+    >>> round(spread_separation(blob, halves, cut)[0], 2)
+    2.65
+    >>> two = np.vstack([blob, blob + [8.0, 0.0]]); labels = np.repeat([0, 1], 4000)
+    >>> round(spread_separation(two, labels, np.array([[0.0, 0.0], [8.0, 0.0]]))[0])
+    8
+    """
+    residuals = cluster_residuals(x, labels, centroids)
+    best, pair = float("inf"), (0, 0)
+    for i, j in itertools.combinations(range(centroids.shape[0]), 2):
+        pooled = within_covariance(np.vstack([residuals[i], residuals[j]]))
+        ratio = float(spread_units((centroids[j] - centroids[i])[None, :], pooled)[0])
+        if ratio < best:
+            best, pair = ratio, (i, j)
+    return best, pair[0], pair[1]
+
+
+def check_spread_separation(
+    x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, floor: float | None
+) -> GateFailure | None:
+    """The two closest segments must be at least ``floor`` pooled within-cluster standard
+    deviations apart (see ``spread_separation``).
+
+    >>> rng = np.random.default_rng(1)
+    >>> blob = rng.normal(0.0, 1.0, (2000, 2)); halves = (blob[:, 1] > 0).astype(int)
+    >>> cut = np.array([blob[halves == 0].mean(0), blob[halves == 1].mean(0)])
+    >>> check_spread_separation(blob, halves, cut, 3.0).detail
+    'segment indexes 0 and 1 are 2.61 within-cluster std devs apart (floor 3.0): one population cut in two?'
+    """
+    if floor is None or centroids.shape[0] < 2:
+        return None
+    ratio, i, j = spread_separation(x, labels, centroids)
+    if ratio >= floor:
+        return None
+    return GateFailure(
+        "spread_separation", ratio, floor,
+        f"segment indexes {i} and {j} are {ratio:.2f} within-cluster std devs apart "
+        f"(floor {floor}): one population cut in two?",
+    )
+
+
+def check_min_silhouette(silhouette: float, floor: float | None) -> GateFailure | None:
+    """An absolute silhouette floor.
+
+    >>> check_min_silhouette(0.21, 0.25).detail
+    'silhouette 0.210 is below the floor 0.25'
+    >>> check_min_silhouette(0.21, None) is None
+    True
+    """
+    if floor is None or silhouette >= floor:
+        return None
+    return GateFailure("min_silhouette", silhouette, floor,
+                       f"silhouette {silhouette:.3f} is below the floor {floor}")
+
+
+def check_max_davies_bouldin(davies_bouldin: float, ceiling: float | None) -> GateFailure | None:
+    """An absolute Davies-Bouldin ceiling (lower is better).
+
+    >>> check_max_davies_bouldin(1.9, 1.5).detail
+    'Davies-Bouldin 1.900 is above the ceiling 1.5'
+    """
+    if ceiling is None or davies_bouldin <= ceiling:
+        return None
+    return GateFailure("max_davies_bouldin", davies_bouldin, ceiling,
+                       f"Davies-Bouldin {davies_bouldin:.3f} is above the ceiling {ceiling}")
+
+
 def check_silhouette(new: float, current: float | None, margin: float) -> GateFailure | None:
-    """The new silhouette must not fall more than ``margin`` below the current model's.
+    """The new silhouette must not fall more than ``margin`` below the current model's on the
+    same window.
 
     >>> check_silhouette(0.40, 0.60, 0.05).check
     'silhouette'
@@ -100,20 +226,115 @@ def check_silhouette(new: float, current: float | None, margin: float) -> GateFa
     )
 
 
+def _accepted(baseline: QualityBaseline) -> str:
+    return "the last accepted model" + (f" (v{baseline.version})" if baseline.version is not None else "")
+
+
+def check_silhouette_drop(
+    new: float, baseline: QualityBaseline | None, max_drop: float | None
+) -> GateFailure | None:
+    """The new silhouette must not fall more than ``max_drop`` below the silhouette the last
+    accepted model had on its own training window.
+
+    >>> check_silhouette_drop(0.29, QualityBaseline(0.77, 0.34, 1), 0.1).detail
+    'silhouette 0.290 vs 0.770 of the last accepted model (v1) on its training window (max drop 0.1)'
+    >>> check_silhouette_drop(0.70, QualityBaseline(0.77, 0.34, 1), 0.1) is None
+    True
+    """
+    if baseline is None or max_drop is None or new >= baseline.silhouette - max_drop:
+        return None
+    return GateFailure(
+        "silhouette_drop", new, baseline.silhouette - max_drop,
+        f"silhouette {new:.3f} vs {baseline.silhouette:.3f} of {_accepted(baseline)} on its "
+        f"training window (max drop {max_drop})",
+    )
+
+
+def check_davies_bouldin_rise(
+    new: float, baseline: QualityBaseline | None, max_rise: float | None
+) -> GateFailure | None:
+    """The new Davies-Bouldin index must not rise more than ``max_rise`` above the last
+    accepted model's on its own training window.
+
+    >>> check_davies_bouldin_rise(1.24, QualityBaseline(0.77, 0.34, 1), 0.3).detail
+    'Davies-Bouldin 1.240 vs 0.340 of the last accepted model (v1) on its training window (max rise 0.3)'
+    """
+    if baseline is None or max_rise is None or new <= baseline.davies_bouldin + max_rise:
+        return None
+    return GateFailure(
+        "davies_bouldin_rise", new, baseline.davies_bouldin + max_rise,
+        f"Davies-Bouldin {new:.3f} vs {baseline.davies_bouldin:.3f} of {_accepted(baseline)} on "
+        f"its training window (max rise {max_rise})",
+    )
+
+
 def run_gate(
-    centroids: np.ndarray,
-    shares: np.ndarray,
-    silhouette: float,
-    current_silhouette: float | None,
-    min_share: float,
-    min_separation: float,
-    silhouette_margin: float,
+    fit: Fit,
+    x: np.ndarray,
+    limits: GateLimits,
+    current_silhouette: float | None = None,
+    baseline: QualityBaseline | None = None,
 ) -> list[GateFailure]:
-    """Every failed check (an empty list passes)."""
+    """Every failed check (an empty list passes). ``current_silhouette``: the current model's
+    partition of the same window, scored in the refit's space; ``baseline``: the last accepted
+    model's training quality (None for the first model: only the floors apply)."""
+    not_finite = check_finite(fit.centroids, fit.silhouette)
+    if not_finite is not None:
+        return [not_finite]  # nothing else can be measured on NaN
     checks = [
-        check_finite(centroids, silhouette),
-        check_min_share(shares, min_share),
-        check_separation(centroids, min_separation),
-        check_silhouette(silhouette, current_silhouette, silhouette_margin),
+        check_min_share(fit.shares, limits.min_share),
+        check_separation(fit.centroids, limits.min_separation),
+        check_spread_separation(x, fit.labels, fit.centroids, limits.min_spread_separation),
+        check_min_silhouette(fit.silhouette, limits.min_silhouette),
+        check_max_davies_bouldin(fit.davies_bouldin, limits.max_davies_bouldin),
+        check_silhouette(fit.silhouette, current_silhouette, limits.silhouette_margin),
+        check_silhouette_drop(fit.silhouette, baseline, limits.max_silhouette_drop),
+        check_davies_bouldin_rise(fit.davies_bouldin, baseline, limits.max_davies_bouldin_rise),
     ]
     return [c for c in checks if c is not None]
+
+
+def accepted_quality(
+    failures: list[GateFailure], fit: Fit, version: int, baseline: QualityBaseline | None
+) -> QualityBaseline | None:
+    """The baseline a new bundle carries: its own figures if the gate passed it; if it was
+    forced past the gate, the last accepted model's, unchanged: a forced publish never moves the
+    yardstick the gate and the consumers' drift measure against.
+
+    >>> from trainer.fit import Fit
+    >>> fit = Fit(np.zeros((2, 1)), np.array([0, 1]), 2, 1.0, 0.29, 1.24)
+    >>> accepted_quality([], fit, 2, QualityBaseline(0.77, 0.34, 1))
+    QualityBaseline(silhouette=0.29, davies_bouldin=1.24, version=2)
+    >>> accepted_quality([GateFailure("silhouette_drop", 0.29, 0.67, "")], fit, 2,
+    ...                  QualityBaseline(0.77, 0.34, 1))
+    QualityBaseline(silhouette=0.77, davies_bouldin=0.34, version=1)
+    """
+    if failures:
+        return baseline
+    return QualityBaseline(fit.silhouette, fit.davies_bouldin, version)
+
+
+def gate_record(
+    failures: list[GateFailure], current_silhouette: float | None, accepted: QualityBaseline | None
+) -> dict[str, float | str | bool]:
+    """The bundle's ``quality.gate``: passed or not, each overridden check with its value (a
+    forced publish), the current model's silhouette on the same window and the accepted
+    baseline the bundle carries.
+
+    >>> gate_record([GateFailure("silhouette_drop", 0.29, 0.67, "")], 0.3, QualityBaseline(0.77, 0.34, 1))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'passed': False, 'current_silhouette': 0.3, 'silhouette_drop': 0.29,
+     'overridden': 'silhouette_drop', 'baseline_silhouette': 0.77, 'baseline_davies_bouldin': 0.34,
+     'baseline_version': 1}
+    """
+    record: dict[str, float | str | bool] = {
+        "passed": not failures,
+        "current_silhouette": current_silhouette if current_silhouette is not None else "none",
+    }
+    for failure in failures:
+        record[failure.check] = failure.value
+    if failures:
+        record["overridden"] = ",".join(f.check for f in failures)
+    if accepted is not None:
+        record.update(accepted.record())
+    return record

@@ -10,15 +10,23 @@ from importlib.metadata import version as package_version
 
 import numpy as np
 
+from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.features import FeatureSpec, fit_spec
-from segmentation.metrics import TrainerMetrics
+from segmentation.metrics import GATE_CHECKS, TrainerMetrics
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict
 from trainer.fit import Fit, fit_model
-from trainer.gate import GateFailure, check_finite_window, run_gate
+from trainer.gate import (
+    GateFailure,
+    GateLimits,
+    accepted_quality,
+    check_finite_window,
+    gate_record,
+    run_gate,
+)
 from trainer.registry import label_segments, load_names
 from trainer.window import Window, read_window
 
@@ -104,6 +112,51 @@ def current_silhouette(
     return sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
 
 
+# How far back `accepted_baseline` looks for an accepted model behind forced bundles that
+# predate recorded baselines.
+BASELINE_LOOKBACK = 50
+
+
+def accepted_baseline(store: ModelStore, current: ModelBundle | None) -> QualityBaseline | None:
+    """The training quality of the last model the gate accepted, which refits are judged
+    against (``segmentation.baseline``): the one the current bundle carries; for a bundle from
+    before baselines, its own figures, or (if it was forced) those of the last version before it
+    that was not. None when no accepted model is known (then only the floors apply)."""
+    bundle, seen = current, 0
+    while bundle is not None and seen < BASELINE_LOOKBACK:
+        recorded = recorded_baseline(bundle)
+        if recorded is not None:
+            return recorded
+        if not bundle.forced:
+            return own_baseline(bundle)
+        seen += 1
+        if bundle.previous_version is None:
+            return None
+        try:
+            bundle = store.load(bundle.previous_version)
+        except BundleError:
+            return None
+    return None
+
+
+def report_model_quality(metrics: TrainerMetrics, model: ModelBundle | None,
+                         baseline: QualityBaseline | None) -> None:
+    """The current model's training silhouette next to the accepted baseline: a forced publish
+    of a worse model shows (and alerts) as the gap between the two."""
+    if model is None:
+        return
+    metrics.published_silhouette.set(model.quality.silhouette)
+    metrics.baseline_silhouette.set((baseline or own_baseline(model)).silhouette)
+
+
+def report_gate(metrics: TrainerMetrics, failures: list[GateFailure]) -> None:
+    """Which checks the last gated refit failed (1) or passed (0): a state an alert can hold
+    on, where a refusal counted before the first scrape after a restart would be missed."""
+    failed = {f.check for f in failures}
+    for check in GATE_CHECKS:
+        metrics.gate_failing.labels(check).set(1 if check in failed else 0)
+
+
 def load_base(store: ModelStore) -> tuple[int | None, ModelBundle | None]:
     """The version a run starts from. A current bundle that fails validation is reported and
     treated as absent for matching, but stays the compare-and-set base."""
@@ -144,6 +197,8 @@ def _train(
     settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None
 ) -> RunResult:
     base, current = load_base(store)
+    baseline = accepted_baseline(store, current)
+    report_model_quality(metrics, current, baseline)
     window = read_window(settings, now_ms)
     metrics.rows.labels("read").set(window.rows_read)
     metrics.rows.labels("invalid").set(window.rows_invalid)
@@ -157,16 +212,15 @@ def _train(
     if not_finite is not None:
         # Nothing can be fitted on NaN, and the bundle format refuses non-finite numbers, so
         # not even --force publishes this.
+        report_gate(metrics, [not_finite])
         return _refuse(metrics, [not_finite], force)
     fit, fits = fit_encoded(settings, x)
     metrics.silhouette.set(fit.silhouette)
     metrics.davies_bouldin.set(fit.davies_bouldin)
     metrics.k.set(fit.k)
-    baseline = current_silhouette(settings, current, window, x)
-    failures = run_gate(
-        fit.centroids, fit.shares, fit.silhouette, baseline, settings.gate_min_share,
-        settings.gate_min_separation, settings.gate_silhouette_margin,
-    )
+    on_window = current_silhouette(settings, current, window, x)
+    failures = run_gate(fit, x, GateLimits.of(settings), on_window, baseline)
+    report_gate(metrics, failures)
     if failures and (not force or any(f.check == "finite" for f in failures)):
         return _refuse(metrics, failures, force)
     for failure in failures:
@@ -176,14 +230,12 @@ def _train(
     ids, names, mapping = label_segments(
         current, spec, fit.centroids, settings.match_threshold,
         store.allocate_segment_ids, load_names(settings.names_file),
+        x=x, labels=fit.labels, max_spread=settings.match_max_spread,
     )
-    gate_record: dict[str, float | str | bool] = {
-        "passed": not failures, "current_silhouette": baseline if baseline is not None else "none",
-    }
-    for failure in failures:
-        gate_record[failure.check] = failure.value
+    version = store.allocate_version()
+    accepted = accepted_quality(failures, fit, version, baseline)
     bundle = ModelBundle(
-        version=store.allocate_version(),
+        version=version,
         features=spec,
         centroids=fit.centroids.tolist(),
         segment_ids=ids,
@@ -194,7 +246,7 @@ def _train(
             silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin, inertia=fit.inertia,
             shares=fit.shares.tolist(), sizes=fit.sizes,
             k_selection="fixed" if settings.k is not None else "silhouette, davies-bouldin tiebreak",
-            k_scores=[f.scores() for f in fits], gate=gate_record,
+            k_scores=[f.scores() for f in fits], gate=gate_record(failures, on_window, accepted),
         ),
         lineage=Lineage(
             topic=settings.events_topic, partitions=window.ranges,
@@ -211,6 +263,7 @@ def _train(
     metrics.label_changes.labels("new").inc(len(mapping.new))
     metrics.label_changes.labels("retired").inc(len(mapping.retired))
     metrics.last_publish.set(time.time())
+    report_model_quality(metrics, bundle, accepted)
     log.info("model published", extra={"version": bundle.version, "k": fit.k,
                                        "silhouette": round(fit.silhouette, 4), "forced": bundle.forced})
     detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
@@ -232,8 +285,9 @@ def _refuse(metrics: TrainerMetrics, failures: list[GateFailure], force: bool) -
 def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: int | None) -> None:
     """The models topic first (the record of truth: the bundle, then the pointer, acknowledged
     by every replica), then the Redis pointer (compare-and-set on ``base``). If the topic write
-    fails nothing is switched; if another trainer won the Redis race, the topic's pointer is set
-    back to the winner, so that a cache rebuilt from the topic agrees with Redis."""
+    fails nothing is switched; if another trainer won the Redis race, the bundle is withdrawn
+    from the topic and its pointer set back to the winner, so that a cache rebuilt from the topic
+    agrees with Redis."""
     models = ModelLog(settings)
     end = models.publish(bundle)
     try:

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
 from segmentation.bundle import LabelChange, LabelMapping, ModelBundle
 from segmentation.features import FeatureSpec
-from segmentation.matching import assign_segment_ids, median_pairwise_distance
+from segmentation.matching import assign_segment_ids, median_pairwise_distance, spread_distances
 
 
 def load_names(path: str | None) -> dict[int, str]:
@@ -46,15 +47,23 @@ def label_segments(
     threshold_fraction: float,
     fresh_ids: Callable[[int], list[int]],
     names: dict[int, str],
+    *,
+    x: np.ndarray,
+    labels: np.ndarray,
+    max_spread: float,
 ) -> tuple[list[int], list[str], LabelMapping]:
     """Segment ids and names for new centroids, and the mapping from the previous version.
 
     Matching happens in the *new* version's scaled space: the previous centroids are mapped
-    back to raw units with the previous scaler and forward with the new one. The new scaler
-    describes the data the new clusters were fitted on, so the threshold (a fraction of the
-    median distance between new centroids) is in the same units as the clusters it judges.
+    back to raw units with the previous scaler and forward with the new one. A previous centroid
+    keeps its id on a new one when it lies within ``max_spread`` standard deviations of the new
+    segment's within-cluster covariance (``x``, ``labels``: the window the new centroids were
+    fitted on), and within ``threshold_fraction`` of the median distance between the new
+    centroids (which only binds on segments that overlap much); two segments that merged lose
+    theirs (``segmentation.matching.merged_pairs``). Distances in the mapping are in those
+    standard deviations.
     """
-    threshold = threshold_fraction * median_pairwise_distance(centroids)
+    cap = threshold_fraction * median_pairwise_distance(centroids)
     comparable = previous is not None and set(spec.numeric) <= set(previous.features.numeric)
     if previous is not None and comparable:
         prev_centroids = spec.reencode(previous.centroid_array(), previous.features)
@@ -64,7 +73,9 @@ def label_segments(
         # be placed in this space, so nothing matches and all of its ids retire.
         prev_centroids = np.empty((0, centroids.shape[1]))
         prev_ids = []
-    result = assign_segment_ids(prev_centroids, prev_ids, centroids, threshold, fresh_ids)
+    cost = spread_distances(prev_centroids, centroids, x, labels)
+    cost[cdist(prev_centroids, centroids) > cap] = np.inf
+    result = assign_segment_ids(prev_centroids, prev_ids, centroids, max_spread, fresh_ids, cost)
     retired = result.retired
     if previous is not None and not comparable:
         retired = [(sid, p) for p, sid in enumerate(previous.segment_ids)]
@@ -77,8 +88,11 @@ def label_segments(
                  for s, p, i, d in result.matched],
         new=[LabelChange(segment_id=s, index=i) for s, i in result.new],
         retired=[LabelChange(segment_id=s, previous_index=p) for s, p in retired],
-        threshold=threshold,
-        space="new version's scaled space" if comparable or previous is None
+        threshold=max_spread,
+        space=(f"new version's scaled space; distances in standard deviations of the new segment's "
+               f"within-cluster covariance (kept below {max_spread:g}, and below "
+               f"{threshold_fraction:g} x the median centroid distance = {cap:.3g} scaled units)")
+        if comparable or previous is None
         else "not comparable: the previous version lacks some of the features",
     )
     return result.segment_ids, segment_names, mapping

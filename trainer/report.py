@@ -494,15 +494,16 @@ def render_page(
     ranges = ", ".join(f"p{r.partition}:{r.start}-{r.end}" for r in lin.partitions)
     window = (f"{datetime.fromtimestamp(lin.window_start_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} → "
               f"{datetime.fromtimestamp(lin.window_end_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC")
+    logs = bundle.features.log_features
+    scaler_text = bundle.features.scaler + (f", log1p on {', '.join(logs)}" if logs else "")
     lineage = definition_list([
         ("topic", html.escape(lin.topic)), ("offsets (end exclusive)", html.escape(ranges) or "-"),
         ("time window", window),
         ("rows read / invalid / used", f"{lin.rows_read:,} / {lin.rows_invalid:,} / {lin.rows_used:,}"),
-        ("training matrix sha256", lin.data_sha256), ("random_state", str(lin.random_state)),
+        ("training matrix sha256", html.escape(lin.data_sha256)), ("random_state", str(lin.random_state)),
         ("libraries", html.escape(", ".join(f"{k} {v}" for k, v in lin.libraries.items()))),
         ("fit parameters", html.escape(", ".join(f"{k}={v}" for k, v in lin.params.items()))),
-        ("scaler", f"{bundle.features.scaler}" + (f", log1p on {', '.join(bundle.features.log_features)}"
-                                                   if bundle.features.log_features else "")),
+        ("scaler", html.escape(scaler_text)),
         ("quality gate", gate),
         ("reproduce", f"<code>python -m trainer reproduce {bundle.version}</code>"),
     ])
@@ -542,8 +543,9 @@ shown but never decides alone.</p>{fig("k_curves.png", "elbow and silhouette ove
 across all versions. A new colour is a new segment; a colour that disappears was retired.</p>
 {fig("versions.png", "segment shares and silhouette by version")}
 <h2 style="margin-top:18px">Label changes</h2><p class=lead>How each version's segment ids relate to
-the version before it: ids kept by matching centroids (distance in the new version's scaled space,
-kept when below the threshold), fresh ids for new segments (never reused), retired ids, and ids a
+the version before it: ids kept by matching centroids (distance in standard deviations of the new
+segment's spread, kept when below the threshold), fresh ids for new segments (never reused), retired
+ids, and ids a
 rollback brought back.</p>{label_change_table(bundles)}</section>
 <section><h2>Recent quality-gate refusals</h2>{refusal_html}</section>
 <section><h2>Lineage</h2>{lineage}</section>

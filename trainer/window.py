@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
 from segmentation.bundle import PartitionRange
 from segmentation.events import CustomerEvent, Rejection
@@ -70,9 +70,9 @@ Position = tuple[int, int]  # partition, offset
 
 def iter_ranges(
     settings: Settings, ranges: list[PartitionRange], timeout_s: float = 120.0
-) -> Iterator[tuple[Position, bytes | None]]:
-    """Every message value in the given offset ranges with its position, streamed (memory does
-    not grow with the window). Transient errors are retried by the client; others fail the read."""
+) -> Iterator[tuple[Position, Message]]:
+    """Every message in the given offset ranges with its position, streamed (memory does not
+    grow with the window). Transient errors are retried by the client; others fail the read."""
     todo = {r.partition: r for r in ranges if r.end > r.start}
     if not todo:
         return
@@ -98,7 +98,7 @@ def iter_ranges(
                 r = None if p is None or offset is None else todo.get(p)
                 if r is None or offset is None or offset >= r.end:
                     continue
-                yield (r.partition, offset), msg.value()
+                yield (r.partition, offset), msg
                 if offset >= r.end - 1:
                     todo.pop(r.partition)
     finally:
@@ -181,10 +181,10 @@ def read_window(
     sample = CustomerSample(settings.max_rows, settings.random_state)
     reasons: dict[str, int] = {}
     rows_read = 0
-    for position, value in iter_ranges(settings, ranges):
+    for position, msg in iter_ranges(settings, ranges):
         rows_read += 1
         try:
-            decoded = contract.decode(value, now_ms=end_ms)
+            decoded = contract.decode_message(msg, now_ms=end_ms)
         except Exception as exc:  # noqa: BLE001 - one message never fails a training run
             log.warning("window row could not be decoded", extra={"error": repr(exc)[:200]})
             decoded = Rejection("internal_error", type(exc).__name__)

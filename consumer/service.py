@@ -1,0 +1,139 @@
+"""The consumer process: wiring, signals, exit statuses (``python -m consumer`` runs ``main``).
+
+SIGTERM/SIGINT: finish the batch, flush, commit, leave the group (bounded by
+``shutdown_timeout_s``); a second signal exits at once. Signals are received by a thread of
+their own, so they are honoured even while the loop is inside a blocking Kafka client call.
+A step that stays inside the client for longer than ``stall_bound_s`` ends the process
+(status 5) so that a supervisor restarts it and the uncommitted batch is replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from confluent_kafka import Consumer, KafkaException, Producer
+
+from consumer.delivery import AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
+from consumer.loop import ConsumeLoop
+from segmentation import logs
+from segmentation.kafka import consumer_config, ensure_topics, producer_config
+from segmentation.metrics import ConsumerMetrics, serve
+from segmentation.settings import Settings, load_settings
+from segmentation.store import CustomerStore, ModelStore, RedisRefused, check_redis, connect
+
+log = logging.getLogger("consumer")
+
+EXIT_SETTINGS = 2
+EXIT_DELIVERY_STOPPED = 3
+EXIT_KAFKA_FATAL = 4
+EXIT_STALLED = 5
+
+
+class StopFlag:
+    """First signal asks the loop to stop; a second one exits immediately; a watchdog bounds
+    the graceful path."""
+
+    def __init__(self, bound_s: float) -> None:
+        self.requested = False
+        self.bound_s = bound_s
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self.requested:
+            os._exit(128 + signum)
+        self.requested = True
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        watchdog = threading.Timer(self.bound_s, lambda: os._exit(128 + signum))
+        watchdog.daemon = True
+        watchdog.start()
+
+
+def receive_signals(stop: StopFlag) -> None:
+    """Block SIGTERM/SIGINT in every thread (call before any client starts its threads) and
+    receive them in a thread of their own: Python runs handlers only between bytecodes of the
+    main thread, which can sit for minutes inside one librdkafka call when a broker is gone."""
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # consumer/__main__ did it before any thread
+
+    def wait() -> None:
+        while True:
+            stop.handle(signal.sigwait(signals), None)
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
+
+
+def watch_for_stalls(loop: ConsumeLoop, bound_s: float) -> None:
+    """End the process when one step has not returned for ``bound_s`` (a librdkafka call that
+    ignores its timeout while the group coordinator is gone): nothing is committed, and the
+    restart replays the batch."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(min(5.0, bound_s / 4))
+            started = loop.step_started
+            if started is not None and time.monotonic() - started > bound_s:
+                log.error("stopping: one step has been inside the Kafka client too long; exiting so "
+                          "that a restart replays the uncommitted batch",
+                          extra={"stalled_s": round(time.monotonic() - started)})
+                logging.shutdown()
+                os._exit(EXIT_STALLED)
+
+    threading.Thread(target=watch, name="stall-watchdog", daemon=True).start()
+
+
+def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
+    if settings.delivery == "exactly-once":
+        tid = f"{settings.transactional_id}-{settings.replica_id}"
+        return ExactlyOnce(Producer(producer_config(settings, tid)), consumer, settings.delivery_timeout_s)
+    return AtLeastOnce(Producer(producer_config(settings)), consumer, settings.delivery_timeout_s)
+
+
+def main() -> int:
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_json)
+    stop = StopFlag(settings.shutdown_timeout_s)
+    receive_signals(stop)
+    redis_client = connect(settings)
+    try:
+        check_redis(redis_client)
+    except RedisRefused as exc:
+        log.error(f"cannot start: {exc}")
+        return EXIT_SETTINGS
+    metrics = ConsumerMetrics()
+    try:
+        ensure_topics(settings)
+        consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+        delivery = build_delivery(settings, consumer)
+    except KafkaException as exc:  # broker unreachable, not authorised, transactions refused
+        log.error("cannot start: Kafka refused the setup", extra={"error": str(exc)})
+        return EXIT_KAFKA_FATAL
+    loop = ConsumeLoop(
+        settings, consumer, delivery, ModelStore(redis_client, settings.redis_prefix),
+        CustomerStore.for_settings(settings), metrics,
+    )
+    watch_for_stalls(loop, 2 * settings.delivery_timeout_s + 60)
+    if settings.metrics_port:
+        serve(metrics.registry, settings.metrics_port, ready=lambda: loop.ready, host=settings.metrics_host)
+    log.info("consumer starting", extra={"group": settings.consumer_group,
+                                         "delivery": settings.delivery,
+                                         "replica": settings.replica_id})
+    try:
+        loop.run(stop)
+    except DeliveryStopped as exc:
+        log.error("stopping: outputs cannot be written; the batch's offsets stay uncommitted",
+                  extra={"error": str(exc)})
+        return EXIT_DELIVERY_STOPPED
+    except KafkaException as exc:  # fatal client error (e.g. fenced by a newer instance)
+        log.error("stopping: Kafka client error", extra={"error": str(exc)})
+        return EXIT_KAFKA_FATAL
+    finally:
+        loop.close()
+        log.info("consumer stopped")
+    return 0
+

@@ -1,0 +1,491 @@
+"""A collapsed or merged model never goes live silently (issue 10, points 1, 2 and 5).
+
+Offline and fast: random layouts of five well separated populations in the demo's six features
+(each population spread 13% around its mean, as the demo producer's customers are), fitted,
+gated and matched with the trainer's own functions (``fit_model``, ``run_gate``,
+``label_segments``, ``accepted_quality``, ``gate_record``) in the order ``trainer.pipeline`` calls
+them, only without Kafka and Redis. Each layout is retrained on a fresh window of:
+
+* the same populations (stationary): must publish, and events keep their ids;
+* the populations with their centres pulled towards each other, spreads unchanged (collapse);
+* the two closest populations meeting at their midpoint (merge);
+* one population moved by two of its standard deviations (drift): keeps its id;
+* one population gone and a different one 6 of its standard deviations from it (new
+  population): a fresh id, not the vanished segment's.
+
+The consumer's drift signal after a forced publish of a collapse is checked with its own
+``QualityTracker``; the alert expression against a real Prometheus is in
+``test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_prometheus``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from consumer.model import ActiveModel
+from consumer.quality import QualityTracker
+from demo.generator import FEATURES, PROFILES, Customer, Profile, make_customers
+from demo.producer import DemoProducer
+from segmentation.baseline import QualityBaseline, baseline_of
+from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.features import FeatureSpec, fit_scaler, scale
+from segmentation.metrics import TrainerMetrics
+from segmentation.scoring import nearest_two, sampled_silhouette
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from tests.conftest import free_port, produce_events
+from tests.test_monitoring import ALERTS, PROM_LOCAL, Process, Prometheus, load_yaml, need, settings_env
+from trainer.fit import Fit, fit_model
+from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
+from trainer.pipeline import train_once
+from trainer.registry import label_segments
+
+SETTINGS = Settings()  # the defaults: what a deployment gets
+LAYOUTS = 20
+PER_POPULATION = 600
+RELATIVE_SPREAD = 0.13  # the demo: lognormal(0, 0.12) per customer x lognormal(0, 0.05) per event
+TYPICAL = np.array([12, 8, 400, 50, 15, 600], dtype=np.float64)  # a typical customer, FEATURES order
+
+
+# --- a trainer run without the I/O ---------------------------------------------------------------
+@dataclass
+class Published:
+    """What a run decided: the bundle (None if refused) and the gate's failures."""
+
+    bundle: ModelBundle | None
+    failures: list[GateFailure]
+    fit: Fit
+
+
+@dataclass
+class Registry:
+    """Stands in for Redis' counters: versions and segment ids, never reused."""
+
+    versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(0))
+
+    def fresh_ids(self, n: int) -> list[int]:
+        return [next(self.ids) for _ in range(n)]
+
+
+def encode(spec: FeatureSpec, raw: np.ndarray) -> np.ndarray:
+    return scale(raw, spec.center, spec.scale)
+
+
+def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
+    """The id the consumer gives each row under ``bundle``."""
+    index, _, _ = nearest_two(encode(bundle.features, raw), bundle.centroid_array())
+    return np.asarray(bundle.segment_ids)[index]
+
+
+def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, force: bool = False,
+            settings: Settings = SETTINGS) -> Published:
+    """One run of ``trainer.pipeline._train`` on the window ``raw``."""
+    center, scale_ = fit_scaler(raw, "standard")
+    spec = FeatureSpec(numeric=list(FEATURES), center=center, scale=scale_)
+    x = encode(spec, raw)
+    fit, fits = fit_model(x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
+                          settings.random_state, settings.silhouette_sample)
+    baseline = baseline_of(current) if current is not None else None
+    on_window = None
+    if current is not None:  # the current model's partition of this window, in the new space
+        labels, _, _ = nearest_two(encode(current.features, raw), current.centroid_array())
+        on_window = sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
+    failures = run_gate(fit, x, GateLimits.of(settings), on_window, baseline)
+    if failures and not force:
+        return Published(None, failures, fit)
+    ids, names, mapping = label_segments(
+        current, spec, fit.centroids, settings.match_threshold, registry.fresh_ids, {},
+        x=x, labels=fit.labels, max_spread=settings.match_max_spread,
+    )
+    version = next(registry.versions)
+    accepted = accepted_quality(failures, fit, version, baseline)
+    bundle = ModelBundle(
+        version=version, features=spec, centroids=fit.centroids.tolist(), segment_ids=ids,
+        segment_names=names, previous_version=current.version if current else None,
+        label_mapping=mapping,
+        quality=Quality(silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin,
+                        inertia=fit.inertia, shares=fit.shares.tolist(), sizes=fit.sizes,
+                        gate=gate_record(failures, on_window, accepted)),
+        lineage=Lineage(topic="offline"), forced=bool(failures),
+    )
+    return Published(bundle, failures, fit)
+
+
+# --- layouts ---------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    means: np.ndarray  # (5, 6)
+    spreads: np.ndarray  # (5, 6) standard deviations
+
+    def window(self, rng: np.random.Generator, means: np.ndarray | None = None) -> np.ndarray:
+        """PER_POPULATION customers per population (rows in population order)."""
+        means = self.means if means is None else means
+        return np.vstack([rng.normal(m, s, size=(PER_POPULATION, m.shape[0]))
+                          for m, s in zip(means, self.spreads, strict=True)])
+
+    def collapsed(self, pull: float = 0.3) -> np.ndarray:
+        """Centres pulled towards their mean, to ``pull`` of their distance (spreads unchanged)."""
+        centre = self.means.mean(axis=0)
+        return centre + pull * (self.means - centre)
+
+    def closest_pair(self) -> tuple[int, int]:
+        """The two populations closest in their own standard deviations."""
+        best, pair = np.inf, (0, 1)
+        for a, b in itertools.combinations(range(self.means.shape[0]), 2):
+            pooled = np.sqrt((self.spreads[a] ** 2 + self.spreads[b] ** 2) / 2)
+            d = float(np.linalg.norm((self.means[a] - self.means[b]) / pooled))
+            if d < best:
+                best, pair = d, (a, b)
+        return pair
+
+    def merged(self) -> np.ndarray:
+        a, b = self.closest_pair()
+        means = self.means.copy()
+        means[a] = means[b] = (self.means[a] + self.means[b]) / 2
+        return means
+
+
+def random_means(rng: np.random.Generator, n: int) -> np.ndarray:
+    return TYPICAL * np.exp(rng.normal(0.0, 0.9, size=(n, TYPICAL.shape[0])))
+
+
+def rows_of(population: int) -> slice:
+    return slice(population * PER_POPULATION, (population + 1) * PER_POPULATION)
+
+
+@dataclass
+class Scenario:
+    """One layout: its first accepted model, and each retrain."""
+
+    layout: Layout
+    v1: ModelBundle
+    runs: dict[str, Published]
+    test_rows: dict[str, np.ndarray]
+    registry: Registry
+
+
+def scenario(seed: int) -> Scenario:
+    rng = np.random.default_rng(seed)
+    while True:  # five *well separated* populations, like the demo's (silhouette ~0.7)
+        means = random_means(rng, 5)
+        layout = Layout(means, RELATIVE_SPREAD * means)
+        registry = Registry()
+        first = retrain(layout.window(rng), None, registry)
+        if first.bundle is not None and first.fit.silhouette >= 0.6:
+            break
+    v1 = first.bundle
+    drifted = layout.means.copy()
+    direction = rng.normal(size=6)
+    drifted[2] += 2.0 * layout.spreads[2] * direction / np.linalg.norm(direction)
+    replaced = layout.means.copy()
+    while True:  # population 3 gone; a different one 6 of its standard deviations from it
+        direction = rng.normal(size=6)
+        replaced[3] = layout.means[3] + 6.0 * layout.spreads[3] * direction / np.linalg.norm(direction)
+        gaps = [np.linalg.norm((replaced[3] - m) / sd)
+                for m, sd in zip(layout.means, layout.spreads, strict=True)]
+        if (replaced[3] > 0).all() and sorted(gaps)[1] > 8:
+            break
+    windows = {"stationary": layout.means, "collapse": layout.collapsed(), "merge": layout.merged(),
+               "drift": drifted, "new population": replaced}
+    runs, test_rows = {}, {}
+    for name, means in windows.items():
+        runs[name] = retrain(layout.window(rng, means), v1, registry, force=True)
+        test_rows[name] = layout.window(rng, means)
+    return Scenario(layout, v1, runs, test_rows, registry)
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> list[Scenario]:
+    return [scenario(seed) for seed in range(LAYOUTS)]
+
+
+def refused(run: Published) -> bool:
+    """Refused by the gate without --force (every scenario above was forced, to be examined)."""
+    return bool(run.failures)
+
+
+def checks(runs: list[Published]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        for f in run.failures:
+            counts[f.check] = counts.get(f.check, 0) + 1
+    return counts
+
+
+# --- point 1: the gate remembers ---------------------------------------------------------------------
+def test_a_collapse_is_refused_in_at_least_19_of_20_random_layouts(scenarios: list[Scenario]) -> None:
+    runs = [s.runs["collapse"] for s in scenarios]
+    print(f"\ncollapse refused {sum(map(refused, runs))}/{len(runs)}, by check {checks(runs)}; "
+          f"silhouette {np.mean([s.v1.quality.silhouette for s in scenarios]):.2f} -> "
+          f"{np.mean([r.fit.silhouette for r in runs]):.2f}, Davies-Bouldin "
+          f"{np.mean([s.v1.quality.davies_bouldin for s in scenarios]):.2f} -> "
+          f"{np.mean([r.fit.davies_bouldin for r in runs]):.2f}")
+    assert sum(map(refused, runs)) >= 19
+
+
+def test_a_merge_is_refused_in_at_least_19_of_20_random_layouts(scenarios: list[Scenario]) -> None:
+    runs = [s.runs["merge"] for s in scenarios]
+    print(f"\nmerge refused {sum(map(refused, runs))}/{len(runs)}, by check {checks(runs)}")
+    assert sum(map(refused, runs)) >= 19
+
+
+def test_stationary_retrains_publish_and_keep_at_least_99_5_percent_of_events_on_their_id(
+    scenarios: list[Scenario]
+) -> None:
+    kept = []
+    for s in scenarios:
+        run = s.runs["stationary"]
+        assert not run.failures, [f.detail for f in run.failures]
+        assert run.bundle is not None and not run.bundle.label_mapping.new
+        rows = s.test_rows["stationary"]
+        kept.append(float((segment_ids(s.v1, rows) == segment_ids(run.bundle, rows)).mean()))
+    print(f"\nstationary: {len(kept)}/{len(scenarios)} published; events keeping their id: "
+          f"min {min(kept):.4%}, mean {np.mean(kept):.4%}")
+    assert min(kept) >= 0.995
+
+
+def test_a_drifted_or_replaced_population_still_passes_the_gate(scenarios: list[Scenario]) -> None:
+    for name in ("drift", "new population"):
+        runs = [s.runs[name] for s in scenarios]
+        print(f"\n{name}: refused {sum(map(refused, runs))}/{len(runs)} {checks(runs)}")
+        assert sum(map(refused, runs)) <= 1, name
+
+
+def test_a_forced_publish_records_the_overridden_checks_and_keeps_the_accepted_baseline(
+    scenarios: list[Scenario]
+) -> None:
+    s = next(s for s in scenarios if refused(s.runs["collapse"]))
+    forced = s.runs["collapse"].bundle
+    assert forced is not None and forced.forced
+    gate = forced.quality.gate
+    assert gate["passed"] is False
+    assert set(str(gate["overridden"]).split(",")) == {f.check for f in s.runs["collapse"].failures}
+    assert baseline_of(forced) == QualityBaseline(s.v1.quality.silhouette, s.v1.quality.davies_bouldin, 1)
+    # JSON round trip (what Redis and the models topic hold)
+    assert baseline_of(ModelBundle.from_json(forced.to_json())) == baseline_of(forced)
+
+    # The next collapsed window is refused again, against the accepted model's figures, not the
+    # forced model's: a forced publish does not lower the bar.
+    again = retrain(s.layout.window(np.random.default_rng(99), s.layout.collapsed()), forced, s.registry)
+    assert again.bundle is None
+    drop = next(f for f in again.failures if f.check == "silhouette_drop")
+    assert drop.limit == pytest.approx(s.v1.quality.silhouette - SETTINGS.gate_max_silhouette_drop)
+    # The same window passes the same-window comparison with the forced model (the old gate's
+    # blind spot): only the remembered baseline refuses it.
+    assert "silhouette" not in {f.check for f in again.failures}
+
+    # An accepted model becomes the new baseline.
+    healthy = retrain(s.layout.window(np.random.default_rng(98)), forced, s.registry)
+    assert healthy.bundle is not None and not healthy.failures
+    assert baseline_of(healthy.bundle).version == healthy.bundle.version
+
+
+def test_a_bundle_from_before_baselines_is_its_own_baseline() -> None:
+    spec = FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0])
+    legacy = ModelBundle.model_validate_json(ModelBundle(
+        version=4, features=spec, centroids=[[0.0], [5.0]], segment_ids=[0, 1], segment_names=["a", "b"],
+        quality=Quality(silhouette=0.6, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5], sizes=[5, 5],
+                        gate={"passed": True, "current_silhouette": "none"}),
+        lineage=Lineage(topic="t"),
+    ).to_json())
+    assert baseline_of(legacy) == QualityBaseline(0.6, 0.5, 4)
+
+
+def test_the_floors_refuse_a_first_model_on_data_without_segments() -> None:
+    # No previous model, so nothing to remember: the absolute floors alone refuse five segments
+    # cut out of one population. (Its pieces are about 3.0 standard deviations apart, at the
+    # spread-separation floor: that check is for two segments merged into one, ~2.65.)
+    rng = np.random.default_rng(5)
+    one_population = rng.normal(TYPICAL, RELATIVE_SPREAD * TYPICAL, size=(3000, 6))
+    run = retrain(one_population, None, Registry())
+    assert {"min_silhouette", "max_davies_bouldin"} <= {f.check for f in run.failures}
+    assert run.fit.silhouette < 0.15
+
+
+# --- point 5: matching in spread units ---------------------------------------------------------------
+def ids_of(bundle: ModelBundle, rows: np.ndarray) -> set[int]:
+    values, counts = np.unique(segment_ids(bundle, rows), return_counts=True)
+    return {int(v) for v, n in zip(values, counts, strict=True) if n >= 0.2 * rows.shape[0]}
+
+
+def test_a_drifted_population_keeps_its_id(scenarios: list[Scenario]) -> None:
+    kept = 0
+    for s in scenarios:
+        run = s.runs["drift"].bundle
+        assert run is not None
+        before = s.test_rows["stationary"]
+        after = s.test_rows["drift"]
+        same = [ids_of(s.v1, before[rows_of(p)]) == ids_of(run, after[rows_of(p)]) for p in range(5)]
+        assert all(same[:2] + same[3:])  # the populations that did not move
+        kept += same[2]
+    print(f"\ndrift of 2 standard deviations: id kept in {kept}/{len(scenarios)}")
+    assert kept >= 19
+
+
+def test_a_merged_segment_gets_new_ids(scenarios: list[Scenario]) -> None:
+    fresh = 0
+    for s in scenarios:
+        run = s.runs["merge"].bundle
+        assert run is not None
+        a, b = s.layout.closest_pair()
+        old = ids_of(s.v1, s.test_rows["stationary"][rows_of(a)]) | ids_of(
+            s.v1, s.test_rows["stationary"][rows_of(b)])
+        merged = ids_of(run, s.test_rows["merge"][rows_of(a)])
+        fresh += not (merged & old)
+    print(f"\nmerge: the merged population got only new ids in {fresh}/{len(scenarios)}")
+    assert fresh >= 19
+
+
+def test_a_new_population_does_not_inherit_a_vanished_segment_s_id(scenarios: list[Scenario]) -> None:
+    fresh = 0
+    for s in scenarios:
+        run = s.runs["new population"].bundle
+        assert run is not None
+        vanished = ids_of(s.v1, s.test_rows["stationary"][rows_of(3)])
+        newcomer = ids_of(run, s.test_rows["new population"][rows_of(3)])
+        assert vanished <= {c.segment_id for c in run.label_mapping.retired} or newcomer & vanished
+        fresh += not (newcomer & vanished)
+        for p in (0, 1, 2, 4):  # the others keep theirs
+            assert ids_of(s.v1, s.test_rows["stationary"][rows_of(p)]) == ids_of(
+                run, s.test_rows["new population"][rows_of(p)])
+    print(f"\nnew population: a fresh id in {fresh}/{len(scenarios)}")
+    assert fresh >= 19
+
+
+# --- point 2: drift that does not reset ----------------------------------------------------------
+def tracked_drift(bundle: ModelBundle, rows: np.ndarray) -> float:
+    """The consumer's silhouette drift after scoring ``rows`` with ``bundle``."""
+    model = ActiveModel.of(bundle)
+    tracker = QualityTracker(model, window_events=rows.shape[0], sample=1000)
+    x = encode(bundle.features, rows)
+    index, d1, d2 = nearest_two(x, model.centroids)
+    tracker.update(index, d1, d2, x)
+    tracker.sampled_silhouette(force=True)
+    drift = tracker.drift()
+    assert drift is not None
+    return drift
+
+
+def test_after_a_forced_collapse_the_consumer_drift_stays_negative(scenarios: list[Scenario]) -> None:
+    drifts, unanchored = [], []
+    for s in scenarios:
+        forced = s.runs["collapse"].bundle
+        assert forced is not None
+        rows = s.test_rows["collapse"]
+        drifts.append(tracked_drift(forced, rows))
+        # what the consumer read before: the forced model measured against itself
+        own = forced.model_copy(update={"quality": forced.quality.model_copy(update={"gate": {}})})
+        unanchored.append(tracked_drift(own, rows))
+    print(f"\ndrift after a forced collapse: anchored max {max(drifts):+.3f} (mean {np.mean(drifts):+.3f}); "
+          f"against the forced model's own silhouette mean {np.mean(unanchored):+.3f}")
+    assert max(drifts) < -SETTINGS.drift_retrain_threshold
+    assert max(abs(d) for d in unanchored) < 0.05  # the blind spot this closes
+
+
+# --- the same on the real stack, with a real Prometheus ----------------------------------------
+def collapsed_profiles(pull: float = 0.3) -> tuple[Profile, ...]:
+    """The demo's five profiles with their centres pulled towards their mean (the demo's noise
+    is multiplicative, so the spreads shrink a little with the smaller centres)."""
+    means = np.array([p.means for p in PROFILES], dtype=np.float64)
+    centre = means.mean(axis=0)
+    pulled = centre + pull * (means - centre)
+    return tuple(Profile(p.name, tuple(m.tolist()), p.channels)  # type: ignore[arg-type]
+                 for p, m in zip(PROFILES, pulled, strict=True))
+
+
+class CollapsedProducer(DemoProducer):
+    """The demo producer, sending events of ``people`` (no malformed ones)."""
+
+    def __init__(self, settings: Settings, people: list[Customer]) -> None:
+        super().__init__(settings, run_id="collapse", rate=300.0, malformed_every=0)
+        self.customers = people
+
+
+def test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_prometheus(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    need("prometheus")
+    need("promtool")
+    # No scheduled retrain and no early retrain on drift during the test: the trainer process
+    # runs once at start, on the collapsed window, and the gate refuses that run.
+    settings = settings_factory(train_interval_s=3600, drift_retrain_after_s=3600)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    rng = np.random.default_rng(1)
+    produce_events(settings, make_customers(1500, rng))
+    first = train_once(settings, store, TrainerMetrics())
+    assert first.result == "published" and first.bundle is not None, first.detail
+
+    # The same customers later, their five profiles pulled towards each other.
+    collapsed = make_customers(1500, rng, profiles=collapsed_profiles())
+    produce_events(settings, collapsed, seed=2, prefix="k")
+    refusal = train_once(settings, store, TrainerMetrics())
+    assert refusal.result == "rejected", refusal.detail
+    assert "silhouette_drop" in {f.check for f in refusal.failures}, refusal.detail
+    forced = train_once(settings, store, TrainerMetrics(), force=True)
+    assert forced.result == "published" and forced.bundle is not None and forced.bundle.forced
+    assert baseline_of(forced.bundle).version == first.bundle.version
+    print(f"\nreal stack: v1 silhouette {first.bundle.quality.silhouette:.3f} / DB "
+          f"{first.bundle.quality.davies_bouldin:.3f}; collapse {forced.bundle.quality.silhouette:.3f} / "
+          f"{forced.bundle.quality.davies_bouldin:.3f}, refused by {[f.check for f in refusal.failures]}")
+
+    consumer_port, trainer_port, prom_port = free_port(), free_port(), free_port()
+    config = load_yaml(PROM_LOCAL)
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(ALERTS)]
+    ports = {"consumer": consumer_port, "trainer": trainer_port}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = Prometheus(tmp_path / "prometheus.yml", prom_port, tmp_path / "stack")
+    producer = CollapsedProducer(settings, collapsed)
+    producing = threading.Thread(target=producer.run, name="collapse-producer", daemon=True)
+    processes: list[Process] = []
+    try:
+        processes.append(Process("trainer", ["-m", "trainer", "run"], settings_env(
+            settings, SEG_METRICS_PORT=str(trainer_port), SEG_REPLICA_ID="trainer-0"), tmp_path))
+        processes.append(Process("consumer", ["-m", "consumer"], settings_env(
+            settings, SEG_METRICS_PORT=str(consumer_port), SEG_REPLICA_ID="consumer-0"), tmp_path))
+        prometheus.start()
+        producing.start()
+
+        def logs() -> str:
+            return "\n".join(p.tail() for p in processes)
+
+        rules = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
+        wanted = ("SegmentSilhouetteDrift", "PublishedModelBelowBaseline", "QualityGateFailing")
+        started = time.monotonic()
+        deadline = started + 120
+        pending = set(wanted)
+        while pending:
+            drift_now = prometheus.query("segment_silhouette_drift")
+            assert time.monotonic() < deadline, f"never true: {sorted(pending)}; drift {drift_now}\n{logs()}"
+            assert all(p.proc.poll() is None for p in processes), logs()
+            pending = {name for name in pending if not prometheus.query(rules[name]["query"])}
+            time.sleep(1)
+        all_true = time.monotonic() - started
+        assert prometheus.scalar('segment_model_version{job="consumer"}') == forced.version
+        # ... and the drift stays there: every scrape over the next 30 s (two recomputations of
+        # the sampled silhouette), whatever the consumer's model says of itself.
+        time.sleep(32)
+        drift = prometheus.scalar("max_over_time(segment_silhouette_drift[30s])")
+        assert drift < -0.1, drift
+        assert prometheus.query(rules["SegmentSilhouetteDrift"]["query"]), "drift expression no longer true"
+        print(f"real Prometheus: {', '.join(wanted)} true {all_true:.0f}s after start; "
+              f"drift over the next 30 s at most {drift:+.3f}")
+    finally:
+        producer.stop.set()
+        if producing.is_alive():
+            producing.join(40)
+        for p in processes:
+            p.stop()
+        prometheus.stop()
