@@ -55,7 +55,7 @@ class Params:
 
 FULL = Params(customers=2000, rate=300, hostile_rounds=3, hostile_s=30, kill_gap_s=5, broker_s=36,
               broker_down_s=6, redis_s=34, redis_down_s=10, storm_s=48, storm_rate=1000,
-              storm_every_s=6, trainer_kills=6, permanent_s=8, exit_wait_s=60, drain_idle_s=30,
+              storm_every_s=6, trainer_kills=6, permanent_s=8, exit_wait_s=60, drain_idle_s=60,
               drain_max_s=150)
 QUICK = Params(customers=1000, rate=200, hostile_rounds=1, hostile_s=10, kill_gap_s=3, broker_s=20,
                broker_down_s=4, redis_s=20, redis_down_s=10, storm_s=20, storm_rate=500,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
@@ -86,6 +88,17 @@ class Delivery(Protocol):
     def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
                 substitute: Substitute) -> None: ...
     def close(self, timeout_s: float) -> None: ...
+
+
+EXIT_STALLED = 5
+SEND_OFFSETS_TIMEOUT_S = 30.0
+
+
+def _exit_stalled(call: str) -> None:
+    log.error("stopping: a Kafka client call ignored its timeout; exiting so that a restart "
+              "replays the uncommitted batch", extra={"call": call})
+    logging.shutdown()
+    os._exit(EXIT_STALLED)
 
 
 def _stop_if_missing(producer: Producer, topics: set[str]) -> None:
@@ -243,9 +256,7 @@ class ExactlyOnce:
             if refused:
                 self._abort()
                 return refused
-            self.producer.send_offsets_to_transaction(
-                list(offsets), self.consumer.consumer_group_metadata(), self.timeout_s
-            )
+            self._send_offsets(offsets)
             self._until_done(lambda: self.producer.commit_transaction(self.timeout_s))
             return None
         except KafkaException as exc:
@@ -255,6 +266,21 @@ class ExactlyOnce:
             log.warning("transaction aborted", extra={"error": failure.str()})
             self._abort()
             return refused
+
+    def _send_offsets(self, offsets: Sequence[TopicPartition]) -> None:
+        """``send_offsets_to_transaction`` can ignore its timeout for good once the group
+        coordinator has gone away (a broker restart; confluentinc/librdkafka#5456). Nothing in
+        the process can recover that handle, so past a bound it exits (nothing was committed,
+        and a restart replays the batch) rather than hang with its partitions assigned."""
+        guard = threading.Timer(SEND_OFFSETS_TIMEOUT_S + 15, _exit_stalled, ("send_offsets_to_transaction",))
+        guard.daemon = True
+        guard.start()
+        try:
+            self.producer.send_offsets_to_transaction(
+                list(offsets), self.consumer.consumer_group_metadata(), SEND_OFFSETS_TIMEOUT_S
+            )
+        finally:
+            guard.cancel()
 
     def _until_done(self, call: Callable[[], object]) -> None:
         """A transaction call that timed out, or collides with the same call still running in

@@ -17,7 +17,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
-from consumer.delivery import AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
+from consumer.delivery import EXIT_STALLED, AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
 from consumer.loop import ConsumeLoop
 from segmentation import logs
 from segmentation.kafka import consumer_config, ensure_topics, producer_config
@@ -30,7 +30,6 @@ log = logging.getLogger("consumer")
 EXIT_SETTINGS = 2
 EXIT_DELIVERY_STOPPED = 3
 EXIT_KAFKA_FATAL = 4
-EXIT_STALLED = 5
 
 
 class StopFlag:
