@@ -26,3 +26,8 @@ def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
 
 def test_the_readme_stays_a_front_door() -> None:
     assert len((ROOT / "README.md").read_bytes()) <= 10_500
+
+
+def test_the_readme_s_commands_assume_no_sudo() -> None:
+    """Root shells and containers often have no sudo: the two commands must not need it."""
+    assert "sudo " not in (ROOT / "README.md").read_text()
