@@ -198,7 +198,9 @@ class ConsumeLoop:
     def _learn(self, batch: ScoredBatch) -> None:
         if self.online is None or self.quality is None or batch.indices.shape[0] == 0:
             return
-        self.online.learn(batch.encoded)
+        outliers = self.online.learn(batch.encoded, batch.nearest)
+        if outliers:  # scored and delivered like any event; only the online centres ignore them
+            log.warning("outliers left out of online learning", extra={"rows": outliers})
         self.quality.update(batch.indices, batch.nearest, batch.second, batch.encoded)
 
     def _count(self, batch: ScoredBatch, started: float) -> None:

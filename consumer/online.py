@@ -13,6 +13,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
 
+# In the scaled space a unit is one standard deviation of the training window: a point farther
+# than this from every centre is an outlier, not drift (a drifting segment moves a few units).
+OUTLIER_DISTANCE = 50.0
+
 
 class OnlineKMeans:
     """Warm-started from the published centroids; index j stays tied to segment j because
@@ -20,7 +24,7 @@ class OnlineKMeans:
 
     >>> model = OnlineKMeans(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), half_life_events=10)
     >>> for _ in range(20):
-    ...     model.learn(np.array([[2.0], [2.0], [10.0], [10.0]]))
+    ...     _ = model.learn(np.array([[2.0], [2.0], [10.0], [10.0]]))
     >>> round(float(model.centroids[0, 0]), 1), float(model.centroids[1, 0])
     (2.0, 10.0)
     """
@@ -47,13 +51,29 @@ class OnlineKMeans:
         self.model._counts[:] = np.maximum(prior, 1.0)  # noqa: SLF001 - see module docstring
         self.events_seen = 0
 
-    def learn(self, x: np.ndarray) -> None:
+    def learn(self, x: np.ndarray, nearest: np.ndarray | None = None) -> int:
+        """Learn a batch; rows farther than ``OUTLIER_DISTANCE`` from every centre (``nearest``,
+        the distances scoring already has) are left out: one absurd but valid event must not
+        drag a centre across the space. Returns how many rows were left out.
+
+        >>> model = OnlineKMeans(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), half_life_events=10)
+        >>> x = np.array([[1.0], [1e6]])
+        >>> model.learn(x, nearest=np.abs(x - np.array([[0.0]])).ravel()), float(model.centroids[0, 0]) < 1
+        (1, True)
+        """
+        if nearest is not None:
+            keep = nearest <= OUTLIER_DISTANCE
+            skipped = int(x.shape[0] - keep.sum())
+            x = x[keep]
+        else:
+            skipped = 0
         if x.shape[0] == 0:
-            return
+            return skipped
         if self.half_life_events is not None:
             self.model._counts *= 0.5 ** (x.shape[0] / self.half_life_events)  # noqa: SLF001
         self.model.partial_fit(x)
         self.events_seen += x.shape[0]
+        return skipped
 
     @property
     def centroids(self) -> np.ndarray:

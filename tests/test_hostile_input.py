@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -358,3 +359,14 @@ def test_a_valid_event_with_800_kb_of_headers_counts_them_towards_its_size() -> 
     batch = score_batch([msg], MODEL, RULES, NOW_MS)
     assert batch.reasons == ["too_large"] and not batch.outputs
     assert record_bytes(batch.dead_letters[0]) <= MAX_RECORD
+
+
+def test_one_absurd_but_valid_event_cannot_drag_an_online_centre() -> None:
+    from consumer.online import OnlineKMeans
+
+    batch = score_batch([Msg(event(), _offset=0), Msg(event(features={"a": 1e9, "b": 1}), _offset=1)],
+                        MODEL, RULES, NOW_MS)
+    assert len(batch.outputs) == 2  # scored and delivered like any event
+    online = OnlineKMeans(MODEL.centroids, np.array([0.5, 0.5]), half_life_events=10)
+    assert online.learn(batch.encoded, batch.nearest) == 1
+    assert np.abs(online.centroids - MODEL.centroids).max() < 1.0
