@@ -716,6 +716,18 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
             missing += [f"{where}: {s}" for s in found if not prometheus.query(s)]
         assert not missing, "selectors without data:\n" + "\n".join(missing)
 
+        # --- a backlog shows as consumer lag: the consumer is stopped for a while as the producer
+        # goes on (a consumer that keeps up reports 0 at every scrape, so lag cannot be left to luck)
+        consumer = processes[1].proc
+        consumer.send_signal(signal.SIGSTOP)
+        time.sleep(4)
+        consumer.send_signal(signal.SIGCONT)
+        wait_until(lambda: prometheus.scalar("max_over_time(sum(segment_consumer_lag_messages)[1m:1s])") > 0,
+                   30, "the backlog as consumer lag")
+        # the scrapes that failed while it was stopped marked its series stale: wait for fresh ones
+        wait_until(lambda: bool(prometheus.query('segment_events_total{outcome="scored"}')), 30,
+                   "the consumer scraped again")
+
         # --- every metric of the issue is exported, and moved -----------------------------------
         names = set(prometheus.api("label/__name__/values"))
         for name in ISSUE_CONSUMER_METRICS + ISSUE_TRAINER_METRICS:
