@@ -84,12 +84,17 @@ def settings_factory(stack: None) -> Iterator[Callable[..., Settings]]:
     for s in made:
         delete_topics(s, [s.events_topic, s.segments_topic, s.dlq_topic, s.models_topic])
         try:
-            client = connect(s)
-            keys = list(client.scan_iter(match=f"{s.redis_prefix}:*", count=1000))
-            if keys:
-                client.delete(*keys)
+            empty_redis(s)
         except redis.RedisError:
             pass  # a test's private Redis server is already gone
+
+
+def empty_redis(settings: Settings) -> None:
+    """Delete every key of ``settings``' prefix (what a Redis restart without its data does)."""
+    client = connect(settings)
+    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 @pytest.fixture

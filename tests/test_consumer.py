@@ -22,6 +22,7 @@ from segmentation.store import CustomerStore, ModelStore, connect
 from tests.conftest import (
     PrivateBroker,
     customers,
+    empty_redis,
     free_port,
     make_settings,
     produce_events,
@@ -402,10 +403,7 @@ def test_a_broker_killed_mid_stream_loses_nothing_and_duplicates_at_most_what_wa
             settings, settings.segments_topic, lambda rs: len(rs) >= len(sent) + 600, 30))
     finally:
         broker.stop()
-        client = connect(settings)
-        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        empty_redis(settings)
     assert set(sent) <= set(outputs), f"{len(set(sent) - set(outputs))} events lost"
     duplicated = sum(n - 1 for n in written.values())
     assert duplicated <= settings.batch_size, duplicated

@@ -13,6 +13,7 @@ from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore, connect
 from tests.conftest import (
     customers,
+    empty_redis,
     produce_events,
     produce_raw,
     read_outputs,
@@ -191,10 +192,7 @@ def test_make_run_demo_on_a_freshly_formatted_broker_scores_every_event_with_two
                               text=True, timeout=180)
     finally:
         broker.stop()
-        client = connect(settings)
-        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
+        empty_redis(settings)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "== malformed sent" in out and "NOT fully drained" not in out

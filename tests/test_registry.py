@@ -25,6 +25,7 @@ from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.conftest import (
     customers,
+    empty_redis,
     free_port,
     produce_events,
     read_outputs,
@@ -33,14 +34,6 @@ from tests.conftest import (
 )
 from trainer.operations import pin, rollback
 from trainer.pipeline import train_once
-
-
-def empty_redis(settings: Settings) -> None:
-    """What a Redis restart without its data does to this test's keys."""
-    client = connect(settings)
-    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 def segments_of(bundle: ModelBundle, population: list[Customer]) -> dict[int, tuple[int, str]]:
