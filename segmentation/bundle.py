@@ -104,11 +104,27 @@ def _check_features(spec: FeatureSpec) -> None:
         raise ValueError(f"scaler center must be finite and within +/-{MAX_CENTER_ABS:g}")
     if not all(math.isfinite(v) and MIN_SCALE <= v <= MAX_SCALE for v in spec.scale):
         raise ValueError(f"scaler scale must be within [{MIN_SCALE:g}, {MAX_SCALE:g}]")
+    _check_clip(spec)
     if not (math.isfinite(spec.categorical_weight) and spec.categorical_weight <= MAX_CATEGORICAL_WEIGHT):
         raise ValueError(f"categorical_weight must be finite and at most {MAX_CATEGORICAL_WEIGHT:g}")
     for attribute, values in spec.vocabulary.items():
         if not values or values[-1] != OTHER or len(set(values)) != len(values):
             raise ValueError(f"vocabulary[{attribute}] must be unique values ending with {OTHER!r}")
+
+
+def _check_clip(spec: FeatureSpec) -> None:
+    """Clip bounds come in pairs, one per numeric feature, bounded (NaN fails the comparison) and
+    ordered."""
+    if spec.clip_low is None and spec.clip_high is None:
+        return
+    if spec.clip_low is None or spec.clip_high is None:
+        raise ValueError("clip_low and clip_high must both be set or both be null")
+    n = len(spec.numeric)
+    if len(spec.clip_low) != n or len(spec.clip_high) != n:
+        raise ValueError(f"clip bounds have wrong length for {n} numeric features")
+    pairs = zip(spec.clip_low, spec.clip_high, strict=True)
+    if not all(-MAX_CENTER_ABS <= lo <= hi <= MAX_CENTER_ABS for lo, hi in pairs):
+        raise ValueError(f"clip bounds must be within +/-{MAX_CENTER_ABS:g} with clip_low <= clip_high")
 
 
 class ModelBundle(BaseModel):

@@ -1,9 +1,16 @@
 """Feature encoding and scaling, identical in the trainer and the consumer.
 
-The encoded space is ``[scaled numeric features | one-hot categorical attributes]``. Numeric
-features are (optionally) ``log1p``-transformed, then centred and scaled with parameters fitted
-by the trainer and shipped in the model bundle. One-hot columns hold 0 or
-``categorical_weight``.
+The encoded space is ``[scaled numeric features | one-hot categorical attributes]``. Each numeric
+feature goes through three steps, all fitted by the trainer on its window and shipped in the
+model bundle, so that the consumer applies them identically:
+
+1. a signed ``log1p`` for heavy-tailed features (configured, or chosen because the window's
+   skewness is high and the log reduces it); a negative value such as a refund keeps its sign;
+2. clipping at the training window's quantiles widened by a margin: a value far outside
+   anything seen in training (0.3% of rows at 1e9) cannot stretch the scaler or drag a centre;
+3. centring and scaling (standard or robust).
+
+One-hot columns hold 0 or ``categorical_weight``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import skew
 from sklearn.preprocessing import RobustScaler, StandardScaler
 
 from segmentation.events import CustomerEvent
@@ -31,6 +39,10 @@ class FeatureSpec(BaseModel):
     vocabulary: dict[str, list[str]] = Field(
         default_factory=dict, description="attribute -> values, each list ends with 'other'"
     )
+    clip_low: list[float] | None = Field(
+        None, description="per numeric feature, lower clip after the log (null: no clipping)"
+    )
+    clip_high: list[float] | None = Field(None, description="upper clip, as clip_low")
     scaler: Literal["standard", "robust"] = "standard"
     center: list[float]
     scale: list[float]
@@ -55,19 +67,36 @@ class FeatureSpec(BaseModel):
 
     def encode(self, events: Sequence[CustomerEvent]) -> tuple[np.ndarray, int]:
         """Encode events; returns the matrix and how many category values were unknown."""
-        raw = raw_numeric(events, self.numeric)
-        scaled = scale(log_transform(raw, self.log_mask()), self.center, self.scale)
+        scaled = self.encode_numeric(raw_numeric(events, self.numeric))
         onehot, unknown = one_hot(events, self.vocabulary, self.categorical_weight)
         return np.hstack([scaled, onehot]), unknown
+
+    def encode_numeric(self, raw: np.ndarray) -> np.ndarray:
+        """Raw numeric features (``numeric`` order) to scaled columns: log, clip, scale.
+
+        >>> spec = FeatureSpec(numeric=["x"], log_features=["x"], clip_low=[0.0],
+        ...                    clip_high=[2.0], center=[1.0], scale=[0.5])
+        >>> spec.encode_numeric(np.array([[np.e - 1], [1e9], [-1e9]])).round(6).tolist()
+        [[0.0], [2.0], [-2.0]]
+        """
+        transformed = log_transform(raw, self.log_mask())
+        if self.clip_low is not None and self.clip_high is not None:
+            transformed = np.clip(transformed, self.clip_low, self.clip_high)
+        return scale(transformed, self.center, self.scale)
 
     def log_mask(self) -> np.ndarray:
         return np.array([name in self.log_features for name in self.numeric], dtype=bool)
 
     def to_raw_numeric(self, encoded: np.ndarray) -> np.ndarray:
-        """Undo scaling (and log1p) of the numeric columns: back to the events' units."""
+        """Undo scaling (and the log) of the numeric columns: back to the events' units.
+
+        >>> spec = FeatureSpec(numeric=["x"], log_features=["x"], center=[1.0], scale=[2.0])
+        >>> spec.to_raw_numeric(spec.encode_numeric(np.array([[-50.0], [7.0]]))).round(6).tolist()
+        [[-50.0], [7.0]]
+        """
         numeric = encoded[:, : self.n_numeric] * np.asarray(self.scale) + np.asarray(self.center)
         mask = self.log_mask()
-        numeric[:, mask] = np.expm1(numeric[:, mask])
+        numeric[:, mask] = np.sign(numeric[:, mask]) * np.expm1(np.abs(numeric[:, mask]))
         return numeric
 
     def reencode(self, encoded: np.ndarray, source: FeatureSpec) -> np.ndarray:
@@ -75,8 +104,7 @@ class FeatureSpec(BaseModel):
         one-hot columns realigned by name; columns this spec does not know are dropped)."""
         numeric = source.to_raw_numeric(encoded)
         by_name = dict(zip(source.numeric, numeric.T, strict=True))
-        raw = np.column_stack([by_name[n] for n in self.numeric])
-        scaled = scale(log_transform(raw, self.log_mask()), self.center, self.scale)
+        scaled = self.encode_numeric(np.column_stack([by_name[n] for n in self.numeric]))
         src_cols = {c: i for i, c in enumerate(source.columns)}
         onehot_cols = self.columns[self.n_numeric :]
         onehot = np.zeros((encoded.shape[0], len(onehot_cols)))
@@ -102,16 +130,62 @@ def raw_numeric(events: Sequence[CustomerEvent], names: Sequence[str]) -> np.nda
 
 
 def log_transform(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``log1p`` of the masked columns (negative values are clipped to 0 first).
+    """Signed ``log1p`` of the masked columns, ``sign(x) * log1p(|x|)``: identical to ``log1p``
+    for non-negative values, and a refund of -50 stays as far below 0 as a purchase of 50 is
+    above it (it is not folded onto 0).
 
-    >>> log_transform(np.array([[np.e - 1, 5.0]]), np.array([True, False])).round(6).tolist()
-    [[1.0, 5.0]]
+    >>> log_transform(np.array([[np.e - 1, 5.0], [1 - np.e, 5.0]]), np.array([True, False])).round(6).tolist()
+    [[1.0, 5.0], [-1.0, 5.0]]
     """
     if not mask.any():
         return raw
     out = raw.copy()
-    out[:, mask] = np.log1p(np.clip(out[:, mask], 0, None))
+    out[:, mask] = np.sign(out[:, mask]) * np.log1p(np.abs(out[:, mask]))
     return out
+
+
+def fit_clip(
+    x: np.ndarray, quantile: float, margin: float
+) -> tuple[list[float], list[float]] | None:
+    """Per column, ``[q_lo - margin * r, q_hi + margin * r]`` where ``q_lo`` and ``q_hi`` are the
+    ``quantile`` and ``1 - quantile`` quantiles and ``r = q_hi - q_lo``: every ordinary value,
+    and a small but real segment beyond the quantiles, stays as it is; a value far outside the
+    training range is pulled to the edge. ``quantile == 0`` turns clipping off (None).
+
+    >>> x = np.concatenate([np.arange(1000.0), [1e9]])[:, None]
+    >>> fit_clip(x, 0.01, 0.5)
+    ([-480.0], [1480.0])
+    >>> fit_clip(x, 0.0, 0.5) is None
+    True
+    """
+    if quantile <= 0 or x.shape[0] == 0:
+        return None
+    lo, hi = np.quantile(x, [quantile, 1 - quantile], axis=0)
+    width = hi - lo
+    return (lo - margin * width).tolist(), (hi + margin * width).tolist()
+
+
+def skewed_features(
+    raw: np.ndarray, names: Sequence[str], threshold: float | None, clip: tuple[float, float]
+) -> list[str]:
+    """Features whose window is heavy-tailed: skewness (measured after clipping, so a handful of
+    absurd rows cannot decide it) above ``threshold``, and lower in magnitude after the signed
+    log. None turns the choice off.
+
+    >>> rng = np.random.default_rng(0)
+    >>> raw = np.column_stack([rng.lognormal(3, 1, 2000), rng.normal(50, 5, 2000)])
+    >>> skewed_features(raw, ["spend", "age"], 2.0, (0.005, 0.5))
+    ['spend']
+    """
+    if threshold is None or raw.shape[0] < 3:
+        return []
+    bounds = fit_clip(raw, *clip)
+    clipped = np.clip(raw, *bounds) if bounds is not None else raw
+    logged = log_transform(clipped, np.ones(raw.shape[1], dtype=bool))
+    before = np.nan_to_num(skew(clipped, axis=0))
+    after = np.nan_to_num(skew(logged, axis=0))
+    return [n for n, b, a in zip(names, before, after, strict=True)
+            if b > threshold and abs(a) < abs(b)]
 
 
 def fit_scaler(
@@ -204,16 +278,46 @@ def fit_spec(
     categorical_weight: float = 1.0,
     vocabulary_min_count: int = 1,
     vocabulary_max: int | None = None,
+    log_skewness: float | None = None,
+    clip: tuple[float, float] = (0.0, 0.0),
 ) -> FeatureSpec:
-    """Fit the vocabulary and the scaler on a training window."""
-    mask = np.array([n in log_features for n in numeric], dtype=bool)
-    center, scale_ = fit_scaler(log_transform(raw_numeric(events, numeric), mask), kind)
+    """Fit the vocabulary and the numeric preprocessing on a training window."""
+    numeric_spec = fit_numeric(
+        raw_numeric(events, numeric), numeric, kind, log_features, log_skewness, clip
+    )
+    return numeric_spec.model_copy(update={
+        "vocabulary": fit_vocabulary(events, categorical, vocabulary_min_count, vocabulary_max),
+        "categorical_weight": categorical_weight,
+    })
+
+
+def fit_numeric(
+    raw: np.ndarray,
+    names: Sequence[str],
+    kind: Literal["standard", "robust"] = "standard",
+    log_features: Sequence[str] = (),
+    log_skewness: float | None = None,
+    clip: tuple[float, float] = (0.0, 0.0),
+) -> FeatureSpec:
+    """The numeric part of a spec fitted on a raw matrix: which features get the log (the
+    configured ones plus the skewed ones), the clip bounds (``clip = (quantile, margin)``) and
+    the scaler, in that order.
+
+    >>> rng = np.random.default_rng(1)
+    >>> raw = np.column_stack([rng.lognormal(3, 1, 1000), rng.normal(50, 5, 1000)])
+    >>> raw[0] = [1e9, -1e9]
+    >>> spec = fit_numeric(raw, ["spend", "age"], log_skewness=2.0, clip=(0.005, 0.5))
+    >>> spec.log_features, bool(np.abs(spec.encode_numeric(raw)).max() < 10)
+    (['spend'], True)
+    """
+    chosen = set(log_features) | set(skewed_features(raw, names, log_skewness, clip))
+    logs = [n for n in names if n in chosen]
+    transformed = log_transform(raw, np.array([n in chosen for n in names], dtype=bool))
+    bounds = fit_clip(transformed, *clip)
+    if bounds is not None:
+        transformed = np.clip(transformed, *bounds)
+    center, scale_ = fit_scaler(transformed, kind)
     return FeatureSpec(
-        numeric=list(numeric),
-        log_features=list(log_features),
-        vocabulary=fit_vocabulary(events, categorical, vocabulary_min_count, vocabulary_max),
-        scaler=kind,
-        center=center,
-        scale=scale_,
-        categorical_weight=categorical_weight,
+        numeric=list(names), log_features=logs, scaler=kind, center=center, scale=scale_,
+        clip_low=bounds[0] if bounds else None, clip_high=bounds[1] if bounds else None,
     )

@@ -82,7 +82,20 @@ class Settings(BaseSettings):
         0.5, gt=0, description="value of a set one-hot column (1 = as far apart as 1 std dev x sqrt 2)"
     )
     log_features: tuple[str, ...] = Field(
-        (), description="features transformed with log1p before scaling (heavy-tailed spend)"
+        (), description="features always given a signed log1p before scaling (heavy-tailed spend)"
+    )
+    log_skewness: float | None = Field(
+        1.2, gt=0,
+        description="also log a feature whose window skewness is above this (and the log lowers it); "
+        "null = only log_features",
+    )
+    clip_quantile: float = Field(
+        0.005, ge=0, lt=0.5,
+        description="clip each numeric feature at this training quantile and 1 minus it, widened by "
+        "clip_margin; 0 = no clipping",
+    )
+    clip_margin: float = Field(
+        0.5, ge=0, description="widening of the clip range, in units of the range between the quantiles"
     )
     vocabulary_max: int = Field(
         20, ge=1, le=1000, description="most values per categorical attribute (top by count; rest: other)"

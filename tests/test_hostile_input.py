@@ -71,6 +71,12 @@ def small_bundle(**overrides: object) -> dict:
     return raw
 
 
+def clipped_bundle(**features: object) -> dict:
+    """``small_bundle`` with a log on ``a`` and clip bounds (``features`` overrides them)."""
+    clip = {"log_features": [FEATURES[0]], "clip_low": [-30.0, -1e12], "clip_high": [30.0, 1e12]}
+    return small_bundle(features={**small_bundle()["features"], **clip, **features})
+
+
 MODEL = ActiveModel.of(ModelBundle.model_validate(small_bundle()))
 RULES = ScoringRules(
     InputContract(FEATURES, {f: (-1e12, 1e12) for f in FEATURES}, max_age_s=10 * 365 * 86400.0,
@@ -229,9 +235,14 @@ def test_a_far_future_event_never_reaches_the_customer_state() -> None:
         {"centroids": [[1e200, 0, 1, 0], [5, 5, 0, 1]]},
         {"segment_names": ["x", "y" * 1000]},
         {"segment_ids": [-1, 1]},
+        {"features": clipped_bundle(clip_low=[1.0, 0.0], clip_high=[0.0, 1.0])["features"]},
+        {"features": clipped_bundle(clip_low=None)["features"]},
+        {"features": clipped_bundle(clip_high=[1.0])["features"]},
+        {"features": clipped_bundle(clip_low=[1e300, 1e300], clip_high=[1e300, 1e300])["features"]},
     ],
     ids=["shares", "sizes", "no-other", "weight", "subnormal-scale", "huge-center", "naive-time",
-         "huge-centroid", "long-name", "negative-id"],
+         "huge-centroid", "long-name", "negative-id", "reversed-clip", "one-sided-clip",
+         "short-clip", "huge-clip"],
 )
 def test_a_bundle_that_would_break_consumers_is_refused(poison: dict) -> None:
     with pytest.raises(BundleError, match="invalid bundle"):
@@ -248,6 +259,7 @@ def _mutations() -> st.SearchStrategy[tuple[list[str | int], object]]:
     paths: list[list[str | int]] = [
         ["centroids", 0, 0], ["centroids", 1, 3], ["features", "scale", 0], ["features", "center", 1],
         ["features", "categorical_weight"], ["quality", "shares", 0], ["segment_ids", 0], ["version"],
+        ["features", "clip_low", 0], ["features", "clip_high", 1],
     ]
     return st.tuples(st.sampled_from(paths), NUMBERS)
 
@@ -257,7 +269,7 @@ def _mutations() -> st.SearchStrategy[tuple[list[str | int], object]]:
 def test_a_mutated_bundle_is_refused_or_scores_every_event_to_a_finite_output(
     mutations: list[tuple[list[str | int], object]],
 ) -> None:
-    raw = small_bundle()
+    raw = clipped_bundle()
     for path, number in mutations:
         node = raw
         for step in path[:-1]:

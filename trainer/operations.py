@@ -65,6 +65,10 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "scaler": params.get("scaler", bundle.features.scaler),
         "categorical_weight": params.get("categorical_weight", bundle.features.categorical_weight),
         "log_features": tuple(params.get("log_features", bundle.features.log_features)),
+        # bundles from before automatic logs and clipping had neither
+        "log_skewness": params.get("log_skewness"),
+        "clip_quantile": params.get("clip_quantile", 0.0),
+        "clip_margin": params.get("clip_margin", settings.clip_margin),
         "features": tuple(bundle.features.numeric),
         "categorical": tuple(bundle.features.vocabulary),
         "silhouette_sample": params.get("silhouette_sample", settings.silhouette_sample),

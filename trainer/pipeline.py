@@ -61,6 +61,8 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
     return {
         "k": k, "n_init": settings.n_init, "max_rows": settings.max_rows,
         "scaler": settings.scaler, "log_features": list(settings.log_features),
+        "log_skewness": settings.log_skewness, "clip_quantile": settings.clip_quantile,
+        "clip_margin": settings.clip_margin,
         "categorical_weight": settings.categorical_weight,
         "features": list(settings.features), "categorical": list(settings.categorical),
         "silhouette_sample": settings.silhouette_sample, "window_s": settings.window_s,
@@ -70,11 +72,12 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
 
 
 def encode_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray]:
-    """Fit the vocabulary and the scaler on a window and encode it with them."""
+    """Fit the vocabulary and the preprocessing on a window and encode it with them."""
     spec = fit_spec(
         window.events, settings.features, settings.categorical, settings.scaler,
         settings.log_features, settings.categorical_weight,
         settings.vocabulary_min_count, settings.vocabulary_max,
+        settings.log_skewness, (settings.clip_quantile, settings.clip_margin),
     )
     x, _ = spec.encode(window.events)
     return spec, x

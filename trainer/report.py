@@ -495,7 +495,8 @@ def render_page(
     window = (f"{datetime.fromtimestamp(lin.window_start_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} → "
               f"{datetime.fromtimestamp(lin.window_end_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} UTC")
     logs = bundle.features.log_features
-    scaler_text = bundle.features.scaler + (f", log1p on {', '.join(logs)}" if logs else "")
+    scaler_text = (bundle.features.scaler + (f", signed log1p on {', '.join(logs)}" if logs else "")
+                   + (", clipped at the training quantiles" if bundle.features.clip_low else ""))
     lineage = definition_list([
         ("topic", html.escape(lin.topic)), ("offsets (end exclusive)", html.escape(ranges) or "-"),
         ("time window", window),
