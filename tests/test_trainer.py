@@ -183,6 +183,48 @@ def test_a_segment_below_the_share_floor_is_refused_and_force_publishes_it_marke
     assert listed["recent_refusals"][0]["failures"][0]["check"] == "min_share"
 
 
+def pulled(profiles: Sequence[Profile], pull: float) -> tuple[Profile, ...]:
+    """``profiles`` with their centres pulled towards their mean: the same segments, collapsed."""
+    means = np.array([p.means for p in profiles], dtype=np.float64)
+    centre = means.mean(axis=0)
+    return tuple(Profile(p.name, tuple((centre + pull * (m - centre)).tolist()), p.channels)  # type: ignore[arg-type]
+                 for p, m in zip(profiles, means, strict=True))
+
+
+def test_force_keeps_the_accepted_baseline_and_accept_moves_it(
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
+) -> None:
+    """Only the memory of the last accepted model judges here (floors and the same-window
+    comparison off). A forced collapse leaves the baseline where it was, so the next refit of
+    the same data is refused again; `--accept` (the customer base really changed) makes the
+    model the baseline, and the next refit of the same data publishes."""
+    settings = settings_factory(gate_silhouette_margin=1.0, gate_min_spread_separation=None,
+                                gate_min_silhouette=None, gate_max_davies_bouldin=None,
+                                gate_min_separation=0.0)
+    store = store_for(settings)
+    produce_events(settings, population([(p, 200) for p in ONE_CHANNEL]))
+    first = published(settings, store, trainer_metrics)
+    produce_events(settings, population([(p, 200) for p in pulled(ONE_CHANNEL, 0.3)], seed=2), seed=2)
+
+    assert train_once(settings, store, trainer_metrics).result == "rejected"
+    assert trainer_cli(settings, "once", "--force").returncode == 0
+    forced = store.load_current()
+    assert forced is not None and forced.forced and forced.quality.gate["baseline_version"] == first.version
+    again = train_once(settings, store, trainer_metrics)
+    assert again.result == "rejected" and "silhouette_drop" in [f.check for f in again.failures]
+
+    accepted = trainer_cli(settings, "once", "--accept")
+    assert accepted.returncode == 0, accepted.stderr
+    bundle = store.load_current()
+    assert bundle is not None and bundle.version == json.loads(accepted.stdout)["version"]
+    assert bundle.forced and bundle.quality.gate["operator_accepted"] is True
+    assert bundle.quality.gate["baseline_version"] == bundle.version
+    shown = json.loads(trainer_cli(settings, "show", "--json").stdout)
+    assert shown["gate"]["operator_accepted"] is True
+    assert shown["gate"]["baseline"]["accepted_version"] == bundle.version
+    assert published(settings, store, trainer_metrics).version > bundle.version
+
+
 def test_two_near_identical_centroids_are_refused(
     settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
 ) -> None:

@@ -64,6 +64,7 @@ def gate_summary(bundle: ModelBundle) -> dict[str, Any]:
     baseline = baseline_of(bundle)
     return {
         "passed": not bundle.forced, "forced": bundle.forced,
+        "operator_accepted": gate.get("operator_accepted") is True,
         "overridden": [c for c in overridden.split(",") if c],
         "baseline": {"silhouette": round(baseline.silhouette, 4),
                      "davies_bouldin": round(baseline.davies_bouldin, 4),
@@ -102,6 +103,8 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
     accepted = f" (v{base['accepted_version']})" if base["accepted_version"] is not None else ""
     status = ("FORCED past the quality gate: " + ", ".join(gate["overridden"]) if gate["forced"]
               else "passed the quality gate")
+    if gate["operator_accepted"]:
+        status += " and accepted by an operator as the new baseline"
     below = gate["below_baseline"]
     print(f"  {status}; accepted baseline{accepted}: silhouette={base['silhouette']:.3f}"
           f"  davies-bouldin={base['davies_bouldin']:.3f}"
@@ -132,6 +135,7 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "retired": [c.segment_id for c in b.label_mapping.retired],
             "restored": [c.segment_id for c in b.label_mapping.restored],
             "forced": b.forced, "overridden": gate["overridden"],
+            "operator_accepted": gate["operator_accepted"],
             "baseline_silhouette": gate["baseline"]["silhouette"],
             "rolled_back_from": b.rolled_back_from,
             "previous_version": b.previous_version,
@@ -147,6 +151,7 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             print(f"{mark} v{r['version']}: {r['error']}")
             continue
         extra = f" forced({','.join(r['overridden'])})" if r["forced"] else ""
+        extra += " accepted-by-operator" if r["operator_accepted"] else ""
         extra += f" rollback-of-v{r['rolled_back_from']}" if r["rolled_back_from"] else ""
         extra += f" restored={r['restored']}" if r["restored"] else ""
         print(f"{mark} v{r['version']:<4} {r['created_at'][:19]} K={r['k']} sil={r['silhouette']:.3f}"
@@ -201,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     once = sub.add_parser(
         "once", help="one training run now (exit 0 published, 1 failed, 2 refused, 3 skipped)"
     )
-    once.add_argument("--force", action="store_true", help="publish even if the gate refuses")
+    once.add_argument("--force", action="store_true",
+                      help="publish even if the gate refuses (the accepted baseline stays)")
+    once.add_argument("--accept", action="store_true",
+                      help="as --force, and make this model the accepted quality baseline "
+                      "(the customer base really changed)")
     sub.add_parser("run", help="train periodically (and early on sustained drift)")
     for name in ("show", "history"):
         p = sub.add_parser(name)
@@ -273,7 +282,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port, host=settings.metrics_host)
     if args.command == "once":
-        result = train_once(settings, store, metrics, force=args.force)
+        result = train_once(settings, store, metrics, force=args.force, accept=args.accept)
         print(json.dumps({"result": result.result, "version": result.version,
                           "forced": result.forced, "detail": result.detail}))
         return {"published": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]

@@ -295,9 +295,11 @@ def run_gate(
 
 
 def accepted_quality(
-    failures: list[GateFailure], fit: Fit, version: int, baseline: QualityBaseline | None
+    failures: list[GateFailure], fit: Fit, version: int, baseline: QualityBaseline | None,
+    operator_accepted: bool = False,
 ) -> QualityBaseline | None:
-    """The baseline a new bundle carries: its own figures if the gate passed it; if it was
+    """The baseline a new bundle carries: its own figures if the gate passed it or an operator
+    accepted it (``trainer once --accept``: the customer base really changed); if it was only
     forced past the gate, the last accepted model's, unchanged: a forced publish never moves the
     yardstick the gate and the consumers' drift measure against.
 
@@ -308,14 +310,18 @@ def accepted_quality(
     >>> accepted_quality([GateFailure("silhouette_drop", 0.29, 0.67, "")], fit, 2,
     ...                  QualityBaseline(0.77, 0.34, 1))
     QualityBaseline(silhouette=0.77, davies_bouldin=0.34, version=1)
+    >>> accepted_quality([GateFailure("silhouette_drop", 0.29, 0.67, "")], fit, 2,
+    ...                  QualityBaseline(0.77, 0.34, 1), operator_accepted=True)
+    QualityBaseline(silhouette=0.29, davies_bouldin=1.24, version=2)
     """
-    if failures:
+    if failures and not operator_accepted:
         return baseline
     return QualityBaseline(fit.silhouette, fit.davies_bouldin, version)
 
 
 def gate_record(
-    failures: list[GateFailure], current_silhouette: float | None, accepted: QualityBaseline | None
+    failures: list[GateFailure], current_silhouette: float | None, accepted: QualityBaseline | None,
+    operator_accepted: bool = False,
 ) -> dict[str, float | str | bool]:
     """The bundle's ``quality.gate``: passed or not, each overridden check with its value (a
     forced publish), the current model's silhouette on the same window and the accepted
@@ -335,6 +341,8 @@ def gate_record(
         record[failure.check] = failure.value
     if failures:
         record["overridden"] = ",".join(f.check for f in failures)
+    if operator_accepted:
+        record["operator_accepted"] = True
     if accepted is not None:
         record.update(accepted.record())
     return record

@@ -179,14 +179,18 @@ def train_once(
     metrics: TrainerMetrics,
     force: bool = False,
     now_ms: int | None = None,
+    accept: bool = False,
 ) -> RunResult:
+    """One run. ``force`` publishes a model the gate refuses, keeping the accepted baseline;
+    ``accept`` (implies ``force``) also makes it the baseline: the operator's word that the
+    customer base itself changed and this quality is the new normal."""
     started = time.monotonic()
     with store.lease(settings.lock_ttl_s) as held:
         if not held:
             return _finish(metrics, store, RunResult("skipped", "another trainer holds the lock"))
         try:
             sync_store(settings, store)  # versions and ids continue from the topic, whatever Redis lost
-            result = _train(settings, store, metrics, force, now_ms)
+            result = _train(settings, store, metrics, force or accept, now_ms, accept)
         except PublishConflict as exc:
             result = RunResult("skipped", f"publish lost the race: {exc}")
         except Exception as exc:  # a failed run must not kill the periodic trainer
@@ -197,7 +201,8 @@ def train_once(
 
 
 def _train(
-    settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None
+    settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None,
+    accept: bool = False,
 ) -> RunResult:
     base, current = load_base(store)
     baseline = accepted_baseline(store, current)
@@ -236,7 +241,7 @@ def _train(
         x=x, labels=fit.labels, max_spread=settings.match_max_spread,
     )
     version = store.allocate_version()
-    accepted = accepted_quality(failures, fit, version, baseline)
+    accepted = accepted_quality(failures, fit, version, baseline, operator_accepted=accept)
     bundle = ModelBundle(
         version=version,
         features=spec,
@@ -249,7 +254,8 @@ def _train(
             silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin, inertia=fit.inertia,
             shares=fit.shares.tolist(), sizes=fit.sizes,
             k_selection="fixed" if settings.k is not None else "silhouette, davies-bouldin tiebreak",
-            k_scores=[f.scores() for f in fits], gate=gate_record(failures, on_window, accepted),
+            k_scores=[f.scores() for f in fits],
+            gate=gate_record(failures, on_window, accepted, operator_accepted=accept),
         ),
         lineage=Lineage(
             topic=settings.events_topic, partitions=window.ranges,
