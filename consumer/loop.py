@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from consumer.delivery import Delivery, DeliveryFailed, Source
 from consumer.model import ActiveModel, ModelWatcher
 from consumer.online import OnlineKMeans
-from consumer.quality import QualityTracker, centroid_drift
+from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import OutRecord, ScoredBatch, ScoringRules, coordinates, score_batch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
@@ -269,6 +269,7 @@ class ConsumeLoop:
         distances = centroid_drift(model, online)
         for sid, d in zip(model.bundle.segment_ids, distances.tolist(), strict=True):
             m.centroid_drift.labels(str(sid)).set(d)
+        m.centroids_crossed.set(crossed_centroids(online.centroids, model.centroids))
         self._publish_replica_state(model, online, simplified, sampled, drift)
 
     def _publish_replica_state(

@@ -5,7 +5,8 @@
 * a true silhouette on a sample of the same recent events, recomputed every ``every_s``, and its
   drift from the accepted baseline (``segmentation.baseline``);
 * segment shares over the window and their PSI against the training shares;
-* centroid drift: online centroid vs published centroid, in scaled units.
+* centroid drift: online centroid vs published centroid, in scaled units, and how many online
+  centroids crossed into another segment.
 """
 
 from __future__ import annotations
@@ -121,3 +122,18 @@ class QualityTracker:
 def centroid_drift(model: ActiveModel, online: OnlineKMeans) -> np.ndarray:
     """Distance of each online centroid from its published centroid (scaled units)."""
     return np.linalg.norm(online.centroids - model.centroids, axis=1)
+
+
+def crossed_centroids(online: np.ndarray, published: np.ndarray) -> int:
+    """How many online centroids are nearer another segment's published centroid than their own:
+    the segments they stand for are moving into each other. Index j of the online model stays
+    segment j (it never renames, and it never scores); a crossing is counted and alerted.
+
+    >>> published = np.array([[0.0], [10.0], [20.0]])
+    >>> crossed_centroids(np.array([[1.0], [9.0], [21.0]]), published)
+    0
+    >>> crossed_centroids(np.array([[7.0], [4.0], [21.0]]), published)
+    2
+    """
+    distances = np.linalg.norm(online[:, None, :] - published[None, :, :], axis=2)
+    return int((distances.argmin(axis=1) != np.arange(online.shape[0])).sum())

@@ -89,6 +89,11 @@ class ConsumerMetrics:
             "segment_centroid_drift", "Online vs published centroid distance (scaled units)",
             ["segment_id"], registry=r,
         )
+        self.centroids_crossed = Gauge(
+            "segment_centroids_crossed",
+            "Online centroids nearer another segment's published centroid than their own",
+            registry=r,
+        )
         self.share = Gauge(
             "segment_share", "Share of recent events per segment", ["segment_id"], registry=r
         )
