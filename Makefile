@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs
+.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs quality
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,10 +34,14 @@ unit: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy segmentation consumer trainer demo bench chaos
+	$(VENV)/bin/mypy segmentation consumer trainer demo bench chaos quality
 
 bench: install stack
 	$(PY) -m bench
+
+# K selection against the truth and the gate scenarios (about two minutes); writes docs/model-quality.md
+quality: install
+	$(PY) -m quality
 
 # 10,000 property-based cases of the per-message path, then the chaos table on a private stack
 chaos: install system

@@ -1,10 +1,11 @@
 """A collapsed or merged model never goes live silently (issue 10, points 1, 2 and 5).
 
 Offline and fast: random layouts of five well separated populations in the demo's six features
-(each population spread 13% around its mean, as the demo producer's customers are), fitted,
-gated and matched with the trainer's own functions (``fit_model``, ``run_gate``,
-``label_segments``, ``accepted_quality``, ``gate_record``) in the order ``trainer.pipeline`` calls
-them, only without Kafka and Redis. Each layout is retrained on a fresh window of:
+(``quality.layouts``: each population spread 13% around its mean, as the demo producer's
+customers are), fitted, gated and matched by ``quality.offline.retrain``, the trainer's own
+functions in the order ``trainer.pipeline`` calls them, only without Kafka and Redis (``make
+quality`` runs the same layouts for docs/model-quality.md). Each layout is retrained on a fresh
+window of:
 
 * the same populations (stationary): must publish, and events keep their ids;
 * the populations with their centres pulled towards each other, spreads unchanged (collapse);
@@ -20,147 +21,34 @@ The consumer's drift signal after a forced publish of a collapse is checked with
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from consumer.model import ActiveModel
-from consumer.quality import QualityTracker
-from demo.generator import FEATURES, PROFILES, Customer, Profile, make_customers
+from demo.generator import PROFILES, Customer, Profile, make_customers
 from demo.producer import DemoProducer
+from quality.datasets import TYPICAL
+from quality.layouts import RELATIVE_SPREAD, Layout, rows_of
+from quality.offline import Published, Registry, failed_checks, retrain, segment_ids, tracked_drift
+from quality.scenarios import first_model
 from segmentation.baseline import QualityBaseline, baseline_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
-from segmentation.features import FeatureSpec, fit_scaler, scale
+from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
-from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.conftest import free_port, produce_events
 from tests.test_monitoring import ALERTS, PROM_LOCAL, Process, Prometheus, load_yaml, need, settings_env
-from trainer.fit import Fit, fit_model
-from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
 from trainer.pipeline import train_once
-from trainer.registry import label_segments
 
 SETTINGS = Settings()  # the defaults: what a deployment gets
 LAYOUTS = 20
-PER_POPULATION = 600
-RELATIVE_SPREAD = 0.13  # the demo: lognormal(0, 0.12) per customer x lognormal(0, 0.05) per event
-TYPICAL = np.array([12, 8, 400, 50, 15, 600], dtype=np.float64)  # a typical customer, FEATURES order
-
-
-# --- a trainer run without the I/O ---------------------------------------------------------------
-@dataclass
-class Published:
-    """What a run decided: the bundle (None if refused) and the gate's failures."""
-
-    bundle: ModelBundle | None
-    failures: list[GateFailure]
-    fit: Fit
-
-
-@dataclass
-class Registry:
-    """Stands in for Redis' counters: versions and segment ids, never reused."""
-
-    versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(0))
-
-    def fresh_ids(self, n: int) -> list[int]:
-        return [next(self.ids) for _ in range(n)]
-
-
-def encode(spec: FeatureSpec, raw: np.ndarray) -> np.ndarray:
-    return scale(raw, spec.center, spec.scale)
-
-
-def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
-    """The id the consumer gives each row under ``bundle``."""
-    index, _, _ = nearest_two(encode(bundle.features, raw), bundle.centroid_array())
-    return np.asarray(bundle.segment_ids)[index]
-
-
-def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, force: bool = False,
-            settings: Settings = SETTINGS) -> Published:
-    """One run of ``trainer.pipeline._train`` on the window ``raw``."""
-    center, scale_ = fit_scaler(raw, "standard")
-    spec = FeatureSpec(numeric=list(FEATURES), center=center, scale=scale_)
-    x = encode(spec, raw)
-    fit, fits = fit_model(x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
-                          settings.random_state, settings.silhouette_sample)
-    baseline = baseline_of(current) if current is not None else None
-    on_window = None
-    if current is not None:  # the current model's partition of this window, in the new space
-        labels, _, _ = nearest_two(encode(current.features, raw), current.centroid_array())
-        on_window = sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
-    failures = run_gate(fit, x, GateLimits.of(settings), on_window, baseline)
-    if failures and not force:
-        return Published(None, failures, fit)
-    ids, names, mapping = label_segments(
-        current, spec, fit.centroids, settings.match_threshold, registry.fresh_ids, {},
-        x=x, labels=fit.labels, max_spread=settings.match_max_spread,
-    )
-    version = next(registry.versions)
-    accepted = accepted_quality(failures, fit, version, baseline)
-    bundle = ModelBundle(
-        version=version, features=spec, centroids=fit.centroids.tolist(), segment_ids=ids,
-        segment_names=names, previous_version=current.version if current else None,
-        label_mapping=mapping,
-        quality=Quality(silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin,
-                        inertia=fit.inertia, shares=fit.shares.tolist(), sizes=fit.sizes,
-                        gate=gate_record(failures, on_window, accepted)),
-        lineage=Lineage(topic="offline"), forced=bool(failures),
-    )
-    return Published(bundle, failures, fit)
-
-
-# --- layouts ---------------------------------------------------------------------------------------
-@dataclass
-class Layout:
-    means: np.ndarray  # (5, 6)
-    spreads: np.ndarray  # (5, 6) standard deviations
-
-    def window(self, rng: np.random.Generator, means: np.ndarray | None = None) -> np.ndarray:
-        """PER_POPULATION customers per population (rows in population order)."""
-        means = self.means if means is None else means
-        return np.vstack([rng.normal(m, s, size=(PER_POPULATION, m.shape[0]))
-                          for m, s in zip(means, self.spreads, strict=True)])
-
-    def collapsed(self, pull: float = 0.3) -> np.ndarray:
-        """Centres pulled towards their mean, to ``pull`` of their distance (spreads unchanged)."""
-        centre = self.means.mean(axis=0)
-        return centre + pull * (self.means - centre)
-
-    def closest_pair(self) -> tuple[int, int]:
-        """The two populations closest in their own standard deviations."""
-        best, pair = np.inf, (0, 1)
-        for a, b in itertools.combinations(range(self.means.shape[0]), 2):
-            pooled = np.sqrt((self.spreads[a] ** 2 + self.spreads[b] ** 2) / 2)
-            d = float(np.linalg.norm((self.means[a] - self.means[b]) / pooled))
-            if d < best:
-                best, pair = d, (a, b)
-        return pair
-
-    def merged(self) -> np.ndarray:
-        a, b = self.closest_pair()
-        means = self.means.copy()
-        means[a] = means[b] = (self.means[a] + self.means[b]) / 2
-        return means
-
-
-def random_means(rng: np.random.Generator, n: int) -> np.ndarray:
-    return TYPICAL * np.exp(rng.normal(0.0, 0.9, size=(n, TYPICAL.shape[0])))
-
-
-def rows_of(population: int) -> slice:
-    return slice(population * PER_POPULATION, (population + 1) * PER_POPULATION)
 
 
 @dataclass
@@ -176,30 +64,12 @@ class Scenario:
 
 def scenario(seed: int) -> Scenario:
     rng = np.random.default_rng(seed)
-    while True:  # five *well separated* populations, like the demo's (silhouette ~0.7)
-        means = random_means(rng, 5)
-        layout = Layout(means, RELATIVE_SPREAD * means)
-        registry = Registry()
-        first = retrain(layout.window(rng), None, registry)
-        if first.bundle is not None and first.fit.silhouette >= 0.6:
-            break
-    v1 = first.bundle
-    drifted = layout.means.copy()
-    direction = rng.normal(size=6)
-    drifted[2] += 2.0 * layout.spreads[2] * direction / np.linalg.norm(direction)
-    replaced = layout.means.copy()
-    while True:  # population 3 gone; a different one 6 of its standard deviations from it
-        direction = rng.normal(size=6)
-        replaced[3] = layout.means[3] + 6.0 * layout.spreads[3] * direction / np.linalg.norm(direction)
-        gaps = [np.linalg.norm((replaced[3] - m) / sd)
-                for m, sd in zip(layout.means, layout.spreads, strict=True)]
-        if (replaced[3] > 0).all() and sorted(gaps)[1] > 8:
-            break
+    layout, registry, v1 = first_model(rng, SETTINGS)
     windows = {"stationary": layout.means, "collapse": layout.collapsed(), "merge": layout.merged(),
-               "drift": drifted, "new population": replaced}
+               "drift": layout.drifted(rng), "new population": layout.replaced(rng)}
     runs, test_rows = {}, {}
     for name, means in windows.items():
-        runs[name] = retrain(layout.window(rng, means), v1, registry, force=True)
+        runs[name] = retrain(layout.window(rng, means), v1, registry, SETTINGS, force=True)
         test_rows[name] = layout.window(rng, means)
     return Scenario(layout, v1, runs, test_rows, registry)
 
@@ -209,34 +79,21 @@ def scenarios() -> list[Scenario]:
     return [scenario(seed) for seed in range(LAYOUTS)]
 
 
-def refused(run: Published) -> bool:
-    """Refused by the gate without --force (every scenario above was forced, to be examined)."""
-    return bool(run.failures)
-
-
-def checks(runs: list[Published]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for run in runs:
-        for f in run.failures:
-            counts[f.check] = counts.get(f.check, 0) + 1
-    return counts
-
-
 # --- point 1: the gate remembers ---------------------------------------------------------------------
 def test_a_collapse_is_refused_in_at_least_19_of_20_random_layouts(scenarios: list[Scenario]) -> None:
     runs = [s.runs["collapse"] for s in scenarios]
-    print(f"\ncollapse refused {sum(map(refused, runs))}/{len(runs)}, by check {checks(runs)}; "
+    print(f"\ncollapse refused {sum(r.refused for r in runs)}/{len(runs)}, by check {failed_checks(runs)}; "
           f"silhouette {np.mean([s.v1.quality.silhouette for s in scenarios]):.2f} -> "
           f"{np.mean([r.fit.silhouette for r in runs]):.2f}, Davies-Bouldin "
           f"{np.mean([s.v1.quality.davies_bouldin for s in scenarios]):.2f} -> "
           f"{np.mean([r.fit.davies_bouldin for r in runs]):.2f}")
-    assert sum(map(refused, runs)) >= 19
+    assert sum(r.refused for r in runs) >= 19
 
 
 def test_a_merge_is_refused_in_at_least_19_of_20_random_layouts(scenarios: list[Scenario]) -> None:
     runs = [s.runs["merge"] for s in scenarios]
-    print(f"\nmerge refused {sum(map(refused, runs))}/{len(runs)}, by check {checks(runs)}")
-    assert sum(map(refused, runs)) >= 19
+    print(f"\nmerge refused {sum(r.refused for r in runs)}/{len(runs)}, by check {failed_checks(runs)}")
+    assert sum(r.refused for r in runs) >= 19
 
 
 def test_stationary_retrains_publish_and_keep_at_least_99_5_percent_of_events_on_their_id(
@@ -257,14 +114,14 @@ def test_stationary_retrains_publish_and_keep_at_least_99_5_percent_of_events_on
 def test_a_drifted_or_replaced_population_still_passes_the_gate(scenarios: list[Scenario]) -> None:
     for name in ("drift", "new population"):
         runs = [s.runs[name] for s in scenarios]
-        print(f"\n{name}: refused {sum(map(refused, runs))}/{len(runs)} {checks(runs)}")
-        assert sum(map(refused, runs)) <= 1, name
+        print(f"\n{name}: refused {sum(r.refused for r in runs)}/{len(runs)} {failed_checks(runs)}")
+        assert sum(r.refused for r in runs) <= 1, name
 
 
 def test_a_forced_publish_records_the_overridden_checks_and_keeps_the_accepted_baseline(
     scenarios: list[Scenario]
 ) -> None:
-    s = next(s for s in scenarios if refused(s.runs["collapse"]))
+    s = next(s for s in scenarios if s.runs["collapse"].refused)
     forced = s.runs["collapse"].bundle
     assert forced is not None and forced.forced
     gate = forced.quality.gate
@@ -276,7 +133,8 @@ def test_a_forced_publish_records_the_overridden_checks_and_keeps_the_accepted_b
 
     # The next collapsed window is refused again, against the accepted model's figures, not the
     # forced model's: a forced publish does not lower the bar.
-    again = retrain(s.layout.window(np.random.default_rng(99), s.layout.collapsed()), forced, s.registry)
+    again = retrain(s.layout.window(np.random.default_rng(99), s.layout.collapsed()), forced, s.registry,
+                    SETTINGS)
     assert again.bundle is None
     drop = next(f for f in again.failures if f.check == "silhouette_drop")
     assert drop.limit == pytest.approx(s.v1.quality.silhouette - SETTINGS.gate_max_silhouette_drop)
@@ -285,7 +143,7 @@ def test_a_forced_publish_records_the_overridden_checks_and_keeps_the_accepted_b
     assert "silhouette" not in {f.check for f in again.failures}
 
     # An accepted model becomes the new baseline.
-    healthy = retrain(s.layout.window(np.random.default_rng(98)), forced, s.registry)
+    healthy = retrain(s.layout.window(np.random.default_rng(98)), forced, s.registry, SETTINGS)
     assert healthy.bundle is not None and not healthy.failures
     assert baseline_of(healthy.bundle).version == healthy.bundle.version
 
@@ -307,7 +165,7 @@ def test_the_floors_refuse_a_first_model_on_data_without_segments() -> None:
     # spread-separation floor: that check is for two segments merged into one, ~2.65.)
     rng = np.random.default_rng(5)
     one_population = rng.normal(TYPICAL, RELATIVE_SPREAD * TYPICAL, size=(3000, 6))
-    run = retrain(one_population, None, Registry())
+    run = retrain(one_population, None, Registry(), SETTINGS)
     assert {"min_silhouette", "max_davies_bouldin"} <= {f.check for f in run.failures}
     assert run.fit.silhouette < 0.15
 
@@ -363,19 +221,6 @@ def test_a_new_population_does_not_inherit_a_vanished_segment_s_id(scenarios: li
 
 
 # --- point 2: drift that does not reset ----------------------------------------------------------
-def tracked_drift(bundle: ModelBundle, rows: np.ndarray) -> float:
-    """The consumer's silhouette drift after scoring ``rows`` with ``bundle``."""
-    model = ActiveModel.of(bundle)
-    tracker = QualityTracker(model, window_events=rows.shape[0], sample=1000)
-    x = encode(bundle.features, rows)
-    index, d1, d2 = nearest_two(x, model.centroids)
-    tracker.update(index, d1, d2, x)
-    tracker.sampled_silhouette(force=True)
-    drift = tracker.drift()
-    assert drift is not None
-    return drift
-
-
 def test_after_a_forced_collapse_the_consumer_drift_stays_negative(scenarios: list[Scenario]) -> None:
     drifts, unanchored = [], []
     for s in scenarios:

@@ -1,0 +1,42 @@
+"""``python -m quality``: print the K-selection table and the gate scenarios, and write
+docs/model-quality.md. About two minutes on two cores."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from quality.cost import scoring_cost
+from quality.datasets import bundled_sets, synthetic_sets
+from quality.k_table import k_table
+from quality.report import (
+    ROOT,
+    document,
+    environment,
+    k_markdown,
+    k_summary,
+    scenario_markdown,
+)
+from quality.scenarios import scenario_table
+from segmentation.settings import load_settings
+
+DOCUMENT = ROOT / "docs" / "model-quality.md"
+
+
+def main(out: Path = DOCUMENT) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    settings = load_settings()
+    synthetic = synthetic_sets(draws=2)
+    k_rows = k_table(bundled_sets() + synthetic, settings)
+    print(k_markdown(k_rows), *k_summary(k_rows), sep="\n", flush=True)
+    scenarios, first_silhouette = scenario_table(settings)
+    print("\n" + scenario_markdown(scenarios), flush=True)
+    cost = scoring_cost(settings)
+    out.write_text(document(environment(), k_rows, scenarios, first_silhouette, cost, settings))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""K selection finds the true K (issue 10, point 4): the cases where the silhouette's own maximum
+leans low, through the trainer's own code path (``trainer.pipeline.fit_window``, default
+settings, ``k = null``). The full table over every dataset is ``make quality``
+(docs/model-quality.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from quality.datasets import (
+    Dataset,
+    anisotropic_blobs,
+    bundled_sets,
+    lognormal_money,
+    unequal_blobs,
+    with_outliers,
+)
+from quality.k_table import choosing_settings, plain_kmeans_ari, window_of
+from segmentation.settings import Settings
+from trainer.fit import Fit, choose_k
+from trainer.pipeline import fit_window
+
+SETTINGS = Settings()
+
+
+def chosen(dataset: Dataset) -> tuple[Fit, list[Fit]]:
+    _, _, fit, fits = fit_window(choosing_settings(dataset, SETTINGS),
+                                 window_of(dataset.rows, dataset.features))
+    return fit, fits
+
+
+def silhouette_maximum(fits: list[Fit]) -> int:
+    return max(fits, key=lambda f: f.silhouette).k
+
+
+@pytest.mark.parametrize("dataset", [
+    unequal_blobs(5, np.random.default_rng([0, 1, 5])),  # sizes 1x to 8x, spreads 0.5 to 2
+    anisotropic_blobs(5, np.random.default_rng([0, 2, 5])),  # one shared linear stretch
+], ids=lambda d: d.name)
+def test_the_true_k_is_chosen_where_the_silhouette_alone_leans_low(dataset: Dataset) -> None:
+    fit, fits = chosen(dataset)
+    assert silhouette_maximum(fits) < dataset.true_k  # the case the old criterion lost
+    assert fit.k == dataset.true_k
+    assert adjusted_rand_score(dataset.truth, fit.labels) >= 0.95
+
+
+@pytest.mark.parametrize("dataset", [
+    lognormal_money(5, np.random.default_rng([0, 3, 5])),
+    with_outliers(5, np.random.default_rng([0, 4, 5])),
+], ids=lambda d: d.name)
+def test_money_data_gets_the_true_k_and_beats_plain_kmeans_told_the_true_k(dataset: Dataset) -> None:
+    fit, _ = chosen(dataset)
+    assert fit.k == dataset.true_k
+    assert adjusted_rand_score(dataset.truth, fit.labels) >= plain_kmeans_ari(dataset, SETTINGS.random_state)
+
+
+def test_iris_gets_two_segments_as_documented() -> None:
+    """Setosa apart, versicolor and virginica overlapping: both the silhouette and
+    Calinski-Harabasz prefer two segments on standardised iris (docs/model-quality.md). If this
+    changes, the documented result must change with it."""
+    iris = next(d for d in bundled_sets() if d.name == "iris")
+    fit, fits = chosen(iris)
+    assert fit.k == 2
+    assert max(fits, key=lambda f: f.calinski_harabasz).k == 2
+
+
+def test_an_over_split_k_is_not_chosen_however_high_its_calinski_harabasz() -> None:
+    z, labels = np.zeros((1, 1)), np.zeros(1, dtype=int)
+    fits = [Fit(z, labels, 3, 9.0, 0.70, 0.5, 1000.0), Fit(z, labels, 8, 1.0, 0.50, 1.0, 5000.0)]
+    assert choose_k(fits).k == 3  # 0.50 is more than 15% under 0.70
