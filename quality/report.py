@@ -19,12 +19,21 @@ from trainer.fit import K_SELECTION, SILHOUETTE_BAND
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's name where Linux tells it, else the architecture."""
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def environment() -> list[tuple[str, str]]:
     """When, where and with what the figures were measured."""
     libraries = ", ".join(f"{p} {package_version(p)}" for p in ("scikit-learn", "numpy", "scipy"))
     return [
         ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("machine", f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores (shared)"),
+        ("machine", f"{platform.system()}, {cpu_model()}, {os.cpu_count()} cores (shared with other work)"),
         ("versions", f"Python {platform.python_version()}, {libraries}"),
     ]
 
@@ -97,8 +106,9 @@ def cost_lines(cost: Cost, settings: Settings) -> list[str]:
         f"Per K on {cost.rows:,} rows x 6 features (five blobs): one `KMeans(n_init={settings.n_init})` "
         f"fit {cost.fit_s:.2f} s; sampled silhouette ({settings.silhouette_sample} rows) "
         f"{cost.silhouette_s:.3f} s; Davies-Bouldin {cost.davies_bouldin_s:.3f} s; Calinski-Harabasz "
-        f"{cost.calinski_harabasz_s:.3f} s. Choosing K over {settings.k_min}..{settings.k_max} costs the "
-        f"{settings.k_max - settings.k_min + 1} fits; the criterion adds one linear pass per K."
+        f"{cost.calinski_harabasz_s:.3f} s. Choosing K over {settings.k_min}..{settings.k_max} costs "
+        f"{settings.k_max - settings.k_min + 1} fits and their scores; the silhouette and Davies-Bouldin "
+        "were scored for every K before, Calinski-Harabasz adds one pass over the rows."
     ]
 
 

@@ -33,7 +33,7 @@ from segmentation.scoring import calinski_harabasz, davies_bouldin, sampled_silh
 # noise of the silhouette on 5000 rows is about 0.005, far inside the band.
 SILHOUETTE_BAND = 0.15
 # How a chosen K was chosen, as recorded in the bundle (``quality.k_selection``).
-K_SELECTION = "silhouette within 15% of the best, then the highest Calinski-Harabasz"
+K_SELECTION = f"silhouette within {SILHOUETTE_BAND:.0%} of the best, then the highest Calinski-Harabasz"
 
 
 @dataclass(frozen=True)
