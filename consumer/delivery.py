@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -84,9 +85,25 @@ class DeliveryStopped(RuntimeError):
     """The producer cannot write at all; the consumer must stop (offsets uncommitted)."""
 
 
+@dataclass
+class Sent:
+    """A batch handed to the producer: its acknowledgements may still be on their way."""
+
+    records: list[OutRecord]
+    offsets: list[TopicPartition]
+    substitute: Substitute
+    failed: list[tuple[OutRecord, KafkaError]] = field(default_factory=list)
+    acknowledged: set[Source] = field(default_factory=set)
+    done: bool = False  # every record acknowledged (exactly-once: committed, offsets included)
+
+
 class Delivery(Protocol):
     def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
                 substitute: Substitute) -> None: ...
+    def send(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+             substitute: Substitute) -> Sent: ...
+    def complete(self, sent: Sent) -> None: ...
+    def store(self, sent: Sent) -> None: ...
     def close(self, timeout_s: float) -> None: ...
 
 
@@ -146,6 +163,11 @@ def _await_reports(producer: Producer) -> None:
 
 
 class AtLeastOnce:
+    """``send`` produces a batch and returns at once; ``complete`` waits for its reports and
+    retries what failed; ``store`` then stores its offsets. The loop sends batch n+1 only after
+    completing batch n and stores offsets batch after batch, so acknowledgements overlap the
+    scoring of the next batch while every offset stored is in order and acknowledged."""
+
     def __init__(self, producer: Producer, consumer: Consumer, timeout_s: float) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -153,48 +175,69 @@ class AtLeastOnce:
 
     def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
                 substitute: Substitute) -> None:
-        pending = list(records)
-        acknowledged: set[Source] = set()
+        sent = self.send(records, offsets, substitute)
+        self.complete(sent)
+        self.store(sent)
+
+    def send(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+             substitute: Substitute) -> Sent:
+        sent = Sent(list(records), list(offsets), substitute)
+        self._produce_all(sent.records, sent)
+        self.producer.poll(0)  # serve reports already in, so the queue never grows unbounded
+        return sent
+
+    def complete(self, sent: Sent) -> None:
+        if sent.done:
+            return
         backoff = Backoff(self.timeout_s)
         while True:
-            pending = self._attempt(pending, acknowledged, substitute)
+            _await_reports(self.producer)
+            pending = self._to_retry(sent)
             if not pending:
                 break
             if not backoff.wait():
                 _stop_if_missing(self.producer, {r.topic for r in pending})
                 raise DeliveryFailed(
                     f"{len(pending)} records unacknowledged after {self.timeout_s:g}s",
-                    frozenset(acknowledged),
+                    frozenset(sent.acknowledged),
                 )
+            self._produce_all(pending, sent)
+        sent.done = True
+
+    def store(self, sent: Sent) -> None:
+        """Store the offsets of a completed batch (librdkafka commits them on its interval)."""
+        if not sent.done:
+            raise ValueError("offsets are stored only once their batch is acknowledged")
         try:
-            self.consumer.store_offsets(offsets=list(offsets))
+            self.consumer.store_offsets(offsets=sent.offsets)
         except KafkaException as exc:
             # A partition revoked meanwhile: its new owner replays from the last commit.
             log.warning("offsets not stored", extra={"error": str(exc)})
 
-    def _attempt(
-        self, records: list[OutRecord], acknowledged: set[Source], substitute: Substitute
-    ) -> list[OutRecord]:
-        """Produce ``records`` once and wait for every report; returns those to try again."""
-        failed: list[tuple[OutRecord, KafkaError]] = []
+    def _produce_all(self, records: list[OutRecord], sent: Sent) -> None:
+        """Produce ``records`` once; their reports land in ``sent``."""
         for record in records:
             def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
                 if err is not None:
-                    failed.append((record, err))
+                    sent.failed.append((record, err))
                 elif record.source is not None:
-                    acknowledged.add(coordinates(record.source))
+                    sent.acknowledged.add(coordinates(record.source))
 
             error = _produce(self.producer, record, on_delivery)
             if error is not None:
-                failed.append((record, error))
-        _await_reports(self.producer)
+                sent.failed.append((record, error))
+
+    def _to_retry(self, sent: Sent) -> list[OutRecord]:
+        """Once every report is in: the records to produce again (dead letters in place of those
+        refused for good); ``DeliveryStopped`` when the client cannot write at all."""
+        failed, sent.failed = sent.failed, []
         again: list[OutRecord] = []
         for record, error in failed:
             outcome = classify(error)
             if outcome == "stop":
                 raise DeliveryStopped(f"cannot write to {record.topic}: {error.str()}")
             if outcome == "record":
-                again.append(_replace_or_stop(record, error, substitute))
+                again.append(_replace_or_stop(record, error, sent.substitute))
             else:
                 again.append(record)
         if failed:
@@ -212,6 +255,18 @@ class ExactlyOnce:
         self.consumer = consumer
         self.timeout_s = timeout_s
         producer.init_transactions(timeout_s)
+
+    def send(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
+             substitute: Substitute) -> Sent:
+        """The whole transaction, committed before it returns: nothing overlaps in this mode."""
+        self.deliver(records, offsets, substitute)
+        return Sent(list(records), list(offsets), substitute, done=True)
+
+    def complete(self, sent: Sent) -> None:
+        """Nothing left to do: ``send`` committed the transaction."""
+
+    def store(self, sent: Sent) -> None:
+        """Nothing: the offsets were committed in the transaction."""
 
     def deliver(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
                 substitute: Substitute) -> None:

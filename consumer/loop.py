@@ -10,12 +10,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Histogram
 
-from consumer.delivery import Delivery, DeliveryFailed, Source
+from consumer.delivery import Delivery, DeliveryFailed, Sent, Source
 from consumer.model import ActiveModel, ModelWatcher
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
@@ -27,6 +30,18 @@ from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore, PartialW
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 5.0
+
+
+@dataclass
+class InFlight:
+    """A scored batch handed to delivery and to the Redis writer, not yet finished (offsets
+    stored, learned, counted)."""
+
+    messages: list[Message]
+    batch: ScoredBatch
+    sent: Sent
+    write: Future[None]  # the customers' Redis write
+    started: float
 
 
 class ConsumeLoop:
@@ -56,6 +71,10 @@ class ConsumeLoop:
         self.step_started: float | None = None  # monotonic start of the step in progress
         # sources whose records were acknowledged before their batch failed: a replay skips them
         self._acknowledged: set[Source] = set()
+        # The batch sent, its acknowledgements and its Redis write pending
+        self._inflight: InFlight | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="customer-writes")
+        self._replay: list[Message] = []  # a batch that failed while partitions were revoked
 
     # --- group membership ----------------------------------------------------------------
     def subscribe(self) -> None:
@@ -69,7 +88,8 @@ class ConsumeLoop:
         log.info("partitions assigned", extra={"partitions": _names(partitions)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every batch is delivered before the next poll, so what is stored is acknowledged.
+        # Finish the batches in flight first, so that what is committed is everything acknowledged.
+        self._replay += self._finish()
         if not self.exactly_once:
             self._commit_stored()
         self._forget(partitions)
@@ -114,8 +134,7 @@ class ConsumeLoop:
         try:
             if self.watcher.refresh():
                 self._on_new_model()
-            messages = self.consumer.consume(self.settings.batch_size, self.settings.batch_timeout_s)
-            messages = [m for m in messages if not self._is_error(m)]
+            messages = self._take()
             model = self.watcher.active
             if model is None:
                 self._hold(messages)
@@ -124,6 +143,25 @@ class ConsumeLoop:
             self._report()
         finally:
             self.step_started = None
+
+    def _take(self) -> list[Message]:
+        """The next batch, sized by the load: whatever arrived while the last one was handled
+        (at most ``batch_size``). Only when nothing is waiting does it finish the batch in flight
+        (nothing to overlap it with) and wait up to ``batch_timeout_s`` for a first message."""
+        size = self.settings.batch_size
+        messages = self._consume(size, 0)
+        if not messages:
+            self._rewind(self._finish())
+            messages = self._consume(1, self.settings.batch_timeout_s)
+            if messages and size > 1:
+                messages += self._consume(size - 1, 0)
+        if self._replay:  # replayed together with whatever was fetched after it
+            self._rewind(self._replay + messages)
+            self._replay, messages = [], []
+        return messages
+
+    def _consume(self, size: int, timeout_s: float) -> list[Message]:
+        return [m for m in self.consumer.consume(size, timeout_s) if not self._is_error(m)]
 
     def _hold(self, messages: list[Message]) -> None:
         """No model yet: put messages back, pause everything, commit nothing."""
@@ -154,22 +192,51 @@ class ConsumeLoop:
             log.info("model available: partitions resumed")
 
     def _process(self, messages: list[Message], model: ActiveModel) -> None:
+        """Score this batch while the one before is acknowledged and written to Redis, finish
+        that one, then send this one: offsets are stored batch after batch, each once its
+        outputs are acknowledged and its customers written."""
         started = time.monotonic()
         batch = score_batch(messages, model, self.rules)
+        failed = self._finish()
+        if failed:  # the batch before failed: replay it and this one
+            self._rewind(failed + messages)
+            return
         records = [r for r in batch.records if not self._written(r)]
         try:
-            self.delivery.deliver(records, _next_offsets(messages), self.substitute)
-        except DeliveryFailed as exc:
-            self.metrics.delivery_failures.inc()
-            log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
-            self._acknowledged |= exc.acknowledged
-            self._rewind(messages)
+            sent = self.delivery.send(records, _next_offsets(messages), self.substitute)
+        except DeliveryFailed as exc:  # exactly-once: the transaction did not commit
+            self._rewind(self._failed(messages, exc))
             return
+        # Off the critical path, but the batch's offsets wait for it: a crash before the write
+        # replays the batch, and the replay writes again (idempotent: never older over newer).
+        write = self._writer.submit(self._write_customers, batch)
+        self._inflight = InFlight(messages, batch, sent, write, started)
+
+    def _finish(self) -> list[Message]:
+        """Finish the batch in flight: wait for its acknowledgements (retried as delivery's
+        policy says) and its Redis write, store its offsets, learn and count. Returns the
+        messages to replay when its delivery failed."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            return []
+        try:
+            self.delivery.complete(flight.sent)
+        except DeliveryFailed as exc:
+            return self._failed(flight.messages, exc)
+        finally:
+            flight.write.result()  # never raises: write failures are counted and dropped
+        self.delivery.store(flight.sent)
         if self._acknowledged:
-            self._acknowledged -= {coordinates(m) for m in messages}
-        self._write_customers(batch)
-        self._learn(batch)
-        self._count(batch, started)
+            self._acknowledged -= {coordinates(m) for m in flight.messages}
+        self._learn(flight.batch)
+        self._count(flight.batch, flight.started)
+        return []
+
+    def _failed(self, messages: list[Message], exc: DeliveryFailed) -> list[Message]:
+        self.metrics.delivery_failures.inc()
+        log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
+        self._acknowledged |= exc.acknowledged
+        return messages
 
     def _written(self, record: OutRecord) -> bool:
         return record.source is not None and coordinates(record.source) in self._acknowledged
@@ -217,9 +284,7 @@ class ConsumeLoop:
             for i, n in enumerate(counts.tolist()):
                 if n:
                     m.assignments.labels(str(model.bundle.segment_ids[i])).inc(n)
-            lag = time.time() - batch.event_ms / 1000.0
-            for value in lag.tolist():
-                m.event_lag.observe(max(value, 0.0))
+            observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
         m.batch_duration.observe(time.monotonic() - started)
 
     def _rewind(self, messages: list[Message]) -> None:
@@ -310,6 +375,11 @@ class ConsumeLoop:
         """Flush, commit what is acknowledged, leave the group. Never raises: a fenced or
         broken producer has nothing left to flush that could be committed."""
         try:
+            self._finish()  # what fails is not stored: the next owner replays it
+        except Exception as exc:  # noqa: BLE001 - closing goes on whatever the batch did
+            log.warning("batch in flight not finished on close", extra={"error": str(exc)})
+        self._writer.shutdown(wait=True)
+        try:
             self.delivery.close(self.settings.shutdown_timeout_s)
         except KafkaException as exc:
             log.warning("producer flush on close failed", extra={"error": str(exc)})
@@ -329,6 +399,25 @@ def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
         topic, partition, offset = coordinates(msg)
         last[(topic, partition)] = max(last.get((topic, partition), -1), offset)
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
+def observe_all(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe`` of every value, one bucket increment per bucket instead of per value.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> h = Histogram("h", "h", buckets=(1.0, 2.0), registry=CollectorRegistry())
+    >>> observe_all(h, np.array([0.5, 1.0, 1.5, 9.0]))
+    >>> [s.value for s in h.collect()[0].samples if s.name == "h_bucket"]
+    [2.0, 3.0, 4.0]
+    """
+    if values.size == 0:
+        return
+    bounds = histogram._upper_bounds  # noqa: SLF001 - the client has no batch observe
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    for i, n in enumerate(counts[: len(bounds)].tolist()):
+        if n:
+            histogram._buckets[i].inc(n)  # noqa: SLF001
+    histogram._sum.inc(float(values.sum()))  # noqa: SLF001
 
 
 def _names(partitions: list[TopicPartition]) -> str:

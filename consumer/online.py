@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.cluster import MiniBatchKMeans
+from threadpoolctl import ThreadpoolController
 
 # In the scaled space a unit is one standard deviation of the training window: a point farther
 # than this from every centre is an outlier, not drift (a drifting segment moves a few units).
@@ -42,9 +43,16 @@ class OnlineKMeans:
             n_clusters=k, init=centroids, n_init=1, reassignment_ratio=0.0,
             batch_size=max(k, 256), random_state=random_state,
         )
+        # One thread for scikit-learn's OpenMP and BLAS pools: a batch of a few hundred rows
+        # gains nothing from a second thread, and on a small machine the workers spin against
+        # librdkafka's threads (measured on 2 cores with both busy: 91 ms per partial_fit of 500
+        # rows with 2 OpenMP threads, 12 ms with one, 0.5 ms when idle). The first partial_fit
+        # must run under the limit too: it fixes the model's thread count for every later call.
+        self._threads = ThreadpoolController()
         # The first partial_fit initialises the centres; fitting the centres themselves
         # leaves each exactly where it was published.
-        self.model.partial_fit(centroids)
+        with self._threads.limit(limits=1):
+            self.model.partial_fit(centroids)
         # Prior weight: as if each centre had absorbed its training share of one half-life of
         # events (a plain model gets the same prior so that the two are comparable).
         prior = np.asarray(shares, dtype=np.float64) * (half_life_events or 5000.0)
@@ -71,7 +79,8 @@ class OnlineKMeans:
             return skipped
         if self.half_life_events is not None:
             self.model._counts *= 0.5 ** (x.shape[0] / self.half_life_events)  # noqa: SLF001
-        self.model.partial_fit(x)
+        with self._threads.limit(limits=1):
+            self.model.partial_fit(x)
         self.events_seen += x.shape[0]
         return skipped
 

@@ -1,0 +1,243 @@
+"""The consumer's fast path (issue 13) computes exactly what the plain, one-message-at-a-time path
+computes: the same events or rejections, the same segments and distances, the same output bytes.
+No timing here: performance is measured by ``make bench`` only."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
+from pydantic_core import to_json
+
+from consumer.loop import observe_all
+from consumer.model import ActiveModel
+from consumer.online import OnlineKMeans
+from consumer.scoring import (
+    ScoringRules,
+    event_times_iso,
+    json_number,
+    json_string,
+    output_value,
+    score_batch,
+)
+from demo.generator import event_value, make_customers
+from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
+from segmentation.features import fit_spec
+from segmentation.scoring import nearest_two
+from segmentation.settings import DEFAULT_FEATURES
+
+FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
+NOW_MS = 1_764_410_100_000
+CONTRACT = InputContract(DEFAULT_FEATURES, {f: (-1e12, 1e12) for f in DEFAULT_FEATURES},
+                         max_age_s=10 * 365 * 86400.0, max_skew_s=3600.0)
+
+
+@dataclass
+class Msg:
+    _value: bytes | None
+    _offset: int = 0
+    _key: bytes | None = b"k"
+    _headers: list[tuple[str, bytes]] | None = None
+
+    def topic(self) -> str:
+        return "in"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+
+def demo_values(n: int, seed: int = 3) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    people = make_customers(200, rng)
+    when = datetime.fromtimestamp(NOW_MS / 1000, tz=UTC)
+    return [json.dumps(event_value(people[i % len(people)], rng, f"e-{i}", when)).encode()
+            for i in range(n)]
+
+
+def demo_model() -> ActiveModel:
+    events = [CustomerEvent.model_validate_json(v) for v in demo_values(2000, seed=4)]
+    spec = fit_spec(events, DEFAULT_FEATURES, ("channel",), "standard", categorical_weight=0.5)
+    x, _ = spec.encode(events)
+    centroids = x[np.random.default_rng(0).choice(len(x), 5, replace=False)]
+    bundle = ModelBundle(
+        version=3, features=spec, centroids=centroids.tolist(), segment_ids=[0, 1, 2, 7, 9],
+        segment_names=["Champions", 'quote " and \\ backslash', "é accents", "tab\there", "plain"],
+        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.2] * 5, sizes=[1] * 5),
+        lineage=Lineage(topic="t"),
+    )
+    return ActiveModel.of(bundle)
+
+
+MODEL = demo_model()
+RULES = ScoringRules(CONTRACT, "out", "dlq", 1_000_000)
+
+
+def hostile(values: list[bytes]) -> list[bytes | None]:
+    """The demo's events with every kind of bad input mixed in, including values that are valid
+    only when compared exactly (integers past 2**53, bounds, times at the edges)."""
+    base = json.loads(values[0])
+    bad: list[bytes | None] = [None, b"garbage", b"[1]", b'{"customer_id":"c"}']
+    for name, value in [("recency_days", 1e12), ("recency_days", 10**12 + 1), ("frequency_90d", 2**53 + 1),
+                        ("monetary_90d", float("nan")), ("sessions_30d", "7"), ("tenure_days", -1e12)]:
+        changed = json.loads(json.dumps(base))
+        changed["features"][name] = value
+        bad.append(json.dumps(changed).encode())
+    for event_time in [NOW_MS + 3600_000, NOW_MS + 3600_001, 10**17, "2026-11-29T10:15:00+23:59",
+                       NOW_MS - 10 * 365 * 86400_000, "9999-12-31T23:59:59-23:59"]:
+        bad.append(json.dumps({**base, "event_time": event_time}).encode())
+    bad.append(json.dumps({**base, "customer_id": "c" * 257}).encode())
+    bad.append(json.dumps({**base, "customer_id": 'q"uo\\te\u2028é'}).encode())
+    bad.append(json.dumps({**base, "event_id": None}).encode())
+    mixed: list[bytes | None] = list(values)
+    for i, b in enumerate(bad):
+        mixed.insert((i * 7) % len(mixed), b)
+    return mixed
+
+
+def plain_output(event: CustomerEvent, segment: int, distance: float, scored_at: str) -> bytes:
+    """The output contract as it was built before the fast path: a dict through ``to_json``."""
+    return to_json({
+        "customer_id": event.customer_id, "event_id": event.event_id,
+        "event_time": event_time_iso(event.event_ms), "segment_id": MODEL.bundle.segment_ids[segment],
+        "segment": MODEL.bundle.segment_names[segment], "distance": round(distance, 6),
+        "model_version": MODEL.version, "scored_at": scored_at,
+    })
+
+
+def test_the_fast_path_gives_the_same_assignments_and_bytes_as_one_message_at_a_time() -> None:
+    messages = [Msg(v, i) for i, v in enumerate(hostile(demo_values(1500)))]
+    batch = score_batch(messages, MODEL, RULES, NOW_MS)
+
+    expected: dict[int, bytes | str] = {}
+    for msg in messages:
+        decoded = CONTRACT.decode_message(msg, NOW_MS)
+        if isinstance(decoded, Rejection):
+            expected[msg.offset()] = decoded.reason
+            continue
+        x, _ = MODEL.bundle.features.encode([decoded])  # one event at a time
+        idx, d1, _ = nearest_two(x, MODEL.centroids)
+        expected[msg.offset()] = plain_output(decoded, int(idx[0]), float(d1[0]), event_time_iso(NOW_MS))
+
+    got: dict[int, bytes | str] = {}
+    for record, reason in zip(batch.dead_letters, batch.reasons, strict=True):
+        assert record.source is not None
+        got[record.source.offset()] = reason
+    for record in batch.outputs:
+        assert record.source is not None and record.value is not None
+        got[record.source.offset()] = record.value
+    assert got == expected
+    assert len(batch.dead_letters) >= 10 and len(batch.outputs) > 1400  # both paths exercised
+
+
+def test_the_fast_path_gives_the_same_encoding_as_encoding_one_by_one() -> None:
+    messages = [Msg(v, i) for i, v in enumerate(demo_values(600))]
+    batch = score_batch(messages, MODEL, RULES, NOW_MS)
+    one_by_one = np.vstack([
+        MODEL.bundle.features.encode([CustomerEvent.model_validate_json(m.value() or b"")])[0]
+        for m in messages
+    ])
+    np.testing.assert_allclose(batch.encoded, one_by_one, rtol=0, atol=1e-12)
+    assert batch.indices.tolist() == nearest_two(one_by_one, MODEL.centroids)[0].tolist()
+
+
+NUMBER = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e12, -1e12, 1e12 + 1, 10**12, 10**12 + 1, 2**53, 2**53 + 1, 0, -0.0]),
+)
+EVENT = st.fixed_dictionaries(
+    {
+        "customer_id": st.text(max_size=300),
+        "event_time": st.one_of(st.integers(min_value=-(2**64), max_value=2**64),
+                                st.sampled_from([NOW_MS, NOW_MS + 3600_000, NOW_MS + 3600_001,
+                                                 "2026-11-29T10:15:00Z", "2026-11-29T10:15:00"])),
+        "features": st.fixed_dictionaries({f: NUMBER for f in DEFAULT_FEATURES}),
+    },
+    optional={"event_id": st.one_of(st.none(), st.text(max_size=300)),
+              "attributes": st.dictionaries(st.text(max_size=300), st.text(max_size=300), max_size=3)},
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVENT, min_size=1, max_size=8))
+def test_decoding_a_batch_is_decoding_each_message(events: list[dict[str, Any]]) -> None:
+    values = [json.dumps(e, allow_nan=True).encode() for e in events]
+    messages = [Msg(v, i) for i, v in enumerate(values)]
+    assert CONTRACT.decode_batch(messages, NOW_MS) == [CONTRACT.decode_message(m, NOW_MS) for m in messages]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.lists(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999), max_size=20))
+def test_event_times_of_a_batch_are_formatted_as_one_by_one(times: list[int]) -> None:
+    edges = [0, -1, 1, 2**32 * 1000 - 1, 2**32 * 1000, -(2**32) * 1000, 253_402_300_799_999]
+    assert event_times_iso(times + edges) == [event_time_iso(t) for t in times + edges]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.text(), st.floats(min_value=0, allow_nan=False, allow_infinity=False))
+def test_strings_and_distances_serialise_as_to_json(text: str, distance: float) -> None:
+    assert json_string(text) == to_json(text).decode()
+    rounded = round(distance, 6)
+    assert json_number(rounded) == to_json(rounded).decode()
+
+
+def test_an_output_value_is_the_dict_of_its_fields_through_to_json() -> None:
+    event = CustomerEvent(customer_id='c"\u2028\x7f', event_time=NOW_MS, event_id=None, features={})
+    for distance in (0.0, 1e-7, 0.4213, 123.4567891, 1e15, 1e300):
+        scored_at = event_time_iso(NOW_MS)
+        assert output_value(event, NOW_MS, 1, MODEL.bundle.segment_names[1], distance, MODEL.version,
+                            scored_at) == to_json({
+            "customer_id": event.customer_id, "event_id": None, "event_time": event_time_iso(NOW_MS),
+            "segment_id": 1, "segment": MODEL.bundle.segment_names[1], "distance": round(distance, 6),
+            "model_version": MODEL.version, "scored_at": scored_at,
+        })
+
+
+def test_a_batch_of_observations_fills_the_histogram_as_one_by_one() -> None:
+    values = np.concatenate([np.random.default_rng(1).exponential(0.5, 1000), [0.0, 0.005, 1e9]])
+    one, many = (Histogram("lag", "l", buckets=(0.005, 0.1, 1.0, 10.0), registry=CollectorRegistry())
+                 for _ in range(2))
+    for v in values.tolist():
+        one.observe(v)
+    observe_all(many, values)
+    samples = [[(s.name, s.labels, s.value) for s in h.collect()[0].samples if s.name != "lag_created"]
+               for h in (one, many)]
+    assert [s[:2] for s in samples[0]] == [s[:2] for s in samples[1]]
+    np.testing.assert_allclose([s[2] for s in samples[0]], [s[2] for s in samples[1]], rtol=1e-12)
+
+
+def test_the_online_model_learns_on_one_thread_whatever_the_machine() -> None:
+    # OpenMP workers spinning against librdkafka's threads made partial_fit 30-100x slower on
+    # 2 cores; one thread is also what a batch of a few hundred rows needs.
+    online = OnlineKMeans(MODEL.centroids, np.full(5, 0.2), half_life_events=5000)
+    online.learn(np.asarray(MODEL.centroids) + 0.1)
+    assert online.model._n_threads == 1  # noqa: SLF001
+
+
+@pytest.mark.parametrize("size", [1, 7, 500])
+def test_batch_size_does_not_change_assignments(size: int) -> None:
+    messages = [Msg(v, i) for i, v in enumerate(demo_values(500))]
+    whole = score_batch(messages, MODEL, RULES, NOW_MS)
+    parts = [score_batch(messages[i:i + size], MODEL, RULES, NOW_MS) for i in range(0, 500, size)]
+    assert [r.value for p in parts for r in p.outputs] == [r.value for r in whole.outputs]
