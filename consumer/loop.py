@@ -25,7 +25,7 @@ from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import OutRecord, ScoredBatch, ScoringRules, coordinates, score_batch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
-from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore, PartialWrite
+from segmentation.store import REDIS_ERRORS, CustomerStore, ModelStore, PartialWrite, ReplicaStates
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class ConsumeLoop:
 
     def _on_new_model(self) -> None:
         model = self.watcher.active
-        assert model is not None
+        if model is None:  # only called once refresh() has swapped a model in
+            return
         self.online = OnlineKMeans(
             model.centroids, np.asarray(model.bundle.quality.shares),
             self.settings.half_life_events, self.settings.random_state,
@@ -350,7 +351,7 @@ class ConsumeLoop:
             "silhouette_drift": drift,
         }
         try:
-            self.store.put_replica_state(self.settings.replica_id, state, ttl_s=120)
+            ReplicaStates.of(self.store).put(self.settings.replica_id, state, ttl_s=120)
         except redis.RedisError:
             self.metrics.redis_errors.labels("replica_state").inc()
 

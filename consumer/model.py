@@ -6,6 +6,7 @@ pub/sub notification arrives or, as a fallback, when the periodic poll sees a ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ class ModelWatcher:
         try:
             if self._pubsub is None:
                 self._pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-                self._pubsub.subscribe(self.store.channel)
+                self._pubsub.subscribe(self.store.keys.models_channel)
             seen = False
             while (message := self._pubsub.get_message(timeout=0.0)) is not None:
                 seen = seen or message.get("type") == "message"
@@ -151,8 +152,6 @@ class ModelWatcher:
 
     def close(self) -> None:
         if self._pubsub is not None:
-            try:
+            with contextlib.suppress(*REDIS_ERRORS):
                 self._pubsub.close()
-            except REDIS_ERRORS:
-                pass
             self._pubsub = None

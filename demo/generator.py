@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import numpy as np
 
@@ -85,8 +86,7 @@ def malformed_value(kind: str, customer: Customer, rng: np.random.Generator, eve
     if kind == "not_json":
         return f"customer={customer.customer_id};oops".encode()
     value = event_value(customer, rng, event_id)
-    features = value["features"]
-    assert isinstance(features, dict)
+    features = cast(dict[str, Any], value["features"])
     if kind == "missing_feature":
         del features["monetary_90d"]
     elif kind == "wrong_type":

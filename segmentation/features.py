@@ -166,26 +166,34 @@ def fit_clip(
 
 
 def skewed_features(
-    raw: np.ndarray, names: Sequence[str], threshold: float | None, clip: tuple[float, float]
+    raw: np.ndarray, names: Sequence[str], threshold: float | None, quantile: float = 0.005,
+    keep: Sequence[str] = (),
 ) -> list[str]:
-    """Features whose window is heavy-tailed: skewness (measured after clipping, so a handful of
-    absurd rows cannot decide it) above ``threshold``, and lower in magnitude after the signed
-    log. None turns the choice off.
+    """Features whose window is heavy-tailed: skewness (measured winsorized at the ``quantile``
+    and ``1 - quantile`` quantiles, so that a handful of absurd rows cannot decide it) above
+    ``threshold``, and lower in magnitude after the signed log. None turns the choice off.
+
+    Features in ``keep`` (the ones the current model logs) stay logged while their skewness is
+    above half the threshold: a choice that flipped on sampling noise would change the scaled
+    space, and the segments' descriptions, from one retrain to the next.
 
     >>> rng = np.random.default_rng(0)
-    >>> raw = np.column_stack([rng.lognormal(3, 1, 2000), rng.normal(50, 5, 2000)])
-    >>> skewed_features(raw, ["spend", "age"], 2.0, (0.005, 0.5))
+    >>> raw = np.column_stack([rng.lognormal(3, 1, 2000), rng.normal(50, 5, 2000),
+    ...                        rng.lognormal(3, 0.45, 2000)])
+    >>> skewed_features(raw, ["spend", "age", "visits"], 2.0)
     ['spend']
+    >>> skewed_features(raw, ["spend", "age", "visits"], 2.0, keep=["visits"])
+    ['spend', 'visits']
     """
     if threshold is None or raw.shape[0] < 3:
         return []
-    bounds = fit_clip(raw, *clip)
+    bounds = fit_clip(raw, quantile, 0.0)
     clipped = np.clip(raw, *bounds) if bounds is not None else raw
     logged = log_transform(clipped, np.ones(raw.shape[1], dtype=bool))
     before = np.nan_to_num(skew(clipped, axis=0))
     after = np.nan_to_num(skew(logged, axis=0))
     return [n for n, b, a in zip(names, before, after, strict=True)
-            if b > threshold and abs(a) < abs(b)]
+            if b > (threshold / 2 if n in keep else threshold) and abs(a) < abs(b)]
 
 
 def fit_scaler(
@@ -280,10 +288,11 @@ def fit_spec(
     vocabulary_max: int | None = None,
     log_skewness: float | None = None,
     clip: tuple[float, float] = (0.0, 0.0),
+    keep_logged: Sequence[str] = (),
 ) -> FeatureSpec:
     """Fit the vocabulary and the numeric preprocessing on a training window."""
     numeric_spec = fit_numeric(
-        raw_numeric(events, numeric), numeric, kind, log_features, log_skewness, clip
+        raw_numeric(events, numeric), numeric, kind, log_features, log_skewness, clip, keep_logged
     )
     return numeric_spec.model_copy(update={
         "vocabulary": fit_vocabulary(events, categorical, vocabulary_min_count, vocabulary_max),
@@ -298,19 +307,20 @@ def fit_numeric(
     log_features: Sequence[str] = (),
     log_skewness: float | None = None,
     clip: tuple[float, float] = (0.0, 0.0),
+    keep_logged: Sequence[str] = (),
 ) -> FeatureSpec:
     """The numeric part of a spec fitted on a raw matrix: which features get the log (the
-    configured ones plus the skewed ones), the clip bounds (``clip = (quantile, margin)``) and
-    the scaler, in that order.
+    configured ones plus the skewed ones; ``keep_logged``: those the current model logs), the
+    clip bounds (``clip = (quantile, margin)``) and the scaler, in that order.
 
     >>> rng = np.random.default_rng(1)
     >>> raw = np.column_stack([rng.lognormal(3, 1, 1000), rng.normal(50, 5, 1000)])
     >>> raw[0] = [1e9, -1e9]
-    >>> spec = fit_numeric(raw, ["spend", "age"], log_skewness=2.0, clip=(0.005, 0.5))
-    >>> spec.log_features, bool(np.abs(spec.encode_numeric(raw)).max() < 10)
+    >>> spec = fit_numeric(raw, ["spend", "age"], log_skewness=2.0, clip=(0.005, 2.0))
+    >>> spec.log_features, bool(np.abs(spec.encode_numeric(raw)).max() < 20)
     (['spend'], True)
     """
-    chosen = set(log_features) | set(skewed_features(raw, names, log_skewness, clip))
+    chosen = set(log_features) | set(skewed_features(raw, names, log_skewness, clip[0], keep_logged))
     logs = [n for n in names if n in chosen]
     transformed = log_transform(raw, np.array([n in chosen for n in names], dtype=bool))
     bounds = fit_clip(transformed, *clip)

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,12 +29,23 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 # the first occurrence: increase()/rate() then count that occurrence, and dashboards and alert
 # rules see 0 instead of "no data". tests/test_monitoring.py checks these lists against the code.
 OUTCOMES = ("scored", "dead_letter")
-REDIS_OPERATIONS = ("model_poll", "model_load", "pubsub", "customer_write", "replica_state")
-RUN_RESULTS = ("published", "rejected", "failed", "skipped")
-GATE_CHECKS = (
+RedisOperation = Literal[
+    "model_poll", "model_load", "pubsub", "customer_write", "replica_state", "lease", "pinned", "run_log",
+]
+REDIS_OPERATIONS: tuple[RedisOperation, ...] = (
+    "model_poll", "model_load", "pubsub", "customer_write", "replica_state",
+)
+# The trainer's best-effort Redis calls (segmentation.store.trainer_state, .replicas).
+TRAINER_REDIS_OPERATIONS: tuple[RedisOperation, ...] = ("lease", "pinned", "run_log", "replica_state")
+# How a trainer run ended, and the quality gate's checks: typed vocabularies (a typo is a mypy
+# error, not a silently new label value).
+RunOutcome = Literal["published", "rejected", "failed", "skipped"]
+GateCheck = Literal[
     "finite", "min_share", "separation", "spread_separation", "min_silhouette",
     "max_davies_bouldin", "silhouette", "silhouette_drop", "davies_bouldin_rise",
-)
+]
+RUN_RESULTS: tuple[RunOutcome, ...] = get_args(RunOutcome)
+GATE_CHECKS: tuple[GateCheck, ...] = get_args(GateCheck)
 LABEL_CHANGE_KINDS = ("matched", "new", "retired")
 
 
@@ -185,7 +196,12 @@ class TrainerMetrics:
             ["kind"], registry=r,
         )
         self.up = Gauge("segment_trainer_up", "1 while the trainer runs", registry=r)
+        self.redis_errors = Counter(
+            "segment_redis_errors", "Redis calls that failed (logged; the run goes on)", ["operation"],
+            registry=r,
+        )
         _initialise(self.runs, RUN_RESULTS)
+        _initialise(self.redis_errors, TRAINER_REDIS_OPERATIONS)
         _initialise(self.gate_refusals, GATE_CHECKS)
         _initialise(self.gate_failing, GATE_CHECKS)
         _initialise(self.label_changes, LABEL_CHANGE_KINDS)

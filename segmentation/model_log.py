@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import is_transient, producer_config, reader_config, retrying
 from segmentation.settings import Settings
-from segmentation.store import ModelStore
+from segmentation.store import ModelStore, TrainerState
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
                                                                             "error": str(exc)})
     if not records:
         return False
-    current, pinned = store.current_version(), store.pinned()
+    current, pinned = store.current_version(), TrainerState.of(store).pinned()
     if current is not None and current > (registry.current or 0):
         records.append((CURRENT, json.dumps({"version": current}).encode()))
     if pinned is not None and registry.pinned is None:

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         "clip_margin; 0 = no clipping",
     )
     clip_margin: float = Field(
-        0.5, ge=0, description="widening of the clip range, in units of the range between the quantiles"
+        2.0, ge=0, description="widening of the clip range, in units of the range between the quantiles"
     )
     vocabulary_max: int = Field(
         20, ge=1, le=1000, description="most values per categorical attribute (top by count; rest: other)"

@@ -3,14 +3,18 @@ Redis on 127.0.0.1:6379. Every test gets its own topics, consumer group and Redi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from demo.generator import Customer, event_value, make_customers
 from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics
 from segmentation.settings import Settings
-from segmentation.store import CustomerStore, ModelStore, connect
+from segmentation.store import CustomerStore, Keys, ModelStore, connect
 
 STACK_HINT = "the local stack is not running: `make stack` (or `bash scripts/stack.sh up`)"
 
@@ -83,16 +87,32 @@ def settings_factory(stack: None) -> Iterator[Callable[..., Settings]]:
     yield factory
     for s in made:
         delete_topics(s, [s.events_topic, s.segments_topic, s.dlq_topic, s.models_topic])
-        try:
+        with contextlib.suppress(redis.RedisError):  # a test's private Redis server is already gone
             empty_redis(s)
-        except redis.RedisError:
-            pass  # a test's private Redis server is already gone
+
+
+def start_redis(tmp_path: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """A redis-server of the test's own (so stopping or filling it touches no other test), without
+    persistence (a restart loses everything); returns once it answers."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), *options], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(lambda: pings(url), 10, "private redis")
+    return proc
+
+
+def pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
 
 
 def empty_redis(settings: Settings) -> None:
     """Delete every key of ``settings``' prefix (what a Redis restart without its data does)."""
     client = connect(settings)
-    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+    keys = list(client.scan_iter(match=Keys(settings.redis_prefix).everything, count=1000))
     if keys:
         client.delete(*keys)
 

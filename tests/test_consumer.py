@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
-from segmentation.store import CustomerStore, ModelStore, connect
+from segmentation.store import CustomerStore, ModelStore, ReplicaStates, connect
 from tests.conftest import (
     PrivateBroker,
     customers,
@@ -29,6 +26,7 @@ from tests.conftest import (
     read_outputs,
     read_topic,
     running_consumer,
+    start_redis,
     start_service,
     wait_until,
 )
@@ -164,7 +162,7 @@ def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings,
         read_outputs(settings, {"seed-0"})
         store.client.set(f"{settings.redis_prefix}:bundle:2", raw)
         store.client.set(f"{settings.redis_prefix}:current", 2)
-        store.client.publish(store.channel, "2")
+        store.client.publish(store.keys.models_channel, "2")
         wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
         sent = produce_events(settings, population[:200], seed=2, prefix="after")
         outputs = read_outputs(settings, set(sent))
@@ -177,12 +175,9 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
 ) -> None:
     """A private Redis server, so that stopping it touches no other test."""
     port = free_port()
-    server = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-              "--appendonly", "no", "--dir", str(tmp_path)]
-    redis_proc = subprocess.Popen(server, stdout=subprocess.DEVNULL)
+    redis_proc = start_redis(tmp_path, port)
     try:
         settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.3)
-        wait_until(lambda: _pings(settings), 10, "private redis")
         population = customers(600)
         produce_events(settings, population, prefix="seed")
         published(settings)
@@ -196,8 +191,7 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
             assert set(during) <= set(outputs)
             assert rc.metrics.customer_writes_skipped._value.get() > 0
             time.sleep(max(0.0, 20 - 5))  # the outage lasts about 20 s in all
-            redis_proc = subprocess.Popen(server, stdout=subprocess.DEVNULL)
-            wait_until(lambda: _pings(settings), 10, "redis back")
+            redis_proc = start_redis(tmp_path, port)
             connect(settings).set(f"{settings.redis_prefix}:bundle:1", bundle)  # no persistence
             after = produce_events(settings, population, seed=3, prefix="after")
             read_outputs(settings, set(after), timeout_s=60)
@@ -207,13 +201,6 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
-
-
-def _pings(settings: Settings) -> bool:
-    try:
-        return bool(redis.Redis.from_url(settings.redis_url, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 def test_sigterm_under_load_exits_within_the_bound_with_offsets_committed(
@@ -311,7 +298,7 @@ def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_l
         rc.loop._next_report = 0  # publish the replica state now  # noqa: SLF001
         rc.loop._report()  # noqa: SLF001
         online_seen = rc.loop.online.events_seen
-    state = store.replica_states()[0]
+    state = ReplicaStates.of(store).all()[0]
     online = np.asarray(state["online_centroids"])
     # where the moved segment's centre really is now, in the model's scaled space
     moved = [CustomerEvent.model_validate(e) for e in _shifted_events(population, moved_segment, shift)]

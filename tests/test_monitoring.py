@@ -29,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -545,7 +545,7 @@ class Prometheus:
         if self.pidfile.exists():  # the script failed to stop it: do it here, by pid
             pid = int(self.pidfile.read_text().strip() or 0)
             if pid:
-                with _suppress_lookup():
+                with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -569,12 +569,6 @@ class Prometheus:
         return float(result[0]["value"][1])
 
 
-@contextmanager
-def _suppress_lookup() -> Iterator[None]:
-    try:
-        yield
-    except ProcessLookupError:
-        pass
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

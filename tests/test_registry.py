@@ -3,15 +3,12 @@ rebuilds itself from it. Real broker, real Redis servers (private ones where a t
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import redis
 from confluent_kafka import KafkaException
 
 from demo.generator import Customer, event_value
@@ -22,7 +19,7 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLog, read_registry, sync_store
 from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, connect
+from segmentation.store import ModelStore, TrainerState, connect
 from tests.conftest import (
     customers,
     empty_redis,
@@ -30,6 +27,7 @@ from tests.conftest import (
     produce_events,
     read_outputs,
     running_consumer,
+    start_redis,
     wait_until,
 )
 from trainer.operations import pin, rollback
@@ -108,11 +106,11 @@ def test_a_pin_survives_losing_redis(settings: Settings, store: ModelStore) -> N
     version = rollback(settings, store, 1)
     empty_redis(settings)
     sync_store(settings, store)
-    assert store.pinned() == version and store.current_version() == version
+    assert TrainerState.of(store).pinned() == version and store.current_version() == version
     pin(settings, store, None)
     empty_redis(settings)
     sync_store(settings, store)
-    assert store.pinned() is None
+    assert TrainerState.of(store).pinned() is None
 
 
 def test_an_older_redis_snapshot_is_brought_forward_and_never_moves_a_version_back(
@@ -142,23 +140,6 @@ def test_a_poisoned_record_on_the_models_topic_is_skipped_never_used(
     empty_redis(settings)
     sync_store(settings, store)
     assert store.current_version() == 1 and store.allocate_version() == 2
-
-
-def start_redis(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    """A redis-server of this test's own, without persistence (a restart loses everything)."""
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    wait_until(lambda: _pings(url), 10, "private redis")
-    return proc
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids(

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -35,15 +36,18 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import sync_store
 from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, connect
+from segmentation.store import ModelStore, ReplicaStates, TrainerState, connect
+from segmentation.store.trainer_state import UNREADABLE_PIN
 from tests.conftest import (
     Received,
     customers,
+    free_port,
     produce_events,
     produce_raw,
     read_topic,
     running_consumer,
     settings_env,
+    start_redis,
     wait_until,
 )
 from trainer.operations import reproduce
@@ -113,7 +117,7 @@ def assert_refused(result: RunResult, check: str, store: ModelStore, current: in
     assert [f.check for f in result.failures] == [check], result.detail
     assert store.current_version() == current
     assert store.load(current).version == current
-    run = store.runs()[0]
+    run = TrainerState.of(store).runs()[0]
     assert run["result"] == "rejected" and [f["check"] for f in run["failures"]] == [check]
     assert run["detail"] == result.detail
     assert refusals(metrics, check) == 1
@@ -130,7 +134,7 @@ def trainer_cli(settings: Settings, *args: str, timeout_s: float = 180) -> subpr
 
 def bundle_keys(store: ModelStore) -> list[int]:
     return sorted(int(k.decode().rsplit(":", 1)[1])
-                  for k in store.client.scan_iter(match=f"{store.prefix}:bundle:*"))
+                  for k in store.client.scan_iter(match=store.keys.bundle("*")))
 
 
 # The checks the gate gained with issue 10 (absolute floors, spread separation, memory of the
@@ -172,7 +176,7 @@ def test_a_segment_below_the_share_floor_is_refused_and_force_publishes_it_marke
     assert bundle.quality.gate["passed"] is False
     assert bundle.quality.gate["min_share"] == pytest.approx(4 / 1000)
     assert min(bundle.quality.shares) < 0.01
-    run = store.runs()[0]
+    run = TrainerState.of(store).runs()[0]
     assert run["result"] == "published" and run["forced"] is True
     assert [f["check"] for f in run["failures"]] == ["min_share"]
 
@@ -276,12 +280,27 @@ def produce_absurd_spenders(settings: Settings, n: int = 3) -> None:
         "attributes": {"channel": "web"}}).encode()) for i in range(n)])
 
 
+def test_a_few_absurd_spenders_are_clipped_and_the_retrain_publishes(
+    settings_factory, trainer_metrics: TrainerMetrics
+) -> None:
+    """Three customers of 803 spending 1e308 (bounds opened to the largest float): clipped at
+    the window's widened quantiles, they neither overflow the scaler nor take a segment."""
+    settings = settings_factory(feature_bounds={"monetary_90d": [-1.7e308, 1.7e308]})
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    produce_events(settings, customers(800))
+    first = published(settings, store, trainer_metrics)
+    produce_absurd_spenders(settings)
+    bundle = published(settings, store, trainer_metrics)
+    assert bundle.features.clip_high is not None and max(bundle.features.clip_high) < 1e4
+    assert sorted(bundle.segment_ids) == sorted(first.segment_ids) and min(bundle.quality.sizes) > 100
+
+
 def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_forced(
     settings_factory, trainer_metrics: TrainerMetrics
 ) -> None:
-    # Bounds opened to the largest float, so that absurd but finite spends of 1e308 reach the
-    # fit: they overflow the scaler's mean, and every scaled row becomes NaN.
-    settings = settings_factory(feature_bounds={"monetary_90d": [-1.7e308, 1.7e308]})
+    # Bounds opened to the largest float and clipping off, so that absurd but finite spends of
+    # 1e308 reach the scaler: they overflow its mean, and every scaled row becomes NaN.
+    settings = settings_factory(feature_bounds={"monetary_90d": [-1.7e308, 1.7e308]}, clip_quantile=0.0)
     store = ModelStore(connect(settings), settings.redis_prefix)
     produce_events(settings, customers(800))
     first = published(settings, store, trainer_metrics)
@@ -293,7 +312,7 @@ def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_f
     assert "cannot be forced" in result.detail
     assert store.current_version() == first.version
     assert refusals(trainer_metrics, "finite") == 2
-    assert [r["result"] for r in store.runs()[:2]] == ["rejected", "rejected"]
+    assert [r["result"] for r in TrainerState.of(store).runs()[:2]] == ["rejected", "rejected"]
 
 
 def test_out_of_range_values_are_skipped_by_the_window_with_default_bounds(
@@ -445,7 +464,7 @@ def test_sustained_silhouette_drift_reported_by_consumers_triggers_an_early_retr
     schedule.ran("published", now=1000.0)
 
     def consumers_report(drift: float, version: int = 1, replica: str = "a") -> None:
-        store.put_replica_state(replica, {"model_version": version, "silhouette_drift": drift}, 60)
+        ReplicaStates.of(store).put(replica, {"model_version": version, "silhouette_drift": drift}, 60)
 
     consumers_report(-0.05)  # within the threshold
     assert schedule.due(store, now=1100.0) is None
@@ -501,7 +520,8 @@ def test_three_trainers_started_at_once_publish_once_per_base_version(
         results = sorted((t.returncode, json.loads(out)["detail"])
                          for t, (out, _) in zip(trainers, outputs, strict=True))
         assert [code for code, _ in results] == [0, 3, 3], outputs  # published, skipped, skipped
-        assert all(detail == "another trainer holds the lock" for _, detail in results[1:])
+        assert all(detail.startswith("the trainer lock is held by another trainer")
+                   for _, detail in results[1:])
 
     bundles = [store.load(v) for v in store.versions()]
     assert [b.version for b in bundles] == [1, 2]
@@ -509,25 +529,28 @@ def test_three_trainers_started_at_once_publish_once_per_base_version(
 
 
 class ContendingStore(ModelStore):
-    """No lease (as if it had expired mid-run), and a publish that waits for every other
-    trainer to reach it: all of them fitted on the same base and publish at the same moment."""
+    """A publish that waits for every other trainer to reach it: all of them fitted on the same
+    base and publish at the same moment."""
 
     def __init__(self, settings: Settings, barrier: threading.Barrier) -> None:
         super().__init__(connect(settings), settings.redis_prefix)
         self.barrier = barrier
-
-    @contextlib.contextmanager
-    def lease(self, ttl_s: int) -> Iterator[bool]:
-        yield True
 
     def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
         self.barrier.wait(120)
         super().publish(bundle, base_version)
 
 
+@contextlib.contextmanager
+def always_held(_state: TrainerState, _ttl_s: int) -> Iterator[bool]:
+    """No lease at all (as if it had expired mid-run): every trainer believes it holds it."""
+    yield True
+
+
 def test_without_the_lease_the_compare_and_set_still_lets_one_trainer_publish_per_base(
-    settings: Settings, store: ModelStore
+    settings: Settings, store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(TrainerState, "lease", always_held)
     produce_events(settings, customers(800))
     base: int | None = None
     for _round in range(2):
@@ -696,7 +719,7 @@ def test_rollback_republishes_an_earlier_model_as_a_new_version_that_consumers_f
 
     # the rollback holds: the schedule does not retrain over it until an operator unpins
     schedule = Schedule(settings)
-    assert store.pinned() == 3 and schedule.due(store) is None
+    assert TrainerState.of(store).pinned() == 3 and schedule.due(store) is None
     assert "pinned by a rollback" in trainer_cli(settings, "show").stdout
     unpin = trainer_cli(settings, "unpin")
     assert unpin.returncode == 0 and "resume" in unpin.stdout
@@ -767,17 +790,17 @@ def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_
     result = train_once(broken, store, metrics)
     assert result.result == "failed" and "missing" in result.detail
     assert metrics.runs.labels("failed")._value.get() == 1
-    assert store.runs()[0]["result"] == "failed"
+    assert TrainerState.of(store).runs()[0]["result"] == "failed"
     assert store.current_version() is None
 
 
 def test_the_trainer_lease_is_renewed_while_held_and_released_after(store: ModelStore) -> None:
-    with store.lease(ttl_s=1) as held:
+    with TrainerState.of(store).lease(ttl_s=1) as held:
         assert held
         time.sleep(2.5)  # well past the TTL: only renewal keeps it
-        with store.lease(ttl_s=1) as other:
+        with TrainerState.of(store).lease(ttl_s=1) as other:
             assert not other
-    with store.lease(ttl_s=1) as again:
+    with TrainerState.of(store).lease(ttl_s=1) as again:
         assert again
 
 
@@ -790,8 +813,57 @@ def test_poisoned_trainer_state_in_redis_never_crashes_the_schedule_or_history(
     store.client.lpush(f"{p}:runs", b"{oops")
     store.client.zadd(f"{p}:versions", {"garbage": 2})
     assert Schedule(settings).due(store) == "interval"
-    assert store.runs() == [] and store.versions() == [1]
+    assert TrainerState.of(store).runs() == [] and store.versions() == [1]
     store.client.set(f"{p}:pinned", b"not a version")
-    assert store.pinned() == 0 and Schedule(settings).due(store) is None  # held, conservatively
+    assert TrainerState.of(store).pinned() == UNREADABLE_PIN  # held, conservatively
+    assert Schedule(settings).due(store) is None
     history = trainer_cli(settings, "history")
     assert history.returncode == 0, history.stderr
+
+
+def errors_counted(metrics: TrainerMetrics, operation: str) -> float:
+    return metrics.registry.get_sample_value("segment_redis_errors_total", {"operation": operation}) or 0.0
+
+
+def test_trainer_keys_of_the_wrong_type_are_logged_counted_and_never_stop_a_run(
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
+) -> None:
+    keys = store.keys
+    store.client.rpush(keys.pinned, "x")  # a list where the pin (a string) belongs
+    store.client.hset(keys.runs, "a", "b")  # a hash where the run log (a list) belongs
+    store.client.hset(keys.online("x"), "a", "b")  # a hash where a replica state belongs
+    schedule = Schedule(settings, trainer_metrics.redis_errors)
+    assert schedule.due(store) is None  # an unreadable pin holds retrains, as a garbage one does
+    assert errors_counted(trainer_metrics, "pinned") == 1
+    state = TrainerState.of(store, trainer_metrics.redis_errors)
+    assert state.runs() == []
+    result = train_once(settings, store, trainer_metrics)  # no window yet: skipped, and recorded
+    assert result.result == "skipped"
+    assert errors_counted(trainer_metrics, "run_log") == 2  # the read above and the run's record
+    history = trainer_cli(settings, "history")
+    assert history.returncode == 0, history.stderr
+
+
+def test_a_full_redis_refusing_the_lease_skips_the_run_instead_of_killing_the_trainer(
+    settings_factory: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """``maxmemory`` reached with nothing evictable: every write answers OOM, the lease's
+    ``SET NX`` included. The run is skipped, the errors logged and counted."""
+    port = free_port()
+    server = start_redis(tmp_path, port, "--maxmemory", "10mb", "--maxmemory-policy", "noeviction")
+    try:
+        settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0")
+        store = store_for(settings)
+        for size in (10_000, 1):  # fill it until it refuses even the smallest write
+            with pytest.raises(redis.ResponseError, match="maxmemory"):
+                for i in range(1_000_000):
+                    store.client.set(f"ballast-{size}-{i}", b"x" * size)
+        with pytest.raises(redis.ResponseError, match="maxmemory"):
+            store.client.set(store.keys.lock, "even a small write")
+        metrics = TrainerMetrics()
+        result = train_once(settings, store, metrics)
+        assert result.result == "skipped" and "lock" in result.detail
+        assert errors_counted(metrics, "lease") == 1 and errors_counted(metrics, "run_log") == 1
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -20,7 +20,7 @@ from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
 from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings, load_settings
-from segmentation.store import ModelStore, PublishConflict, RedisRefused, check_redis, connect
+from segmentation.store import ModelStore, PublishConflict, RedisRefused, TrainerState, check_redis, connect
 from trainer.operations import pin, reproduce, rollback
 from trainer.pipeline import train_once
 from trainer.registry import load_names
@@ -87,9 +87,10 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
         print("no model published yet", file=sys.stderr)
         return 1
     summary = bundle_summary(bundle)
-    summary["pinned"] = store.pinned()
+    state = TrainerState.of(store)
+    summary["pinned"] = state.pinned()
     summary["gate"] = gate_summary(bundle)
-    runs = store.runs()
+    runs = state.runs()
     summary["last_run"] = runs[0] if runs else None
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -140,7 +141,7 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "rolled_back_from": b.rolled_back_from,
             "previous_version": b.previous_version,
         })
-    refused = [r for r in store.runs() if r.get("result") == "rejected"]
+    refused = [r for r in TrainerState.of(store).runs() if r.get("result") == "rejected"]
     if as_json:
         print(json.dumps({"versions": rows, "recent_refusals": refused}, indent=2))
         return 0
@@ -182,7 +183,7 @@ def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> i
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    schedule = Schedule(settings)
+    schedule = Schedule(settings, metrics.redis_errors)
     metrics.up.set(1)
     log.info("trainer running", extra={"interval_s": settings.train_interval_s})
     next_check = 0.0

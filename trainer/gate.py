@@ -22,15 +22,14 @@ from scipy.spatial.distance import pdist
 
 from segmentation.baseline import QualityBaseline
 from segmentation.matching import cluster_residuals, spread_units, within_covariance
+from segmentation.metrics import GateCheck
 from segmentation.settings import Settings
 from trainer.fit import Fit
 
 
 @dataclass(frozen=True)
 class GateFailure:
-    # finite | min_share | separation | spread_separation | min_silhouette | max_davies_bouldin
-    # | silhouette | silhouette_drop | davies_bouldin_rise
-    check: str
+    check: GateCheck
     value: float
     limit: float
     detail: str

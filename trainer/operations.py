@@ -11,7 +11,7 @@ from segmentation.bundle import BundleError
 from segmentation.matching import match_centroids
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.settings import Settings
-from segmentation.store import ModelStore
+from segmentation.store import ModelStore, TrainerState
 from trainer.pipeline import data_hash, fit_window, load_base, publish
 from trainer.registry import rollback_mapping
 from trainer.window import read_window
@@ -46,10 +46,11 @@ def pin(settings: Settings, store: ModelStore, version: int | None) -> bool:
     """Hold (a version) or release (None) scheduled retrains: in the models topic first, then in
     Redis. Returns whether something was pinned before."""
     ModelLog(settings).pin(version)
+    state = TrainerState.of(store)
     if version is None:
-        return store.unpin()
-    was = store.pinned() is not None
-    store.pin(version)
+        return state.unpin()
+    was = state.pinned() is not None
+    state.pin(version)
     return was
 
 
@@ -64,9 +65,10 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "max_rows": params.get("max_rows", settings.max_rows),
         "scaler": params.get("scaler", bundle.features.scaler),
         "categorical_weight": params.get("categorical_weight", bundle.features.categorical_weight),
-        "log_features": tuple(params.get("log_features", bundle.features.log_features)),
-        # bundles from before automatic logs and clipping had neither
-        "log_skewness": params.get("log_skewness"),
+        # the features the run chose to log (configured, skewed, or kept from its predecessor)
+        "log_features": tuple(bundle.features.log_features),
+        "log_skewness": None,
+        # bundles from before clipping had none
         "clip_quantile": params.get("clip_quantile", 0.0),
         "clip_margin": params.get("clip_margin", settings.clip_margin),
         "features": tuple(bundle.features.numeric),

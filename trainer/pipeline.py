@@ -13,11 +13,11 @@ import numpy as np
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.features import FeatureSpec, fit_spec
-from segmentation.metrics import GATE_CHECKS, TrainerMetrics
+from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, PublishConflict
+from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.fit import Fit, fit_model
 from trainer.gate import (
     GateFailure,
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    result: str  # published | rejected | skipped | failed
+    result: RunOutcome
     detail: str = ""
     version: int | None = None
     failures: list[GateFailure] = field(default_factory=list)
@@ -71,13 +71,17 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
     }
 
 
-def encode_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray]:
-    """Fit the vocabulary and the preprocessing on a window and encode it with them."""
+def encode_window(
+    settings: Settings, window: Window, current: ModelBundle | None = None
+) -> tuple[FeatureSpec, np.ndarray]:
+    """Fit the vocabulary and the preprocessing on a window and encode it with them; features
+    the ``current`` model logs keep their log unless clearly no longer skewed."""
     spec = fit_spec(
         window.events, settings.features, settings.categorical, settings.scaler,
         settings.log_features, settings.categorical_weight,
         settings.vocabulary_min_count, settings.vocabulary_max,
         settings.log_skewness, (settings.clip_quantile, settings.clip_margin),
+        current.features.log_features if current is not None else (),
     )
     x, _ = spec.encode(window.events)
     return spec, x
@@ -185,9 +189,10 @@ def train_once(
     ``accept`` (implies ``force``) also makes it the baseline: the operator's word that the
     customer base itself changed and this quality is the new normal."""
     started = time.monotonic()
-    with store.lease(settings.lock_ttl_s) as held:
+    with TrainerState.of(store, metrics.redis_errors).lease(settings.lock_ttl_s) as held:
         if not held:
-            return _finish(metrics, store, RunResult("skipped", "another trainer holds the lock"))
+            return _finish(metrics, store, RunResult(
+                "skipped", "the trainer lock is held by another trainer (or Redis could not give it)"))
         try:
             sync_store(settings, store)  # versions and ids continue from the topic, whatever Redis lost
             result = _train(settings, store, metrics, force or accept, now_ms, accept)
@@ -215,7 +220,7 @@ def _train(
     if len(window.events) < needed:
         return RunResult("skipped", f"{len(window.events)} customers in window, need {needed}")
 
-    spec, x = encode_window(settings, window)
+    spec, x = encode_window(settings, window, current)
     not_finite = check_finite_window(x, spec.center, spec.scale)
     if not_finite is not None:
         # Nothing can be fitted on NaN, and the bundle format refuses non-finite numbers, so
@@ -309,7 +314,7 @@ def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: in
 
 def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> RunResult:
     metrics.runs.labels(result.result).inc()
-    store.record_run({
+    TrainerState.of(store, metrics.redis_errors).record_run({
         "at": time.time(), "result": result.result, "detail": result.detail,
         "version": result.version, "forced": result.forced,
         "failures": [f.__dict__ for f in result.failures],

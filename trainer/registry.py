@@ -62,6 +62,10 @@ def label_segments(
     centroids (which only binds on segments that overlap much); two segments that merged lose
     theirs (``segmentation.matching.merged_pairs``). Distances in the mapping are in those
     standard deviations.
+
+    Names: the operator's (``names``, from ``SEG_NAMES_FILE``) first; a segment that keeps its id
+    keeps its name (the label marketing acts on does not change with a refit's scaling); a new
+    segment gets a description of its centroid.
     """
     cap = threshold_fraction * median_pairwise_distance(centroids)
     comparable = previous is not None and set(spec.numeric) <= set(previous.features.numeric)
@@ -79,8 +83,11 @@ def label_segments(
     retired = result.retired
     if previous is not None and not comparable:
         retired = [(sid, p) for p, sid in enumerate(previous.segment_ids)]
+    kept_names: dict[int, str] = {}
+    if previous is not None and comparable:
+        kept_names = dict(zip(prev_ids, previous.segment_names, strict=True))
     segment_names = [
-        names.get(sid) or default_name(sid, centroids[i], spec)
+        names.get(sid) or kept_names.get(sid) or default_name(sid, centroids[i], spec)
         for i, sid in enumerate(result.segment_ids)
     ]
     mapping = LabelMapping(

@@ -29,7 +29,7 @@ from segmentation.events import CustomerEvent
 from segmentation.features import raw_numeric
 from segmentation.scoring import davies_bouldin, nearest_two, stratified_sample
 from segmentation.settings import Settings
-from segmentation.store import ModelStore
+from segmentation.store import ModelStore, TrainerState
 from trainer.window import read_window
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def read_sample(settings: Settings, bundle: ModelBundle) -> tuple[Sample | None,
     })
     try:
         window = read_window(sample_settings, ranges=lineage.partitions)
-    except Exception as exc:  # the report still shows everything that needs no data
+    except Exception as exc:  # noqa: BLE001 - the report still shows everything that needs no data
         log.warning("training window unreadable", extra={"error": str(exc)})
         return None, f"the training window could not be read ({type(exc).__name__}: {exc})"
     if len(window.events) < 2:
@@ -508,7 +508,7 @@ def render_page(
         ("quality gate", gate),
         ("reproduce", f"<code>python -m trainer reproduce {bundle.version}</code>"),
     ])
-    refusals = [r for r in store.runs() if r.get("result") == "rejected"][:8]
+    refusals = [r for r in TrainerState.of(store).runs() if r.get("result") == "rejected"][:8]
     refusal_rows = "".join(
         f"<tr><td>{datetime.fromtimestamp(float(r['at']), UTC):%Y-%m-%d %H:%M:%S}</td>"
         f"<td>{html.escape(', '.join(f['check'] for f in r.get('failures', [])))}</td>"

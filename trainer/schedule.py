@@ -7,15 +7,17 @@ from __future__ import annotations
 import time
 
 from segmentation.settings import Settings
-from segmentation.store import REDIS_ERRORS, ModelStore
+from segmentation.store import OUTAGE, ModelStore, ReplicaStates, TrainerState
+from segmentation.store.client import ErrorCounter
 
 # While there is no model yet, try again this often (the window fills up quickly).
 COLD_RETRY_S = 3.0
 
 
 class Schedule:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, errors: ErrorCounter | None = None) -> None:
         self.settings = settings
+        self.errors = errors  # Redis failures that do not stop the schedule, counted
         self.last_run = 0.0
         self.last_result = ""
         self.drift_since: float | None = None
@@ -24,11 +26,11 @@ class Schedule:
         """Why a run is due now, or None."""
         now = time.time() if now is None else now
         try:
-            if store.pinned() is not None:
+            if TrainerState.of(store, self.errors).pinned() is not None:
                 return None  # an operator rolled back: no retrain replaces it until `unpin`
             has_model = store.current_version() is not None
             drift = self.drifting(store, now)
-        except REDIS_ERRORS:
+        except OUTAGE:
             return None
         if not has_model:
             return "no model yet" if now - self.last_run >= COLD_RETRY_S else None
@@ -42,7 +44,7 @@ class Schedule:
         """True once some replica's silhouette drift has stayed below -threshold for
         ``drift_retrain_after_s`` seconds."""
         current = store.current_version()
-        drifts = [s.get("silhouette_drift") for s in store.replica_states()
+        drifts = [s.get("silhouette_drift") for s in ReplicaStates.of(store, self.errors).all()
                   if s.get("model_version") == current]
         worst = min((float(d) for d in drifts if isinstance(d, int | float)), default=0.0)
         if worst > -self.settings.drift_retrain_threshold:

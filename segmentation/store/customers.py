@@ -1,0 +1,128 @@
+"""Latest segment per customer, written idempotently, on one Redis or a Redis Cluster."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from redis.cluster import RedisCluster
+
+from segmentation.settings import Settings
+from segmentation.store.client import connect_customers
+from segmentation.store.keys import Keys
+
+# An older event (event time, then offset) never overwrites a newer assignment. One call per
+# batch: ARGV[1] is a JSON array of [event_ms, offset, segment_id, segment, version, event_id],
+# one per key (packing one string is far cheaper than thousands of arguments).
+_WRITE_CUSTOMERS = """
+local rows = cjson.decode(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local written = 0
+for i, key in ipairs(KEYS) do
+  local r = rows[i]
+  -- A key of another type, or fields that are not numbers, is garbage: the assignment replaces it.
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
+  local cur = redis.call('HMGET', key, 'event_ms', 'offset')
+  local newer = true
+  local cms = tonumber(cur[1])
+  if cms then
+    if cms > r[1] or (cms == r[1] and (tonumber(cur[2]) or -1) >= r[2]) then newer = false end
+  end
+  if newer then
+    redis.call('HSET', key, 'event_ms', string.format('%d', r[1]), 'offset', string.format('%d', r[2]),
+               'segment_id', r[3], 'segment', r[4], 'model_version', r[5], 'event_id', r[6])
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+class PartialWrite(redis.RedisError):
+    """Some of a batch's customer writes failed (a cluster node down); the rest are written."""
+
+    def __init__(self, message: str, written: int, failed: int) -> None:
+        super().__init__(message)
+        self.written = written
+        self.failed = failed
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerAssignment:
+    customer_id: str
+    event_ms: int
+    offset: int
+    segment_id: int
+    segment: str
+    model_version: int
+    event_id: str
+
+
+class CustomerStore:
+    """Latest segment per customer. Writes are idempotent under replay, and work on a single
+    Redis (one script call per batch) or a Redis Cluster (per node, one pipeline of script
+    calls, one per hash slot: a script may only touch keys of one slot)."""
+
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str, ttl_s: int = 0) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self.ttl_s = ttl_s
+        self._write = client.register_script(_WRITE_CUSTOMERS)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> CustomerStore:
+        return cls(connect_customers(settings), settings.redis_prefix, settings.customer_ttl_s)
+
+    def key(self, customer_id: str) -> str:
+        return self.keys.customer(customer_id)
+
+    def write_latest(self, assignments: Sequence[CustomerAssignment]) -> int:
+        """Write a batch in one round trip; returns how many were newer than what was stored."""
+        latest: dict[str, CustomerAssignment] = {}
+        for a in assignments:
+            kept = latest.get(a.customer_id)
+            if kept is None or (a.event_ms, a.offset) > (kept.event_ms, kept.offset):
+                latest[a.customer_id] = a
+        if not latest:
+            return 0
+        rows = {self.key(c): [a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
+                for c, a in latest.items()}
+        if not isinstance(self.client, RedisCluster):
+            return int(self._write(keys=list(rows), args=[json.dumps(list(rows.values())), self.ttl_s]))
+        return self._write_cluster(rows)
+
+    def _write_cluster(self, rows: dict[str, list[Any]]) -> int:
+        """One round trip per node. A node that fails (down, failing over) costs only its own
+        customers' writes, which raise after the others are written."""
+        cluster = cast(RedisCluster, self.client)
+        by_node: dict[str, dict[int, list[str]]] = {}
+        for key in rows:
+            slot = cluster.keyslot(key)
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+            by_node.setdefault(node.name, {}).setdefault(slot, []).append(key)
+        written, failed = 0, 0
+        first_error: redis.RedisError | None = None
+        for name, slots in by_node.items():
+            node = cluster.get_node(node_name=name)
+            try:
+                pipe = node.redis_connection.pipeline(transaction=False)
+                for keys in slots.values():
+                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s],
+                                client=pipe)
+                written += sum(int(n) for n in pipe.execute())
+            except redis.RedisError as exc:
+                failed += sum(len(keys) for keys in slots.values())
+                first_error = first_error or exc
+                cluster.nodes_manager.initialize()  # the slot map may have moved
+        if first_error is not None:
+            raise PartialWrite(f"{failed} customer writes failed: {first_error}", written, failed)
+        return written
+
+    def get(self, customer_id: str) -> dict[str, str]:
+        raw: dict[bytes, bytes] = self.client.hgetall(self.key(customer_id))  # type: ignore[assignment]
+        return {k.decode(): v.decode() for k, v in raw.items()}

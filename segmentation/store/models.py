@@ -1,0 +1,154 @@
+"""The model registry's Redis cache: immutable bundles, one atomically switched pointer, the
+version and segment-id counters.
+
+It caches the compacted models topic (``segmentation.model_log``), which is the record of
+truth: ``restore`` rebuilds it from the topic after Redis was lost or fell behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from segmentation.bundle import BundleError, ModelBundle
+from segmentation.store.keys import Keys
+
+# Compare-and-set publish: all or nothing, because a Lua script runs atomically in Redis.
+_PUBLISH = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+if cur and tonumber(ARGV[2]) <= tonumber(cur) then return -1 end
+if not redis.call('SET', KEYS[2], ARGV[3], 'NX') then return -2 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[2]), ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+"""
+
+# Rebuild the registry part of the cache from the models topic. Counters only ever rise, the
+# pointer only ever moves forward (a consumer never goes back to an older version), and the pin
+# mirrors the topic. KEYS: version_seq, segment_id_seq, current, pinned, registry_offset.
+# ARGV: highest version, next segment id, current ('' if none), pinned ('' if none), the
+# topic's end offset, the notification channel.
+_RESTORE = """
+local function raise_to(key, value)
+  local cur = tonumber(redis.call('GET', key) or '') or -1
+  if cur < value then redis.call('SET', key, value) end
+end
+raise_to(KEYS[1], tonumber(ARGV[1]))
+raise_to(KEYS[2], tonumber(ARGV[2]))
+local switched = 0
+if ARGV[3] ~= '' then
+  local cur = tonumber(redis.call('GET', KEYS[3]) or '')
+  if cur == nil or cur < tonumber(ARGV[3]) then
+    redis.call('SET', KEYS[3], ARGV[3])
+    redis.call('PUBLISH', ARGV[6], ARGV[3])
+    switched = 1
+  end
+end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[4], ARGV[4]) else redis.call('DEL', KEYS[4]) end
+redis.call('SET', KEYS[5], ARGV[5])
+return switched
+"""
+
+
+class PublishConflict(RuntimeError):
+    """Another trainer published on the same base version first."""
+
+
+class ModelStore:
+    """Model versions in Redis. Every read is validated; every publish is compare-and-set."""
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self._publish = client.register_script(_PUBLISH)
+        self._restore = client.register_script(_RESTORE)
+
+    def _get(self, key: str) -> bytes | None:
+        """GET a model key; a key of another type is an invalid model, not a crash."""
+        try:
+            return self.client.get(key)  # type: ignore[return-value]
+        except redis.ResponseError as exc:
+            raise BundleError(f"{key}: {exc}") from None
+
+    def current_version(self) -> int | None:
+        raw = self._get(self.keys.current)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise BundleError(f"current pointer is not a version number: {raw!r}") from None
+
+    def load(self, version: int) -> ModelBundle:
+        """The bundle of ``version``, validated; ``BundleError`` if missing or invalid."""
+        raw = self._get(self.keys.bundle(version))
+        if raw is None:
+            raise BundleError(f"bundle v{version} does not exist")
+        bundle = ModelBundle.from_json(raw)
+        if bundle.version != version:
+            raise BundleError(f"bundle stored as v{version} says it is v{bundle.version}")
+        return bundle
+
+    def load_current(self) -> ModelBundle | None:
+        version = self.current_version()
+        return None if version is None else self.load(version)
+
+    def versions(self) -> list[int]:
+        members: list[bytes] = self.client.zrange(self.keys.versions, 0, -1)  # type: ignore[assignment]
+        return [int(v) for v in members if v.isdigit()]
+
+    def allocate_version(self) -> int:
+        return int(self.client.incr(self.keys.version_seq))
+
+    def allocate_segment_ids(self, n: int) -> list[int]:
+        """``n`` fresh segment ids, never handed out before (ids start at 0)."""
+        end = int(self.client.incrby(self.keys.segment_id_seq, n))
+        return list(range(end - n, end))
+
+    def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
+        """Store ``bundle`` and make it current, only if current is still ``base_version``.
+
+        Bundle write, pointer switch, history and notification happen in one Lua script, so a
+        crash of the trainer at any point leaves either the old or the new model current.
+        """
+        result = self._publish(
+            keys=[self.keys.current, self.keys.bundle(bundle.version), self.keys.versions],
+            args=["" if base_version is None else str(base_version), str(bundle.version),
+                  bundle.to_json(), self.keys.models_channel],
+        )
+        if result == 0:
+            raise PublishConflict(f"current moved away from base v{base_version}")
+        if result == -1:
+            raise PublishConflict(f"v{bundle.version} is not newer than current")
+        if result == -2:
+            raise PublishConflict(f"v{bundle.version} already exists")
+
+    def registry_offset(self) -> int | None:
+        """The models topic's end offset this cache last caught up with (None: never, or lost)."""
+        try:
+            raw = self.client.get(self.keys.registry_offset)
+            return None if raw is None else int(raw)  # type: ignore[arg-type]
+        except (ValueError, redis.ResponseError):  # garbage: catch up from the topic again
+            return None
+
+    def set_registry_offset(self, offset: int) -> None:
+        self.client.set(self.keys.registry_offset, offset)
+
+    def restore(self, bundles: Sequence[ModelBundle], max_version: int, next_segment_id: int,
+                current: int | None, pinned: int | None, end_offset: int) -> bool:
+        """Bring the cache up to the models topic: missing bundles written, counters raised,
+        the pointer moved forward (never back) and announced, the pin mirrored. Idempotent;
+        returns True if the pointer moved."""
+        pipe = self.client.pipeline(transaction=False)
+        for bundle in bundles:
+            pipe.set(self.keys.bundle(bundle.version), bundle.to_json(), nx=True)
+            pipe.zadd(self.keys.versions, {str(bundle.version): bundle.version})
+        pipe.execute()
+        keys = [self.keys.version_seq, self.keys.segment_id_seq, self.keys.current,
+                self.keys.pinned, self.keys.registry_offset]
+        args = [max_version, next_segment_id, "" if current is None else current,
+                "" if pinned is None else pinned, end_offset, self.keys.models_channel]
+        return bool(self._restore(keys=keys, args=args))
