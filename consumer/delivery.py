@@ -93,7 +93,6 @@ class Sent:
     offsets: list[TopicPartition]
     substitute: Substitute
     failed: list[tuple[OutRecord, KafkaError]] = field(default_factory=list)
-    acknowledged: set[Source] = field(default_factory=set)
     done: bool = False  # every record acknowledged (exactly-once: committed, offsets included)
 
 
@@ -156,6 +155,10 @@ def _produce(
             return exc.args[0]  # type: ignore[no-any-return]
 
 
+def _sources(records: Sequence[OutRecord]) -> frozenset[Source]:
+    return frozenset(coordinates(r.source) for r in records if r.source is not None)
+
+
 def _await_reports(producer: Producer) -> None:
     """Every queued record gets its delivery report within message.timeout.ms."""
     while producer.flush(1.0) > 0:
@@ -199,7 +202,7 @@ class AtLeastOnce:
                 _stop_if_missing(self.producer, {r.topic for r in pending})
                 raise DeliveryFailed(
                     f"{len(pending)} records unacknowledged after {self.timeout_s:g}s",
-                    frozenset(sent.acknowledged),
+                    _sources(sent.records) - _sources(pending),
                 )
             self._produce_all(pending, sent)
         sent.done = True
@@ -217,11 +220,10 @@ class AtLeastOnce:
     def _produce_all(self, records: list[OutRecord], sent: Sent) -> None:
         """Produce ``records`` once; their reports land in ``sent``."""
         for record in records:
+            # Only failures are kept: once every report is in, the rest is acknowledged.
             def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
                 if err is not None:
                     sent.failed.append((record, err))
-                elif record.source is not None:
-                    sent.acknowledged.add(coordinates(record.source))
 
             error = _produce(self.producer, record, on_delivery)
             if error is not None:

@@ -202,7 +202,7 @@ class ConsumeLoop:
         if failed:  # the batch before failed: replay it and this one
             self._rewind(failed + messages)
             return
-        records = [r for r in batch.records if not self._written(r)]
+        records = [r for r in batch.records if not self._written(r)] if self._acknowledged else batch.records
         try:
             sent = self.delivery.send(records, _next_offsets(messages), self.substitute)
         except DeliveryFailed as exc:  # exactly-once: the transaction did not commit
@@ -397,8 +397,8 @@ def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
     """Per partition, the offset after the last message (what a commit means)."""
     last: dict[tuple[str, int], int] = {}
     for msg in messages:
-        topic, partition, offset = coordinates(msg)
-        last[(topic, partition)] = max(last.get((topic, partition), -1), offset)
+        where = (str(msg.topic()), int(msg.partition() or 0))
+        last[where] = max(last.get(where, -1), int(msg.offset() or 0))
     return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 

@@ -227,12 +227,26 @@ def test_a_batch_of_observations_fills_the_histogram_as_one_by_one() -> None:
     np.testing.assert_allclose([s[2] for s in samples[0]], [s[2] for s in samples[1]], rtol=1e-12)
 
 
-def test_the_online_model_learns_on_one_thread_whatever_the_machine() -> None:
-    # OpenMP workers spinning against librdkafka's threads made partial_fit 30-100x slower on
-    # 2 cores; one thread is also what a batch of a few hundred rows needs.
-    online = OnlineKMeans(MODEL.centroids, np.full(5, 0.2), half_life_events=5000)
-    online.learn(np.asarray(MODEL.centroids) + 0.1)
-    assert online.model._n_threads == 1  # noqa: SLF001
+@pytest.mark.parametrize("half_life", [5000.0, None])
+def test_the_online_step_is_scikit_learn_s_partial_fit_batch_after_batch(half_life: float | None) -> None:
+    from sklearn.cluster import MiniBatchKMeans
+
+    rng = np.random.default_rng(5)
+    start = np.asarray(MODEL.centroids)
+    shares = np.full(5, 0.2)
+    ours = OnlineKMeans(start, shares, half_life_events=half_life)
+    plain = MiniBatchKMeans(n_clusters=5, init=start, n_init=1, reassignment_ratio=0.0, batch_size=256)
+    plain.partial_fit(start)  # leaves every centre where it was published
+    plain._counts[:] = ours.counts  # noqa: SLF001 - the same prior weight
+    for _ in range(40):
+        x = start[rng.integers(0, 5, 300)] + rng.normal(0.3, 1.0, (300, start.shape[1]))
+        ours.learn(x)
+        if half_life is not None:
+            plain._counts *= 0.5 ** (300 / half_life)  # noqa: SLF001 - the same forgetting
+        plain.partial_fit(x)
+    np.testing.assert_allclose(ours.centroids, plain.cluster_centers_, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(ours.counts, plain._counts, rtol=1e-10)  # noqa: SLF001
+    assert np.abs(ours.centroids - start).max() > 0.1  # it did move
 
 
 @pytest.mark.parametrize("size", [1, 7, 500])
