@@ -52,11 +52,13 @@ class Registry:
         return [next(self.ids) for _ in range(n)]
 
 
-def fit_features(raw: np.ndarray, settings: Settings) -> FeatureSpec:
-    """The trainer's preprocessing (log by skewness, clipping, scaler) fitted on a raw window of
-    the demo's features: ``trainer.pipeline.encode_window`` without the events."""
+def fit_features(raw: np.ndarray, settings: Settings, current: ModelBundle | None) -> FeatureSpec:
+    """The trainer's preprocessing (log by skewness, sticky for the features the current model
+    logs; clipping; scaler) fitted on a raw window of the demo's features:
+    ``trainer.pipeline.encode_window`` without the events."""
     return fit_numeric(raw, FEATURES, settings.scaler, settings.log_features, settings.log_skewness,
-                       (settings.clip_quantile, settings.clip_margin))
+                       (settings.clip_quantile, settings.clip_margin),
+                       current.features.log_features if current is not None else ())
 
 
 def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
@@ -68,7 +70,7 @@ def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
 def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, settings: Settings,
             force: bool = False) -> Published:
     """One run of ``trainer.pipeline._train`` on the window ``raw``."""
-    spec = fit_features(raw, settings)
+    spec = fit_features(raw, settings, current)
     x = spec.encode_numeric(raw)
     fit, fits = fit_model(x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
                           settings.random_state, settings.silhouette_sample)
