@@ -9,6 +9,7 @@ COPY consumer ./consumer
 COPY trainer ./trainer
 COPY demo ./demo
 COPY bench ./bench
+COPY quality ./quality
 RUN pip install --no-cache-dir '.[report]'
 USER app
 EXPOSE 9100
