@@ -193,8 +193,11 @@ def read_topic(
         while time.monotonic() < deadline and not until(received):
             for m in consumer.consume(1000, 0.3):
                 if m.error() is None:
-                    received.append(Received(m.key(), m.value(), dict(m.headers() or []),
-                                             m.partition(), m.offset()))
+                    raw = m.headers() or []
+                    pairs = raw.items() if isinstance(raw, dict) else raw
+                    headers = {k: v for k, v in pairs if isinstance(v, bytes)}
+                    received.append(Received(m.key(), m.value(), headers,
+                                             int(m.partition() or 0), int(m.offset() or 0)))
     finally:
         consumer.close()
     return received
@@ -212,6 +215,12 @@ def read_outputs(
 
 
 # --- running the consumer in-process --------------------------------------------------------
+def active_version(rc: RunningConsumer) -> int | None:
+    """The model version a running consumer scores with (None before it has one)."""
+    model = rc.loop.watcher.active
+    return None if model is None else model.version
+
+
 class RunningConsumer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -15,6 +17,7 @@ from consumer.delivery import DeliveryStopped, ExactlyOnce
 from consumer.scoring import OutRecord
 from segmentation.events import CustomerEvent
 from segmentation.kafka import consumer_config, producer_config
+from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.conftest import (
@@ -73,7 +76,7 @@ def committed(settings: Settings) -> int:
 
 
 def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     produce_events(settings, customers(600))
     assert train_once(settings, store, trainer_metrics).result == "published"
@@ -103,7 +106,7 @@ def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
 
 
 def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
-    settings_factory, trainer_metrics
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
 ) -> None:
     # one record per produce request, so the broker judges each output on its own
     settings = settings_factory(kafka_extra={"batch.num.messages": "1"})
@@ -134,7 +137,7 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_and_loses_nothing(
-    settings_factory, trainer_metrics, delivery: str
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics, delivery: str
 ) -> None:
     settings = settings_factory(delivery_timeout_s=20.0, delivery=delivery)
     store = ModelStore(connect(settings), settings.redis_prefix)
@@ -191,7 +194,7 @@ def test_default_transactional_ids_differ_between_processes_on_one_host() -> Non
 
 
 def test_hostile_rows_in_the_window_never_fail_a_training_run(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     produce_events(settings, customers(600))
     produce(settings, list(hostile_messages().values()))
@@ -223,7 +226,7 @@ def test_the_window_sample_is_bounded_and_independent_of_the_read_order() -> Non
 
 
 def test_librdkafka_log_lines_go_through_the_project_logger_not_raw_to_stderr(
-    capfd, caplog
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     import logging
 
@@ -240,7 +243,7 @@ def test_librdkafka_log_lines_go_through_the_project_logger_not_raw_to_stderr(
 
 
 def test_the_report_escapes_every_value_it_did_not_write_itself(
-    settings: Settings, store: ModelStore, tmp_path
+    settings: Settings, store: ModelStore, tmp_path: Path
 ) -> None:
     from segmentation.bundle import Lineage, ModelBundle, Quality
     from segmentation.features import FeatureSpec
@@ -292,7 +295,9 @@ def test_half_sent_requests_cannot_hold_the_metrics_server() -> None:
     assert server.server_address[0] == "127.0.0.1"  # loopback unless SEG_METRICS_HOST says otherwise
 
 
-def test_a_wrong_redis_password_stops_the_consumer_with_one_clear_line(settings: Settings, tmp_path) -> None:
+def test_a_wrong_redis_password_stops_the_consumer_with_one_clear_line(
+    settings: Settings, tmp_path: Path
+) -> None:
     import subprocess
     import sys
 

@@ -7,17 +7,21 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
+from demo.generator import Customer
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
-from segmentation.store import CustomerStore, ModelStore, ReplicaStates, connect
+from segmentation.store import CustomerStore, Keys, ModelStore, ReplicaStates, connect
 from tests.conftest import (
     PrivateBroker,
+    active_version,
     customers,
     empty_redis,
     free_port,
@@ -55,7 +59,7 @@ def members(settings: Settings) -> dict[str, set[int]]:
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_consumer_killed_mid_stream_and_restarted_loses_nothing(
-    settings_factory, tmp_path: Path, delivery: str
+    settings_factory: Callable[..., Settings], tmp_path: Path, delivery: str
 ) -> None:
     settings = settings_factory(delivery=delivery, batch_size=200)
     seed_events = produce_events(settings, customers(600), prefix="seed")
@@ -130,7 +134,10 @@ def test_outputs_carry_non_decreasing_model_versions_per_partition(settings: Set
         for expected in (2, 3):
             time.sleep(1.5)
             assert train_once(settings, store, TrainerMetrics()).version == expected
-            wait_until(lambda v=expected: rc.loop.watcher.active.version == v, 15, f"swap to v{expected}")
+            def on_version(v: int = expected) -> bool:
+                return active_version(rc) == v
+
+            wait_until(on_version, 15, f"swap to v{expected}")
         time.sleep(1.5)
         stop.set()
         producer.join()
@@ -149,7 +156,7 @@ def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings,
     population = customers(600)
     produce_events(settings, population, prefix="seed")
     store = published(settings)
-    good = json.loads(store.client.get(f"{settings.redis_prefix}:bundle:1"))
+    good = json.loads(store.client.get(store.keys.bundle(1)) or b"")
     bad = dict(good, version=2)
     if poison == "wrong_shape":
         bad["centroids"] = [row[:-1] for row in good["centroids"]]
@@ -166,12 +173,12 @@ def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings,
         wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
         sent = produce_events(settings, population[:200], seed=2, prefix="after")
         outputs = read_outputs(settings, set(sent))
-        assert rc.loop.watcher.active.version == 1
+        assert active_version(rc) == 1
     assert {outputs[e]["model_version"] for e in sent} == {1}
 
 
 def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
-    settings_factory, tmp_path: Path
+    settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
     """A private Redis server, so that stopping it touches no other test."""
     port = free_port()
@@ -192,7 +199,7 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
             assert rc.metrics.customer_writes_skipped._value.get() > 0
             time.sleep(max(0.0, 20 - 5))  # the outage lasts about 20 s in all
             redis_proc = start_redis(tmp_path, port)
-            connect(settings).set(f"{settings.redis_prefix}:bundle:1", bundle)  # no persistence
+            connect(settings).set(Keys(settings.redis_prefix).bundle(1), bundle or b"")  # no persistence
             after = produce_events(settings, population, seed=3, prefix="after")
             read_outputs(settings, set(after), timeout_s=60)
             customers_store = CustomerStore(connect(settings), settings.redis_prefix)
@@ -204,7 +211,7 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
 
 
 def test_sigterm_under_load_exits_within_the_bound_with_offsets_committed(
-    settings_factory, tmp_path: Path
+    settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
     settings = settings_factory(shutdown_timeout_s=10.0, batch_size=100)
     produce_events(settings, customers(600), prefix="seed")
@@ -266,7 +273,7 @@ def test_healthz_is_alive_and_readyz_waits_for_a_model_and_partitions(
 
 
 def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_lags(
-    settings_factory,
+    settings_factory: Callable[..., Settings],
 ) -> None:
     """Runs the real consumer on a shifted stream, reads its online centroids from Redis, and
     replays the same encoded stream through a never-forgetting model for comparison."""
@@ -297,6 +304,7 @@ def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_l
                    and rc.loop.online.events_seen == len(sent) + 1000, 30, "the last batch learned")
         rc.loop._next_report = 0  # publish the replica state now  # noqa: SLF001
         rc.loop._report()  # noqa: SLF001
+        assert rc.loop.online is not None
         online_seen = rc.loop.online.events_seen
     state = ReplicaStates.of(store).all()[0]
     online = np.asarray(state["online_centroids"])
@@ -308,7 +316,7 @@ def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_l
     online_gap = np.linalg.norm(online[index] - target)
     # the same stream through plain partial_fit (counts never decay)
     plain = OnlineKMeans(bundle.centroid_array(), np.asarray(bundle.quality.shares), None)
-    events = [CustomerEvent.model_validate_json(r.value) for r in read_topic(
+    events = [CustomerEvent.model_validate_json(r.value or b"") for r in read_topic(
         settings, settings.events_topic, lambda rs: len(rs) >= online_seen, 30)]
     x = bundle.features.encode(events)[0]
     for i in range(0, len(x), 500):
@@ -319,9 +327,7 @@ def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_l
     assert plain_gap > 2 * online_gap, (plain_gap, online_gap)
 
 
-def _shifted_events(population, segment: int, shift) -> list[dict]:
-    import numpy as np
-
+def _shifted_events(population: list[Customer], segment: int, shift: np.ndarray) -> list[dict[str, object]]:
     from demo.generator import event_value
 
     rng = np.random.default_rng(99)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from trainer.gate import GateLimits, run_gate
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bundle_dict(**overrides: object) -> dict:
+def bundle_dict(**overrides: object) -> dict[str, Any]:
     spec = FeatureSpec(numeric=["a", "b"], vocabulary={"channel": ["app", "other"]},
                        center=[0.0, 0.0], scale=[1.0, 1.0])
     b = ModelBundle(
@@ -51,7 +52,7 @@ def test_a_valid_bundle_round_trips_through_json() -> None:
         {"schema_version": 99},
     ],
 )
-def test_a_poisoned_bundle_is_refused_with_a_reason(poison: dict) -> None:
+def test_a_poisoned_bundle_is_refused_with_a_reason(poison: dict[str, Any]) -> None:
     raw = json.dumps(bundle_dict(**poison))  # json.dumps writes a float NaN as the literal NaN
     with pytest.raises(BundleError, match="invalid bundle"):
         ModelBundle.from_json(raw)
@@ -131,7 +132,9 @@ def test_forgetting_follows_a_shift_that_plain_partial_fit_lags_behind() -> None
         forgetting.learn(batch)
         plain.learn(batch)
     # 20 batches x 100 events of segment 0 = 2000 events: one half-life
-    moved = lambda m: float(m.centroids[0, 0]) / 3.0  # noqa: E731
+    def moved(m: OnlineKMeans) -> float:
+        return float(m.centroids[0, 0]) / 3.0
+
     assert moved(forgetting) >= 0.5
     assert moved(plain) < 0.25
     assert np.allclose(forgetting.centroids[1], (10, 10), atol=0.2)

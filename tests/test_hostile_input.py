@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ class Msg:
         return self._headers
 
 
-def small_bundle(**overrides: object) -> dict:
+def small_bundle(**overrides: object) -> dict[str, Any]:
     spec = FeatureSpec(numeric=list(FEATURES), vocabulary={"channel": ["app", "other"]},
                        center=[0.0, 0.0], scale=[1.0, 1.0])
     bundle = ModelBundle(
@@ -71,7 +72,7 @@ def small_bundle(**overrides: object) -> dict:
     return raw
 
 
-def clipped_bundle(**features: object) -> dict:
+def clipped_bundle(**features: object) -> dict[str, Any]:
     """``small_bundle`` with a log on ``a`` and clip bounds (``features`` overrides them)."""
     clip = {"log_features": [FEATURES[0]], "clip_low": [-30.0, -1e12], "clip_high": [30.0, 1e12]}
     return small_bundle(features={**small_bundle()["features"], **clip, **features})
@@ -108,7 +109,7 @@ def assert_one_record_each(values: Sequence[bytes | None]) -> list[str]:
     """The invariant of the per-message path: one output or one dead letter per message, every
     record within the size limit, every output strict JSON."""
     outputs, dead, reasons = score(values)
-    sources = sorted(r.source.offset() for r in outputs + dead if r.source is not None)
+    sources = sorted(int(r.source.offset() or 0) for r in outputs + dead if r.source is not None)
     assert sources == list(range(len(values)))
     for record in outputs + dead:
         assert record_bytes(record) <= MAX_RECORD
@@ -244,7 +245,7 @@ def test_a_far_future_event_never_reaches_the_customer_state() -> None:
          "huge-centroid", "long-name", "negative-id", "reversed-clip", "one-sided-clip",
          "short-clip", "huge-clip"],
 )
-def test_a_bundle_that_would_break_consumers_is_refused(poison: dict) -> None:
+def test_a_bundle_that_would_break_consumers_is_refused(poison: dict[str, Any]) -> None:
     with pytest.raises(BundleError, match="invalid bundle"):
         ModelBundle.from_json(json.dumps(small_bundle(**poison)))
 
@@ -271,7 +272,7 @@ def test_a_mutated_bundle_is_refused_or_scores_every_event_to_a_finite_output(
 ) -> None:
     raw = clipped_bundle()
     for path, number in mutations:
-        node = raw
+        node: Any = raw
         for step in path[:-1]:
             node = node[step]
         node[path[-1]] = number

@@ -727,7 +727,7 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         for name in ISSUE_CONSUMER_METRICS + ISSUE_TRAINER_METRICS:
             family = {name, f"{name}_count", f"{name}_bucket"}
             assert family & names, f"{name} not scraped"
-        moves = {
+        moves: dict[str, Callable[[float], bool]] = {
             'segment_events_total{outcome="scored"}': lambda v: v > 1000,
             'segment_events_total{outcome="dead_letter"}': lambda v: v > 0,
             "count(segment_assignments_total > 0)": lambda v: v == 5,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from confluent_kafka.admin import AdminClient
 from sklearn.metrics import adjusted_rand_score
 
+from segmentation.metrics import TrainerMetrics
 from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore, connect
@@ -26,7 +28,7 @@ from trainer.window import read_window
 
 
 def test_every_event_gets_an_output_and_segments_recover_the_known_clusters(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     sent = produce_events(settings, customers(1500))
     result = train_once(settings, store, trainer_metrics)
@@ -49,7 +51,7 @@ def test_every_event_gets_an_output_and_segments_recover_the_known_clusters(
 
 
 def test_each_malformed_kind_is_dead_lettered_with_its_reason_while_neighbours_are_scored(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     produce_events(settings, customers(600))
     assert train_once(settings, store, trainer_metrics).result == "published"
@@ -105,7 +107,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason_while_neighbours_a
 
 
 def test_a_retrain_on_the_same_distribution_keeps_customers_on_their_segment_ids(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     population = customers(2000)
     produce_events(settings, population, seed=1)
@@ -127,7 +129,7 @@ def test_a_retrain_on_the_same_distribution_keeps_customers_on_their_segment_ids
 
 
 def test_a_model_published_mid_stream_is_used_without_restarting_the_consumer(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     population = customers(1000)
     first_batch = produce_events(settings, population, seed=1, prefix="a")
@@ -144,7 +146,7 @@ def test_a_model_published_mid_stream_is_used_without_restarting_the_consumer(
 
 
 def test_without_a_model_the_consumer_commits_nothing_then_scores_everything(
-    settings: Settings, store: ModelStore, trainer_metrics
+    settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     sent = produce_events(settings, customers(500))
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
@@ -172,7 +174,7 @@ def committed_offsets(admin: AdminClient, settings: Settings) -> dict[int, int]:
 
 
 def test_make_run_demo_on_a_freshly_formatted_broker_scores_every_event_with_two_versions(
-    stack: None, tmp_path
+    stack: None, tmp_path: Path
 ) -> None:
     """`make run`'s main job, short, the first time on a new machine: a broker formatted a moment
     ago (whose new partitions answer NOT_LEADER_FOR_PARTITION for a while). Its exit code says

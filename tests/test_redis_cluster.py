@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment, CustomerStore
 from tests.conftest import customers, produce_events, read_outputs, running_consumer, wait_until
@@ -79,7 +80,7 @@ def assignment(customer: str, event_ms: int, segment_id: int) -> CustomerAssignm
 
 
 def test_customer_writes_spread_over_every_node_and_stay_idempotent(
-    cluster: Cluster, settings_factory
+    cluster: Cluster, settings_factory: Callable[..., Settings]
 ) -> None:
     settings: Settings = settings_factory(customer_redis_url=cluster.url, customer_redis_cluster=True)
     store = CustomerStore.for_settings(settings)
@@ -96,7 +97,7 @@ def test_customer_writes_spread_over_every_node_and_stay_idempotent(
 
 
 def test_a_cluster_node_restarted_mid_stream_loses_no_output_and_state_catches_up(
-    cluster: Cluster, settings_factory
+    cluster: Cluster, settings_factory: Callable[..., Settings]
 ) -> None:
     settings: Settings = settings_factory(customer_redis_url=cluster.url, customer_redis_cluster=True,
                                           redis_timeout_s=0.3)
@@ -140,7 +141,5 @@ def _latest_all(store: CustomerStore, population: list, prefix: str) -> bool:  #
         return False
 
 
-def _metrics():  # type: ignore[no-untyped-def]
-    from segmentation.metrics import TrainerMetrics
-
+def _metrics() -> TrainerMetrics:
     return TrainerMetrics()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState, connect
 from tests.conftest import (
+    active_version,
     customers,
     empty_redis,
     free_port,
@@ -123,7 +125,7 @@ def test_an_older_redis_snapshot_is_brought_forward_and_never_moves_a_version_ba
     train_once(settings, store, TrainerMetrics(), force=True)
     empty_redis(settings)
     for key, value in snapshot.items():
-        client.restore(key, 0, value)
+        client.restore(key, 0, value or b"")
     assert store.current_version() == 1  # Redis went back in time
     assert sync_store(settings, store)
     assert store.current_version() == 2 and store.allocate_version() == 3
@@ -143,7 +145,7 @@ def test_a_poisoned_record_on_the_models_topic_is_skipped_never_used(
 
 
 def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids(
-    settings_factory, tmp_path: Path
+    settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
     """Two consumers score a steady stream; the Redis server is killed and restarted empty; no
     consumer pauses, nothing is lost, and the next retrain keeps every population's id and name
@@ -182,8 +184,8 @@ def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids
                     paused_seen.append(first.loop.paused or second.loop.paused)
                     time.sleep(0.25)
                 retrain = train_once(settings, store, TrainerMetrics())
-                wait_until(lambda: first.loop.watcher.active.version == 2
-                           and second.loop.watcher.active.version == 2, 20, "both replicas on v2")
+                wait_until(lambda: active_version(first) == active_version(second) == 2, 20,
+                           "both replicas on v2")
             finally:
                 stop.set()
                 producer.join(30)

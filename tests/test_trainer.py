@@ -191,7 +191,7 @@ def pulled(profiles: Sequence[Profile], pull: float) -> tuple[Profile, ...]:
     """``profiles`` with their centres pulled towards their mean: the same segments, collapsed."""
     means = np.array([p.means for p in profiles], dtype=np.float64)
     centre = means.mean(axis=0)
-    return tuple(Profile(p.name, tuple((centre + pull * (m - centre)).tolist()), p.channels)  # type: ignore[arg-type]
+    return tuple(Profile(p.name, tuple((centre + pull * (m - centre)).tolist()), p.channels)
                  for p, m in zip(profiles, means, strict=True))
 
 
@@ -281,7 +281,7 @@ def produce_absurd_spenders(settings: Settings, n: int = 3) -> None:
 
 
 def test_a_few_absurd_spenders_are_clipped_and_the_retrain_publishes(
-    settings_factory, trainer_metrics: TrainerMetrics
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
 ) -> None:
     """Three customers of 803 spending 1e308 (bounds opened to the largest float): clipped at
     the window's widened quantiles, they neither overflow the scaler nor take a segment."""
@@ -296,7 +296,7 @@ def test_a_few_absurd_spenders_are_clipped_and_the_retrain_publishes(
 
 
 def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_forced(
-    settings_factory, trainer_metrics: TrainerMetrics
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
 ) -> None:
     # Bounds opened to the largest float and clipping off, so that absurd but finite spends of
     # 1e308 reach the scaler: they overflow its mean, and every scaled row becomes NaN.
@@ -781,7 +781,7 @@ def test_report_writes_a_self_contained_page_with_its_figures(
 
 
 def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_goes_on(
-    settings_factory,
+    settings_factory: Callable[..., Settings],
 ) -> None:
     settings = settings_factory()
     broken = settings.model_copy(update={"events_topic": settings.events_topic + "-missing"})

@@ -130,7 +130,7 @@ class ModelStore:
         """The models topic's end offset this cache last caught up with (None: never, or lost)."""
         try:
             raw = self.client.get(self.keys.registry_offset)
-            return None if raw is None else int(raw)  # type: ignore[arg-type]
+            return None if raw is None else int(raw)
         except (ValueError, redis.ResponseError):  # garbage: catch up from the topic again
             return None
 

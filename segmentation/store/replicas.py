@@ -31,6 +31,6 @@ class ReplicaStates:
         that cannot be read (an outage, a key of another type) count as none."""
         def read() -> list[Any]:
             keys = list(self.client.scan_iter(match=self.keys.online("*"), count=100))
-            return self.client.mget(keys) if keys else []  # type: ignore[return-value]
+            return self.client.mget(keys) if keys else []
 
         return json_objects(best_effort("replica_state", read, [], self.errors))

@@ -101,7 +101,7 @@ class TrainerState:
         if raw is None:
             return None
         try:
-            return int(raw)  # type: ignore[arg-type]
+            return int(raw)
         except ValueError:
             log.error("pinned key is not a version number; retrains stay held", extra={"value": raw})
             return UNREADABLE_PIN
