@@ -1,182 +1,220 @@
-"""``make bench``: consumer throughput on the real local stack, as ratios to baselines measured
-in the same run (the machines are shared and noisy; absolute numbers are printed for context).
+"""``make bench``: the consumer and the trainer measured on the real local stack, every comparison
+a ratio of two contenders measured in the same run on the same generated events (the machines are
+shared and noisy; absolute numbers are printed for context). Prints one table, writes
+``bench/results/latest.json``, and exits 1 when a target is missed.
 
-* end to end: the service's consume loop (decode, validate, encode, score, produce outputs,
-  await acks, store offsets, write Redis, learn online) vs a passthrough consumer with the same
-  delivery mechanics that copies bytes without looking at them;
-* CPU: ``score_batch`` per event vs ``json.loads`` per event (the floor of any JSON consumer).
-
-Rounds alternate the two sides and the median is reported. ``BENCH_EVENTS`` (default 30000),
-``BENCH_ROUNDS`` (default 3).
+``BENCH_QUICK=1`` (or ``--quick``): about a minute, small sizes, no targets (CI checks that every
+measure still runs). ``BENCH_EVENTS`` and ``BENCH_ROUNDS`` override the throughput sizes.
+Sections can be skipped with ``BENCH_SKIP=trainer,scaleout`` (names: throughput, model, latency,
+trainer, scaleout).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
+import sys
 import time
-import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-from confluent_kafka import Consumer, Producer
+import confluent_kafka
 
-from consumer.loop import ConsumeLoop
-from consumer.model import ActiveModel
-from consumer.scoring import ScoringRules, score_batch
-from consumer.service import build_delivery
-from demo.generator import event_value, make_customers
-from segmentation.kafka import consumer_config, delete_topics, ensure_topics, producer_config
-from segmentation.metrics import ConsumerMetrics, TrainerMetrics
-from segmentation.settings import Settings
-from segmentation.store import CustomerStore, ModelStore, connect
-from trainer.pipeline import train_once
+from bench import consumers, latency, model_step, trainer_cost
+from bench.stage import cleanup, make_values, prepare, with_output
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass
-class FakeMessage:
-    """Just enough of a Kafka message for the CPU benchmark."""
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    events: int
+    rounds: int
+    rate_seconds: float
+    rates: list[int]
+    ramp: list[int]
+    fit_rows: list[int]
+    auto_rows: int
+    minibatch_rows: int
+    scale_events: int
+    skip: set[str] = field(default_factory=set)
 
-    _value: bytes
-    _offset: int
-
-    def topic(self) -> str:
-        return "bench"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes:
-        return b"k"
-
-    def value(self) -> bytes:
-        return self._value
-
-    def headers(self) -> None:
-        return None
-
-
-def make_values(n: int, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    people = make_customers(min(n, 5000), rng)
-    return [json.dumps(event_value(people[i % len(people)], rng, f"b-{i}")).encode() for i in range(n)]
+    @classmethod
+    def from_env(cls, argv: list[str]) -> Plan:
+        quick = "--quick" in argv or os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        skip = {s for s in os.environ.get("BENCH_SKIP", "").split(",") if s}
+        events = int(os.environ.get("BENCH_EVENTS", "8000" if quick else "30000"))
+        rounds = int(os.environ.get("BENCH_ROUNDS", "1" if quick else "3"))
+        if quick:
+            return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000, skip)
+        return cls(False, events, rounds, 10.0, [2000, 5000], [10_000, 20_000, 40_000],
+                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, skip)
 
 
-def prepare(n: int) -> tuple[Settings, ModelStore]:
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(
-        events_topic=f"bench{tag}-events", segments_topic=f"bench{tag}-segments",
-        dlq_topic=f"bench{tag}-dlq", models_topic=f"bench{tag}-models",
-        redis_prefix=f"bench{tag}", consumer_group=f"bench{tag}", batch_timeout_s=0.2,
-    )
-    ensure_topics(settings)
-    producer = Producer(producer_config(settings))
-    for i, value in enumerate(make_values(n)):
-        producer.produce(settings.events_topic, key=f"c-{i % 5000}", value=value)
-        if i % 2000 == 0:
-            producer.poll(0)
-    producer.flush(60)
-    store = ModelStore(connect(settings), settings.redis_prefix)
-    result = train_once(settings, store, TrainerMetrics())
-    if result.result != "published":
-        raise SystemExit(f"benchmark model not published: {result.detail}")
-    return settings, store
+TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "e2e_vs_pipe": ("consumer end to end >= 0.5x the pipe limit", lambda r: r >= 0.5),
+    "e2e_vs_naive": ("end to end >= 4x the naive River consumer", lambda r: r >= 4.0),
+    "model_vs_river": ("model step >= 30x River's", lambda r: r >= 30.0),
+    "p99_2000": ("p99 <= 50 ms at 2,000 events/s", lambda r: r <= 50.0),
+    "p99_5000": ("p99 <= 50 ms at 5,000 events/s", lambda r: r <= 50.0),
+    "fit_1000000_s": ("trainer: 1M rows in <= 30 s", lambda r: r <= 30.0),
+    "fit_1000000_rss": ("trainer: 1M rows peak RSS <= 1.5 GB", lambda r: r <= 1536.0),
+}
 
 
-def passthrough(settings: Settings, n: int, group: str) -> float:
-    """Seconds to copy ``n`` events with the service's delivery mechanics and no work."""
-    s = settings.model_copy(update={"consumer_group": group})
-    consumer = Consumer(consumer_config(s, exactly_once=False))
-    delivery = build_delivery(s, consumer)
-    consumer.subscribe([s.events_topic])
-    from consumer.loop import _next_offsets
-    from consumer.scoring import OutRecord
-
-    done = 0
-    started = None
-    while done < n:
-        messages = [m for m in consumer.consume(s.batch_size, s.batch_timeout_s) if m.error() is None]
-        if not messages:
-            continue
-        started = started or time.perf_counter()
-        records = [OutRecord(s.segments_topic, m.key(), m.value(), []) for m in messages]
-        delivery.deliver(records, _next_offsets(messages), lambda _r, _e: None)
-        done += len(messages)
-    took = time.perf_counter() - (started or time.perf_counter())
-    delivery.close(10)
-    consumer.close()
-    return took
-
-
-def service(settings: Settings, store: ModelStore, n: int, group: str) -> float:
-    """Seconds for the real consume loop to score ``n`` events."""
-    s = settings.model_copy(update={"consumer_group": group, "replica_id": group})
-    metrics = ConsumerMetrics()
-    consumer = Consumer(consumer_config(s, exactly_once=False))
-    loop = ConsumeLoop(s, consumer, build_delivery(s, consumer), store,
-                       CustomerStore(store.client, s.redis_prefix), metrics)
-    loop.subscribe()
-    scored = metrics.events.labels("scored")
-    started = None
-    while scored._value.get() < n:  # noqa: SLF001 - reading our own counter
-        loop.step()
-        if started is None and scored._value.get() > 0:  # noqa: SLF001
-            started = time.perf_counter()
-    took = time.perf_counter() - (started or time.perf_counter())
-    loop.close()
-    return took
-
-
-def cpu(store: ModelStore, settings: Settings, n: int = 20000) -> tuple[float, float]:
-    """Microseconds per event: json.loads alone, and score_batch (decode to output bytes)."""
-    values = make_values(n, seed=1)
-    messages = [FakeMessage(v, i) for i, v in enumerate(values)]
-    model = ActiveModel.of(store.load(1))
-    rules = ScoringRules.from_settings(settings)
-    t = time.perf_counter()
-    for v in values:
-        json.loads(v)
-    loads = (time.perf_counter() - t) / n * 1e6
-    t = time.perf_counter()
-    for i in range(0, n, settings.batch_size):
-        score_batch(messages[i:i + settings.batch_size], model, rules)
-    scoring = (time.perf_counter() - t) / n * 1e6
-    return loads, scoring
-
-
-def main() -> int:
-    n = int(os.environ.get("BENCH_EVENTS", "30000"))
-    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
-    print(f"preparing {n} events on a fresh topic ...", flush=True)
-    settings, store = prepare(n)
+def has_river() -> bool:
     try:
-        base, svc, loads, scoring = [], [], [], []
-        for r in range(rounds):
-            base.append(passthrough(settings, n, f"{settings.consumer_group}-p{r}"))
-            svc.append(service(settings, store, n, f"{settings.consumer_group}-s{r}"))
-            lo, sc = cpu(store, settings)
-            loads.append(lo)
-            scoring.append(sc)
-            print(f"round {r + 1}: passthrough {n / base[-1]:,.0f}/s, service {n / svc[-1]:,.0f}/s, "
-                  f"json.loads {lo:.1f} us/event, score_batch {sc:.1f} us/event", flush=True)
-        b, s_, lo, sc = (statistics.median(v) for v in (base, svc, loads, scoring))
-        print(f"\n| measure (median of {rounds} rounds, {n} events) | baseline | service | ratio |")
-        print("|---|---|---|---|")
-        print(f"| end to end, events/s | passthrough {n / b:,.0f} | consume loop {n / s_:,.0f} | "
-              f"{(n / s_) / (n / b):.2f}x of passthrough |")
-        print(f"| CPU, us/event | json.loads {lo:.1f} | score_batch {sc:.1f} | {sc / lo:.1f}x json.loads |")
+        import river  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def throughput(plan: Plan, results: dict[str, Any], settings: Any, store: Any) -> None:
+    runs: dict[str, list[float]] = {"pipe": [], "service": [], "naive": []}
+    if not has_river():
+        del runs["naive"]
+        results["not_done"]["naive River consumer"] = "River not installed: pip install -e '.[bench]'"
+    for r in range(plan.rounds):
+        for name in runs:
+            s = with_output(settings, f"{name}{r}")
+            if name == "pipe":
+                took = consumers.pipe(s, plan.events)
+            elif name == "service":
+                took = consumers.service(s, store, plan.events)
+            else:
+                took = consumers.naive(s, store, plan.events)
+            runs[name].append(plan.events / took)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in runs.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    results["throughput"] = {"events": plan.events, "rounds": plan.rounds, "per_round": runs, "median": med}
+    results["ratios"]["e2e_vs_pipe"] = med["service"] / med["pipe"]
+    if "naive" in med:
+        results["ratios"]["e2e_vs_naive"] = med["service"] / med["naive"]
+    stages = consumers.service_stages(with_output(settings, "stages"), store, plan.events)
+    results["consumer_stages_us_per_event"] = stages
+    print("  stages, us/event: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
+
+
+def model(plan: Plan, results: dict[str, Any], store: Any) -> None:
+    if not has_river():
+        raise SystemExit("River not installed: pip install -e '.[bench]'")
+    bundle = store.load(1)
+    x = model_step.encoded(bundle, make_values(min(plan.events, 30_000), seed=7))
+    ours = statistics.median(model_step.ours(bundle, x) for _ in range(3))
+    river = model_step.river(bundle, x)
+    results["model_step"] = {"events": x.shape[0], "ours_per_s": ours, "river_per_s": river}
+    results["ratios"]["model_vs_river"] = ours / river
+
+
+def latencies(plan: Plan, results: dict[str, Any], settings: Any) -> None:
+    rates = latency.latency(settings, plan.rates, plan.ramp, plan.rate_seconds)
+    results["latency"] = [{**asdict(r), "sustained": r.sustained} for r in rates]
+    for r in rates:
+        if r.target_per_s in plan.rates:
+            results["ratios"][f"p99_{r.target_per_s}"] = r.p99_ms
+    sustained = [r.target_per_s for r in rates if r.sustained]
+    results["latency_highest_sustained"] = max(sustained) if sustained else None
+
+
+def trainer(plan: Plan, results: dict[str, Any]) -> None:
+    fits = {}
+    for n in plan.fit_rows:
+        fits[n] = trainer_cost.in_subprocess("fit", n)
+        print(f"  fit {n:,} rows: {fits[n]}", flush=True)
+        if "seconds" in fits[n]:
+            results["ratios"][f"fit_{n}_s"] = fits[n]["seconds"]
+            results["ratios"][f"fit_{n}_rss"] = fits[n]["peak_rss_mb"]
+    auto = trainer_cost.in_subprocess("auto", plan.auto_rows)
+    print(f"  auto K {plan.auto_rows:,} rows: {auto}", flush=True)
+    mini = trainer_cost.in_subprocess("minibatch", plan.minibatch_rows)
+    print(f"  minibatch vs kmeans {plan.minibatch_rows:,} rows: {mini}", flush=True)
+    results["trainer"] = {"fit": {str(k): v for k, v in fits.items()},
+                          "auto_k": {"rows": plan.auto_rows, **auto},
+                          "minibatch": {"rows": plan.minibatch_rows, **mini}}
+
+
+def scaleout(plan: Plan, results: dict[str, Any]) -> None:
+    settings, store = prepare(plan.scale_events)
+    try:
+        one = latency.scale_out(settings, plan.scale_events, 1)
+        two = latency.scale_out(settings, plan.scale_events, 2)
     finally:
-        delete_topics(settings, [settings.events_topic, settings.segments_topic, settings.dlq_topic,
-                                 settings.models_topic])
-        keys = list(store.client.scan_iter(match=f"{settings.redis_prefix}:*"))
-        if keys:
-            store.client.delete(*keys)
-    return 0
+        cleanup(settings, store)
+    results["scale_out"] = {"events": plan.scale_events, "one_per_s": one, "two_per_s": two,
+                            "ratio": two / one}
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    packages = ["confluent-kafka", "scikit-learn", "numpy", "pydantic", "redis", "river", "threadpoolctl"]
+    versions: dict[str, str] = {}
+    for p in packages:
+        try:
+            versions[p] = version(p)
+        except Exception:  # noqa: BLE001 - river is an optional extra
+            versions[p] = "not installed"
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "librdkafka": confluent_kafka.libversion()[0], "kafka_broker": "4.1.1 (make stack)",
+            "load_average_at_start": os.getloadavg(), "packages": versions}
+
+
+def main(argv: list[str]) -> int:
+    plan = Plan.from_env(argv)
+    started = time.time()
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "quick": plan.quick, "machine": machine(), "ratios": {}, "not_done": {}}
+    sections = ["throughput", "model", "latency", "trainer", "scaleout"]
+    print(f"preparing {plan.events:,} events on a fresh topic ({'quick' if plan.quick else 'full'} run) ...",
+          flush=True)
+    settings, store = prepare(plan.events)
+    try:
+        for name in sections:
+            if name in plan.skip:
+                results["not_done"][name] = "skipped (BENCH_SKIP)"
+                continue
+            print(f"{name} ...", flush=True)
+            t = time.time()
+            try:
+                if name == "throughput":
+                    throughput(plan, results, settings, store)
+                elif name == "model":
+                    model(plan, results, store)
+                elif name == "latency":
+                    latencies(plan, results, settings)
+                elif name == "trainer":
+                    trainer(plan, results)
+                else:
+                    scaleout(plan, results)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - one section must not lose the others
+                results["not_done"][name] = f"{type(exc).__name__}: {exc}"
+                print(f"  {name} failed: {exc}", flush=True)
+            results.setdefault("section_seconds", {})[name] = round(time.time() - t, 1)
+    finally:
+        cleanup(settings, store)
+    results["seconds"] = round(time.time() - started, 1)
+    results["targets"] = {} if plan.quick else {
+        key: {"target": text, "value": results["ratios"].get(key),
+              "met": key in results["ratios"] and bool(check(results["ratios"][key]))}
+        for key, (text, check) in TARGETS.items()
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    from bench.report import table
+
+    print()
+    print(table(results))
+    missed = [k for k, t in results["targets"].items() if not t["met"]]
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

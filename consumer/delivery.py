@@ -152,7 +152,7 @@ def _produce(
         except BufferError:
             producer.poll(0.05)  # local queue full: serve delivery reports, then retry
         except KafkaException as exc:
-            return exc.args[0]  # type: ignore[no-any-return]
+            return exc.args[0]
 
 
 def _sources(records: Sequence[OutRecord]) -> frozenset[Source]:

@@ -1,0 +1,200 @@
+"""The throughput contenders, each reading the same input topic from its start with a group of
+its own and writing to an output topic of its own, with the service's client settings:
+
+* ``pipe``: the Kafka pipe limit. Consume and produce the same bytes, no work; the same
+  at-least-once mechanics as the service (batches sized by what is waiting, acknowledgements of
+  one batch overlapping the next, offsets stored once acknowledged).
+* ``service``: the real consume loop (decode, validate, encode, assign, produce, acknowledge,
+  store offsets, write Redis, learn online, metrics).
+* ``naive``: a per-event consumer written the usual way: ``json.loads`` and pydantic validation
+  per message, River's ``cluster.KMeans`` ``learn_one`` + ``predict_one`` per event, one
+  ``json.dumps`` per output; per-batch acknowledgement wait, as the service did before issue 13.
+
+Each returns the seconds from its first message to its last event's acknowledgement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, Message
+
+from consumer.delivery import Sent
+from consumer.loop import ConsumeLoop, _next_offsets
+from consumer.scoring import OutRecord
+from consumer.service import build_delivery
+from segmentation.events import CustomerEvent, event_time_iso
+from segmentation.kafka import consumer_config
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+from segmentation.store import CustomerStore, ModelStore
+
+
+def take(consumer: Consumer, size: int, timeout_s: float) -> list[Message]:
+    """The service's batch sizing: what is waiting, else the first message to arrive and what
+    came with it."""
+    messages = consumer.consume(size, 0) or consumer.consume(1, timeout_s)
+    if len(messages) == 1 and size > 1:
+        messages += consumer.consume(size - 1, 0)
+    return [m for m in messages if m.error() is None]
+
+
+def pipe(s: Settings, n: int) -> float:
+    consumer = Consumer(consumer_config(s, exactly_once=False))
+    delivery = build_delivery(s, consumer)
+    consumer.subscribe([s.events_topic])
+    done, started, inflight = 0, 0.0, None
+    while done < n:
+        messages = take(consumer, s.batch_size, s.batch_timeout_s)
+        if not messages:
+            continue
+        started = started or time.perf_counter()
+        records = [OutRecord(s.segments_topic, m.key(), m.value(), [], m) for m in messages]
+        sent = delivery.send(records, _next_offsets(messages), lambda _r, _e: None)
+        _finish(delivery, inflight)
+        inflight = sent
+        done += len(messages)
+    _finish(delivery, inflight)
+    took = time.perf_counter() - started
+    delivery.close(10)
+    consumer.close()
+    return took
+
+
+def _finish(delivery: Any, sent: Sent | None) -> None:
+    if sent is not None:
+        delivery.complete(sent)
+        delivery.store(sent)
+
+
+def service(s: Settings, store: ModelStore, n: int, on_start: Callable[[], None] | None = None) -> float:
+    metrics = ConsumerMetrics()
+    consumer = Consumer(consumer_config(s, exactly_once=False))
+    loop = ConsumeLoop(s, consumer, build_delivery(s, consumer), store,
+                       CustomerStore(store.client, s.redis_prefix), metrics)
+    loop.subscribe()
+    scored = metrics.events.labels("scored")
+    started = 0.0
+    while scored._value.get() < n:  # noqa: SLF001 - reading our own counter
+        loop.step()
+        if not started and (loop._inflight is not None or scored._value.get()):  # noqa: SLF001
+            started = time.perf_counter()
+            if on_start is not None:
+                on_start()
+    took = time.perf_counter() - started
+    loop.close()
+    return took
+
+
+class NaiveRiver:
+    """Scale with the published bundle's parameters, then River's online K-Means, per event."""
+
+    def __init__(self, store: ModelStore, seed: int = 42) -> None:
+        from river import cluster
+
+        bundle = store.load(store.current_version() or 1)
+        self.spec = bundle.features
+        self.k = bundle.k
+        self.model = cluster.KMeans(n_clusters=bundle.k, halflife=0.5, sigma=3.0, seed=seed)
+
+    def features(self, event: CustomerEvent) -> dict[str, float]:
+        x: dict[str, Any] = {}
+        for name, c, sc, log in zip(self.spec.numeric, self.spec.center, self.spec.scale,
+                                    self.spec.log_mask().tolist(), strict=True):
+            value = float(event.features[name])
+            x[name] = ((math.copysign(math.log1p(abs(value)), value) if log else value) - c) / sc
+        for attribute, values in self.spec.vocabulary.items():
+            seen = event.attributes.get(attribute, "other")
+            for v in values:
+                x[f"{attribute}={v}"] = self.spec.categorical_weight if v == seen else 0.0
+        return x
+
+    def score(self, value: bytes) -> tuple[int, CustomerEvent]:
+        event = CustomerEvent.model_validate(json.loads(value))
+        for name in self.spec.numeric:
+            if not math.isfinite(event.features[name]):
+                raise ValueError(f"{name} is not finite")
+        x = self.features(event)
+        self.model.learn_one(x)
+        return int(self.model.predict_one(x)), event
+
+
+def naive(s: Settings, store: ModelStore, n: int) -> float:
+    scorer = NaiveRiver(store)
+    consumer = Consumer(consumer_config(s, exactly_once=False))
+    delivery = build_delivery(s, consumer)
+    consumer.subscribe([s.events_topic])
+    done, started = 0, 0.0
+    while done < n:
+        messages = [m for m in consumer.consume(s.batch_size, s.batch_timeout_s) if m.error() is None]
+        if not messages:
+            continue
+        started = started or time.perf_counter()
+        records = []
+        for msg in messages:
+            try:
+                segment, event = scorer.score(msg.value() or b"")
+            except (ValueError, KeyError):
+                records.append(OutRecord(s.dlq_topic, msg.key(), msg.value(), [], msg))
+                continue
+            value = json.dumps({
+                "customer_id": event.customer_id, "event_id": event.event_id,
+                "event_time": event_time_iso(event.event_ms), "segment_id": segment,
+                "segment": f"segment {segment}", "distance": 0.0, "model_version": 1,
+                "scored_at": event_time_iso(int(time.time() * 1000)),
+            }).encode()
+            records.append(OutRecord(s.segments_topic, event.customer_id.encode(), value, [], msg))
+        delivery.deliver(records, _next_offsets(messages), lambda _r, _e: None)
+        done += len(messages)
+    took = time.perf_counter() - started
+    delivery.close(10)
+    consumer.close()
+    return took
+
+
+STAGES = {  # where the consume loop's time goes, stage by stage (wall time, main thread unless said)
+    "decode+encode+assign+build (score_batch)": ("consumer.loop", None, "score_batch"),
+    "consume, and finishing when idle (_take)": ("consumer.loop", "ConsumeLoop", "_take"),
+    "produce (send)": ("consumer.delivery", "AtLeastOnce", "send"),
+    "await acknowledgements (complete)": ("consumer.delivery", "AtLeastOnce", "complete"),
+    "learn online": ("consumer.loop", "ConsumeLoop", "_learn"),
+    "metrics (_count)": ("consumer.loop", "ConsumeLoop", "_count"),
+    "Redis customer write (writer thread)": ("consumer.loop", "ConsumeLoop", "_write_customers"),
+}
+
+
+def service_stages(s: Settings, store: ModelStore, n: int) -> dict[str, float]:
+    """One more run of the service with each stage timed: microseconds per event by stage
+    (stages nest: finishing a batch when idle is inside ``_take``)."""
+    import importlib
+
+    spent: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+    originals = []
+    for label, (module_name, class_name, attr) in STAGES.items():
+        module = importlib.import_module(module_name)
+        owner = getattr(module, class_name) if class_name else module
+        original = getattr(owner, attr)
+        originals.append((owner, attr, original))
+
+        def timed(*args: Any, _f: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - started
+
+        setattr(owner, attr, timed)
+    def reset() -> None:  # joining the group and the first batch are not the loop's steady state
+        for label in spent:
+            spent[label] = 0.0
+
+    try:
+        took = service(s, store, n, on_start=reset)
+    finally:
+        for owner, attr, original in originals:
+            setattr(owner, attr, original)
+    return {"total_wall": took / n * 1e6, **{k: v / n * 1e6 for k, v in spent.items()}}

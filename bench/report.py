@@ -1,0 +1,82 @@
+"""The one table ``make bench`` prints (Markdown, pasted into docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}/s"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [_row("measure", "baseline", "ours", "ratio / figure", "target"), "|---|---|---|---|---|"]
+    targets = r.get("targets", {})
+
+    def mark(*keys: str) -> str:
+        marks = [("met" if targets[k]["met"] else "**missed**") for k in keys if k in targets]
+        return ", ".join(marks) or "-"
+
+    if "throughput" in r:
+        m, n = r["throughput"]["median"], r["throughput"]["events"]
+        what = f"({n:,} events, median of {r['throughput']['rounds']})"
+        rows.append(_row(f"end to end vs pipe limit {what}", f"pipe {_rate(m['pipe'])}",
+                         f"consumer {_rate(m['service'])}", f"{m['service'] / m['pipe']:.2f}x (>= 0.5x)",
+                         mark("e2e_vs_pipe")))
+        if "naive" in m:
+            rows.append(_row("end to end vs naive per-event River consumer", f"naive {_rate(m['naive'])}",
+                             f"consumer {_rate(m['service'])}", f"{m['service'] / m['naive']:.1f}x (>= 4x)",
+                             mark("e2e_vs_naive")))
+    if "consumer_stages_us_per_event" in r:
+        st = r["consumer_stages_us_per_event"]
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in st.items() if k != "total_wall")
+        rows.append(_row("consumer time by stage, us/event (one instrumented run)", "-",
+                         f"{st['total_wall']:.1f} in all", parts, "-"))
+    if "model_step" in r:
+        ms = r["model_step"]
+        rows.append(_row(f"model step alone, assign + online update ({ms['events']:,} events)",
+                         f"River {_rate(ms['river_per_s'])}", f"ours {_rate(ms['ours_per_s'])}",
+                         f"{ms['ours_per_s'] / ms['river_per_s']:.0f}x (>= 30x)", mark("model_vs_river")))
+    for lat in r.get("latency", []):
+        rows.append(_row(
+            f"latency at {lat['target_per_s']:,} events/s (produced {lat['produced_per_s']:,.0f}/s, "
+            f"{lat['scored']:,}/{lat['events']:,} scored)", "-",
+            f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms",
+            ("sustained" if lat["sustained"] else "not sustained") + " (p99 <= 50 ms)",
+            mark(f"p99_{lat['target_per_s']}")))
+    if "latency" in r:
+        best = r.get("latency_highest_sustained")
+        rows.append(_row("highest producer rate sustained (all scored, p99 < 500 ms)", "-",
+                         f"{best:,} events/s" if best else "none", "-", "-"))
+    trainer = r.get("trainer", {})
+    for n, fit in trainer.get("fit", {}).items():
+        what = f"trainer fit {int(n):,} rows (d=8, K=8, n_init=10)"
+        figure = f"error: {fit['error']}" if "error" in fit else \
+            f"{fit['seconds']:.1f} s, peak RSS {fit['peak_rss_mb']:,.0f} MB"
+        rows.append(_row(what, "-", figure, "<= 30 s, <= 1.5 GB at 1M", mark(f"fit_{n}_s", f"fit_{n}_rss")))
+    if "auto_k" in trainer:
+        a = trainer["auto_k"]
+        figure = f"error: {a['error']}" if "error" in a else \
+            f"{a['seconds']:.1f} s, chose K={a['k']}, peak RSS {a['peak_rss_mb']:,.0f} MB"
+        what = f"trainer automatic K over 2..12 ({a['rows']:,} rows, n_init=10)"
+        rows.append(_row(what, "-", figure, "-", "-"))
+    if "minibatch" in trainer:
+        mb = trainer["minibatch"]
+        what = f"MiniBatchKMeans vs KMeans ({mb['rows']:,} rows)"
+        if "error" in mb:
+            rows.append(_row(what, "-", f"error: {mb['error']}", "-", "-"))
+        else:
+            rows.append(_row(what, f"KMeans {mb['kmeans_s']:.1f} s", f"MiniBatch {mb['minibatch_s']:.1f} s",
+                             f"{mb['speedup']:.1f}x faster, inertia {mb['inertia_gap'] * 100:+.2f}%", "-"))
+    if "scale_out" in r:
+        so = r["scale_out"]
+        rows.append(_row(f"scale-out, 6 partitions, {so['events']:,} events",
+                         f"1 process {_rate(so['one_per_s'])}", f"2 processes {_rate(so['two_per_s'])}",
+                         f"{so['ratio']:.2f}x", "-"))
+    for name, why in r.get("not_done", {}).items():
+        rows.append(_row(name, "not done", why, "-", "-"))
+    return "\n".join(rows)

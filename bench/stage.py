@@ -1,0 +1,145 @@
+"""What every contender shares: the generated events, the topics they are read from, the model
+they are scored with, and consumer processes started the way ``make run`` starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from demo.generator import event_value, make_customers
+from segmentation.kafka import delete_topics, ensure_topics, producer_config, reader_config
+from segmentation.metrics import TrainerMetrics
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, connect
+from trainer.pipeline import train_once
+
+LOGS = Path(__file__).resolve().parent / "results" / "logs"
+
+
+def make_values(n: int, seed: int = 0, tag: str = "b") -> list[bytes]:
+    """``n`` demo events (five behavioural segments, 5000 customers), as producers send them."""
+    rng = np.random.default_rng(seed)
+    people = make_customers(min(n, 5000), rng)
+    return [json.dumps(event_value(people[i % len(people)], rng, f"{tag}-{i}")).encode() for i in range(n)]
+
+
+def fresh_settings(**overrides: Any) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    base: dict[str, Any] = {
+        "events_topic": f"bench{tag}-events", "segments_topic": f"bench{tag}-segments",
+        "dlq_topic": f"bench{tag}-dlq", "models_topic": f"bench{tag}-models",
+        "redis_prefix": f"bench{tag}", "consumer_group": f"bench{tag}", "replica_id": f"bench{tag}",
+        "batch_timeout_s": 0.2, "log_level": "WARNING",
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+def with_output(settings: Settings, name: str) -> Settings:
+    """The same input and model, another output topic and group (one per contender and run)."""
+    s = settings.model_copy(update={
+        "segments_topic": f"{settings.events_topic}-{name}-out",
+        "dlq_topic": f"{settings.events_topic}-{name}-dlq",
+        "consumer_group": f"{settings.consumer_group}-{name}",
+        "replica_id": f"{settings.replica_id}-{name}",
+    })
+    ensure_topics(s)
+    return s
+
+
+def produce(settings: Settings, values: list[bytes], tag: str = "c") -> None:
+    producer = Producer(producer_config(settings))
+    for i, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(settings.events_topic, key=f"{tag}-{i % 5000}", value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 2000 == 0:
+            producer.poll(0)
+    producer.flush(60)
+
+
+def prepare(n: int) -> tuple[Settings, ModelStore]:
+    """A fresh input topic holding ``n`` events, and a model trained on them by the trainer."""
+    settings = fresh_settings()
+    ensure_topics(settings)
+    produce(settings, make_values(n))
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    result = train_once(settings, store, TrainerMetrics())
+    if result.result != "published":
+        raise SystemExit(f"benchmark model not published: {result.detail}")
+    return settings, store
+
+
+def cleanup(settings: Settings, store: ModelStore) -> None:
+    """Delete every topic and Redis key of this run (topics named after its events topic)."""
+    from confluent_kafka.admin import AdminClient
+
+    from segmentation.kafka import client_common
+
+    listed = AdminClient(client_common(settings)).list_topics(timeout=10).topics
+    prefix = settings.events_topic.rsplit("-", 1)[0]
+    delete_topics(settings, [t for t in listed if t.startswith(prefix)])
+    keys = list(store.client.scan_iter(match=f"{settings.redis_prefix}*"))
+    for i in range(0, len(keys), 1000):
+        store.client.delete(*keys[i:i + 1000])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes ``python -m consumer`` use ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"SEG_{name.upper()}"] = "null" if value is None else (
+            value if isinstance(value, str) else json.dumps(value))
+    return env
+
+
+@contextmanager
+def consumer_processes(settings: Settings, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` consumer processes in one group, as deployed (``python -m consumer``)."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(count):
+        s = settings.model_copy(update={"replica_id": f"{settings.replica_id}-{i}"})
+        log = open(LOGS / f"{s.replica_id}.log", "ab")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen([sys.executable, "-m", "consumer"], env=settings_env(s),
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def read_records(settings: Settings, topic: str, expected: int, timeout_s: float) -> list[tuple[bytes, int]]:
+    """(value, record timestamp in ms) of ``topic``'s records, until ``expected`` are read."""
+    reader = Consumer(reader_config(settings, f"reader-{uuid.uuid4().hex[:6]}"))
+    metadata = reader.list_topics(topic, timeout=10).topics[topic]
+    reader.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
+    records: list[tuple[bytes, int]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(records) < expected and time.monotonic() < deadline:
+        for msg in reader.consume(5000, 0.5):
+            value = msg.value()
+            if msg.error() is None and isinstance(value, bytes):
+                records.append((value, msg.timestamp()[1]))
+    reader.close()
+    return records
