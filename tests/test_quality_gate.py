@@ -137,7 +137,9 @@ def test_a_forced_publish_records_the_overridden_checks_and_keeps_the_accepted_b
                     SETTINGS)
     assert again.bundle is None
     drop = next(f for f in again.failures if f.check == "silhouette_drop")
-    assert drop.limit == pytest.approx(s.v1.quality.silhouette - SETTINGS.gate_max_silhouette_drop)
+    max_drop = SETTINGS.gate_max_silhouette_drop
+    assert max_drop is not None
+    assert drop.limit == pytest.approx(s.v1.quality.silhouette - max_drop)
     # The same window passes the same-window comparison with the forced model (the old gate's
     # blind spot): only the remembered baseline refuses it.
     assert "silhouette" not in {f.check for f in again.failures}
@@ -244,7 +246,7 @@ def collapsed_profiles(pull: float = 0.3) -> tuple[Profile, ...]:
     means = np.array([p.means for p in PROFILES], dtype=np.float64)
     centre = means.mean(axis=0)
     pulled = centre + pull * (means - centre)
-    return tuple(Profile(p.name, tuple(m.tolist()), p.channels)  # type: ignore[arg-type]
+    return tuple(Profile(p.name, tuple(m.tolist()), p.channels)
                  for p, m in zip(PROFILES, pulled, strict=True))
 
 
