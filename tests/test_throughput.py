@@ -142,10 +142,10 @@ def test_the_fast_path_gives_the_same_assignments_and_bytes_as_one_message_at_a_
     got: dict[int, bytes | str] = {}
     for record, reason in zip(batch.dead_letters, batch.reasons, strict=True):
         assert record.source is not None
-        got[record.source.offset()] = reason
+        got[int(record.source.offset() or 0)] = reason
     for record in batch.outputs:
         assert record.source is not None and record.value is not None
-        got[record.source.offset()] = record.value
+        got[int(record.source.offset() or 0)] = record.value
     assert got == expected
     assert len(batch.dead_letters) >= 10 and len(batch.outputs) > 1400  # both paths exercised
 
@@ -221,8 +221,8 @@ def test_a_batch_of_observations_fills_the_histogram_as_one_by_one() -> None:
     for v in values.tolist():
         one.observe(v)
     observe_all(many, values)
-    samples = [[(s.name, s.labels, s.value) for s in h.collect()[0].samples if s.name != "lag_created"]
-               for h in (one, many)]
+    samples = [[(s.name, s.labels, s.value) for s in next(iter(h.collect())).samples
+                if s.name != "lag_created"] for h in (one, many)]
     assert [s[:2] for s in samples[0]] == [s[:2] for s in samples[1]]
     np.testing.assert_allclose([s[2] for s in samples[0]], [s[2] for s in samples[1]], rtol=1e-12)
 
@@ -255,3 +255,55 @@ def test_batch_size_does_not_change_assignments(size: int) -> None:
     whole = score_batch(messages, MODEL, RULES, NOW_MS)
     parts = [score_batch(messages[i:i + size], MODEL, RULES, NOW_MS) for i in range(0, 500, size)]
     assert [r.value for p in parts for r in p.outputs] == [r.value for r in whole.outputs]
+
+
+# --- overlapped delivery, against the real broker and Redis -------------------------------------
+def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_and_its_customers_written(
+    settings_factory: Any,
+) -> None:
+    from confluent_kafka import Consumer
+
+    from consumer.loop import ConsumeLoop
+    from consumer.service import build_delivery
+    from segmentation.kafka import consumer_config
+    from segmentation.metrics import ConsumerMetrics, TrainerMetrics
+    from segmentation.store import CustomerStore, ModelStore, connect
+    from tests.conftest import customers, produce_events, read_outputs
+    from tests.test_consumer import committed
+    from trainer.pipeline import train_once
+
+    s = settings_factory(batch_size=50)
+    sent = produce_events(s, customers(400))
+    store = ModelStore(connect(s), s.redis_prefix)
+    assert train_once(s, store, TrainerMetrics()).result == "published"
+    consumer = Consumer(consumer_config(s, exactly_once=False))
+    loop = ConsumeLoop(s, consumer, build_delivery(s, consumer), store, CustomerStore.for_settings(s),
+                       ConsumerMetrics())
+    loop.subscribe()
+    try:
+        for _ in range(200):  # joining the group, then the first batch is sent
+            loop.step()
+            if loop._inflight is not None:  # noqa: SLF001
+                break
+        flight = loop._inflight  # noqa: SLF001
+        assert flight is not None
+        first: dict[int, int] = {}
+        for m in flight.messages:
+            p, o = int(m.partition() or 0), int(m.offset() or 0)
+            first[p] = min(first.get(p, 1 << 62), o)
+        loop._commit_stored()  # noqa: SLF001 - what a commit now would write
+        assert all(committed(s).get(p, 0) <= offset for p, offset in first.items())
+
+        while loop._inflight is flight:  # noqa: SLF001 - the next step finishes it
+            loop.step()
+        loop._commit_stored()  # noqa: SLF001
+        after = committed(s)
+        for m in flight.messages:
+            assert after[int(m.partition() or 0)] > int(m.offset() or 0)
+        ids = {json.loads(m.value() or b"")["event_id"] for m in flight.messages}
+        outputs = read_outputs(s, ids, timeout_s=30)  # acknowledged, hence readable
+        written = CustomerStore.for_settings(s)
+        assert all(written.get(outputs[i]["customer_id"]) for i in ids)
+        assert ids <= set(sent)
+    finally:
+        loop.close()
