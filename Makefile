@@ -35,6 +35,7 @@ unit: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy segmentation consumer trainer demo bench chaos quality
+	$(VENV)/bin/mypy -p tests
 
 bench: install stack
 	$(PY) -m bench
