@@ -37,7 +37,12 @@ lint: install
 	$(VENV)/bin/mypy segmentation consumer trainer demo bench chaos quality
 	$(VENV)/bin/mypy -p tests
 
-bench: install stack
+# River (the per-event baseline) comes with the bench extra
+$(VENV)/.bench-installed: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed stack
 	$(PY) -m bench
 
 # K selection against the truth and the gate scenarios (about two minutes); writes docs/model-quality.md
