@@ -3,7 +3,8 @@ a ratio of two contenders measured in the same run on the same generated events 
 shared and noisy; absolute numbers are printed for context). Prints one table, writes
 ``bench/results/latest.json``, and exits 1 when a target is missed.
 
-``BENCH_QUICK=1`` (or ``--quick``): about a minute, small sizes, no targets (CI checks that every
+``BENCH_QUICK=1`` (or ``--quick``): about a minute, small sizes, no targets, written to
+``bench/results/quick.json`` (CI runs it to check that every
 measure still runs). ``BENCH_EVENTS`` and ``BENCH_ROUNDS`` override the throughput sizes.
 Sections can be skipped with ``BENCH_SKIP=trainer,scaleout`` (names: throughput, model, latency,
 trainer, scaleout).
@@ -207,7 +208,9 @@ def main(argv: list[str]) -> int:
         for key, (text, check) in TARGETS.items()
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # a quick run never overwrites the full run that docs/benchmarks.md records
+    name = "quick.json" if plan.quick else "latest.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
     from bench.report import table
 
     print()
