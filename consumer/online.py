@@ -1,5 +1,4 @@
-"""Online K-Means between retrains: scikit-learn's ``MiniBatchKMeans.partial_fit`` step with
-forgetting.
+"""Online K-Means between retrains: scikit-learn's ``MiniBatchKMeans.partial_fit`` with forgetting.
 
 ``partial_fit`` moves centre j towards a batch with learning rate ``n_j / (N_j + n_j)`` where
 ``N_j`` (``_counts``) is every weight the centre has ever absorbed. ``N_j`` never decays, so
@@ -7,18 +6,13 @@ after a while plain ``partial_fit`` stops moving: it cannot follow drift. Like S
 StreamingKMeans' decay factor with ``timeUnit=points``, the counts are multiplied by
 ``0.5 ** (n / half_life_events)`` before each batch of ``n`` events: an event's influence on the
 centres halves every ``half_life_events`` events seen by this replica.
-
-The step is scikit-learn's (``_mini_batch_step`` with ``reassignment_ratio=0``: label each row
-by its nearest centre, then ``c_j <- (c_j N_j + sum of its rows) / (N_j + n_j)``), written here
-in numpy; ``tests/test_throughput.py`` checks it against ``MiniBatchKMeans.partial_fit`` batch
-after batch. scikit-learn's own call cost 0.5 ms per 500 rows when the machine was idle, mostly
-input validation, and 30-90 ms inside the consumer on 2 cores: its OpenMP workers spun against
-librdkafka's threads. This step takes no thread of its own and a few tens of microseconds.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.cluster import MiniBatchKMeans
+from threadpoolctl import ThreadpoolController
 
 # In the scaled space a unit is one standard deviation of the training window: a point farther
 # than this from every centre is an outlier, not drift (a drifting segment moves a few units).
@@ -26,8 +20,8 @@ OUTLIER_DISTANCE = 50.0
 
 
 class OnlineKMeans:
-    """Warm-started from the published centroids; index j stays tied to segment j because an
-    empty centre is never re-seeded (scikit-learn's ``reassignment_ratio=0``).
+    """Warm-started from the published centroids; index j stays tied to segment j because
+    ``reassignment_ratio=0`` forbids scikit-learn from re-seeding empty centres.
 
     >>> model = OnlineKMeans(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), half_life_events=10)
     >>> for _ in range(20):
@@ -41,14 +35,28 @@ class OnlineKMeans:
         centroids: np.ndarray,
         shares: np.ndarray,
         half_life_events: float | None,
-        random_state: int = 0,  # kept for callers: the step draws no random numbers
+        random_state: int = 0,
     ) -> None:
+        k = centroids.shape[0]
         self.half_life_events = half_life_events
-        self.centroids_ = np.array(centroids, dtype=np.float64, copy=True)
+        self.model = MiniBatchKMeans(
+            n_clusters=k, init=centroids, n_init=1, reassignment_ratio=0.0,
+            batch_size=max(k, 256), random_state=random_state,
+        )
+        # One thread for scikit-learn's OpenMP and BLAS pools: a batch of a few hundred rows
+        # gains nothing from a second thread, and on a small machine the workers spin against
+        # librdkafka's threads (measured on 2 cores with both busy: 91 ms per partial_fit of 500
+        # rows with 2 OpenMP threads, 12 ms with one, 0.5 ms when idle). The first partial_fit
+        # must run under the limit too: it fixes the model's thread count for every later call.
+        self._threads = ThreadpoolController()
+        # The first partial_fit initialises the centres; fitting the centres themselves
+        # leaves each exactly where it was published.
+        with self._threads.limit(limits=1):
+            self.model.partial_fit(centroids)
         # Prior weight: as if each centre had absorbed its training share of one half-life of
         # events (a plain model gets the same prior so that the two are comparable).
         prior = np.asarray(shares, dtype=np.float64) * (half_life_events or 5000.0)
-        self.counts_ = np.maximum(prior, 1.0)
+        self.model._counts[:] = np.maximum(prior, 1.0)  # noqa: SLF001 - see module docstring
         self.events_seen = 0
 
     def learn(self, x: np.ndarray, nearest: np.ndarray | None = None) -> int:
@@ -70,34 +78,16 @@ class OnlineKMeans:
         if x.shape[0] == 0:
             return skipped
         if self.half_life_events is not None:
-            self.counts_ *= 0.5 ** (x.shape[0] / self.half_life_events)
-        mini_batch_step(np.asarray(x, dtype=np.float64), self.centroids_, self.counts_)
+            self.model._counts *= 0.5 ** (x.shape[0] / self.half_life_events)  # noqa: SLF001
+        with self._threads.limit(limits=1):
+            self.model.partial_fit(x)
         self.events_seen += x.shape[0]
         return skipped
 
     @property
     def centroids(self) -> np.ndarray:
-        return self.centroids_
+        return self.model.cluster_centers_
 
     @property
     def counts(self) -> np.ndarray:
-        return self.counts_
-
-
-def mini_batch_step(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray) -> None:
-    """One ``MiniBatchKMeans`` step without reassignment, in place: each row joins its nearest
-    centre (squared distances as scikit-learn computes them, first centre on a tie), and each
-    centre that got rows moves to the weighted mean of itself (weight ``counts``) and them.
-
-    >>> c, n = np.array([[0.0], [10.0]]), np.array([1.0, 3.0])
-    >>> mini_batch_step(np.array([[1.0], [2.0], [8.0]]), c, n)
-    >>> c.ravel().tolist(), n.tolist()
-    ([1.0, 9.5], [3.0, 4.0])
-    """
-    distances = np.einsum("ij,ij->i", centroids, centroids)[None, :] - 2.0 * (x @ centroids.T)
-    labels = np.argmin(distances, axis=1)
-    sizes = np.bincount(labels, minlength=centroids.shape[0])
-    for j in np.flatnonzero(sizes).tolist():
-        total = counts[j] + sizes[j]
-        centroids[j] = (centroids[j] * counts[j] + x[labels == j].sum(axis=0)) * (1.0 / total)
-        counts[j] = total
+        return self.model._counts  # noqa: SLF001
