@@ -91,6 +91,16 @@ def settings_factory(stack: None) -> Iterator[Callable[..., Settings]]:
             empty_redis(s)
 
 
+def sample(metrics: ConsumerMetrics | TrainerMetrics, name: str, **labels: str) -> float:
+    """A metric's current value through the registry's public API (0 before it exists).
+
+    >>> m = ConsumerMetrics(); m.events.labels("scored").inc(3)
+    >>> sample(m, "segment_events_total", outcome="scored")
+    3.0
+    """
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
 def start_redis(tmp_path: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
     """A redis-server of the test's own (so stopping or filling it touches no other test), without
     persistence (a restart loses everything); returns once it answers."""

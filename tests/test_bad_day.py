@@ -27,6 +27,7 @@ from tests.conftest import (
     read_outputs,
     read_topic,
     running_consumer,
+    sample,
     wait_until,
 )
 from trainer.pipeline import train_once
@@ -128,7 +129,7 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
         produce(settings, values)
         outputs = read_outputs(settings, {"before", "after"}, timeout_s=60)
         dlq = read_topic(settings, settings.dlq_topic, lambda rs: len(rs) >= 1, 60)
-        wait_until(lambda: rc.metrics.dead_letters.labels("output_rejected")._value.get() == 1)
+        wait_until(lambda: sample(rc.metrics, "segment_dead_letters_total", reason="output_rejected") == 1)
     assert {"before", "after"} <= set(outputs) and "wide" not in outputs
     assert [d.headers["dlq.reason"] for d in dlq] == [b"output_rejected"]
     assert b"size" in dlq[0].headers["dlq.error"].lower() or b"large" in dlq[0].headers["dlq.error"].lower()
@@ -145,7 +146,8 @@ def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_an
     assert train_once(settings, store, trainer_metrics).result == "published"
     rc = RunningConsumer(settings).start()
     try:
-        wait_until(lambda: rc.metrics.events.labels("scored")._value.get() >= 300, 60, "first events")
+        wait_until(lambda: sample(rc.metrics, "segment_events_total", outcome="scored") >= 300, 60,
+                   "first events")
         wait_until(lambda: committed(settings) >= 300, 30, "first commit")
         admin = AdminClient(settings.kafka_common())
         admin.delete_topics([settings.segments_topic])[settings.segments_topic].result(30)

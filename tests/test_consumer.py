@@ -30,6 +30,7 @@ from tests.conftest import (
     read_outputs,
     read_topic,
     running_consumer,
+    sample,
     start_redis,
     start_service,
     wait_until,
@@ -170,7 +171,7 @@ def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings,
         store.client.set(f"{settings.redis_prefix}:bundle:2", raw)
         store.client.set(f"{settings.redis_prefix}:current", 2)
         store.client.publish(store.keys.models_channel, "2")
-        wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
+        wait_until(lambda: sample(rc.metrics, "segment_bundle_rejections_total") >= 1, 15, "the rejection")
         sent = produce_events(settings, population[:200], seed=2, prefix="after")
         outputs = read_outputs(settings, set(sent))
         assert active_version(rc) == 1
@@ -196,7 +197,7 @@ def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
             during = produce_events(settings, population, seed=2, prefix="during")
             outputs = read_outputs(settings, set(during), timeout_s=60)  # outputs keep flowing
             assert set(during) <= set(outputs)
-            assert rc.metrics.customer_writes_skipped._value.get() > 0
+            assert sample(rc.metrics, "segment_customer_writes_skipped_total") > 0
             time.sleep(max(0.0, 20 - 5))  # the outage lasts about 20 s in all
             redis_proc = start_redis(tmp_path, port)
             connect(settings).set(Keys(settings.redis_prefix).bundle(1), bundle or b"")  # no persistence
@@ -424,7 +425,7 @@ def test_a_model_pointer_of_the_wrong_redis_type_is_rejected_and_scoring_continu
         read_outputs(settings, {"seed-0"})
         store.client.delete(f"{settings.redis_prefix}:current")
         store.client.hset(f"{settings.redis_prefix}:current", mapping={"not": "a version"})
-        wait_until(lambda: rc.metrics.bundle_rejections._value.get() >= 1, 15, "the rejection")
+        wait_until(lambda: sample(rc.metrics, "segment_bundle_rejections_total") >= 1, 15, "the rejection")
         sent = produce_events(settings, population[:100], seed=2, prefix="after")
         outputs = read_outputs(settings, set(sent))
     assert {outputs[e]["model_version"] for e in sent} == {1}

@@ -47,7 +47,15 @@ from segmentation.events import REASONS
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics, serve
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
-from tests.conftest import RunningConsumer, customers, free_port, produce_events, produce_raw, wait_until
+from tests.conftest import (
+    RunningConsumer,
+    customers,
+    free_port,
+    produce_events,
+    produce_raw,
+    sample,
+    wait_until,
+)
 from trainer.pipeline import train_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -477,7 +485,8 @@ def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
                    enumerate(customers(10, seed=3, prefix="k"))]
         produce_raw(settings, [(str(v["customer_id"]), json.dumps(
             {**v, "attributes": {"channel": "kiosk"}}).encode()) for v in unknown])
-        wait_until(lambda: m.events.labels("scored")._value.get() >= 1010, 60, "1010 scored events")
+        wait_until(lambda: sample(m, "segment_events_total", outcome="scored") >= 1010, 60,
+                   "1010 scored events")
         wait_until(lambda: shares() == v1_ids, 30, "a share gauge per segment of v1")
         scraped = samples(scrape_registry(m.registry))
         assert value(scraped, "segment_redis_errors_total", operation="customer_write") >= 1
@@ -488,7 +497,7 @@ def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
 
         # A pointer to a bundle that does not exist is refused and counted; v1 keeps scoring.
         store.client.set(f"{settings.redis_prefix}:current", "99")
-        wait_until(lambda: m.bundle_rejections._value.get() >= 1, 15, "the bundle rejection")
+        wait_until(lambda: sample(m, "segment_bundle_rejections_total") >= 1, 15, "the bundle rejection")
         store.client.set(f"{settings.redis_prefix}:current", "1")
 
         # v2 with K=4 retires at least one id: its share and centroid drift gauges go away.

@@ -21,6 +21,7 @@ from tests.conftest import (
     read_outputs,
     read_topic,
     running_consumer,
+    sample,
     wait_until,
 )
 from trainer.pipeline import train_once
@@ -91,7 +92,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason_while_neighbours_a
         good_ids = {f"good-{i}" for i in range(len(bad))} | {"good-last"}
         outputs = read_outputs(settings, good_ids, timeout_s=30)
         dlq = read_topic(settings, settings.dlq_topic, lambda rs: len(rs) >= len(bad), 30)
-        wait_until(lambda: rc.metrics.events.labels("dead_letter")._value.get() == len(bad))
+        wait_until(lambda: sample(rc.metrics, "segment_events_total", outcome="dead_letter") == len(bad))
 
     assert good_ids <= set(outputs)
     assert len(dlq) == len(bad)
@@ -156,7 +157,7 @@ def test_without_a_model_the_consumer_commits_nothing_then_scores_everything(
 
         time.sleep(2.0)  # > auto.commit.interval.ms: a commit would have happened by now
         assert committed_offsets(admin, settings) == {}
-        assert rc.metrics.events.labels("scored")._value.get() == 0
+        assert sample(rc.metrics, "segment_events_total", outcome="scored") == 0
         assert train_once(settings, store, trainer_metrics).result == "published"
         outputs = read_outputs(settings, set(sent))
     assert set(outputs) == set(sent)

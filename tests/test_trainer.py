@@ -46,6 +46,7 @@ from tests.conftest import (
     produce_raw,
     read_topic,
     running_consumer,
+    sample,
     settings_env,
     start_redis,
     wait_until,
@@ -323,7 +324,7 @@ def test_out_of_range_values_are_skipped_by_the_window_with_default_bounds(
     result = train_once(settings, store, trainer_metrics)
     assert result.result == "published", result.detail
     assert result.bundle is not None and result.bundle.lineage.rows_invalid == 3
-    assert trainer_metrics.rows.labels("invalid")._value.get() == 3
+    assert sample(trainer_metrics, "segment_trainer_window_rows", kind="invalid") == 3
 
 
 # --- the stable segment registry -------------------------------------------------------------------
@@ -789,7 +790,7 @@ def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_
     store = ModelStore(connect(settings), settings.redis_prefix)
     result = train_once(broken, store, metrics)
     assert result.result == "failed" and "missing" in result.detail
-    assert metrics.runs.labels("failed")._value.get() == 1
+    assert sample(metrics, "segment_trainer_runs_total", result="failed") == 1
     assert TrainerState.of(store).runs()[0]["result"] == "failed"
     assert store.current_version() is None
 
