@@ -1,10 +1,14 @@
 """When to train: as soon as possible while there is no model, then every interval, and early
 when the consumers report a sustained silhouette drop against the training baseline; never
-while a rollback pins the current model."""
+while a rollback pins the current model.
+
+Reading Redis (``read_signals``) is kept apart from deciding (``Schedule.decide``), so that the
+decision is tested without Redis (``tests/test_schedule.py``)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from segmentation.settings import Settings
 from segmentation.store import OUTAGE, ModelStore, ReplicaStates, TrainerState
@@ -12,6 +16,28 @@ from segmentation.store.client import ErrorCounter
 
 # While there is no model yet, try again this often (the window fills up quickly).
 COLD_RETRY_S = 3.0
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the schedule decides on, read from Redis in one go."""
+
+    pinned: bool  # an operator rolled back: no retrain replaces it until `unpin`
+    has_model: bool
+    worst_drift: float  # the lowest silhouette drift a replica on the current model reports (0: none)
+
+
+def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signals | None:
+    """The schedule's inputs, or None while Redis is unreachable (nothing is due then)."""
+    try:
+        pinned = TrainerState.of(store, errors).pinned() is not None
+        current = store.current_version()
+        drifts = [s.get("silhouette_drift") for s in ReplicaStates.of(store, errors).all()
+                  if s.get("model_version") == current]
+    except OUTAGE:
+        return None
+    worst = min((float(d) for d in drifts if isinstance(d, int | float)), default=0.0)
+    return Signals(pinned=pinned, has_model=current is not None, worst_drift=worst)
 
 
 class Schedule:
@@ -24,30 +50,38 @@ class Schedule:
 
     def due(self, store: ModelStore, now: float | None = None) -> str | None:
         """Why a run is due now, or None."""
-        now = time.time() if now is None else now
-        try:
-            if TrainerState.of(store, self.errors).pinned() is not None:
-                return None  # an operator rolled back: no retrain replaces it until `unpin`
-            has_model = store.current_version() is not None
-            drift = self.drifting(store, now)
-        except OUTAGE:
+        signals = read_signals(store, self.errors)
+        return None if signals is None else self.decide(signals, time.time() if now is None else now)
+
+    def decide(self, signals: Signals, now: float) -> str | None:
+        """Why a run is due at ``now`` given ``signals``, or None.
+
+        >>> s = Schedule(Settings(train_interval_s=600, drift_retrain_after_s=60))
+        >>> s.decide(Signals(pinned=False, has_model=False, worst_drift=0.0), now=100.0)
+        'no model yet'
+        >>> s.ran("published", now=100.0)
+        >>> s.decide(Signals(pinned=False, has_model=True, worst_drift=0.0), now=200.0) is None
+        True
+        >>> s.decide(Signals(pinned=True, has_model=True, worst_drift=0.0), now=800.0) is None
+        True
+        >>> s.decide(Signals(pinned=False, has_model=True, worst_drift=0.0), now=800.0)
+        'interval'
+        """
+        if signals.pinned:
             return None
-        if not has_model:
+        drifting = self.drifting(signals.worst_drift, now)
+        if not signals.has_model:
             return "no model yet" if now - self.last_run >= COLD_RETRY_S else None
         if now - self.last_run >= self.settings.train_interval_s:
             return "interval"
-        if drift and now - self.last_run >= self.settings.drift_retrain_after_s:
+        if drifting and now - self.last_run >= self.settings.drift_retrain_after_s:
             return "sustained silhouette drift"
         return None
 
-    def drifting(self, store: ModelStore, now: float) -> bool:
-        """True once some replica's silhouette drift has stayed below -threshold for
+    def drifting(self, worst_drift: float, now: float) -> bool:
+        """True once the worst replica's silhouette drift has stayed below -threshold for
         ``drift_retrain_after_s`` seconds."""
-        current = store.current_version()
-        drifts = [s.get("silhouette_drift") for s in ReplicaStates.of(store, self.errors).all()
-                  if s.get("model_version") == current]
-        worst = min((float(d) for d in drifts if isinstance(d, int | float)), default=0.0)
-        if worst > -self.settings.drift_retrain_threshold:
+        if worst_drift > -self.settings.drift_retrain_threshold:
             self.drift_since = None
             return False
         if self.drift_since is None:
