@@ -24,7 +24,8 @@ from typing import Any
 from confluent_kafka import Consumer, Message
 
 from consumer.delivery import Sent
-from consumer.loop import ConsumeLoop, _next_offsets
+from consumer.loop import ConsumeLoop
+from consumer.partitions import next_offsets
 from consumer.scoring import OutRecord
 from consumer.service import build_delivery
 from segmentation.events import CustomerEvent, event_time_iso
@@ -54,7 +55,7 @@ def pipe(s: Settings, n: int) -> float:
             continue
         started = started or time.perf_counter()
         records = [OutRecord(s.segments_topic, m.key(), m.value(), [], m) for m in messages]
-        sent = delivery.send(records, _next_offsets(messages), lambda _r, _e: None)
+        sent = delivery.send(records, next_offsets(messages), lambda _r, _e: None)
         _finish(delivery, inflight)
         inflight = sent
         done += len(messages)
@@ -148,7 +149,7 @@ def naive(s: Settings, store: ModelStore, n: int) -> float:
                 "scored_at": event_time_iso(int(time.time() * 1000)),
             }).encode()
             records.append(OutRecord(s.segments_topic, event.customer_id.encode(), value, [], msg))
-        delivery.deliver(records, _next_offsets(messages), lambda _r, _e: None)
+        delivery.deliver(records, next_offsets(messages), lambda _r, _e: None)
         done += len(messages)
     took = time.perf_counter() - started
     delivery.close(10)
@@ -161,9 +162,9 @@ STAGES = {  # where the consume loop's time goes, stage by stage (wall time, mai
     "consume, and finishing when idle (_take)": ("consumer.loop", "ConsumeLoop", "_take"),
     "produce (send)": ("consumer.delivery", "AtLeastOnce", "send"),
     "await acknowledgements (complete)": ("consumer.delivery", "AtLeastOnce", "complete"),
-    "learn online": ("consumer.loop", "ConsumeLoop", "_learn"),
-    "metrics (_count)": ("consumer.loop", "ConsumeLoop", "_count"),
-    "Redis customer write (writer thread)": ("consumer.loop", "ConsumeLoop", "_write_customers"),
+    "learn online": ("consumer.learner", "Learner", "learn"),
+    "metrics (Reporter.count)": ("consumer.reporting", "Reporter", "count"),
+    "Redis customer write (writer thread)": ("consumer.customer_writer", "CustomerWriter", "write"),
 }
 
 

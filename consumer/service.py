@@ -87,7 +87,7 @@ def watch_for_stalls(loop: ConsumeLoop, bound_s: float) -> None:
 
 
 def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
-    if settings.delivery == "exactly-once":
+    if settings.exactly_once:
         tid = f"{settings.transactional_id}-{settings.replica_id}"
         return ExactlyOnce(Producer(producer_config(settings, tid)), consumer, settings.delivery_timeout_s)
     return AtLeastOnce(Producer(producer_config(settings)), consumer, settings.delivery_timeout_s)
@@ -107,7 +107,7 @@ def main() -> int:
     metrics = ConsumerMetrics()
     try:
         ensure_topics(settings)
-        consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+        consumer = Consumer(consumer_config(settings, settings.exactly_once))
         delivery = build_delivery(settings, consumer)
     except KafkaException as exc:  # broker unreachable, not authorised, transactions refused
         log.error("cannot start: Kafka refused the setup", extra={"error": str(exc)})

@@ -242,6 +242,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"feature_bounds[{name}]: min {low} must be < max {high}")
         return self
 
+    @property
+    def exactly_once(self) -> bool:
+        """Outputs and offsets committed in one Kafka transaction (``delivery="exactly-once"``);
+        otherwise offsets are stored after acknowledgement and committed by the client."""
+        return self.delivery == "exactly-once"
+
     def feature_ranges(self) -> dict[str, tuple[float, float]]:
         """Valid range of every numeric feature: out-of-range values are dead-lettered (consumer)
         and skipped (trainer) rather than allowed to overflow the scaler."""

@@ -236,7 +236,7 @@ class RunningConsumer:
         self.settings = settings
         self.metrics = ConsumerMetrics()
         client = connect(settings)
-        consumer = Consumer(consumer_config(settings, settings.delivery == "exactly-once"))
+        consumer = Consumer(consumer_config(settings, settings.exactly_once))
         self.loop = ConsumeLoop(
             settings, consumer, build_delivery(settings, consumer),
             ModelStore(client, settings.redis_prefix),

@@ -86,7 +86,7 @@ def test_a_consumer_killed_mid_stream_and_restarted_loses_nothing(
         proc.wait(20)
     ids = [r.json()["event_id"] for r in outputs]
     assert set(sent) <= set(ids), f"lost {len(set(sent) - set(ids))} events; log: {log.read_text()[-2000:]}"
-    if delivery == "exactly-once":
+    if settings.exactly_once:
         # a read_committed reader sees each event exactly once, even across the SIGKILL
         assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicates"
 
@@ -301,12 +301,13 @@ def test_the_online_centroid_follows_a_shifted_segment_where_plain_partial_fit_l
                                    shift=shifted)
         read_outputs(settings, set(sent), timeout_s=60)
         # outputs are acknowledged before the batch is learned: wait for the last one
-        wait_until(lambda: rc.loop.online is not None
-                   and rc.loop.online.events_seen == len(sent) + 1000, 30, "the last batch learned")
-        rc.loop._next_report = 0  # publish the replica state now  # noqa: SLF001
-        rc.loop._report()  # noqa: SLF001
-        assert rc.loop.online is not None
-        online_seen = rc.loop.online.events_seen
+        learner = rc.loop.learner
+        wait_until(lambda: learner.online is not None
+                   and learner.online.events_seen == len(sent) + 1000, 30, "the last batch learned")
+        # publish the replica state now
+        rc.loop.reporter.report(rc.loop.watcher.active, learner, rc.loop.membership.assigned, force=True)
+        assert learner.online is not None
+        online_seen = learner.online.events_seen
     state = ReplicaStates.of(store).all()[0]
     online = np.asarray(state["online_centroids"])
     # where the moved segment's centre really is now, in the model's scaled space

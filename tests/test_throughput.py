@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from pydantic_core import to_json
 
-from consumer.loop import observe_all
 from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
+from consumer.reporting import observe_all
 from consumer.scoring import (
     ScoringRules,
     event_times_iso,
@@ -264,6 +264,7 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     from confluent_kafka import Consumer
 
     from consumer.loop import ConsumeLoop
+    from consumer.partitions import commit_stored
     from consumer.service import build_delivery
     from segmentation.kafka import consumer_config
     from segmentation.metrics import ConsumerMetrics, TrainerMetrics
@@ -291,12 +292,12 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
         for m in flight.messages:
             p, o = int(m.partition() or 0), int(m.offset() or 0)
             first[p] = min(first.get(p, 1 << 62), o)
-        loop._commit_stored()  # noqa: SLF001 - what a commit now would write
+        commit_stored(loop.consumer)  # what a commit now would write
         assert all(committed(s).get(p, 0) <= offset for p, offset in first.items())
 
         while loop._inflight is flight:  # noqa: SLF001 - the next step finishes it
             loop.step()
-        loop._commit_stored()  # noqa: SLF001
+        commit_stored(loop.consumer)
         after = committed(s)
         for m in flight.messages:
             assert after[int(m.partition() or 0)] > int(m.offset() or 0)

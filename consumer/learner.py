@@ -1,0 +1,53 @@
+"""The online model's lifecycle: a fresh ``OnlineKMeans`` and ``QualityTracker`` for each model
+the consumer swaps in (``Learner.reset``), then every finished batch learned (``Learner.learn``).
+
+The online centres never score: they follow drift between retrains and are reported (centroid
+drift, crossings, this replica's state) for the trainer and for operators.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from consumer.model import ActiveModel
+from consumer.online import OnlineKMeans
+from consumer.quality import QualityTracker
+from consumer.scoring import ScoredBatch
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    """Owns the online model and the quality tracker of the model in use (none before the first)."""
+
+    def __init__(self, settings: Settings, metrics: ConsumerMetrics) -> None:
+        self.half_life_events = settings.half_life_events
+        self.random_state = settings.random_state
+        self.metrics = metrics
+        self.online: OnlineKMeans | None = None
+        self.quality: QualityTracker | None = None
+
+    def reset(self, model: ActiveModel) -> None:
+        """Start over from ``model``'s centroids and training shares (the space changed)."""
+        self.online = OnlineKMeans(
+            model.centroids, np.asarray(model.bundle.quality.shares),
+            self.half_life_events, self.random_state,
+        )
+        self.quality = QualityTracker(model)
+        # Per-segment gauges of the previous model must not linger (a retired id would keep
+        # its last share and drift for ever); the next report fills in the new model's ids.
+        self.metrics.share.clear()
+        self.metrics.centroid_drift.clear()
+
+    def learn(self, batch: ScoredBatch) -> None:
+        """Move the online centres towards the batch's scored events and track its quality."""
+        if self.online is None or self.quality is None or batch.indices.shape[0] == 0:
+            return
+        outliers = self.online.learn(batch.encoded, batch.nearest)
+        if outliers:  # scored and delivered like any event; only the online centres ignore them
+            log.warning("outliers left out of online learning", extra={"rows": outliers})
+        self.quality.update(batch.indices, batch.nearest, batch.second, batch.encoded)

@@ -1,0 +1,160 @@
+"""What the consume loop reports, off the per-event hot path.
+
+* Per finished batch (``Reporter.count``): events scored and dead-lettered (with reasons),
+  unknown category values, assignments per segment, event lag, batch duration.
+* At most every ``REPORT_EVERY_S`` (``Reporter.report``, called once per step): consumer lag per
+  partition; the quality figures (silhouettes, shares and their PSI, centroid drift, crossed
+  centroids); this replica's online state in Redis, for the trainer and for operators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import redis
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import Histogram
+
+from consumer.learner import Learner
+from consumer.model import ActiveModel
+from consumer.online import OnlineKMeans
+from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
+from consumer.scoring import ScoredBatch
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+from segmentation.store import ModelStore, ReplicaStates
+
+REPORT_EVERY_S = 5.0
+
+
+class Reporter:
+    """The loop's metrics and replica state; ``report`` paces itself (cheap to call every step)."""
+
+    def __init__(
+        self, settings: Settings, consumer: Consumer, store: ModelStore, metrics: ConsumerMetrics,
+    ) -> None:
+        self.replica_id = settings.replica_id
+        self.consumer = consumer
+        self.store = store
+        self.metrics = metrics
+        self._next_report = 0.0
+
+    def count(self, batch: ScoredBatch, model: ActiveModel | None, started: float) -> None:
+        """Count a finished batch (``started``: when its scoring began, monotonic)."""
+        m = self.metrics
+        m.events.labels("scored").inc(len(batch.outputs))
+        m.events.labels("dead_letter").inc(len(batch.dead_letters))
+        for reason in batch.reasons:
+            m.dead_letters.labels(reason).inc()
+        if batch.unknown_categories:
+            m.unknown_categories.inc(batch.unknown_categories)
+        if model is not None and batch.indices.shape[0]:
+            counts = np.bincount(batch.indices, minlength=model.bundle.k)
+            for i, n in enumerate(counts.tolist()):
+                if n:
+                    m.assignments.labels(str(model.bundle.segment_ids[i])).inc(n)
+            observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
+        m.batch_duration.observe(time.monotonic() - started)
+
+    def report(
+        self, model: ActiveModel | None, learner: Learner, assigned: set[tuple[str, int]],
+        force: bool = False,
+    ) -> None:
+        """Lag, quality and replica state, when ``REPORT_EVERY_S`` has passed (or ``force``)."""
+        now = time.monotonic()
+        if now < self._next_report and not force:
+            return
+        self._next_report = now + REPORT_EVERY_S
+        self._report_lag(assigned)
+        quality, online = learner.quality, learner.online
+        if model is None or quality is None or online is None:
+            return
+        simplified, sampled, drift = self._report_quality(model, quality)
+        self._report_centroids(model, online)
+        self._publish_replica_state(model, online, simplified, sampled, drift)
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """Partitions this replica no longer owns: their lag is another member's to report."""
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(tp.partition))
+
+    def _report_quality(
+        self, model: ActiveModel, quality: QualityTracker,
+    ) -> tuple[float | None, float | None, float | None]:
+        """Silhouettes, shares and PSI; returns (simplified, sampled, drift) for the replica state."""
+        m = self.metrics
+        simplified = quality.simplified()
+        if simplified is not None:
+            m.silhouette.labels("simplified").set(simplified)
+            shares = quality.shares()
+            for sid, share in zip(model.bundle.segment_ids, shares.tolist(), strict=True):
+                m.share.labels(str(sid)).set(share)
+            m.share_psi.set(quality.psi())
+        sampled = quality.sampled_silhouette()
+        drift = quality.drift()
+        if sampled is not None and drift is not None:
+            m.silhouette.labels("sampled").set(sampled)
+            m.silhouette_drift.set(drift)
+        return simplified, sampled, drift
+
+    def _report_centroids(self, model: ActiveModel, online: OnlineKMeans) -> None:
+        distances = centroid_drift(model, online)
+        for sid, d in zip(model.bundle.segment_ids, distances.tolist(), strict=True):
+            self.metrics.centroid_drift.labels(str(sid)).set(d)
+        self.metrics.centroids_crossed.set(crossed_centroids(online.centroids, model.centroids))
+
+    def _publish_replica_state(
+        self, model: ActiveModel, online: OnlineKMeans, simplified: float | None,
+        sampled: float | None, drift: float | None,
+    ) -> None:
+        state = {
+            "replica": self.replica_id, "model_version": model.version,
+            "at": time.time(), "events_seen": online.events_seen,
+            "online_centroids": online.centroids.tolist(), "counts": online.counts.tolist(),
+            "segment_ids": model.bundle.segment_ids,
+            "silhouette_simplified": simplified, "silhouette_sampled": sampled,
+            "silhouette_drift": drift,
+        }
+        try:
+            ReplicaStates.of(self.store).put(self.replica_id, state, ttl_s=120)
+        except redis.RedisError:
+            self.metrics.redis_errors.labels("replica_state").inc()
+
+    def _report_lag(self, assigned: set[tuple[str, int]]) -> None:
+        assignment = [TopicPartition(t, p) for t, p in assigned]
+        if not assignment:
+            return
+        try:
+            positions = self.consumer.position(assignment)
+        except KafkaException:
+            return
+        for tp in positions:
+            try:
+                # cached: from the last fetch response, no broker round trip on the loop's thread
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if tp.offset >= 0 and high >= 0:
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
+
+
+def observe_all(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe`` of every value, one bucket increment per bucket instead of per value.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> h = Histogram("h", "h", buckets=(1.0, 2.0), registry=CollectorRegistry())
+    >>> observe_all(h, np.array([0.5, 1.0, 1.5, 9.0]))
+    >>> [s.value for s in h.collect()[0].samples if s.name == "h_bucket"]
+    [2.0, 3.0, 4.0]
+    """
+    if values.size == 0:
+        return
+    bounds = histogram._upper_bounds  # noqa: SLF001 - the client has no batch observe
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
+    for i, n in enumerate(counts[: len(bounds)].tolist()):
+        if n:
+            histogram._buckets[i].inc(n)  # noqa: SLF001
+    histogram._sum.inc(float(values.sum()))  # noqa: SLF001
