@@ -7,7 +7,7 @@ shared and noisy; absolute numbers are printed for context). Prints one table, w
 ``bench/results/quick.json`` (CI runs it to check that every
 measure still runs). ``BENCH_EVENTS`` and ``BENCH_ROUNDS`` override the throughput sizes.
 Sections can be skipped with ``BENCH_SKIP=trainer,scaleout`` (names: throughput, model, latency,
-trainer, scaleout).
+trainer, window, scaleout).
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from typing import Any
 import confluent_kafka
 
 from bench import consumers, latency, model_step, trainer_cost
-from bench.stage import cleanup, make_values, prepare, with_output
+from bench.stage import cleanup, fresh_settings, make_values, prepare, produce, with_output
+from segmentation.kafka import ensure_topics
+from segmentation.metrics import TrainerMetrics
+from segmentation.store import ModelStore, connect
+from trainer.pipeline import train_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,6 +48,7 @@ class Plan:
     auto_rows: int
     minibatch_rows: int
     scale_events: int
+    window_events: int
     skip: set[str] = field(default_factory=set)
 
     @classmethod
@@ -53,9 +58,10 @@ class Plan:
         events = int(os.environ.get("BENCH_EVENTS", "8000" if quick else "30000"))
         rounds = int(os.environ.get("BENCH_ROUNDS", "1" if quick else "3"))
         if quick:
-            return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000, skip)
+            return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000,
+                       20_000, skip)
         return cls(False, events, rounds, 10.0, [2000, 5000], [10_000, 20_000, 40_000],
-                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, skip)
+                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000, skip)
 
 
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
@@ -141,6 +147,29 @@ def trainer(plan: Plan, results: dict[str, Any]) -> None:
                           "minibatch": {"rows": plan.minibatch_rows, **mini}}
 
 
+def window(plan: Plan, results: dict[str, Any]) -> None:
+    """The trainer's whole run on a window of ``window_events`` events from 100,000 customers:
+    read the window (decode and validate every event, keep each customer's latest in the
+    bounded sample), fit, gate, match, publish to the models topic and Redis."""
+    customers = min(plan.window_events, 100_000)
+    settings = fresh_settings()
+    ensure_topics(settings)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    try:
+        produce(settings, make_values(plan.window_events, seed=11, customers=customers),
+                customers=customers)
+        started = time.perf_counter()
+        result = train_once(settings, store, TrainerMetrics())
+        seconds = time.perf_counter() - started
+    finally:
+        cleanup(settings, store)
+    if result.result != "published":
+        raise RuntimeError(f"window run not published: {result.detail}")
+    results["window"] = {"events": plan.window_events, "customers": customers,
+                         "rows_used": min(customers, settings.max_rows), "seconds": seconds}
+    print(f"  window of {plan.window_events:,} events to publish: {seconds:.1f} s", flush=True)
+
+
 def scaleout(plan: Plan, results: dict[str, Any]) -> None:
     settings, store = prepare(plan.scale_events)
     try:
@@ -173,7 +202,7 @@ def main(argv: list[str]) -> int:
     started = time.time()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "quick": plan.quick, "machine": machine(), "ratios": {}, "not_done": {}}
-    sections = ["throughput", "model", "latency", "trainer", "scaleout"]
+    sections = ["throughput", "model", "latency", "trainer", "window", "scaleout"]
     print(f"preparing {plan.events:,} events on a fresh topic ({'quick' if plan.quick else 'full'} run) ...",
           flush=True)
     settings, store = prepare(plan.events)
@@ -193,6 +222,8 @@ def main(argv: list[str]) -> int:
                     latencies(plan, results, settings)
                 elif name == "trainer":
                     trainer(plan, results)
+                elif name == "window":
+                    window(plan, results)
                 else:
                     scaleout(plan, results)
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - one section must not lose the others

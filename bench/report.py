@@ -72,6 +72,11 @@ def table(r: dict[str, Any]) -> str:
         else:
             rows.append(_row(what, f"KMeans {mb['kmeans_s']:.1f} s", f"MiniBatch {mb['minibatch_s']:.1f} s",
                              f"{mb['speedup']:.1f}x faster, inertia {mb['inertia_gap'] * 100:+.2f}%", "-"))
+    if "window" in r:
+        w = r["window"]
+        what = (f"trainer run: window of {w['events']:,} events ({w['customers']:,} customers, "
+                f"{w['rows_used']:,} rows fitted) to publish")
+        rows.append(_row(what, "-", f"{w['seconds']:.1f} s", "-", "-"))
     if "scale_out" in r:
         so = r["scale_out"]
         rows.append(_row(f"scale-out, 6 partitions, {so['events']:,} events",

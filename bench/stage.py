@@ -27,10 +27,11 @@ from trainer.pipeline import train_once
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
 
 
-def make_values(n: int, seed: int = 0, tag: str = "b") -> list[bytes]:
-    """``n`` demo events (five behavioural segments, 5000 customers), as producers send them."""
+def make_values(n: int, seed: int = 0, tag: str = "b", customers: int = 5000) -> list[bytes]:
+    """``n`` demo events (five behavioural segments, ``customers`` customers), as producers send
+    them."""
     rng = np.random.default_rng(seed)
-    people = make_customers(min(n, 5000), rng)
+    people = make_customers(min(n, customers), rng)
     return [json.dumps(event_value(people[i % len(people)], rng, f"{tag}-{i}")).encode() for i in range(n)]
 
 
@@ -58,12 +59,12 @@ def with_output(settings: Settings, name: str) -> Settings:
     return s
 
 
-def produce(settings: Settings, values: list[bytes], tag: str = "c") -> None:
+def produce(settings: Settings, values: list[bytes], tag: str = "c", customers: int = 5000) -> None:
     producer = Producer(producer_config(settings))
     for i, value in enumerate(values):
         while True:
             try:
-                producer.produce(settings.events_topic, key=f"{tag}-{i % 5000}", value=value)
+                producer.produce(settings.events_topic, key=f"{tag}-{i % customers}", value=value)
                 break
             except BufferError:
                 producer.poll(0.05)
