@@ -18,14 +18,13 @@ from sklearn.preprocessing import StandardScaler
 
 from consumer.model import ActiveModel
 from consumer.scoring import score_batch
+from quality.k_table import window_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
-from segmentation.events import CustomerEvent
 from segmentation.features import FeatureSpec, fit_numeric
 from segmentation.settings import Settings
 from tests.test_hostile_input import NOW_MS, RULES, Msg
 from trainer.fit import fit_kmeans
 from trainer.pipeline import encode_window
-from trainer.window import Window
 
 SETTINGS = Settings()  # the defaults: what a deployment gets
 K = 5
@@ -113,18 +112,11 @@ def test_refunds_keep_their_sign_under_the_log() -> None:
     assert back.round(6).tolist() == [[-300.0], [300.0]]
 
 
-def window_of(raw: np.ndarray, names: list[str]) -> Window:
-    events = [CustomerEvent(customer_id=f"c-{i}", event_time=NOW_MS, event_id=f"e-{i}",
-                            features=dict(zip(names, row.tolist(), strict=True)))
-              for i, row in enumerate(raw)]
-    return Window(events=events, ranges=[], start_ms=0, end_ms=0)
-
-
 def test_the_consumer_assigns_every_event_as_the_trainer_did_through_a_bundle_round_trip() -> None:
     """The log choice and the clip bounds travel in the bundle: the consumer's ``score_batch``
     on the training events (absurd rows included) gives the trainer's own labels."""
     raw, _ = with_absurd_rows(1, n=60, d=2)
-    names = ["a", "b"]  # the input contract of tests.test_hostile_input.RULES
+    names = ("a", "b")  # the input contract of tests.test_hostile_input.RULES
     settings = SETTINGS.model_copy(
         update={"features": tuple(names), "categorical": (), "log_features": ("b",)})
     window = window_of(raw, names)
@@ -140,7 +132,7 @@ def test_the_consumer_assigns_every_event_as_the_trainer_did_through_a_bundle_ro
     )
     model = ActiveModel.of(ModelBundle.from_json(bundle.to_json()))
     messages = [Msg(json.dumps({"customer_id": e.customer_id, "event_time": NOW_MS,
-                                "event_id": e.event_id, "features": e.features}).encode(), _offset=i)
+                                "event_id": f"e-{i}", "features": e.features}).encode(), _offset=i)
                 for i, e in enumerate(window.events)]
     batch = score_batch(messages, model, RULES, NOW_MS)
     assert not batch.dead_letters

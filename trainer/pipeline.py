@@ -18,7 +18,7 @@ from segmentation.model_log import ModelLog, sync_store
 from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict, TrainerState
-from trainer.fit import Fit, fit_model
+from trainer.fit import K_SELECTION, Fit, fit_model
 from trainer.gate import (
     GateFailure,
     GateLimits,
@@ -258,7 +258,7 @@ def _train(
         quality=Quality(
             silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin, inertia=fit.inertia,
             shares=fit.shares.tolist(), sizes=fit.sizes,
-            k_selection="fixed" if settings.k is not None else "silhouette, davies-bouldin tiebreak",
+            k_selection="fixed" if settings.k is not None else K_SELECTION,
             k_scores=[f.scores() for f in fits],
             gate=gate_record(failures, on_window, accepted, operator_accepted=accept),
         ),
