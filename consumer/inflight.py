@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.delivery import Delivery, DeliveryFailed, Sent, Source
+from consumer.model import ActiveModel
 from consumer.partitions import rewind
 from consumer.scoring import OutRecord, ScoredBatch, coordinates
 
@@ -24,6 +25,7 @@ class InFlight:
 
     messages: list[Message]
     batch: ScoredBatch
+    model: ActiveModel  # the model that scored it (another may be swapped in before it finishes)
     sent: Sent
     write: Future[None]  # the customers' Redis write
     started: float  # when its scoring began (monotonic)

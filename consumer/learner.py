@@ -30,6 +30,7 @@ class Learner:
         self.metrics = metrics
         self.online: OnlineKMeans | None = None
         self.quality: QualityTracker | None = None
+        self.version: int | None = None  # the model the online centres started from
 
     def reset(self, model: ActiveModel) -> None:
         """Start over from ``model``'s centroids and training shares (the space changed)."""
@@ -38,14 +39,20 @@ class Learner:
             self.half_life_events, self.random_state,
         )
         self.quality = QualityTracker(model)
+        self.version = model.version
         # Per-segment gauges of the previous model must not linger (a retired id would keep
         # its last share and drift for ever); the next report fills in the new model's ids.
         self.metrics.share.clear()
         self.metrics.centroid_drift.clear()
 
-    def learn(self, batch: ScoredBatch) -> None:
-        """Move the online centres towards the batch's scored events and track its quality."""
+    def learn(self, batch: ScoredBatch, scored_by: ActiveModel) -> None:
+        """Move the online centres towards the batch's scored events and track its quality. A
+        batch scored by another model than the one the centres started from (a new version was
+        swapped in while it was in flight) is left out: its rows and segment indices belong to
+        that model's space."""
         if self.online is None or self.quality is None or batch.indices.shape[0] == 0:
+            return
+        if scored_by.version != self.version:
             return
         outliers = self.online.learn(batch.encoded, batch.nearest)
         if outliers:  # scored and delivered like any event; only the online centres ignore them

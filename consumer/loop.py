@@ -146,7 +146,7 @@ class ConsumeLoop:
             return
         # Off the critical path, but the batch's offsets wait for it: a crash before the write
         # replays the batch, and the replay writes again (idempotent: never older over newer).
-        self._inflight = InFlight(messages, batch, sent, self.writer.submit(batch), started)
+        self._inflight = InFlight(messages, batch, model, sent, self.writer.submit(batch), started)
 
     def _finish(self) -> list[Message]:
         """Finish the batch in flight: its offsets stored (``InFlight.finish``), learn and count.
@@ -159,8 +159,8 @@ class ConsumeLoop:
         except DeliveryFailed as exc:
             return self._failed(flight.messages, exc)
         self.replay.finished(flight.messages)
-        self.learner.learn(flight.batch)
-        self.reporter.count(flight.batch, self.watcher.active, flight.started)
+        self.learner.learn(flight.batch, flight.model)
+        self.reporter.count(flight.batch, flight.model, flight.started)
         return []
 
     def _failed(self, messages: list[Message], exc: DeliveryFailed) -> list[Message]:
