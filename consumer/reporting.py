@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import numpy as np
-import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Histogram
 
@@ -24,7 +24,9 @@ from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import ScoredBatch
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, ReplicaStates
+from segmentation.store import ModelStore, ReplicaStates, best_effort
+
+log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 5.0
 
@@ -118,10 +120,9 @@ class Reporter:
             "silhouette_simplified": simplified, "silhouette_sampled": sampled,
             "silhouette_drift": drift,
         }
-        try:
-            ReplicaStates.of(self.store).put(self.replica_id, state, ttl_s=120)
-        except redis.RedisError:
-            self.metrics.redis_errors.labels("replica_state").inc()
+        replicas = ReplicaStates.of(self.store, self.metrics.redis_errors)
+        best_effort("replica_state", lambda: replicas.put(self.replica_id, state, ttl_s=120), None,
+                    self.metrics.redis_errors)
 
     def _report_lag(self, assigned: set[tuple[str, int]]) -> None:
         assignment = [TopicPartition(t, p) for t, p in assigned]
@@ -129,7 +130,8 @@ class Reporter:
             return
         try:
             positions = self.consumer.position(assignment)
-        except KafkaException:
+        except KafkaException as exc:  # partitions moving: the next report tries again
+            log.debug("consumer lag not reported", extra={"error": str(exc)})
             return
         for tp in positions:
             try:
