@@ -11,8 +11,8 @@ import numpy as np
 
 from consumer.online import OnlineKMeans
 from segmentation.bundle import ModelBundle
+from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
-from segmentation.scoring import nearest_two
 
 
 def encoded(bundle: ModelBundle, values: list[bytes]) -> np.ndarray:

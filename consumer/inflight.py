@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer.delivery import Delivery, DeliveryFailed, Sent, Source
-from consumer.model import ActiveModel
 from consumer.partitions import rewind
 from consumer.scoring import OutRecord, ScoredBatch, coordinates
+from consumer.watcher import ActiveModel
 
 
 @dataclass

@@ -20,10 +20,10 @@ from consumer.customer_writer import CustomerWriter
 from consumer.delivery import Delivery, DeliveryFailed
 from consumer.inflight import InFlight, Replay
 from consumer.learner import Learner
-from consumer.model import ActiveModel, ModelWatcher
 from consumer.partitions import Membership, commit_stored, consume, next_offsets, rewind
 from consumer.reporting import Reporter
 from consumer.scoring import OutRecord, ScoringRules, score_batch
+from consumer.watcher import ActiveModel, ModelWatcher
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore

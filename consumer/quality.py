@@ -16,10 +16,10 @@ from collections import deque
 
 import numpy as np
 
-from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
+from consumer.watcher import ActiveModel
 from segmentation.baseline import baseline_of
-from segmentation.scoring import population_stability_index, sampled_silhouette, simplified_silhouette
+from segmentation.cluster_metrics import population_stability_index, sampled_silhouette, simplified_silhouette
 
 
 class RecentSample:

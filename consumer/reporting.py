@@ -18,10 +18,10 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Histogram
 
 from consumer.learner import Learner
-from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import ScoredBatch
+from consumer.watcher import ActiveModel
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, ReplicaStates, best_effort

@@ -15,9 +15,9 @@ from typing import Protocol
 import numpy as np
 from pydantic_core import to_json
 
-from consumer.model import ActiveModel
+from consumer.watcher import ActiveModel
+from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
-from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment
 

@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from quality.datasets import SEPARATION, gaussian_rows, separated_centres
-from segmentation.scoring import calinski_harabasz, davies_bouldin, sampled_silhouette
+from segmentation.cluster_metrics import calinski_harabasz, davies_bouldin, sampled_silhouette
 from segmentation.settings import Settings
 
 COST_ROWS = 100_000

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from consumer.model import ActiveModel
 from consumer.quality import QualityTracker
+from consumer.watcher import ActiveModel
 from demo.generator import FEATURES
 from segmentation.baseline import baseline_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.cluster_metrics import nearest_two, sampled_silhouette
 from segmentation.features import FeatureSpec, fit_numeric
-from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from trainer.fit import K_SELECTION, Fit, fit_model
 from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
-from trainer.registry import label_segments
+from trainer.labels import label_segments
 
 
 @dataclass

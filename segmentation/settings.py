@@ -248,7 +248,7 @@ class Settings(BaseSettings):
         otherwise offsets are stored after acknowledgement and committed by the client."""
         return self.delivery == "exactly-once"
 
-    def feature_ranges(self) -> dict[str, tuple[float, float]]:
+    def feature_limits(self) -> dict[str, tuple[float, float]]:
         """Valid range of every numeric feature: out-of-range values are dead-lettered (consumer)
         and skipped (trainer) rather than allowed to overflow the scaler."""
         default = (-self.max_abs_feature, self.max_abs_feature)
@@ -257,7 +257,7 @@ class Settings(BaseSettings):
     def input_contract(self) -> InputContract:
         """The bounds every input message is checked against, in the consumer and the trainer."""
         return InputContract(
-            features=self.features, bounds=self.feature_ranges(),
+            features=self.features, bounds=self.feature_limits(),
             max_message_bytes=self.max_message_bytes, max_id_chars=self.max_id_chars,
             max_attribute_chars=self.max_attribute_chars, max_fields=self.max_fields,
             max_age_s=self.max_event_age_s, max_skew_s=self.max_event_skew_s,

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.model import ActiveModel
 from consumer.scoring import OutRecord, ScoringRules, record_bytes, score_batch
+from consumer.watcher import ActiveModel
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.events import REASONS, InputContract
 from segmentation.features import FeatureSpec

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from consumer.learner import Learner
-from consumer.model import ActiveModel
 from consumer.reporting import Reporter
 from consumer.scoring import score_batch
+from consumer.watcher import ActiveModel
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.conftest import sample

@@ -9,8 +9,8 @@ import numpy as np
 from confluent_kafka.admin import AdminClient
 from sklearn.metrics import adjusted_rand_score
 
+from segmentation.cluster_metrics import nearest_two
 from segmentation.metrics import TrainerMetrics
-from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore, connect
 from tests.conftest import (

@@ -14,11 +14,11 @@ from confluent_kafka import KafkaException
 
 from demo.generator import Customer, event_value
 from segmentation.bundle import ModelBundle
+from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
 from segmentation.kafka import delete_topics, ensure_topics
 from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLog, read_registry, sync_store
-from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState, connect
 from tests.conftest import (

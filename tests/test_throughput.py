@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from pydantic_core import to_json
 
-from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
 from consumer.reporting import observe_all
 from consumer.scoring import (
@@ -28,11 +27,12 @@ from consumer.scoring import (
     output_value,
     score_batch,
 )
+from consumer.watcher import ActiveModel
 from demo.generator import event_value, make_customers
 from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
 from segmentation.features import fit_spec
-from segmentation.scoring import nearest_two
 from segmentation.settings import DEFAULT_FEATURES
 
 FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))

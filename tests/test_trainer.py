@@ -30,11 +30,11 @@ from confluent_kafka.admin import AdminClient
 
 from demo.generator import PROFILES, Customer, Profile, make_customers
 from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
 from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import sync_store
-from segmentation.scoring import nearest_two
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, ReplicaStates, TrainerState, connect
 from segmentation.store.trainer_state import UNREADABLE_PIN

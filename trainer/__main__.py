@@ -21,9 +21,9 @@ from segmentation.metrics import TrainerMetrics, serve
 from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings, load_settings
 from segmentation.store import ModelStore, PublishConflict, RedisRefused, TrainerState, check_redis, connect
+from trainer.labels import load_names
 from trainer.operations import pin, reproduce, rollback
 from trainer.pipeline import train_once
-from trainer.registry import load_names
 from trainer.schedule import Schedule
 
 log = logging.getLogger("trainer")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 
-from segmentation.scoring import calinski_harabasz, davies_bouldin, sampled_silhouette, shares
+from segmentation.cluster_metrics import calinski_harabasz, davies_bouldin, sampled_silhouette, shares
 
 # A K stays a candidate while its silhouette is within this fraction of the best K's. Sampling
 # noise of the silhouette on 5000 rows is about 0.005, far inside the band.

@@ -12,8 +12,8 @@ from segmentation.matching import match_centroids
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
+from trainer.labels import rollback_mapping
 from trainer.pipeline import data_hash, fit_window, load_base, publish
-from trainer.registry import rollback_mapping
 from trainer.window import read_window
 
 

@@ -12,10 +12,10 @@ import numpy as np
 
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.cluster_metrics import nearest_two, sampled_silhouette
 from segmentation.features import FeatureSpec, fit_spec
 from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
 from segmentation.model_log import ModelLog, sync_store
-from segmentation.scoring import nearest_two, sampled_silhouette
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.fit import K_SELECTION, Fit, fit_model
@@ -27,7 +27,7 @@ from trainer.gate import (
     gate_record,
     run_gate,
 )
-from trainer.registry import label_segments, load_names
+from trainer.labels import label_segments, load_names
 from trainer.window import Window, read_window
 
 log = logging.getLogger(__name__)

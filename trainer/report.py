@@ -25,9 +25,9 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_samples
 
 from segmentation.bundle import BundleError, ModelBundle
+from segmentation.cluster_metrics import davies_bouldin, nearest_two, stratified_sample
 from segmentation.events import CustomerEvent
 from segmentation.features import raw_numeric
-from segmentation.scoring import davies_bouldin, nearest_two, stratified_sample
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
 from trainer.window import read_window
