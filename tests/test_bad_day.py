@@ -20,7 +20,7 @@ from segmentation.kafka import consumer_config, producer_config
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
-from tests.conftest import (
+from tests.support.stack import (
     RunningConsumer,
     customers,
     produce_events,
@@ -76,6 +76,7 @@ def committed(settings: Settings) -> int:
     return sum(max(tp.offset, 0) for tp in offsets)
 
 
+@pytest.mark.integration
 def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
@@ -106,6 +107,7 @@ def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
     assert [int(d.headers["dlq.original.value.bytes"]) for d in truncated] == [999_000]
 
 
+@pytest.mark.integration
 def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
     settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
 ) -> None:
@@ -136,6 +138,7 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
     assert dlq[0].value == values[1]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_and_loses_nothing(
     settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics, delivery: str
@@ -174,6 +177,7 @@ def _has_leaders(admin: AdminClient, topic: str) -> bool:
     return bool(listed and listed.partitions and all(p.leader >= 0 for p in listed.partitions.values()))
 
 
+@pytest.mark.integration
 def test_a_fenced_exactly_once_instance_stops_with_one_clear_error(settings: Settings) -> None:
     tid = f"{settings.transactional_id}-fence"
     consumer = Consumer(consumer_config(settings, exactly_once=True))
@@ -195,6 +199,7 @@ def test_default_transactional_ids_differ_between_processes_on_one_host() -> Non
     assert Settings().transactional_id != Settings().transactional_id
 
 
+@pytest.mark.integration
 def test_hostile_rows_in_the_window_never_fail_a_training_run(
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
@@ -244,6 +249,7 @@ def test_librdkafka_log_lines_go_through_the_project_logger_not_raw_to_stderr(
     assert "%3|" not in capfd.readouterr().err  # librdkafka's raw format never reaches stderr
 
 
+@pytest.mark.integration
 def test_the_report_escapes_every_value_it_did_not_write_itself(
     settings: Settings, store: ModelStore, tmp_path: Path
 ) -> None:
@@ -274,7 +280,7 @@ def test_half_sent_requests_cannot_hold_the_metrics_server() -> None:
     from prometheus_client import CollectorRegistry
 
     from segmentation.metrics import MAX_HANDLERS, REQUEST_TIMEOUT_S, serve
-    from tests.conftest import free_port
+    from tests.support.stack import free_port
 
     port = free_port()
     server = serve(CollectorRegistry(), port)
@@ -297,13 +303,14 @@ def test_half_sent_requests_cannot_hold_the_metrics_server() -> None:
     assert server.server_address[0] == "127.0.0.1"  # loopback unless SEG_METRICS_HOST says otherwise
 
 
+@pytest.mark.integration
 def test_a_wrong_redis_password_stops_the_consumer_with_one_clear_line(
     settings: Settings, tmp_path: Path
 ) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import settings_env
+    from tests.support.stack import settings_env
 
     env = settings_env(settings, SEG_REDIS_USERNAME="seg", SEG_REDIS_PASSWORD="not-the-s3cr3t")
     done = subprocess.run([sys.executable, "-m", "consumer"], env=env, capture_output=True, text=True,
@@ -314,6 +321,7 @@ def test_a_wrong_redis_password_stops_the_consumer_with_one_clear_line(
     assert "s3cr3t" not in done.stderr  # the password is never printed
 
 
+@pytest.mark.integration
 def test_the_local_stack_s_acl_user_reaches_only_the_project_s_keys() -> None:
     from pathlib import Path
 

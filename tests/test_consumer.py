@@ -19,7 +19,7 @@ from demo.generator import Customer
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, Keys, ModelStore, ReplicaStates, connect
-from tests.conftest import (
+from tests.support.stack import (
     PrivateBroker,
     active_version,
     customers,
@@ -36,6 +36,8 @@ from tests.conftest import (
     wait_until,
 )
 from trainer.pipeline import train_once
+
+pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
 
 def published(settings: Settings) -> ModelStore:

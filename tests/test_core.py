@@ -11,33 +11,19 @@ import numpy as np
 import pytest
 
 from consumer.online import OnlineKMeans
-from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import CustomerEvent, json_schema
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
+from tests.support.messages import small_bundle
 from trainer.fit import fit_model
 from trainer.gate import GateLimits, run_gate
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bundle_dict(**overrides: object) -> dict[str, Any]:
-    spec = FeatureSpec(numeric=["a", "b"], vocabulary={"channel": ["app", "other"]},
-                       center=[0.0, 0.0], scale=[1.0, 1.0])
-    b = ModelBundle(
-        version=1, features=spec, centroids=[[0, 0, 1, 0], [5, 5, 0, 1]], segment_ids=[0, 1],
-        segment_names=["x", "y"],
-        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5],
-                        sizes=[1, 1]),
-        lineage=Lineage(topic="t"),
-    )
-    d = json.loads(b.to_json())
-    d.update(overrides)
-    return d
-
-
 def test_a_valid_bundle_round_trips_through_json() -> None:
-    raw = json.dumps(bundle_dict())
+    raw = json.dumps(small_bundle())
     assert json.loads(ModelBundle.from_json(raw).to_json()) == json.loads(raw)
 
 
@@ -53,7 +39,7 @@ def test_a_valid_bundle_round_trips_through_json() -> None:
     ],
 )
 def test_a_poisoned_bundle_is_refused_with_a_reason(poison: dict[str, Any]) -> None:
-    raw = json.dumps(bundle_dict(**poison))  # json.dumps writes a float NaN as the literal NaN
+    raw = json.dumps(small_bundle(**poison))  # json.dumps writes a float NaN as the literal NaN
     with pytest.raises(BundleError, match="invalid bundle"):
         ModelBundle.from_json(raw)
 
@@ -64,7 +50,7 @@ def test_pickle_or_garbage_is_not_a_bundle() -> None:
 
 
 def test_a_bundle_with_other_features_is_incompatible() -> None:
-    bundle = ModelBundle.model_validate(bundle_dict())
+    bundle = ModelBundle.model_validate(small_bundle())
     with pytest.raises(BundleError, match="features"):
         bundle.check_compatible(("a", "c"), ("channel",))
     bundle.check_compatible(("a", "b"), ("channel",))

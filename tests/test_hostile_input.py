@@ -7,9 +7,7 @@ The fuzz budget is ``SEG_FUZZ_EXAMPLES`` (a few hundred in ``make test``, 10,000
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,82 +17,24 @@ from hypothesis import strategies as st
 
 from consumer.scoring import OutRecord, ScoringRules, record_bytes, score_batch
 from consumer.watcher import ActiveModel
-from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
+from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import REASONS, InputContract
-from segmentation.features import FeatureSpec
-
-FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
-FEATURES = ("a", "b")
-MAX_RECORD = 50_000
-NOW_MS = 1_764_410_100_000  # 2025-11-29
-
-
-@dataclass
-class Msg:
-    """A consumed message as the loop sees it (the real class cannot be built in Python)."""
-
-    _value: bytes | None
-    _key: bytes | None = b"k"
-    _offset: int = 0
-    _headers: list[tuple[str, bytes | None]] = field(default_factory=list)
-
-    def topic(self) -> str:
-        return "in"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        return self._headers
-
-
-def small_bundle(**overrides: object) -> dict[str, Any]:
-    spec = FeatureSpec(numeric=list(FEATURES), vocabulary={"channel": ["app", "other"]},
-                       center=[0.0, 0.0], scale=[1.0, 1.0])
-    bundle = ModelBundle(
-        version=1, features=spec, centroids=[[0, 0, 1, 0], [5, 5, 0, 1]], segment_ids=[0, 1],
-        segment_names=["x", "y"],
-        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.5, 0.5],
-                        sizes=[1, 1]),
-        lineage=Lineage(topic="t"),
-    )
-    raw = json.loads(bundle.to_json())
-    raw.update(overrides)
-    return raw
-
-
-def clipped_bundle(**features: object) -> dict[str, Any]:
-    """``small_bundle`` with a log on ``a`` and clip bounds (``features`` overrides them)."""
-    clip = {"log_features": [FEATURES[0]], "clip_low": [-30.0, -1e12], "clip_high": [30.0, 1e12]}
-    return small_bundle(features={**small_bundle()["features"], **clip, **features})
-
-
-MODEL = ActiveModel.of(ModelBundle.model_validate(small_bundle()))
-RULES = ScoringRules(
-    InputContract(FEATURES, {f: (-1e12, 1e12) for f in FEATURES}, max_age_s=10 * 365 * 86400.0,
-                  max_skew_s=3600.0),
-    "out", "dlq", MAX_RECORD,
+from tests.support.messages import (
+    FEATURES,
+    FUZZ_EXAMPLES,
+    MAX_RECORD,
+    NOW_MS,
+    SMALL_MODEL,
+    SMALL_RULES,
+    Msg,
+    clipped_bundle,
+    event,
+    small_bundle,
 )
 
 
-def event(**fields: object) -> bytes:
-    base: dict[str, object] = {"customer_id": "c-1", "event_time": NOW_MS, "event_id": "e-1",
-                               "features": {"a": 1.0, "b": 2}, "attributes": {"channel": "app"}}
-    base.update(fields)
-    return json.dumps(base).encode()
-
-
 def score(values: Sequence[bytes | None]) -> tuple[list[OutRecord], list[OutRecord], list[str]]:
-    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], MODEL, RULES, NOW_MS)
+    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], SMALL_MODEL, SMALL_RULES, NOW_MS)
     return batch.outputs, batch.dead_letters, batch.reasons
 
 
@@ -176,7 +116,7 @@ def test_a_small_dead_letter_keeps_the_original_key_and_bytes_unchanged() -> Non
 
 def test_huge_or_numerous_original_headers_are_bounded_in_the_dead_letter() -> None:
     msg = Msg(b"garbage", _headers=[(f"h{i}", b"v" * 4096) for i in range(200)])
-    batch = score_batch([msg], MODEL, RULES, NOW_MS)
+    batch = score_batch([msg], SMALL_MODEL, SMALL_RULES, NOW_MS)
     record = batch.dead_letters[0]
     assert record_bytes(record) <= MAX_RECORD
     assert int(dict(record.headers)["dlq.headers.dropped"] or 0) > 150
@@ -205,12 +145,12 @@ def test_a_model_that_gives_a_non_finite_distance_dead_letters_instead_of_writin
     # a feature at the edge of its bounds squared overflows: the output would say "distance": NaN
     wide = ScoringRules(InputContract(FEATURES, {f: (-1e300, 1e300) for f in FEATURES}), "out", "dlq",
                         MAX_RECORD)
-    batch = score_batch([Msg(event(features={"a": 1e300, "b": 1e300}))], MODEL, wide, NOW_MS)
+    batch = score_batch([Msg(event(features={"a": 1e300, "b": 1e300}))], SMALL_MODEL, wide, NOW_MS)
     assert batch.reasons == ["internal_error"] and not batch.outputs
 
 
 def test_the_trainer_window_decodes_with_the_same_contract_and_never_raises() -> None:
-    contract = RULES.contract
+    contract = SMALL_RULES.contract
     for value, _ in HOSTILE.values():
         decoded = contract.decode(value, now_ms=NOW_MS)
         assert hasattr(decoded, "reason")
@@ -286,7 +226,7 @@ def test_a_mutated_bundle_is_refused_or_scores_every_event_to_a_finite_output(
         return
     model = ActiveModel.of(bundle)
     values = [event(features={"a": a, "b": -a}) for a in (0.0, 1.0, -1e12, 1e12)]
-    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], model, RULES, NOW_MS)
+    batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], model, SMALL_RULES, NOW_MS)
     assert len(batch.outputs) + len(batch.dead_letters) == len(values)
     assert len(batch.outputs) == len(values)  # a valid bundle scores every valid event
     for record in batch.outputs:
@@ -369,7 +309,7 @@ def test_a_high_cardinality_attribute_cannot_widen_the_model_without_bound() -> 
 
 def test_a_valid_event_with_800_kb_of_headers_counts_them_towards_its_size() -> None:
     msg = Msg(event(), _headers=[(f"h{i}", b"v" * 4096) for i in range(200)])
-    batch = score_batch([msg], MODEL, RULES, NOW_MS)
+    batch = score_batch([msg], SMALL_MODEL, SMALL_RULES, NOW_MS)
     assert batch.reasons == ["too_large"] and not batch.outputs
     assert record_bytes(batch.dead_letters[0]) <= MAX_RECORD
 
@@ -378,8 +318,8 @@ def test_one_absurd_but_valid_event_cannot_drag_an_online_centre() -> None:
     from consumer.online import OnlineKMeans
 
     batch = score_batch([Msg(event(), _offset=0), Msg(event(features={"a": 1e9, "b": 1}), _offset=1)],
-                        MODEL, RULES, NOW_MS)
+                        SMALL_MODEL, SMALL_RULES, NOW_MS)
     assert len(batch.outputs) == 2  # scored and delivered like any event
-    online = OnlineKMeans(MODEL.centroids, np.array([0.5, 0.5]), half_life_events=10)
+    online = OnlineKMeans(SMALL_MODEL.centroids, np.array([0.5, 0.5]), half_life_events=10)
     assert online.learn(batch.encoded, batch.nearest) == 1
-    assert np.abs(online.centroids - MODEL.centroids).max() < 1.0
+    assert np.abs(online.centroids - SMALL_MODEL.centroids).max() < 1.0

@@ -13,8 +13,10 @@ from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
-from tests.conftest import sample
-from tests.test_throughput import MODEL, RULES, Msg, demo_values
+from tests.support.messages import DEMO_MODEL as MODEL
+from tests.support.messages import DEMO_RULES as RULES
+from tests.support.messages import Msg, demo_values
+from tests.support.stack import sample
 
 
 def smaller(model: ActiveModel, k: int) -> ActiveModel:

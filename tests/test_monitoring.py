@@ -21,15 +21,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,29 +45,37 @@ from segmentation.events import REASONS
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics, serve
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
-from tests.conftest import (
+from tests.support.prometheus import (
+    ALERT_TESTS,
+    ALERTS,
+    MONITORING,
+    PROM_LOCAL,
+    ROOT,
+    Process,
+    Prometheus,
+    alert_rules,
+    load_yaml,
+    need,
+    run,
+)
+from tests.support.stack import (
     RunningConsumer,
     customers,
     free_port,
     produce_events,
     produce_raw,
     sample,
+    settings_env,
     wait_until,
 )
 from trainer.pipeline import train_once
 
-ROOT = Path(__file__).resolve().parent.parent
-MONITORING = ROOT / "monitoring"
-ALERTS = MONITORING / "alerts.yml"
-ALERT_TESTS = MONITORING / "alerts_test.yml"
-PROM_LOCAL = MONITORING / "prometheus.yml"
 PROM_COMPOSE = MONITORING / "prometheus-compose.yml"
 GRAFANA = MONITORING / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "segmentation.json"
 DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 COMPOSE = ROOT / "docker-compose.yml"
-INSTALL_HINT = "run `sudo bash scripts/install-system.sh` (Debian packages prometheus, docker-compose)"
 
 # The metric names of issue 5 (a contract: dashboards, alerts and users' queries use them).
 ISSUE_CONSUMER_METRICS = (
@@ -84,27 +90,6 @@ ISSUE_TRAINER_METRICS = (
     "segment_trainer_davies_bouldin", "segment_trainer_k", "segment_trainer_label_changes_total",
     "segment_trainer_last_publish_timestamp_seconds",
 )
-
-
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.fail(f"`{binary}` not found on PATH: {INSTALL_HINT}")
-    return path
-
-
-def run(
-    args: list[str], cwd: Path = ROOT, timeout: float = 60, **kw: Any
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
-
-
-def alert_rules() -> dict[str, dict[str, Any]]:
-    return {r["alert"]: r for g in load_yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r}
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -421,6 +406,7 @@ def scrape_registry(registry: Any) -> str:
 # =============================================================================================
 # Metrics that rarely move, made to move in-process (real Kafka and Redis)
 # =============================================================================================
+@pytest.mark.integration
 def test_trainer_metrics_move_on_publish_retrain_forced_publish_and_refusal(
     settings: Settings, store: ModelStore
 ) -> None:
@@ -460,6 +446,7 @@ def test_trainer_metrics_move_on_publish_retrain_forced_publish_and_refusal(
     assert value(after, "segment_trainer_duration_seconds_count") == 4
 
 
+@pytest.mark.integration
 def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
     settings: Settings, store: ModelStore
 ) -> None:
@@ -535,82 +522,7 @@ class FastDriftProducer(DemoProducer):
         super().send_one(now - DRIFT_WARP * (now - started))
 
 
-class Prometheus:
-    """Debian's prometheus started and stopped by scripts/stack.sh; queries over the HTTP API."""
 
-    def __init__(self, config: Path, port: int, stack_dir: Path) -> None:
-        self.config = config
-        self.port = port
-        self.env = {**os.environ, "PROM_PORT": str(port), "STACK_DIR": str(stack_dir),
-                    "PROM_READY_TIMEOUT": "30"}
-        self.pidfile = stack_dir / "prometheus.pid"
-
-    def start(self) -> None:
-        result = run(["bash", "scripts/stack.sh", "prometheus-up", str(self.config)], env=self.env)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def stop(self) -> None:
-        result = run(["bash", "scripts/stack.sh", "prometheus-down"], env=self.env)
-        if self.pidfile.exists():  # the script failed to stop it: do it here, by pid
-            pid = int(self.pidfile.read_text().strip() or 0)
-            if pid:
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        assert result.returncode == 0, result.stdout + result.stderr
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        assert data["resultType"] == "vector", (expr, data["resultType"])
-        return data["result"]
-
-    def scalar(self, expr: str) -> float:
-        result = self.query(expr)
-        assert len(result) == 1, (expr, result)
-        return float(result[0]["value"][1])
-
-
-
-
-def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that makes a ``python -m consumer|trainer`` process build ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}
-    for name in settings.model_fields_set:
-        v = getattr(settings, name)
-        env[f"SEG_{name.upper()}"] = (json.dumps(list(v) if isinstance(v, tuple) else v)
-                                      if isinstance(v, tuple | list | dict) else str(v))
-    env.update(extra)
-    return env
-
-
-class Process:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        return f"--- {self.name} (exit {self.proc.poll()}) {self.log}\n" + "\n".join(text)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
@@ -637,6 +549,7 @@ def selectors(expr: str) -> list[str]:
     return found
 
 
+@pytest.mark.integration
 def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_returns_data(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from confluent_kafka.admin import AdminClient
 from sklearn.metrics import adjusted_rand_score
 
@@ -13,7 +14,7 @@ from segmentation.cluster_metrics import nearest_two
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore, connect
-from tests.conftest import (
+from tests.support.stack import (
     customers,
     empty_redis,
     produce_events,
@@ -26,6 +27,8 @@ from tests.conftest import (
 )
 from trainer.pipeline import train_once
 from trainer.window import read_window
+
+pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
 
 def test_every_event_gets_an_output_and_segments_recover_the_known_clusters(
@@ -184,7 +187,7 @@ def test_make_run_demo_on_a_freshly_formatted_broker_scores_every_event_with_two
     import subprocess
     import sys
 
-    from tests.conftest import PrivateBroker, make_settings, settings_env
+    from tests.support.stack import PrivateBroker, make_settings, settings_env
 
     broker = PrivateBroker(tmp_path / "stack")
     broker.start()

@@ -22,7 +22,7 @@ from quality.k_table import window_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.features import FeatureSpec, fit_numeric
 from segmentation.settings import Settings
-from tests.test_hostile_input import NOW_MS, RULES, Msg
+from tests.support.messages import NOW_MS, SMALL_RULES, Msg
 from trainer.fit import fit_kmeans
 from trainer.pipeline import encode_window
 
@@ -116,7 +116,7 @@ def test_the_consumer_assigns_every_event_as_the_trainer_did_through_a_bundle_ro
     """The log choice and the clip bounds travel in the bundle: the consumer's ``score_batch``
     on the training events (absurd rows included) gives the trainer's own labels."""
     raw, _ = with_absurd_rows(1, n=60, d=2)
-    names = ("a", "b")  # the input contract of tests.test_hostile_input.RULES
+    names = ("a", "b")  # the input contract of tests.support.messages.SMALL_RULES
     settings = SETTINGS.model_copy(
         update={"features": tuple(names), "categorical": (), "log_features": ("b",)})
     window = window_of(raw, names)
@@ -134,7 +134,7 @@ def test_the_consumer_assigns_every_event_as_the_trainer_did_through_a_bundle_ro
     messages = [Msg(json.dumps({"customer_id": e.customer_id, "event_time": NOW_MS,
                                 "event_id": f"e-{i}", "features": e.features}).encode(), _offset=i)
                 for i, e in enumerate(window.events)]
-    batch = score_batch(messages, model, RULES, NOW_MS)
+    batch = score_batch(messages, model, SMALL_RULES, NOW_MS)
     assert not batch.dead_letters
     assigned = [json.loads(r.value or b"")["segment_id"] for r in batch.outputs]
     assert assigned == fit.labels.tolist()

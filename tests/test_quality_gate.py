@@ -43,8 +43,8 @@ from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
-from tests.conftest import free_port, produce_events
-from tests.test_monitoring import ALERTS, PROM_LOCAL, Process, Prometheus, load_yaml, need, settings_env
+from tests.support.prometheus import ALERTS, PROM_LOCAL, Process, Prometheus, load_yaml, need
+from tests.support.stack import free_port, produce_events, settings_env
 from trainer.pipeline import train_once
 
 SETTINGS = Settings()  # the defaults: what a deployment gets
@@ -258,6 +258,7 @@ class CollapsedProducer(DemoProducer):
         self.customers = people
 
 
+@pytest.mark.integration
 def test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_prometheus(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:

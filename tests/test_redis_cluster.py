@@ -19,8 +19,10 @@ from redis.cluster import RedisCluster
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment, CustomerStore
-from tests.conftest import customers, produce_events, read_outputs, running_consumer, sample, wait_until
+from tests.support.stack import customers, produce_events, read_outputs, running_consumer, sample, wait_until
 from trainer.pipeline import train_once
+
+pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from confluent_kafka import KafkaException
 
 from demo.generator import Customer, event_value
@@ -21,7 +22,7 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLog, read_registry, sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState, connect
-from tests.conftest import (
+from tests.support.stack import (
     active_version,
     customers,
     empty_redis,
@@ -34,6 +35,8 @@ from tests.conftest import (
 )
 from trainer.operations import pin, rollback
 from trainer.pipeline import train_once
+
+pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
 
 def segments_of(bundle: ModelBundle, population: list[Customer]) -> dict[int, tuple[int, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
-from tests.conftest import free_port
+from tests.support.stack import free_port
 from trainer.schedule import COLD_RETRY_S, Schedule, Signals, read_signals
 
 SETTINGS = Settings(train_interval_s=600, drift_retrain_after_s=60, drift_retrain_threshold=0.1)

@@ -5,9 +5,6 @@ No timing here: performance is measured by ``make bench`` only."""
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -20,77 +17,24 @@ from pydantic_core import to_json
 from consumer.online import OnlineKMeans
 from consumer.reporting import observe_all
 from consumer.scoring import (
-    ScoringRules,
     event_times_iso,
     json_number,
     json_string,
     output_value,
     score_batch,
 )
-from consumer.watcher import ActiveModel
-from demo.generator import event_value, make_customers
-from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
-from segmentation.features import fit_spec
+from segmentation.events import CustomerEvent, Rejection, event_time_iso
 from segmentation.settings import DEFAULT_FEATURES
-
-FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
-NOW_MS = 1_764_410_100_000
-CONTRACT = InputContract(DEFAULT_FEATURES, {f: (-1e12, 1e12) for f in DEFAULT_FEATURES},
-                         max_age_s=10 * 365 * 86400.0, max_skew_s=3600.0)
-
-
-@dataclass
-class Msg:
-    _value: bytes | None
-    _offset: int = 0
-    _key: bytes | None = b"k"
-    _headers: list[tuple[str, bytes]] | None = None
-
-    def topic(self) -> str:
-        return "in"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def headers(self) -> list[tuple[str, bytes]] | None:
-        return self._headers
-
-
-def demo_values(n: int, seed: int = 3) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    people = make_customers(200, rng)
-    when = datetime.fromtimestamp(NOW_MS / 1000, tz=UTC)
-    return [json.dumps(event_value(people[i % len(people)], rng, f"e-{i}", when)).encode()
-            for i in range(n)]
-
-
-def demo_model() -> ActiveModel:
-    events = [CustomerEvent.model_validate_json(v) for v in demo_values(2000, seed=4)]
-    spec = fit_spec(events, DEFAULT_FEATURES, ("channel",), "standard", categorical_weight=0.5)
-    x, _ = spec.encode(events)
-    centroids = x[np.random.default_rng(0).choice(len(x), 5, replace=False)]
-    bundle = ModelBundle(
-        version=3, features=spec, centroids=centroids.tolist(), segment_ids=[0, 1, 2, 7, 9],
-        segment_names=["Champions", 'quote " and \\ backslash', "é accents", "tab\there", "plain"],
-        quality=Quality(silhouette=0.5, davies_bouldin=0.5, inertia=1.0, shares=[0.2] * 5, sizes=[1] * 5),
-        lineage=Lineage(topic="t"),
-    )
-    return ActiveModel.of(bundle)
-
-
-MODEL = demo_model()
-RULES = ScoringRules(CONTRACT, "out", "dlq", 1_000_000)
+from tests.support.messages import (
+    DEMO_CONTRACT,
+    DEMO_MODEL,
+    DEMO_RULES,
+    FUZZ_EXAMPLES,
+    NOW_MS,
+    Msg,
+    demo_values,
+)
 
 
 def hostile(values: list[bytes]) -> list[bytes | None]:
@@ -119,24 +63,24 @@ def plain_output(event: CustomerEvent, segment: int, distance: float, scored_at:
     """The output contract as it was built before the fast path: a dict through ``to_json``."""
     return to_json({
         "customer_id": event.customer_id, "event_id": event.event_id,
-        "event_time": event_time_iso(event.event_ms), "segment_id": MODEL.bundle.segment_ids[segment],
-        "segment": MODEL.bundle.segment_names[segment], "distance": round(distance, 6),
-        "model_version": MODEL.version, "scored_at": scored_at,
+        "event_time": event_time_iso(event.event_ms), "segment_id": DEMO_MODEL.bundle.segment_ids[segment],
+        "segment": DEMO_MODEL.bundle.segment_names[segment], "distance": round(distance, 6),
+        "model_version": DEMO_MODEL.version, "scored_at": scored_at,
     })
 
 
 def test_the_fast_path_gives_the_same_assignments_and_bytes_as_one_message_at_a_time() -> None:
     messages = [Msg(v, i) for i, v in enumerate(hostile(demo_values(1500)))]
-    batch = score_batch(messages, MODEL, RULES, NOW_MS)
+    batch = score_batch(messages, DEMO_MODEL, DEMO_RULES, NOW_MS)
 
     expected: dict[int, bytes | str] = {}
     for msg in messages:
-        decoded = CONTRACT.decode_message(msg, NOW_MS)
+        decoded = DEMO_CONTRACT.decode_message(msg, NOW_MS)
         if isinstance(decoded, Rejection):
             expected[msg.offset()] = decoded.reason
             continue
-        x, _ = MODEL.bundle.features.encode([decoded])  # one event at a time
-        idx, d1, _ = nearest_two(x, MODEL.centroids)
+        x, _ = DEMO_MODEL.bundle.features.encode([decoded])  # one event at a time
+        idx, d1, _ = nearest_two(x, DEMO_MODEL.centroids)
         expected[msg.offset()] = plain_output(decoded, int(idx[0]), float(d1[0]), event_time_iso(NOW_MS))
 
     got: dict[int, bytes | str] = {}
@@ -152,13 +96,13 @@ def test_the_fast_path_gives_the_same_assignments_and_bytes_as_one_message_at_a_
 
 def test_the_fast_path_gives_the_same_encoding_as_encoding_one_by_one() -> None:
     messages = [Msg(v, i) for i, v in enumerate(demo_values(600))]
-    batch = score_batch(messages, MODEL, RULES, NOW_MS)
+    batch = score_batch(messages, DEMO_MODEL, DEMO_RULES, NOW_MS)
     one_by_one = np.vstack([
-        MODEL.bundle.features.encode([CustomerEvent.model_validate_json(m.value() or b"")])[0]
+        DEMO_MODEL.bundle.features.encode([CustomerEvent.model_validate_json(m.value() or b"")])[0]
         for m in messages
     ])
     np.testing.assert_allclose(batch.encoded, one_by_one, rtol=0, atol=1e-12)
-    assert batch.indices.tolist() == nearest_two(one_by_one, MODEL.centroids)[0].tolist()
+    assert batch.indices.tolist() == nearest_two(one_by_one, DEMO_MODEL.centroids)[0].tolist()
 
 
 NUMBER = st.one_of(
@@ -184,7 +128,8 @@ EVENT = st.fixed_dictionaries(
 def test_decoding_a_batch_is_decoding_each_message(events: list[dict[str, Any]]) -> None:
     values = [json.dumps(e, allow_nan=True).encode() for e in events]
     messages = [Msg(v, i) for i, v in enumerate(values)]
-    assert CONTRACT.decode_batch(messages, NOW_MS) == [CONTRACT.decode_message(m, NOW_MS) for m in messages]
+    one_by_one = [DEMO_CONTRACT.decode_message(m, NOW_MS) for m in messages]
+    assert DEMO_CONTRACT.decode_batch(messages, NOW_MS) == one_by_one
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
@@ -206,11 +151,11 @@ def test_an_output_value_is_the_dict_of_its_fields_through_to_json() -> None:
     event = CustomerEvent(customer_id='c"\u2028\x7f', event_time=NOW_MS, event_id=None, features={})
     for distance in (0.0, 1e-7, 0.4213, 123.4567891, 1e15, 1e300):
         scored_at = event_time_iso(NOW_MS)
-        assert output_value(event, NOW_MS, 1, MODEL.bundle.segment_names[1], distance, MODEL.version,
-                            scored_at) == to_json({
+        name = DEMO_MODEL.bundle.segment_names[1]
+        assert output_value(event, NOW_MS, 1, name, distance, DEMO_MODEL.version, scored_at) == to_json({
             "customer_id": event.customer_id, "event_id": None, "event_time": event_time_iso(NOW_MS),
-            "segment_id": 1, "segment": MODEL.bundle.segment_names[1], "distance": round(distance, 6),
-            "model_version": MODEL.version, "scored_at": scored_at,
+            "segment_id": 1, "segment": DEMO_MODEL.bundle.segment_names[1], "distance": round(distance, 6),
+            "model_version": DEMO_MODEL.version, "scored_at": scored_at,
         })
 
 
@@ -232,7 +177,7 @@ def test_the_online_step_is_scikit_learn_s_partial_fit_batch_after_batch(half_li
     from sklearn.cluster import MiniBatchKMeans
 
     rng = np.random.default_rng(5)
-    start = np.asarray(MODEL.centroids)
+    start = np.asarray(DEMO_MODEL.centroids)
     shares = np.full(5, 0.2)
     ours = OnlineKMeans(start, shares, half_life_events=half_life)
     plain = MiniBatchKMeans(n_clusters=5, init=start, n_init=1, reassignment_ratio=0.0, batch_size=256)
@@ -252,12 +197,13 @@ def test_the_online_step_is_scikit_learn_s_partial_fit_batch_after_batch(half_li
 @pytest.mark.parametrize("size", [1, 7, 500])
 def test_batch_size_does_not_change_assignments(size: int) -> None:
     messages = [Msg(v, i) for i, v in enumerate(demo_values(500))]
-    whole = score_batch(messages, MODEL, RULES, NOW_MS)
-    parts = [score_batch(messages[i:i + size], MODEL, RULES, NOW_MS) for i in range(0, 500, size)]
+    whole = score_batch(messages, DEMO_MODEL, DEMO_RULES, NOW_MS)
+    parts = [score_batch(messages[i:i + size], DEMO_MODEL, DEMO_RULES, NOW_MS) for i in range(0, 500, size)]
     assert [r.value for p in parts for r in p.outputs] == [r.value for r in whole.outputs]
 
 
 # --- overlapped delivery, against the real broker and Redis -------------------------------------
+@pytest.mark.integration
 def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_and_its_customers_written(
     settings_factory: Any,
 ) -> None:
@@ -269,7 +215,7 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     from segmentation.kafka import consumer_config
     from segmentation.metrics import ConsumerMetrics, TrainerMetrics
     from segmentation.store import CustomerStore, ModelStore, connect
-    from tests.conftest import customers, produce_events, read_outputs
+    from tests.support.stack import customers, produce_events, read_outputs
     from tests.test_consumer import committed
     from trainer.pipeline import train_once
 

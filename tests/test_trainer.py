@@ -38,7 +38,7 @@ from segmentation.model_log import sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, ReplicaStates, TrainerState, connect
 from segmentation.store.trainer_state import UNREADABLE_PIN
-from tests.conftest import (
+from tests.support.stack import (
     Received,
     customers,
     free_port,
@@ -56,6 +56,8 @@ from trainer.pipeline import RunResult, train_once
 from trainer.report import write_report
 from trainer.schedule import Schedule
 from trainer.window import read_window
+
+pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
 ONE_CHANNEL = tuple(Profile(p.name, p.means, ((p.channels[0][0], 1.0),)) for p in PROFILES)
 CHAMPIONS, LOYAL, NEWCOMERS, AT_RISK, BARGAIN = ONE_CHANNEL
