@@ -850,17 +850,16 @@ def test_trainer_keys_of_the_wrong_type_are_logged_counted_and_never_stop_a_run(
 def test_a_full_redis_refusing_the_lease_skips_the_run_instead_of_killing_the_trainer(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    """``maxmemory`` reached with nothing evictable: every write answers OOM, the lease's
-    ``SET NX`` included. The run is skipped, the errors logged and counted."""
+    """``maxmemory`` far below what Redis holds, nothing evictable: every write answers OOM, the
+    lease's ``SET NX`` included. The run is skipped, the errors logged and counted."""
     port = free_port()
-    server = start_redis(tmp_path, port, "--maxmemory", "10mb", "--maxmemory-policy", "noeviction")
+    server = start_redis(tmp_path, port, "--maxmemory-policy", "noeviction")
     try:
         settings = settings_factory(redis_url=f"redis://127.0.0.1:{port}/0")
         store = store_for(settings)
-        for size in (10_000, 1):  # fill it until it refuses even the smallest write
-            with pytest.raises(redis.ResponseError, match="maxmemory"):
-                for i in range(1_000_000):
-                    store.client.set(f"ballast-{size}-{i}", b"x" * size)
+        for i in range(5):  # 5 MB held, then a limit of 1 MB: full however memory moves
+            store.client.set(f"ballast-{i}", b"x" * 1_000_000)
+        store.client.config_set("maxmemory", "1mb")
         with pytest.raises(redis.ResponseError, match="maxmemory"):
             store.client.set(store.keys.lock, "even a small write")
         metrics = TrainerMetrics()

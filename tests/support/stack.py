@@ -293,7 +293,7 @@ class PrivateBroker:
         import os
         from pathlib import Path
 
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]  # tests/support/stack.py -> the repository
         self.script = root / "scripts" / "stack.sh"
         self.port = free_port()
         self.env = {**os.environ, "STACK_DIR": str(directory), "KAFKA_PORT": str(self.port),
