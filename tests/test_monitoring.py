@@ -52,11 +52,13 @@ from tests.support.prometheus import (
     PROM_LOCAL,
     ROOT,
     Process,
-    Prometheus,
     alert_rules,
     load_yaml,
+    local_prometheus,
     need,
     run,
+    start_trainer_and_consumer,
+    tails,
 )
 from tests.support.stack import (
     RunningConsumer,
@@ -65,7 +67,6 @@ from tests.support.stack import (
     produce_events,
     produce_raw,
     sample,
-    settings_env,
     wait_until,
 )
 from trainer.pipeline import train_once
@@ -559,30 +560,18 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
     # would reset the drift signals this test watches).
     settings = settings_factory(train_interval_s=3600, drift_retrain_after_s=3600)
     produce_events(settings, customers(1500))  # the undrifted history the first model learns
-    consumer_port, trainer_port, prom_port = free_port(), free_port(), free_port()
-
-    config = load_yaml(PROM_LOCAL)
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(ALERTS)]
-    ports = {"consumer": consumer_port, "trainer": trainer_port}
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-
+    ports = {"consumer": free_port(), "trainer": free_port()}
     processes: list[Process] = []
-    prometheus = Prometheus(tmp_path / "prometheus.yml", prom_port, tmp_path / "stack")
+    prometheus = local_prometheus(tmp_path, ports)
     producer = FastDriftProducer(settings, run_id="monitoring", rate=300.0, drift=True)
     producing = threading.Thread(target=producer.run, name="drift-producer", daemon=True)
     started = time.monotonic()
     try:
-        processes.append(Process("trainer", ["-m", "trainer", "run"], settings_env(
-            settings, SEG_METRICS_PORT=str(trainer_port), SEG_REPLICA_ID="trainer-0"), tmp_path))
-        processes.append(Process("consumer", ["-m", "consumer"], settings_env(
-            settings, SEG_METRICS_PORT=str(consumer_port), SEG_REPLICA_ID="consumer-0"), tmp_path))
+        start_trainer_and_consumer(processes, settings, ports, tmp_path)
         prometheus.start()
 
         def logs() -> str:
-            return "\n".join(p.tail() for p in processes)
+            return tails(processes)
 
         def both_up() -> bool:
             assert all(p.proc.poll() is None for p in processes), logs()

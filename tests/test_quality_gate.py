@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from demo.generator import PROFILES, Customer, Profile, make_customers
 from demo.producer import DemoProducer
@@ -43,8 +42,14 @@ from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
-from tests.support.prometheus import ALERTS, PROM_LOCAL, Process, Prometheus, load_yaml, need
-from tests.support.stack import free_port, produce_events, settings_env
+from tests.support.prometheus import (
+    Process,
+    local_prometheus,
+    need,
+    start_trainer_and_consumer,
+    tails,
+)
+from tests.support.stack import free_port, produce_events
 from trainer.pipeline import train_once
 
 SETTINGS = Settings()  # the defaults: what a deployment gets
@@ -286,28 +291,18 @@ def test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_pro
           f"{first.bundle.quality.davies_bouldin:.3f}; collapse {forced.bundle.quality.silhouette:.3f} / "
           f"{forced.bundle.quality.davies_bouldin:.3f}, refused by {[f.check for f in refusal.failures]}")
 
-    consumer_port, trainer_port, prom_port = free_port(), free_port(), free_port()
-    config = load_yaml(PROM_LOCAL)
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(ALERTS)]
-    ports = {"consumer": consumer_port, "trainer": trainer_port}
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    prometheus = Prometheus(tmp_path / "prometheus.yml", prom_port, tmp_path / "stack")
+    ports = {"consumer": free_port(), "trainer": free_port()}
+    prometheus = local_prometheus(tmp_path, ports)
     producer = CollapsedProducer(settings, collapsed)
     producing = threading.Thread(target=producer.run, name="collapse-producer", daemon=True)
     processes: list[Process] = []
     try:
-        processes.append(Process("trainer", ["-m", "trainer", "run"], settings_env(
-            settings, SEG_METRICS_PORT=str(trainer_port), SEG_REPLICA_ID="trainer-0"), tmp_path))
-        processes.append(Process("consumer", ["-m", "consumer"], settings_env(
-            settings, SEG_METRICS_PORT=str(consumer_port), SEG_REPLICA_ID="consumer-0"), tmp_path))
+        start_trainer_and_consumer(processes, settings, ports, tmp_path)
         prometheus.start()
         producing.start()
 
         def logs() -> str:
-            return "\n".join(p.tail() for p in processes)
+            return tails(processes)
 
         rules = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
         wanted = ("SegmentSilhouetteDrift", "PublishedModelBelowBaseline", "QualityGateFailing")

@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
+from segmentation.settings import Settings
+from tests.support.stack import free_port, settings_env
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 MONITORING = ROOT / "monitoring"
 ALERTS = MONITORING / "alerts.yml"
@@ -110,3 +113,30 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def local_prometheus(directory: Path, ports: dict[str, int]) -> Prometheus:
+    """A Prometheus on a free port that scrapes the ``consumer`` and ``trainer`` jobs at
+    ``ports`` every second, with the project's alert rules evaluated every second (not started)."""
+    config = load_yaml(PROM_LOCAL)
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(ALERTS)]
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    return Prometheus(directory / "prometheus.yml", free_port(), directory / "stack")
+
+
+def start_trainer_and_consumer(
+    processes: list[Process], settings: Settings, ports: dict[str, int], log_dir: Path
+) -> None:
+    """``python -m trainer run`` and ``python -m consumer`` serving metrics on ``ports``; each is
+    appended to ``processes`` as soon as it starts, so that the caller stops what did start."""
+    for name, args in (("trainer", ["-m", "trainer", "run"]), ("consumer", ["-m", "consumer"])):
+        env = settings_env(settings, SEG_METRICS_PORT=str(ports[name]), SEG_REPLICA_ID=f"{name}-0")
+        processes.append(Process(name, args, env, log_dir))
+
+
+def tails(processes: list[Process]) -> str:
+    """The last lines of every process' log, for an assertion message."""
+    return "\n".join(p.tail() for p in processes)
