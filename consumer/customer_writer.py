@@ -14,7 +14,7 @@ import redis
 
 from consumer.scoring import ScoredBatch
 from segmentation.metrics import ConsumerMetrics
-from segmentation.store import REDIS_ERRORS, CustomerStore, PartialWrite
+from segmentation.store import OUTAGE, CustomerStore, PartialWrite
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class CustomerWriter:
             self.metrics.redis_errors.labels("customer_write").inc()
             skipped = exc.failed if isinstance(exc, PartialWrite) else len(batch.customers)
             self.metrics.customer_writes_skipped.inc(skipped)
-            if not isinstance(exc, REDIS_ERRORS):
+            if not isinstance(exc, OUTAGE):
                 log.error("customer writes refused by Redis", extra={"error": str(exc)})
 
     def close(self) -> None:

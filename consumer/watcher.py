@@ -21,7 +21,7 @@ from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
 from segmentation.model_log import ModelLogError, read_registry, sync_store
 from segmentation.settings import Settings
-from segmentation.store import REDIS_ERRORS, ModelStore
+from segmentation.store import OUTAGE, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ModelWatcher:
         self._next_poll = now + self.settings.model_poll_s
         try:
             version = self.store.current_version()
-        except REDIS_ERRORS:
+        except OUTAGE:
             self.metrics.redis_errors.labels("model_poll").inc()
             return self.active is None and self._from_models_topic()
         except BundleError as exc:
@@ -82,7 +82,7 @@ class ModelWatcher:
             return False
         try:
             bundle = self.store.load(version)
-        except REDIS_ERRORS:
+        except OUTAGE:
             self.metrics.redis_errors.labels("model_load").inc()
             return False
         except BundleError as exc:
@@ -145,13 +145,13 @@ class ModelWatcher:
             while (message := self._pubsub.get_message(timeout=0.0)) is not None:
                 seen = seen or message.get("type") == "message"
             return seen
-        except REDIS_ERRORS:
+        except OUTAGE:
             self.metrics.redis_errors.labels("pubsub").inc()
             self.close()
             return False
 
     def close(self) -> None:
         if self._pubsub is not None:
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*OUTAGE):
                 self._pubsub.close()
             self._pubsub = None

@@ -25,11 +25,8 @@ from segmentation.store.models import ModelStore, PublishConflict
 from segmentation.store.replicas import ReplicaStates
 from segmentation.store.trainer_state import TrainerState
 
-# The consumer's name for the outage errors it rides out.
-REDIS_ERRORS = OUTAGE
-
 __all__ = [
-    "OUTAGE", "REDIS_ERRORS", "CustomerAssignment", "CustomerStore", "Keys", "ModelStore",
+    "OUTAGE", "CustomerAssignment", "CustomerStore", "Keys", "ModelStore",
     "PartialWrite", "PublishConflict", "RedisRefused", "ReplicaStates", "TrainerState",
     "best_effort", "check_redis", "connect", "connect_customers", "json_objects",
 ]
