@@ -7,8 +7,10 @@ decision is tested without Redis (``tests/test_schedule.py``)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from segmentation.settings import Settings
 from segmentation.store import OUTAGE, ModelStore, ReplicaStates, TrainerState
@@ -32,12 +34,28 @@ def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signa
     try:
         pinned = TrainerState.of(store, errors).pinned() is not None
         current = store.current_version()
-        drifts = [s.get("silhouette_drift") for s in ReplicaStates.of(store, errors).all()
-                  if s.get("model_version") == current]
+        states = ReplicaStates.of(store, errors).all()
     except OUTAGE:
         return None
-    worst = min((float(d) for d in drifts if isinstance(d, int | float)), default=0.0)
-    return Signals(pinned=pinned, has_model=current is not None, worst_drift=worst)
+    return Signals(pinned=pinned, has_model=current is not None,
+                   worst_drift=worst_drift(states, current))
+
+
+def worst_drift(states: list[dict[str, Any]], current: int | None) -> float:
+    """The lowest silhouette drift reported by a replica on the ``current`` model (0: none).
+    Replica states are untrusted: anything but a finite number is ignored.
+
+    >>> worst_drift([{"model_version": 2, "silhouette_drift": -0.3},
+    ...              {"model_version": 1, "silhouette_drift": -0.9},
+    ...              {"model_version": 2, "silhouette_drift": float("nan")},
+    ...              {"model_version": 2, "silhouette_drift": True},
+    ...              {"model_version": 2, "silhouette_drift": "-5"}], current=2)
+    -0.3
+    """
+    drifts = [s.get("silhouette_drift") for s in states if s.get("model_version") == current]
+    return min((float(d) for d in drifts
+                if isinstance(d, int | float) and not isinstance(d, bool) and math.isfinite(d)),
+               default=0.0)
 
 
 class Schedule:
