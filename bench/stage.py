@@ -40,6 +40,7 @@ def fresh_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "events_topic": f"bench{tag}-events", "segments_topic": f"bench{tag}-segments",
         "dlq_topic": f"bench{tag}-dlq", "models_topic": f"bench{tag}-models",
+        "changes_topic": f"bench{tag}-changes",
         "redis_prefix": f"bench{tag}", "consumer_group": f"bench{tag}", "replica_id": f"bench{tag}",
         "batch_timeout_s": 0.2, "log_level": "WARNING",
     }

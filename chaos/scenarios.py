@@ -22,7 +22,7 @@ from chaos.measure import Fault, ScenarioResult, count_delivery, count_processes
 from chaos.procs import ERROR_LINE, ConsumerPool, Proc, Procs
 from chaos.stack import PrivateStack
 from chaos.traffic import Collector, Observed, Traffic
-from segmentation.kafka import delete_topics, ensure_topics
+from segmentation.kafka import delete_topics, ensure_topics, project_topics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 
@@ -76,7 +76,7 @@ class ScenarioRun:
         values: dict[str, Any] = {
             "kafka_bootstrap": stack.bootstrap, "redis_url": stack.redis_url,
             "events_topic": f"{tag}-events", "segments_topic": f"{tag}-segments",
-            "dlq_topic": f"{tag}-dlq", "models_topic": f"{tag}-models",
+            "dlq_topic": f"{tag}-dlq", "models_topic": f"{tag}-models", "changes_topic": f"{tag}-changes",
             "consumer_group": f"{tag}-group", "redis_prefix": tag, "replica_id": tag,
             "transactional_id": tag, "delivery": mode, "model_poll_s": 1.0, "n_init": 4,
             **overrides,
@@ -215,8 +215,7 @@ class ScenarioRun:
             self._collector.join(10)
         self.traffic.flush(10)
         try:
-            delete_topics(self.settings, [self.settings.events_topic, self.settings.segments_topic,
-                                          self.settings.dlq_topic, self.settings.models_topic])
+            delete_topics(self.settings, project_topics(self.settings))
         except Exception as exc:  # noqa: BLE001 - cleanup only; the disk is wiped on the next run
             self.note(f"topics not deleted: {exc}")
 

@@ -146,8 +146,13 @@ def _produce(
     """Enqueue one record; returns the error when librdkafka refuses it at once."""
     while True:
         try:
-            producer.produce(record.topic, key=record.key, value=record.value,
-                             headers=record.headers or None, on_delivery=on_delivery)
+            if record.partition is None:
+                producer.produce(record.topic, key=record.key, value=record.value,
+                                 headers=record.headers or None, on_delivery=on_delivery)
+            else:
+                producer.produce(record.topic, key=record.key, value=record.value,
+                                 partition=record.partition, headers=record.headers or None,
+                                 on_delivery=on_delivery)
             return None
         except BufferError:
             producer.poll(0.05)  # local queue full: serve delivery reports, then retry

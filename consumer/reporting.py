@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -58,11 +59,13 @@ class Reporter:
                 if n:
                     m.assignments.labels(str(model.bundle.segment_ids[i])).inc(n)
             observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
+        for cause in batch.causes:
+            m.changes.labels(cause).inc()
         m.batch_duration.observe(time.monotonic() - started)
 
     def report(
         self, model: ActiveModel | None, learner: Learner, assigned: set[tuple[str, int]],
-        force: bool = False,
+        challenger: dict[str, Any] | None = None, force: bool = False,
     ) -> None:
         """Lag, quality and replica state, when ``REPORT_EVERY_S`` has passed (or ``force``)."""
         now = time.monotonic()
@@ -75,7 +78,7 @@ class Reporter:
             return
         simplified, sampled, drift = self._report_quality(model, quality)
         self._report_centroids(model, online)
-        self._publish_replica_state(model, online, simplified, sampled, drift)
+        self._publish_replica_state(model, online, simplified, sampled, drift, challenger)
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Partitions this replica no longer owns: their lag is another member's to report."""
@@ -110,7 +113,7 @@ class Reporter:
 
     def _publish_replica_state(
         self, model: ActiveModel, online: OnlineKMeans, simplified: float | None,
-        sampled: float | None, drift: float | None,
+        sampled: float | None, drift: float | None, challenger: dict[str, Any] | None,
     ) -> None:
         state = {
             "replica": self.replica_id, "model_version": model.version,
@@ -118,7 +121,7 @@ class Reporter:
             "online_centroids": online.centroids.tolist(), "counts": online.counts.tolist(),
             "segment_ids": model.bundle.segment_ids,
             "silhouette_simplified": simplified, "silhouette_sampled": sampled,
-            "silhouette_drift": drift,
+            "silhouette_drift": drift, "challenger": challenger,
         }
         replicas = ReplicaStates.of(self.store, self.metrics.redis_errors)
         best_effort("replica_state", lambda: replicas.put(self.replica_id, state, ttl_s=120), None,

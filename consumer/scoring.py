@@ -18,6 +18,7 @@ from pydantic_core import to_json
 from consumer.watcher import ActiveModel
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
+from segmentation.metrics import ChangeCause
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment
 
@@ -44,6 +45,7 @@ class OutRecord:
     value: bytes | None
     headers: Headers
     source: Message | None = None  # the consumed message this record answers
+    partition: int | None = None  # None: the producer's partitioner (by key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +73,27 @@ class ScoringRules:
         return dead_letter(record.source, rejection, self.dlq_topic, self.max_record_bytes, error)
 
 
+@dataclass(frozen=True)
+class ShadowScores:
+    """The challenger's assignment of a batch's scored events (row for row)."""
+
+    challenger: int  # version
+    champion: int  # the version that scored the batch
+    indices: np.ndarray
+    nearest: np.ndarray
+    second: np.ndarray
+
+
 @dataclass
 class ScoredBatch:
     outputs: list[OutRecord] = field(default_factory=list)
     dead_letters: list[OutRecord] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     customers: list[CustomerAssignment] = field(default_factory=list)
+    events: list[CustomerEvent] = field(default_factory=list)  # the scored events, as outputs
+    changes: list[OutRecord] = field(default_factory=list)  # segment changes (``consumer.changes``)
+    causes: list[ChangeCause] = field(default_factory=list)  # each change's cause
+    shadow: ShadowScores | None = None  # the challenger's assignment (``consumer.shadow``)
     encoded: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     nearest: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -86,7 +103,7 @@ class ScoredBatch:
 
     @property
     def records(self) -> list[OutRecord]:
-        return self.outputs + self.dead_letters
+        return self.outputs + self.dead_letters + self.changes
 
     def reject(self, record: OutRecord, reason: str) -> None:
         self.dead_letters.append(record)
@@ -99,6 +116,7 @@ class ScoredBatch:
         first = not self.outputs
         self.outputs += other.outputs
         self.customers += other.customers
+        self.events += other.events
         self.unknown_categories += other.unknown_categories
         for name in ("encoded", "indices", "nearest", "second", "event_ms"):
             mine, theirs = getattr(self, name), getattr(other, name)
@@ -285,6 +303,7 @@ def assign_events(
     segment_ids = [model.bundle.segment_ids[i] for i in idx.tolist()]
     batch.outputs = [OutRecord(topic, e.customer_id.encode(), v, [], m)
                      for e, v, m in zip(events, values, sources, strict=True)]
+    batch.events = list(events)
     batch.customers = [
         CustomerAssignment(customer_id=e.customer_id, event_ms=ms, offset=int(m.offset() or 0),
                            segment_id=sid, segment=names[i], model_version=version,

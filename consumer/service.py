@@ -20,7 +20,13 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from consumer.delivery import EXIT_STALLED, AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
 from consumer.loop import ConsumeLoop
 from segmentation import logs
-from segmentation.kafka import consumer_config, ensure_topics, producer_config
+from segmentation.kafka import (
+    NotCoPartitioned,
+    check_co_partitioned,
+    consumer_config,
+    ensure_topics,
+    producer_config,
+)
 from segmentation.metrics import ConsumerMetrics, serve
 from segmentation.settings import Settings, load_settings
 from segmentation.store import CustomerStore, ModelStore, RedisRefused, check_redis, connect
@@ -107,8 +113,12 @@ def main() -> int:
     metrics = ConsumerMetrics()
     try:
         ensure_topics(settings)
+        check_co_partitioned(settings)
         consumer = Consumer(consumer_config(settings, settings.exactly_once))
         delivery = build_delivery(settings, consumer)
+    except NotCoPartitioned as exc:
+        log.error(f"cannot start: {exc}")
+        return EXIT_SETTINGS
     except KafkaException as exc:  # broker unreachable, not authorised, transactions refused
         log.error("cannot start: Kafka refused the setup", extra={"error": str(exc)})
         return EXIT_KAFKA_FATAL

@@ -25,6 +25,8 @@ from segmentation.store import OUTAGE, ModelStore
 
 log = logging.getLogger(__name__)
 
+RECENT_MODELS = 8  # models kept in memory to tell why a customer's segment changed
+
 
 @dataclass(frozen=True)
 class ActiveModel:
@@ -51,18 +53,27 @@ class ModelWatcher:
         self.store = store
         self.metrics = metrics
         self.active: ActiveModel | None = None
+        self.challenger: ActiveModel | None = None  # scored in the shadow, never emitted
+        self._recent: dict[int, ActiveModel] = {}  # models swapped in lately, by version
+        self._unloadable: dict[int, float] = {}  # version -> when to try loading it again
         self._rejected: set[int] = set()
         self._pubsub: PubSub | None = None
         self._next_poll = 0.0
         self._next_restore = 0.0
 
     def refresh(self, force_poll: bool = False) -> bool:
-        """Look for a newer version (notification or due poll); True if the model changed."""
+        """Look for a newer version and for the challenger (notification or due poll); True if
+        the model in use changed."""
         notified = self._notified()
         now = time.monotonic()
         if not (notified or force_poll or now >= self._next_poll or self.active is None):
             return False
         self._next_poll = now + self.settings.model_poll_s
+        changed = self._refresh_current()
+        self._refresh_challenger()
+        return changed
+
+    def _refresh_current(self) -> bool:
         try:
             version = self.store.current_version()
         except OUTAGE:
@@ -89,6 +100,66 @@ class ModelWatcher:
             self._reject(version, str(exc))
             return False
         return self._activate(bundle)
+
+    def _refresh_challenger(self) -> None:
+        """The challenger in Redis, if it challenges the model in use: trained against it (its
+        base) and newer. Anything else (none, stale, invalid, incompatible) means none."""
+        if self.active is None:
+            self._set_challenger(None)
+            return
+        try:
+            bundle = self.store.challenger()
+        except OUTAGE:
+            self.metrics.redis_errors.labels("model_poll").inc()
+            return  # keep what is scored in the shadow until Redis answers again
+        except BundleError as exc:
+            self._set_challenger(None, f"challenger rejected: {exc}")
+            return
+        if bundle is None or (self.challenger is not None and bundle.version == self.challenger.version):
+            if bundle is None:
+                self._set_challenger(None)
+            return
+        if bundle.previous_version != self.active.version or bundle.version <= self.active.version:
+            self._set_challenger(None, f"challenger v{bundle.version} was trained against "
+                                       f"v{bundle.previous_version}, not v{self.active.version} in use")
+            return
+        try:
+            bundle.check_compatible(self.settings.features, self.settings.categorical)
+        except BundleError as exc:
+            self._set_challenger(None, f"challenger rejected: {exc}")
+            return
+        self._set_challenger(ActiveModel.of(bundle))
+
+    def _set_challenger(self, challenger: ActiveModel | None, reason: str = "") -> None:
+        before = self.challenger.version if self.challenger else None
+        after = challenger.version if challenger else None
+        self.challenger = challenger
+        if before == after:
+            return
+        self.metrics.challenger_version.set(after or 0)
+        log.info("challenger changed", extra={"from_version": before, "to_version": after,
+                                              "reason": reason or None})
+
+    def model_of(self, version: int) -> ActiveModel | None:
+        """A model this consumer swapped in lately, or any published version loaded from Redis
+        (None when it cannot be: tried again a minute later)."""
+        if version in self._recent:
+            return self._recent[version]
+        if time.monotonic() < self._unloadable.get(version, 0.0):
+            return None
+        try:
+            model = ActiveModel.of(self.store.load(version))
+        except (*OUTAGE, BundleError) as exc:
+            self._unloadable[version] = time.monotonic() + 60.0
+            log.warning("earlier model not loadable", extra={"version": version, "error": str(exc)})
+            return None
+        self._remember(model)
+        return model
+
+    def _remember(self, model: ActiveModel) -> None:
+        self._recent[model.version] = model
+        while len(self._recent) > RECENT_MODELS:
+            del self._recent[min(self._recent)]
 
     def _from_models_topic(self) -> bool:
         """No model in Redis (emptied, restarted without data, unreachable) and none in use: take
@@ -120,6 +191,9 @@ class ModelWatcher:
             return False
         previous = self.active.version if self.active else None
         self.active = ActiveModel.of(bundle)
+        self._remember(self.active)
+        if self.challenger is not None and self.challenger.version <= bundle.version:
+            self._set_challenger(None, f"v{bundle.version} is in use")
         self.metrics.model_version.set(bundle.version)
         self.metrics.model_created_at = bundle.created_at.timestamp()
         self.metrics.silhouette_baseline.set(baseline_of(bundle).silhouette)

@@ -3,7 +3,12 @@
 ``python -m demo.producer`` runs it alone (``DEMO_RATE``, ``DEMO_CUSTOMERS``, ``DEMO_MALFORMED``,
 ``DURATION``, ``DEMO_DRIFT``). With ``DEMO_DRIFT=1`` the "bargain hunters" segment drifts: its
 basket value and sessions grow steadily (by 2% per second of drift time, up to x4), towards
-another segment, which is what the drift metrics and alerts must catch.
+another segment, which is what the drift metrics and alerts must catch. With ``lapse`` as well
+(``make run`` turns both on with ``DEMO_DRIFT=1``) customers change segments, which is what the
+segment-change events must show: one champion in five lapses (over ``LAPSE_S`` seconds their
+features move to the "at risk" profile's: ``behaviour`` changes), and only half of the bargain
+hunters drift, so that retrains move the segment away from the half that stays (``model``
+changes).
 """
 
 from __future__ import annotations
@@ -18,11 +23,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from confluent_kafka import Producer
 
-from demo.generator import FEATURES, MALFORMED_KINDS, Customer, event_value, make_customers, malformed_value
+from demo.generator import (
+    FEATURES,
+    MALFORMED_KINDS,
+    PROFILES,
+    Customer,
+    event_value,
+    make_customers,
+    malformed_value,
+)
 from segmentation.kafka import producer_config
 from segmentation.settings import Settings, load_settings
 
 DRIFT_SEGMENT = 4  # bargain hunters
+LAPSING_SEGMENT, LAPSED_PROFILE = 0, 3  # champions becoming at risk
+LAPSE_EVERY = 5  # one customer of the lapsing segment in this many lapses
+LAPSE_S = 60.0
 
 
 @dataclass
@@ -51,16 +67,45 @@ def drift_shift(elapsed_s: float) -> np.ndarray:
     return shift
 
 
+def lapse_shift(customer: Customer, elapsed_s: float) -> np.ndarray:
+    """Feature multipliers that take a lapsing customer from their own centre to the lapsed
+    profile's means, linearly over ``LAPSE_S`` seconds.
+
+    >>> from demo.generator import PROFILES
+    >>> c = Customer("c-0", 0, np.asarray(PROFILES[0].means, dtype=float), "app")
+    >>> lapse_shift(c, 0.0).tolist() == [1.0] * 6
+    True
+    >>> (c.centre * lapse_shift(c, LAPSE_S)).tolist() == list(PROFILES[LAPSED_PROFILE].means)
+    True
+    """
+    f = min(elapsed_s / LAPSE_S, 1.0)
+    target = np.asarray(PROFILES[LAPSED_PROFILE].means, dtype=float)
+    return ((1 - f) * customer.centre + f * target) / customer.centre
+
+
+def lapses(customer: Customer) -> bool:
+    """Whether ``customer`` is one of the lapsing champions (every ``LAPSE_EVERY``-th)."""
+    return customer.segment == LAPSING_SEGMENT and int(customer.customer_id.rsplit("-", 1)[1]) % (
+        LAPSE_EVERY * len(PROFILES)) == 0
+
+
+def stays(customer: Customer) -> bool:
+    """Whether ``customer`` is in the half of the drifting segment that does not drift when
+    customers lapse too."""
+    return int(customer.customer_id.rsplit("-", 1)[1]) % (2 * len(PROFILES)) < len(PROFILES)
+
+
 class DemoProducer:
     def __init__(
         self, settings: Settings, run_id: str, rate: float = 300.0, customers: int = 3000,
-        malformed_every: int = 100, drift: bool = False, seed: int = 7,
+        malformed_every: int = 100, drift: bool = False, seed: int = 7, lapse: bool = False,
     ) -> None:
         self.settings = settings
         self.run_id = run_id
         self.rate = rate
         self.malformed_every = malformed_every
         self.drift = drift
+        self.lapse = lapse
         self.rng = np.random.default_rng(seed)
         self.customers: list[Customer] = make_customers(customers, self.rng)
         self.producer = Producer(producer_config(settings))
@@ -83,8 +128,10 @@ class DemoProducer:
             self.stats.malformed[kind] += 1
         else:
             shift = None
-            if self.drift and customer.segment == DRIFT_SEGMENT:
+            if self.drift and customer.segment == DRIFT_SEGMENT and not (self.lapse and stays(customer)):
                 shift = drift_shift(time.monotonic() - started)
+            elif self.lapse and lapses(customer):
+                shift = lapse_shift(customer, time.monotonic() - started)
             value = json.dumps(event_value(customer, self.rng, event_id, shift=shift)).encode()
             self.stats.valid += 1
         self.producer.produce(self.settings.events_topic, key=customer.customer_id.encode(),
@@ -115,6 +162,7 @@ def main() -> int:
         rate=float(os.environ.get("DEMO_RATE", "300")),
         customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
         drift=os.environ.get("DEMO_DRIFT", "0") == "1",
+        lapse=os.environ.get("DEMO_DRIFT", "0") == "1",
     )
     try:
         stats = producer.run(duration)

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from demo.producer import DemoProducer
 from segmentation.kafka import client_common, ensure_topics, retrying
+from segmentation.metrics import CHANGE_CAUSES
 from segmentation.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,7 @@ class Observed:
     by_version: Counter[int] = field(default_factory=Counter)
     by_segment: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)
+    changes: Counter[str] = field(default_factory=Counter)  # segment changes by cause
     duplicates: int = 0
 
 
@@ -54,7 +56,10 @@ class Subscriber(threading.Thread):
             **client_common(settings), "group.id": f"demo-subscriber-{run_id}",
             "enable.auto.commit": False, "isolation.level": "read_committed",
         })
-        self.consumer.assign(self._from_end([settings.segments_topic, settings.dlq_topic]))
+        topics = [settings.segments_topic, settings.dlq_topic]
+        if settings.changes_topic is not None:
+            topics.append(settings.changes_topic)
+        self.consumer.assign(self._from_end(topics))
 
     def _from_end(self, topics: list[str]) -> list[TopicPartition]:
         assignment = []
@@ -88,6 +93,9 @@ class Subscriber(threading.Thread):
             event_id = record.get("event_id") or ""
             if not event_id.startswith(self.run_id + "-"):
                 return
+            if topic == self.settings.changes_topic:
+                self.observed.changes[record["cause"]] += 1
+                return
             if event_id in self.observed.event_ids:
                 self.observed.duplicates += 1
                 return
@@ -111,7 +119,8 @@ def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate
     return (f"[{elapsed:5.0f}s] produced {producer.stats.sent} "
             f"({sum(producer.stats.malformed.values())} malformed) | scored "
             f"{len(observed.event_ids)} ({rate:.0f}/s) | model v{version} | segments {segments or '-'}"
-            f" | dead letters {sum(observed.dead_letters.values())}")
+            f" | dead letters {sum(observed.dead_letters.values())}"
+            f" | changes {sum(observed.changes.values())}")
 
 
 def main() -> int:
@@ -146,6 +155,7 @@ def demo(
         settings, run_id, rate=float(os.environ.get("DEMO_RATE", "300")),
         customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
         drift=os.environ.get("DEMO_DRIFT", "0") == "1",
+        lapse=os.environ.get("DEMO_DRIFT", "0") == "1",
     )
     producing = threading.Thread(target=producer.run, args=(duration,), daemon=True)
     interrupted = threading.Event()
@@ -221,6 +231,8 @@ def print_summary(
     print("  by model      " + ", ".join(f"v{v}: {n}" for v, n in sorted(observed.by_version.items())))
     print(f"  dead letters  {dead} {dict(observed.dead_letters)} "
           f"{'== malformed sent' if dead == malformed else f'!= {malformed} malformed sent'}")
+    print("  changes       " + (", ".join(f"{cause} {observed.changes[cause]}" for cause in CHANGE_CAUSES
+                                         if observed.changes[cause]) or "none"))
     print("  segments")
     for name, n in sorted(observed.by_segment.items(), key=lambda kv: int(kv[0].split()[0])):
         print(f"    {n:>7}  {name}")

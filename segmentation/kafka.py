@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from segmentation.settings import Settings
@@ -69,6 +69,55 @@ def retrying(call: Callable[[], T], what: str, timeout_s: float = 60.0) -> T:
             log.warning("transient Kafka error; retrying", extra={"call": what, "error": error.str()})
 
 
+class ReadIncomplete(RuntimeError):
+    """A topic could not be read to its end within the time allowed."""
+
+
+def read_to_end(consumer: Consumer, topic: str, partitions: Iterable[int],
+                timeout_s: float) -> Iterator[Message]:
+    """Every record of ``partitions`` of ``topic``, from the first retained one to the end offset
+    at the call (under ``read_committed``, the last stable offset), with ``consumer`` (a
+    ``reader_config`` consumer, partition EOF on); ``ReadIncomplete`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    ends: dict[int, tuple[int, int]] = {}
+    for p in partitions:
+        low, high = _watermarks(consumer, TopicPartition(topic, p), timeout_s)
+        if high > low:
+            ends[p] = (low, high)
+    if not ends:
+        return
+    consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
+    remaining = set(ends)
+    try:
+        while remaining:
+            if time.monotonic() > deadline:
+                raise ReadIncomplete(f"{topic} partitions {sorted(remaining)} not read to the end "
+                                     f"in {timeout_s:g}s")
+            for msg in consumer.consume(num_messages=500, timeout=0.5):
+                p, err = int(msg.partition() or 0), msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        remaining.discard(p)
+                    elif not is_transient(err):
+                        raise KafkaException(err)
+                    continue
+                offset = int(msg.offset() or 0)
+                if p not in remaining or offset >= ends[p][1]:
+                    remaining.discard(p)
+                    continue
+                yield msg
+                if offset + 1 >= ends[p][1]:
+                    remaining.discard(p)
+    finally:
+        consumer.unassign()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
+    low, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False),
+                         f"{tp.topic} watermarks", timeout_s)
+    return int(low), int(high)
+
+
 def client_common(settings: Settings) -> dict[str, Any]:
     """What every client gets: the shared options, and librdkafka's own log lines routed through
     the project's logger (so ``SEG_LOG_JSON=true`` output stays one JSON object per line)."""
@@ -125,10 +174,11 @@ def reader_config(settings: Settings, purpose: str) -> dict[str, Any]:
     return conf
 
 
-def topic_specs(settings: Settings) -> list[NewTopic]:
-    """The topics this project owns, with explicit settings."""
+def topic_specs(settings: Settings, changes_partitions: int | None = None) -> list[NewTopic]:
+    """The topics this project owns, with explicit settings (the changes topic gets
+    ``changes_partitions``, the input topic's count when it exists already)."""
     week = str(7 * 24 * 3600 * 1000)
-    return [
+    topics = [
         NewTopic(settings.events_topic, settings.events_partitions, 1,
                  config={"retention.ms": week}),
         NewTopic(settings.segments_topic, settings.events_partitions, 1,
@@ -137,14 +187,49 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         NewTopic(settings.models_topic, 1, 1,
                  config={"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}),
     ]
+    if settings.changes_topic is not None:
+        # Co-partitioned with the input: a change goes to its event's partition number, and the
+        # member owning that input partition rebuilds its customers' last segments from it.
+        topics.append(NewTopic(settings.changes_topic, changes_partitions or settings.events_partitions, 1,
+                               config={"cleanup.policy": "compact"}))
+    return topics
+
+
+def project_topics(settings: Settings) -> list[str]:
+    """The names of the topics this project owns (``topic_specs``)."""
+    return [t.topic for t in topic_specs(settings)]
+
+
+class NotCoPartitioned(ValueError):
+    """The changes topic does not have the input topic's partition count."""
+
+
+def check_co_partitioned(settings: Settings, timeout_s: float = 30.0) -> None:
+    """``NotCoPartitioned`` unless the changes topic has exactly as many partitions as the input
+    (each input partition's changes live in the partition of the same number)."""
+    if settings.changes_topic is None:
+        return
+    admin = AdminClient(client_common(settings))
+    listed = retrying(lambda: admin.list_topics(timeout=timeout_s), "list_topics", 60.0).topics
+    counts = {t: len(listed[t].partitions) if t in listed else 0
+              for t in (settings.events_topic, settings.changes_topic)}
+    if counts[settings.events_topic] != counts[settings.changes_topic]:
+        raise NotCoPartitioned(
+            f"{settings.changes_topic} has {counts[settings.changes_topic]} partitions and "
+            f"{settings.events_topic} {counts[settings.events_topic]}: they must be equal (recreate "
+            f"{settings.changes_topic} with {counts[settings.events_topic]} partitions, or set "
+            "SEG_CHANGES_TOPIC=null)"
+        )
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are."""
     admin = AdminClient(client_common(settings))
     # a broker still starting (compose, a restart) answers with transient errors for a while
-    existing = set(retrying(lambda: admin.list_topics(timeout=timeout_s), "list_topics", 60.0).topics)
-    missing = [t for t in topic_specs(settings) if t.topic not in existing]
+    existing = retrying(lambda: admin.list_topics(timeout=timeout_s), "list_topics", 60.0).topics
+    events = existing.get(settings.events_topic)
+    specs = topic_specs(settings, len(events.partitions) if events is not None else None)
+    missing = [t for t in specs if t.topic not in existing]
     if not missing:
         return []
     created = []

@@ -39,14 +39,20 @@ REDIS_OPERATIONS: tuple[RedisOperation, ...] = (
 TRAINER_REDIS_OPERATIONS: tuple[RedisOperation, ...] = ("lease", "pinned", "run_log", "replica_state")
 # How a trainer run ended, and the quality gate's checks: typed vocabularies (a typo is a mypy
 # error, not a silently new label value).
-RunOutcome = Literal["published", "rejected", "failed", "skipped"]
+RunOutcome = Literal["published", "challenger", "rejected", "failed", "skipped"]
+# What happened to a challenger (a candidate scored in the shadow before it may go live).
+ChallengerAction = Literal["published", "promoted", "discarded", "stale"]
 GateCheck = Literal[
     "finite", "min_share", "separation", "spread_separation", "min_silhouette",
     "max_davies_bouldin", "silhouette", "silhouette_drop", "davies_bouldin_rise",
 ]
 RUN_RESULTS: tuple[RunOutcome, ...] = get_args(RunOutcome)
 GATE_CHECKS: tuple[GateCheck, ...] = get_args(GateCheck)
+CHALLENGER_ACTIONS: tuple[ChallengerAction, ...] = get_args(ChallengerAction)
 LABEL_CHANGE_KINDS = ("matched", "new", "retired")
+# Why a customer's segment changed (consumer.changes).
+ChangeCause = Literal["initial", "behaviour", "model", "unknown"]
+CHANGE_CAUSES: tuple[ChangeCause, ...] = get_args(ChangeCause)
 
 
 def _initialise(metric: Counter | Gauge, values: tuple[str, ...]) -> None:
@@ -137,9 +143,54 @@ class ConsumerMetrics:
             registry=r,
         )
         self.up = Gauge("segment_consumer_up", "1 while the consumer loop runs", registry=r)
+        self.changes = Counter(
+            "segment_changes",
+            "Segment change records emitted, by cause (initial, behaviour, model, unknown)",
+            ["cause"], registry=r,
+        )
+        self.change_late_events = Counter(
+            "segment_change_late_events",
+            "Events older than the newest seen for their customer: scored, never a change",
+            registry=r,
+        )
+        self.change_restores = Counter(
+            "segment_change_restores",
+            "Rebuilds of partitions' recorded segments from the changes topic (done, failed)",
+            ["result"], registry=r,
+        )
+        self.change_restore_duration = Histogram(
+            "segment_change_restore_duration_seconds",
+            "Wall time to rebuild partitions' recorded segments from the changes topic",
+            registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.change_records_invalid = Counter(
+            "segment_change_records_invalid",
+            "Records of the changes topic that are not segment changes (skipped on rebuild)",
+            registry=r,
+        )
+        self.change_state_customers = Gauge(
+            "segment_change_state_customers",
+            "Customers whose last segment this replica holds (its partitions)", registry=r,
+        )
+        self.challenger_version = Gauge(
+            "segment_challenger_version", "Challenger model scored in the shadow (0: none)",
+            registry=r,
+        )
+        self.challenger_migrations = Counter(
+            "segment_challenger_migrations",
+            "Events by the champion's segment and the challenger's segment for the same event",
+            ["from_segment_id", "to_segment_id"], registry=r,
+        )
+        self.challenger_agreement = Gauge(
+            "segment_challenger_agreement_ratio",
+            "Share of events since the challenger appeared that it puts in the champion's segment",
+            registry=r,
+        )
         _initialise(self.events, OUTCOMES)
         _initialise(self.dead_letters, REASONS)
         _initialise(self.redis_errors, REDIS_OPERATIONS)
+        _initialise(self.changes, CHANGE_CAUSES)
+        _initialise(self.change_restores, ("done", "failed"))
 
     def _model_age(self) -> float:
         if not self.model_created_at:
@@ -151,8 +202,14 @@ class TrainerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.runs = Counter(
-            "segment_trainer_runs", "Training runs by result (published, rejected, failed, skipped)",
+            "segment_trainer_runs",
+            "Training runs by result (published, challenger, rejected, failed, skipped)",
             ["result"], registry=r,
+        )
+        self.challenger = Counter(
+            "segment_trainer_challenger",
+            "Challengers by what happened to them (published as challenger, promoted, discarded, "
+            "stale: cleared because another model became current)", ["action"], registry=r,
         )
         self.gate_refusals = Counter(
             "segment_trainer_gate_refusals", "Quality-gate refusals by check", ["check"],
@@ -201,6 +258,7 @@ class TrainerMetrics:
             registry=r,
         )
         _initialise(self.runs, RUN_RESULTS)
+        _initialise(self.challenger, CHALLENGER_ACTIONS)
         _initialise(self.redis_errors, TRAINER_REDIS_OPERATIONS)
         _initialise(self.gate_refusals, GATE_CHECKS)
         _initialise(self.gate_failing, GATE_CHECKS)

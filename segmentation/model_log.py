@@ -3,36 +3,43 @@ and of the registry around it. Redis is a cache of it that rebuilds itself from 
 
 Records (one partition, so their order is the publish order)::
 
-    v<N>      the bundle of version N (JSON), written once; a tombstone if it lost the race
-    current   {"version": N}: the version consumers must score with
-    pinned    {"version": N} while a rollback holds scheduled retrains; {"version": null} after
+    v<N>        the bundle of version N (JSON), written once; a tombstone if it lost the race
+    current     {"version": N}: the version consumers must score with
+    pinned      {"version": N} while a rollback holds scheduled retrains; {"version": null} after
+    challenger  the challenger's bundle (JSON), scored by consumers in the shadow of the current
+                model; a tombstone once it is promoted or discarded
+    reserved    {"version": N, "next_segment_id": M}: the trainer's counters when the challenger
+                slot last changed (a discarded challenger's version and ids leave no other trace
+                once compaction has removed its record)
 
-Everything else the registry needs is derived from the bundles: the next version is one more
-than the highest version ever published, the next fresh segment id one more than the highest id
-any bundle ever carried (so ids are never reused), and names and retired ids are in the bundles'
-label mappings. A record read back is untrusted input: a bundle that fails validation is skipped
-(and counted), never used.
+Everything else the registry needs is derived from these: the next version is one more than the
+highest version ever published, held by the challenger or reserved, the next fresh segment id one
+more than the highest id any of those carried (so versions and ids are never reused), and names
+and retired ids are in the bundles' label mappings. A record read back is untrusted input: a
+bundle that fails validation is skipped (and counted), never used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.kafka import is_transient, producer_config, reader_config, retrying
+from segmentation.kafka import ReadIncomplete, producer_config, read_to_end, reader_config, retrying
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
+from segmentation.store.models import Counters
 
 log = logging.getLogger(__name__)
 
 MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
 CURRENT = "current"
 PINNED = "pinned"
+CHALLENGER = "challenger"
+RESERVED = "reserved"
 
 
 class ModelLogError(RuntimeError):
@@ -46,28 +53,43 @@ class Registry:
     bundles: dict[int, ModelBundle] = field(default_factory=dict)
     current: int | None = None
     pinned: int | None = None
+    challenger: ModelBundle | None = None
+    reserved: Counters = Counters(0, 0)
     end_offset: int = 0
     invalid_records: int = 0
 
     @property
-    def max_version(self) -> int:
+    def newest_published(self) -> int:
+        """The highest version published as a current model (0: none)."""
         return max(self.bundles, default=0)
 
     @property
+    def max_version(self) -> int:
+        """The highest version ever handed out: published, held by the challenger, or reserved.
+
+        >>> Registry(reserved=Counters(version=4, next_segment_id=9)).max_version
+        4
+        """
+        held = [] if self.challenger is None else [self.challenger.version]
+        return max([self.newest_published, self.reserved.version, *held])
+
+    @property
     def next_segment_id(self) -> int:
-        """One more than every segment id any published bundle carried.
+        """One more than every segment id any published bundle or the challenger carried, and
+        at least the reserved counter.
 
         >>> Registry().next_segment_id
         0
         """
-        ids = [sid for b in self.bundles.values() for sid in b.segment_ids]
-        return max(ids, default=-1) + 1
+        carriers = [*self.bundles.values(), *([] if self.challenger is None else [self.challenger])]
+        ids = [sid for b in carriers for sid in b.segment_ids]
+        return max(max(ids, default=-1) + 1, self.reserved.next_segment_id)
 
     def current_bundle(self) -> ModelBundle | None:
         """The current version's bundle; the newest bundle if the pointer record is missing."""
         if self.current in self.bundles:
             return self.bundles[self.current]
-        return self.bundles.get(self.max_version)
+        return self.bundles.get(self.newest_published)
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """Fold one record of the topic into the registry."""
@@ -79,24 +101,39 @@ class Registry:
             elif name == PINNED:
                 self.pinned = version
             return
+        if name == RESERVED:
+            self.reserved = _counters_of(value, self.reserved)
+            return
+        if name == CHALLENGER:
+            if value is None:  # promoted or discarded
+                self.challenger = None
+            else:
+                self.challenger = self._valid_bundle(name, value) or self.challenger
+            return
         if not name.startswith("v"):
             return
         if value is None:  # a tombstone: a version that lost the publish race, never current
             if name[1:].isdigit():
                 self.bundles.pop(int(name[1:]), None)
             return
-        try:
-            bundle = ModelBundle.from_json(value)
-        except BundleError as exc:
-            self.invalid_records += 1
-            log.error("models topic: invalid bundle record skipped",
-                      extra={"key": name[:40], "error": str(exc)})
+        bundle = self._valid_bundle(name, value)
+        if bundle is None:
             return
         if name != f"v{bundle.version}":
             self.invalid_records += 1
             log.error("models topic: bundle under the wrong key skipped", extra={"key": name[:40]})
             return
         self.bundles[bundle.version] = bundle
+
+    def _valid_bundle(self, name: str, value: bytes) -> ModelBundle | None:
+        """The record's bundle, or None (counted and logged) if it fails validation."""
+        try:
+            return ModelBundle.from_json(value)
+        except BundleError as exc:
+            self.invalid_records += 1
+            log.error("models topic: invalid bundle record skipped",
+                      extra={"key": name[:40], "error": str(exc)})
+            return None
 
 
 def _version_of(value: bytes | None) -> int | None:
@@ -112,6 +149,25 @@ def _version_of(value: bytes | None) -> int | None:
     except (ValueError, AttributeError):
         return None
     return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else None
+
+
+def _counters_of(value: bytes | None, floor: Counters) -> Counters:
+    """``{"version": N, "next_segment_id": M}`` -> the counters, never below ``floor`` (a record
+    that is not such an object, or carries anything but non-negative integers, changes nothing).
+
+    >>> _counters_of(b'{"version": 7, "next_segment_id": 12}', Counters(0, 0))
+    Counters(version=7, next_segment_id=12)
+    >>> _counters_of(b'{"version": true, "next_segment_id": 1e9}', Counters(3, 4))
+    Counters(version=3, next_segment_id=4)
+    """
+    try:
+        raw = json.loads(value or b"null")
+        version, next_id = raw.get("version"), raw.get("next_segment_id")
+    except (ValueError, AttributeError):
+        return floor
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (version, next_id)):
+        return floor
+    return Counters(max(version, floor.version), max(next_id, floor.next_segment_id))
 
 
 def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
@@ -137,31 +193,17 @@ def read_registry(settings: Settings, timeout_s: float = 60.0) -> Registry:
     consumer = Consumer(reader_config(settings, "models-reader"))
     try:
         tp = TopicPartition(settings.models_topic, 0)
-        low, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False),
-                             "models topic watermark")
+        _, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False),
+                           "models topic watermark")
         registry.end_offset = int(high)
-        if high <= low:
-            return registry
-        consumer.assign([TopicPartition(settings.models_topic, 0, int(low))])
-        deadline = time.monotonic() + timeout_s
-        position = int(low)
-        while position < high:
-            if time.monotonic() > deadline:
-                raise ModelLogError(f"models topic read incomplete at offset {position} of {high}")
-            for msg in consumer.consume(num_messages=500, timeout=0.5):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        position = high
-                    elif not is_transient(err):
-                        raise ModelLogError(f"models topic read: {err.str()}")
-                    continue
-                offset = msg.offset() or 0
-                if offset >= high:
-                    position = high
-                    continue
-                registry.apply(msg.key(), msg.value())
-                position = offset + 1
+        for msg in read_to_end(consumer, settings.models_topic, [0], timeout_s):
+            registry.apply(msg.key(), msg.value())
+    except ReadIncomplete as exc:
+        raise ModelLogError(f"models topic read incomplete: {exc}") from None
+    except KafkaException as exc:
+        if exc.args[0].code() in MISSING:
+            raise
+        raise ModelLogError(f"models topic read: {exc.args[0].str()}") from None
     finally:
         consumer.close()
     return registry
@@ -213,6 +255,28 @@ class ModelLog:
     def pin(self, version: int | None) -> int:
         return self.append([(PINNED, json.dumps({"version": version}).encode())])
 
+    def set_challenger(self, bundle: ModelBundle, reserved: Counters) -> int:
+        """``bundle`` in the challenger slot (replacing any), with the counters as they stand."""
+        return self._challenger(bundle.to_json().encode(), reserved)
+
+    def clear_challenger(self, reserved: Counters) -> int:
+        """The challenger slot emptied (a tombstone), with the counters as they stand: what the
+        challenger held is never handed out again, even once compaction has removed it."""
+        return self._challenger(None, reserved)
+
+    def _challenger(self, value: bytes | None, reserved: Counters) -> int:
+        return self.append([(CHALLENGER, value), _reserved_record(reserved)])
+
+
+def _reserved_record(counters: Counters) -> tuple[str, bytes]:
+    """The ``reserved`` record of ``counters``.
+
+    >>> _reserved_record(Counters(3, 10))
+    ('reserved', b'{"version": 3, "next_segment_id": 10}')
+    """
+    value = {"version": counters.version, "next_segment_id": counters.next_segment_id}
+    return RESERVED, json.dumps(value).encode()
+
 
 def sync_store(settings: Settings, store: ModelStore) -> bool:
     """Bring the Redis cache and the models topic into agreement; True if anything was written.
@@ -231,20 +295,21 @@ def sync_store(settings: Settings, store: ModelStore) -> bool:
         registry = read_registry(settings)
     if not registry.bundles:
         return False
-    current = registry.current if registry.current in registry.bundles else registry.max_version
+    current = registry.current if registry.current in registry.bundles else registry.newest_published
     moved = store.restore(
         list(registry.bundles.values()), registry.max_version, registry.next_segment_id,
-        current, registry.pinned, registry.end_offset,
+        current, registry.pinned, registry.end_offset, challenger=registry.challenger,
     )
+    challenger = None if registry.challenger is None else registry.challenger.version
     log.warning("model cache brought up to the models topic",
-                extra={"versions": len(registry.bundles), "current": current,
+                extra={"versions": len(registry.bundles), "current": current, "challenger": challenger,
                        "pointer_moved": moved, "invalid_records": registry.invalid_records})
     return True
 
 
 def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
     """Append to the models topic the valid versions Redis holds and the topic lacks, then the
-    pointer and the pin; True if anything was appended."""
+    pointer, the pin and the challenger; True if anything was appended."""
     records: list[tuple[str, bytes | None]] = []
     for version in store.versions():
         if version in registry.bundles:
@@ -261,6 +326,19 @@ def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
         records.append((CURRENT, json.dumps({"version": current}).encode()))
     if pinned is not None and registry.pinned is None:
         records.append((PINNED, json.dumps({"version": pinned}).encode()))
+    challenger = _held_challenger(store) if registry.challenger is None else None
+    if challenger is not None:
+        records.append((CHALLENGER, challenger.to_json().encode()))
+    records.append(_reserved_record(store.counters()))
     ModelLog(settings).append(records)
     log.warning("models topic backfilled from Redis", extra={"records": len(records)})
     return True
+
+
+def _held_challenger(store: ModelStore) -> ModelBundle | None:
+    """The challenger Redis holds, or None (also when it is not a valid bundle: logged)."""
+    try:
+        return store.challenger()
+    except BundleError as exc:
+        log.error("challenger not backfilled to the models topic", extra={"error": str(exc)})
+        return None

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     segments_topic: str = Field("customer-segments", description="output topic")
     dlq_topic: str = Field("customer-events-dlq", description="dead-letter topic")
     models_topic: str = Field("segment-models", description="compacted model audit topic")
+    changes_topic: str | None = Field(
+        "customer-segment-changes",
+        description="compacted topic of segment changes per customer, partitioned as the input; "
+        "null = no change events",
+    )
     events_partitions: int = Field(6, ge=1, description="partitions when the project creates it")
     consumer_group: str = Field("segmentation-consumer", description="consumer group.id")
 
@@ -178,6 +183,22 @@ class Settings(BaseSettings):
     )
     drift_retrain_after_s: float = Field(
         120.0, ge=0, description="how long the drift must last before the early retrain"
+    )
+    # challenger models
+    challenger: bool = Field(
+        False,
+        description="scheduled retrains publish a challenger (scored by consumers in the shadow "
+        "of the current model) instead of a new current version",
+    )
+    challenger_promote_after: int = Field(
+        0, ge=0,
+        description="`trainer run` promotes the challenger once replicas scored this many events "
+        "with it and agreement and silhouette hold; 0 = never automatically",
+    )
+    challenger_min_agreement: float = Field(
+        0.9, ge=0, le=1,
+        description="share of events the challenger must assign to the champion's segment id "
+        "for the automatic promotion",
     )
 
     # --- Consumer ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from segmentation.kafka import delete_topics, ensure_topics
+from segmentation.kafka import delete_topics, ensure_topics, project_topics
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
@@ -55,7 +55,7 @@ def settings_factory(stack: None) -> Iterator[Callable[..., Settings]]:
 
     yield factory
     for s in made:
-        delete_topics(s, [s.events_topic, s.segments_topic, s.dlq_topic, s.models_topic])
+        delete_topics(s, project_topics(s))
         with contextlib.suppress(redis.RedisError):  # a test's private Redis server is already gone
             empty_redis(s)
 

@@ -1,8 +1,9 @@
-"""``python -m trainer once|run|show|history|rollback|unpin|reproduce|report``."""
+"""``python -m trainer once|run|show|history|rollback|unpin|promote|discard|reproduce|report``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -20,9 +21,18 @@ from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
 from segmentation.model_log import ModelLogError, sync_store
 from segmentation.settings import Settings, load_settings
-from segmentation.store import ModelStore, PublishConflict, RedisRefused, TrainerState, check_redis, connect
+from segmentation.store import (
+    ModelStore,
+    PublishConflict,
+    RedisRefused,
+    ReplicaStates,
+    TrainerState,
+    check_redis,
+    connect,
+)
+from trainer.challenger import ChallengerRefused, tally
 from trainer.labels import load_names
-from trainer.operations import pin, reproduce, rollback
+from trainer.operations import auto_promote, discard, pin, promote, reproduce, rollback
 from trainer.pipeline import train_once
 from trainer.schedule import Schedule
 
@@ -73,6 +83,44 @@ def gate_summary(bundle: ModelBundle) -> dict[str, Any]:
     }
 
 
+def challenger_summary(store: ModelStore, current: int | None) -> dict[str, Any] | None:
+    """The challenger (None: none), whether it is stale (trained against another model than the
+    current one), and what the replicas report about it."""
+    try:
+        bundle = store.challenger()
+    except BundleError as exc:
+        return {"error": str(exc)}
+    if bundle is None:
+        return None
+    full = bundle_summary(bundle)
+    summary = {key: full[key] for key in ("version", "previous_version", "created_at", "forced", "k",
+                                          "segments", "silhouette", "davies_bouldin", "label_mapping")}
+    summary["stale"] = bundle.previous_version != current
+    summary["shadow"] = dataclasses.asdict(tally(ReplicaStates.of(store).all(), bundle.version))
+    return summary
+
+
+def print_challenger(challenger: dict[str, Any] | None, current: int) -> None:
+    if challenger is None:
+        return
+    if "error" in challenger:
+        print(f"challenger slot invalid ({challenger['error']}): `python -m trainer discard`")
+        return
+    stale = (f"  STALE: v{current} is current, `discard` it" if challenger["stale"]
+             else "  (`promote` or `discard`)")
+    print(f"challenger v{challenger['version']} (trained against v{challenger['previous_version']})"
+          f" created {challenger['created_at']}  K={challenger['k']}"
+          f"  silhouette={challenger['silhouette']:.3f}  davies-bouldin={challenger['davies_bouldin']:.3f}"
+          + ("  FORCED past the quality gate" if challenger["forced"] else "") + stale)
+    shadow = challenger["shadow"]
+    if shadow["events"]:
+        print(f"  in the shadow: {shadow['events']} events on {shadow['replicas']} replicas, agreement "
+              f"{shadow['agreed'] / shadow['events']:.1%}, silhouette {shadow['silhouette']:.3f} against "
+              f"the champion's {shadow['champion_silhouette']:.3f}")
+    for seg in challenger["segments"]:
+        print(f"  {seg['segment_id']:>4}  {seg['share']:7.2%}  {seg['size']:>7}  {seg['segment']}")
+
+
 def _when(run: dict[str, Any]) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(run.get("at", 0))))
 
@@ -92,6 +140,7 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
     summary["gate"] = gate_summary(bundle)
     runs = state.runs()
     summary["last_run"] = runs[0] if runs else None
+    summary["challenger"] = challenger_summary(store, bundle.version)
     if as_json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -115,6 +164,7 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
     last = summary["last_run"]
     if last is not None and last.get("result") == "rejected":
         print(f"last run refused at {_when(last)} ({_checks(last)}): {last.get('detail', '')}")
+    print_challenger(summary["challenger"], bundle.version)
     return 0
 
 
@@ -190,11 +240,13 @@ def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> i
     while not stop["flag"]:
         if time.monotonic() >= next_check:
             catch_up(settings, store)
+            if auto_promote(settings, store, metrics) is not None:
+                schedule.ran("published")
             next_check = time.monotonic() + CATCH_UP_EVERY_S
         reason = schedule.due(store)
         if reason:
             log.info("training", extra={"reason": reason})
-            result = train_once(settings, store, metrics)
+            result = train_once(settings, store, metrics, challenger=settings.challenger)
             schedule.ran(result.result)
         time.sleep(0.5)
     metrics.up.set(0)
@@ -205,13 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     once = sub.add_parser(
-        "once", help="one training run now (exit 0 published, 1 failed, 2 refused, 3 skipped)"
+        "once", help="one training run now (exit 0 published or challenger, 1 failed, 2 refused, 3 skipped)"
     )
     once.add_argument("--force", action="store_true",
                       help="publish even if the gate refuses (the accepted baseline stays)")
     once.add_argument("--accept", action="store_true",
                       help="as --force, and make this model the accepted quality baseline "
                       "(the customer base really changed)")
+    once.add_argument("--challenger", action="store_true",
+                      help="store the model as the challenger (scored in the shadow) instead of "
+                      "making it current")
     sub.add_parser("run", help="train periodically (and early on sustained drift)")
     for name in ("show", "history"):
         p = sub.add_parser(name)
@@ -219,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="make an earlier version's model current again")
     rb.add_argument("version", type=int)
     sub.add_parser("unpin", help="let scheduled retrains replace a rolled-back model again")
+    sub.add_parser("promote", help="make the challenger current (exit 1 if none, or stale)")
+    sub.add_parser("discard", help="drop the challenger")
     rp = sub.add_parser("reproduce", help="refit a version from its recorded offsets")
     rp.add_argument("version", type=int)
     rp.add_argument("--tolerance", type=float, default=1e-6)
@@ -238,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         catch_up(settings, store)
     try:
         return run_command(args, settings, store)
-    except (BundleError, PublishConflict) as exc:
+    except (BundleError, PublishConflict, ChallengerRefused) as exc:
         # An operator error (unknown or invalid version, a trainer published meanwhile): say
         # why in one line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
@@ -257,6 +314,12 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         return 0
     if args.command == "unpin":
         print("scheduled retrains resume" if pin(settings, store, None) else "nothing was pinned")
+        return 0
+    if args.command == "promote":
+        print(json.dumps(promote(settings, store, TrainerMetrics())))
+        return 0
+    if args.command == "discard":
+        print(json.dumps(discard(settings, store, TrainerMetrics())))
         return 0
     if args.command == "reproduce":
         outcome = reproduce(settings, store, args.version, args.tolerance)
@@ -283,10 +346,11 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port, host=settings.metrics_host)
     if args.command == "once":
-        result = train_once(settings, store, metrics, force=args.force, accept=args.accept)
+        result = train_once(settings, store, metrics, force=args.force, accept=args.accept,
+                            challenger=args.challenger)
         print(json.dumps({"result": result.result, "version": result.version,
                           "forced": result.forced, "detail": result.detail}))
-        return {"published": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]
+        return {"published": 0, "challenger": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]
     return cmd_run(settings, store, metrics)
 
 

@@ -1,20 +1,28 @@
-"""Operator commands that act on published versions: rollback and reproduce."""
+"""Operator commands that act on published versions: rollback, reproduce, and the challenger's
+promote and discard (with the automatic promotion `trainer run` applies)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import redis
+from confluent_kafka import KafkaException
 
-from segmentation.bundle import BundleError
+from segmentation.bundle import BundleError, ModelBundle
 from segmentation.matching import match_centroids
-from segmentation.model_log import ModelLog, sync_store
+from segmentation.metrics import TrainerMetrics
+from segmentation.model_log import ModelLog, ModelLogError, sync_store
 from segmentation.settings import Settings
-from segmentation.store import ModelStore, TrainerState
+from segmentation.store import OUTAGE, ModelStore, PublishConflict, ReplicaStates, TrainerState
+from trainer.challenger import ChallengerRefused, clear_challenger, promotion_verdict, tally
 from trainer.labels import rollback_mapping
-from trainer.pipeline import data_hash, fit_window, load_base, publish
+from trainer.pipeline import accepted_baseline, data_hash, fit_window, load_base, publish, report_publish
 from trainer.window import read_window
+
+log = logging.getLogger(__name__)
 
 
 def rollback(settings: Settings, store: ModelStore, version: int) -> int:
@@ -99,3 +107,84 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "max_centroid_difference": max_diff,
         "tolerance": tolerance,
     }
+
+
+def promote(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
+    """Make the challenger current: a normal publish of its bundle, with its own version, as a
+    compare-and-set on the version it was trained against, under the trainer lease; then the
+    slot is cleared. ``ChallengerRefused`` when there is none, or another model became current
+    since it was trained (it would undo that model: discard it)."""
+    with TrainerState.of(store, metrics.redis_errors).lease(settings.lock_ttl_s) as held:
+        if not held:
+            raise ChallengerRefused("the trainer lock is held by another trainer (or Redis could "
+                                    "not give it); try again")
+        sync_store(settings, store)
+        challenger = store.challenger()  # validated; an invalid one raises BundleError
+        if challenger is None:
+            raise ChallengerRefused("there is no challenger to promote")
+        base, current = challenger.previous_version, store.current_version()
+        if current == challenger.version:  # a promotion interrupted before the slot was cleared
+            clear_challenger(settings, store, "promoted", metrics)
+            return _promotion(challenger, "was already current; the challenger slot is cleared")
+        if current != base:
+            raise ChallengerRefused(f"challenger v{challenger.version} was trained against v{base} "
+                                    f"but v{current} is current; discard it")
+        challenger.check_compatible(settings.features, settings.categorical)
+        publish(settings, store, challenger, base, metrics)
+        clear_challenger(settings, store, "promoted", metrics)
+        report_publish(metrics, challenger, accepted_baseline(store, challenger))
+    log.info("challenger promoted", extra={"version": challenger.version, "base": base})
+    return _promotion(challenger, f"v{challenger.version} is current (it replaced v{base})")
+
+
+def _promotion(challenger: ModelBundle, detail: str) -> dict[str, Any]:
+    return {"promoted": challenger.version, "previous_version": challenger.previous_version,
+            "k": challenger.k, "segment_ids": challenger.segment_ids, "detail": detail}
+
+
+def discard(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
+    """Drop the challenger: ``{"discarded": its version or None, "detail": ...}``. An empty slot
+    is not an error; a slot holding something that is not a valid bundle is cleared too."""
+    sync_store(settings, store)
+    try:
+        challenger = store.challenger()
+    except BundleError as exc:
+        log.error("challenger slot invalid; cleared", extra={"error": str(exc)})
+        clear_challenger(settings, store, "discarded", metrics)
+        return {"discarded": None, "detail": f"an invalid challenger was cleared ({exc})"}
+    if challenger is None:
+        return {"discarded": None, "detail": "there was no challenger"}
+    clear_challenger(settings, store, "discarded", metrics)
+    log.info("challenger discarded", extra={"version": challenger.version})
+    return {"discarded": challenger.version, "detail": f"challenger v{challenger.version} discarded"}
+
+
+def auto_promote(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any] | None:
+    """The automatic rule `trainer run` applies (``SEG_CHALLENGER_PROMOTE_AFTER`` > 0): promote the
+    challenger once the replicas' reports about it pass ``promotion_verdict``; never while a
+    rollback pins the current model. Returns what ``promote`` did, or None. Never raises: a
+    failure is logged and the rule is checked again later."""
+    if settings.challenger_promote_after <= 0:
+        return None
+    try:
+        if TrainerState.of(store, metrics.redis_errors).pinned() is not None:
+            return None
+        challenger, current = store.challenger(), store.current_version()
+    except (BundleError, *OUTAGE) as exc:
+        log.debug("automatic promotion not checked", extra={"error": str(exc)})
+        return None
+    if challenger is None or challenger.previous_version != current:
+        return None
+    states = ReplicaStates.of(store, metrics.redis_errors).all()
+    verdict = promotion_verdict(tally(states, challenger.version), settings.challenger_promote_after,
+                                settings.challenger_min_agreement)
+    if not verdict.promote:
+        return None
+    log.info("promoting the challenger automatically", extra={"version": challenger.version,
+                                                             "reason": verdict.reason})
+    try:
+        return {**promote(settings, store, metrics), "reason": verdict.reason}
+    except (ChallengerRefused, PublishConflict, BundleError, ModelLogError, KafkaException,
+            redis.RedisError) as exc:
+        log.warning("automatic promotion failed", extra={"version": challenger.version, "error": str(exc)})
+        return None

@@ -1,4 +1,5 @@
-"""One training run along the data flow: window -> fit -> gate -> match -> publish."""
+"""One training run along the data flow: window -> fit -> gate -> match -> publish (or store as
+the challenger)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict, TrainerState
+from trainer.challenger import clear_stale_challenger, store_challenger
 from trainer.fit import K_SELECTION, Fit, fit_model
 from trainer.gate import (
     GateFailure,
@@ -156,6 +158,16 @@ def report_model_quality(metrics: TrainerMetrics, model: ModelBundle | None,
     metrics.baseline_silhouette.set((baseline or own_baseline(model)).silhouette)
 
 
+def report_publish(metrics: TrainerMetrics, bundle: ModelBundle,
+                   baseline: QualityBaseline | None) -> None:
+    """A new current model: its segment-id mapping, when, and its quality against the baseline."""
+    metrics.label_changes.labels("matched").inc(len(bundle.label_mapping.matched))
+    metrics.label_changes.labels("new").inc(len(bundle.label_mapping.new))
+    metrics.label_changes.labels("retired").inc(len(bundle.label_mapping.retired))
+    metrics.last_publish.set(time.time())
+    report_model_quality(metrics, bundle, baseline)
+
+
 def report_gate(metrics: TrainerMetrics, failures: list[GateFailure]) -> None:
     """Which checks the last gated refit failed (1) or passed (0): a state an alert can hold
     on, where a refusal counted before the first scrape after a restart would be missed."""
@@ -184,10 +196,13 @@ def train_once(
     force: bool = False,
     now_ms: int | None = None,
     accept: bool = False,
+    challenger: bool = False,
 ) -> RunResult:
     """One run. ``force`` publishes a model the gate refuses, keeping the accepted baseline;
     ``accept`` (implies ``force``) also makes it the baseline: the operator's word that the
-    customer base itself changed and this quality is the new normal."""
+    customer base itself changed and this quality is the new normal. ``challenger`` stores the
+    model as the challenger instead of making it current (the first model is made current: there
+    is nothing to challenge)."""
     started = time.monotonic()
     with TrainerState.of(store, metrics.redis_errors).lease(settings.lock_ttl_s) as held:
         if not held:
@@ -195,7 +210,7 @@ def train_once(
                 "skipped", "the trainer lock is held by another trainer (or Redis could not give it)"))
         try:
             sync_store(settings, store)  # versions and ids continue from the topic, whatever Redis lost
-            result = _train(settings, store, metrics, force or accept, now_ms, accept)
+            result = _train(settings, store, metrics, force or accept, now_ms, accept, challenger)
         except PublishConflict as exc:
             result = RunResult("skipped", f"publish lost the race: {exc}")
         except Exception as exc:  # a failed run must not kill the periodic trainer
@@ -207,7 +222,7 @@ def train_once(
 
 def _train(
     settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None,
-    accept: bool = False,
+    accept: bool = False, challenger: bool = False,
 ) -> RunResult:
     base, current = load_base(store)
     baseline = accepted_baseline(store, current)
@@ -272,15 +287,18 @@ def _train(
         ),
         forced=bool(failures),
     )
-    publish(settings, store, bundle, base)
-    metrics.label_changes.labels("matched").inc(len(mapping.matched))
-    metrics.label_changes.labels("new").inc(len(mapping.new))
-    metrics.label_changes.labels("retired").inc(len(mapping.retired))
-    metrics.last_publish.set(time.time())
-    report_model_quality(metrics, bundle, accepted)
+    detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
+    if challenger and base is not None:
+        # matched, gated and numbered like a publish, but the current model stays
+        store_challenger(settings, store, bundle, metrics)
+        return RunResult("challenger", detail, version=bundle.version, bundle=bundle,
+                         failures=failures, forced=bundle.forced)
+    if challenger:
+        log.info("no current model to challenge: the first model is published as current")
+    publish(settings, store, bundle, base, metrics)
+    report_publish(metrics, bundle, accepted)
     log.info("model published", extra={"version": bundle.version, "k": fit.k,
                                        "silhouette": round(fit.silhouette, 4), "forced": bundle.forced})
-    detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
     return RunResult("published", detail, version=bundle.version, bundle=bundle,
                      failures=failures, forced=bundle.forced)
 
@@ -296,12 +314,14 @@ def _refuse(metrics: TrainerMetrics, failures: list[GateFailure], force: bool) -
     return RunResult("rejected", detail, failures=failures)
 
 
-def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: int | None) -> None:
+def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: int | None,
+            metrics: TrainerMetrics | None = None) -> None:
     """The models topic first (the record of truth: the bundle, then the pointer, acknowledged
     by every replica), then the Redis pointer (compare-and-set on ``base``). If the topic write
     fails nothing is switched; if another trainer won the Redis race, the bundle is withdrawn
     from the topic and its pointer set back to the winner, so that a cache rebuilt from the topic
-    agrees with Redis."""
+    agrees with Redis. A challenger trained against another model than ``bundle`` is stale once
+    ``bundle`` is current, and cleared."""
     models = ModelLog(settings)
     end = models.publish(bundle)
     try:
@@ -310,6 +330,7 @@ def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: in
         models.withdraw(bundle.version, store.current_version())
         raise
     store.set_registry_offset(end)
+    clear_stale_challenger(settings, store, bundle.version, metrics)
 
 
 def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> RunResult:

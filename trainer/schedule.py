@@ -1,6 +1,7 @@
 """When to train: as soon as possible while there is no model, then every interval, and early
-when the consumers report a sustained silhouette drop against the training baseline; never
-while a rollback pins the current model.
+when the consumers report a sustained silhouette drop against the training baseline (unless a
+challenger trained against the current model is already being scored: it is the answer to that
+drift, waiting to be promoted or discarded); never while a rollback pins the current model.
 
 Reading Redis (``read_signals``) is kept apart from deciding (``Schedule.decide``), so that the
 decision is tested without Redis (``tests/test_schedule.py``)."""
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from segmentation.bundle import BundleError
 from segmentation.settings import Settings
 from segmentation.store import OUTAGE, ModelStore, ReplicaStates, TrainerState
 from segmentation.store.client import ErrorCounter
@@ -27,6 +29,7 @@ class Signals:
     pinned: bool  # an operator rolled back: no retrain replaces it until `unpin`
     has_model: bool
     worst_drift: float  # the lowest silhouette drift a replica on the current model reports (0: none)
+    challenger_pending: bool = False  # a challenger trained against the current model is in the slot
 
 
 def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signals | None:
@@ -35,10 +38,20 @@ def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signa
         pinned = TrainerState.of(store, errors).pinned() is not None
         current = store.current_version()
         states = ReplicaStates.of(store, errors).all()
+        pending = challenger_pending(store, current)
     except OUTAGE:
         return None
     return Signals(pinned=pinned, has_model=current is not None,
-                   worst_drift=worst_drift(states, current))
+                   worst_drift=worst_drift(states, current), challenger_pending=pending)
+
+
+def challenger_pending(store: ModelStore, current: int | None) -> bool:
+    """True while the challenger slot holds a valid bundle trained against ``current``."""
+    try:
+        challenger = store.challenger()
+    except BundleError:
+        return False
+    return challenger is not None and current is not None and challenger.previous_version == current
 
 
 def worst_drift(states: list[dict[str, Any]], current: int | None) -> float:
@@ -84,6 +97,10 @@ class Schedule:
         True
         >>> s.decide(Signals(pinned=False, has_model=True, worst_drift=0.0), now=800.0)
         'interval'
+        >>> s.ran("challenger", now=800.0)
+        >>> drifting = Signals(pinned=False, has_model=True, worst_drift=-0.5, challenger_pending=True)
+        >>> [s.decide(drifting, now=t) for t in (900.0, 1000.0)]  # the challenger answers the drift
+        [None, None]
         """
         if signals.pinned:
             return None
@@ -92,7 +109,8 @@ class Schedule:
             return "no model yet" if now - self.last_run >= COLD_RETRY_S else None
         if now - self.last_run >= self.settings.train_interval_s:
             return "interval"
-        if drifting and now - self.last_run >= self.settings.drift_retrain_after_s:
+        if (drifting and not signals.challenger_pending
+                and now - self.last_run >= self.settings.drift_retrain_after_s):
             return "sustained silhouette drift"
         return None
 
@@ -109,5 +127,5 @@ class Schedule:
     def ran(self, result: str, now: float | None = None) -> None:
         self.last_run = time.time() if now is None else now
         self.last_result = result
-        if result == "published":
+        if result in ("published", "challenger"):
             self.drift_since = None

@@ -6,12 +6,15 @@
     P:version_seq       INCR counter: versions strictly rise, even across rollbacks
     P:segment_id_seq    INCR counter: segment ids are never reused
     P:registry_offset   the models topic's end offset this cache last caught up with
+    P:challenger        JSON bundle of the challenger, scored in the shadow of the current model
+                        (set by `trainer once --challenger`, cleared by `promote` and `discard`)
     P:lock              trainer lease (SET NX PX, released only by its owner)
     P:pinned            set by a rollback: scheduled retrains wait until `trainer unpin`
     P:runs              list: the trainer's recent runs (JSON), newest first, bounded
     P:online:<replica>  JSON: a consumer replica's online centroids and quality figures (TTL)
     P:customer:<id>     hash: latest segment of a customer (TTL)
-    P:models            pub/sub channel: a published version number
+    P:models            pub/sub channel: a published version number, or `challenger` when the
+                        challenger slot changed (any message means: read the pointers again)
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class Keys:
     >>> keys = Keys("seg")
     >>> keys.bundle(3), keys.current, keys.customer("c-1"), keys.online("*")
     ('seg:bundle:3', 'seg:current', 'seg:customer:c-1', 'seg:online:*')
+    >>> keys.challenger
+    'seg:challenger'
     """
 
     prefix: str
@@ -45,6 +50,10 @@ class Keys:
     @property
     def current(self) -> str:
         return self._key("current")
+
+    @property
+    def challenger(self) -> str:
+        return self._key("challenger")
 
     @property
     def versions(self) -> str:

@@ -1,5 +1,6 @@
 """The model registry's Redis cache: immutable bundles, one atomically switched pointer, the
-version and segment-id counters.
+version and segment-id counters, and the challenger slot (a candidate bundle consumers score in
+the shadow of the current one).
 
 It caches the compacted models topic (``segmentation.model_log``), which is the record of
 truth: ``restore`` rebuilds it from the topic after Redis was lost or fell behind.
@@ -7,12 +8,19 @@ truth: ``restore`` rebuilds it from the topic after Redis was lost or fell behin
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import redis
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.store.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# What the models channel carries when the challenger slot changed (a version number otherwise).
+CHALLENGER_NOTICE = "challenger"
 
 # Compare-and-set publish: all or nothing, because a Lua script runs atomically in Redis.
 _PUBLISH = """
@@ -57,6 +65,15 @@ class PublishConflict(RuntimeError):
     """Another trainer published on the same base version first."""
 
 
+@dataclass(frozen=True)
+class Counters:
+    """How far the version and segment-id counters have gone: every version up to ``version``
+    and every id below ``next_segment_id`` was handed out once and is never handed out again."""
+
+    version: int
+    next_segment_id: int
+
+
 class ModelStore:
     """Model versions in Redis. Every read is validated; every publish is compare-and-set."""
 
@@ -96,6 +113,23 @@ class ModelStore:
         version = self.current_version()
         return None if version is None else self.load(version)
 
+    def challenger(self) -> ModelBundle | None:
+        """The challenger bundle, validated, or None when the slot is empty; ``BundleError`` if
+        what the slot holds is not a valid bundle (or a key of another type)."""
+        raw = self._get(self.keys.challenger)
+        return None if raw is None else ModelBundle.from_json(raw)
+
+    def set_challenger(self, bundle: ModelBundle | None) -> None:
+        """Store ``bundle`` as the challenger (replacing any), or empty the slot (None), and tell
+        the consumers on the models channel, in one transaction."""
+        pipe = self.client.pipeline(transaction=True)
+        if bundle is None:
+            pipe.delete(self.keys.challenger)
+        else:
+            pipe.set(self.keys.challenger, bundle.to_json())
+        pipe.publish(self.keys.models_channel, CHALLENGER_NOTICE)
+        pipe.execute()
+
     def versions(self) -> list[int]:
         members: list[bytes] = self.client.zrange(self.keys.versions, 0, -1)  # type: ignore[assignment]
         return [int(v) for v in members if v.isdigit()]
@@ -107,6 +141,11 @@ class ModelStore:
         """``n`` fresh segment ids, never handed out before (ids start at 0)."""
         end = int(self.client.incrby(self.keys.segment_id_seq, n))
         return list(range(end - n, end))
+
+    def counters(self) -> Counters:
+        """The version and segment-id counters as they stand (0 for a counter never used)."""
+        version, next_id = self.client.mget([self.keys.version_seq, self.keys.segment_id_seq])
+        return Counters(int(version or 0), int(next_id or 0))
 
     def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
         """Store ``bundle`` and make it current, only if current is still ``base_version``.
@@ -138,10 +177,12 @@ class ModelStore:
         self.client.set(self.keys.registry_offset, offset)
 
     def restore(self, bundles: Sequence[ModelBundle], max_version: int, next_segment_id: int,
-                current: int | None, pinned: int | None, end_offset: int) -> bool:
+                current: int | None, pinned: int | None, end_offset: int, *,
+                challenger: ModelBundle | None) -> bool:
         """Bring the cache up to the models topic: missing bundles written, counters raised,
-        the pointer moved forward (never back) and announced, the pin mirrored. Idempotent;
-        returns True if the pointer moved."""
+        the pointer moved forward (never back) and announced, the pin and the challenger
+        mirrored. Idempotent; returns True if the pointer moved."""
+        self._mirror_challenger(challenger, max_version)
         pipe = self.client.pipeline(transaction=False)
         for bundle in bundles:
             pipe.set(self.keys.bundle(bundle.version), bundle.to_json(), nx=True)
@@ -152,3 +193,19 @@ class ModelStore:
         args = [max_version, next_segment_id, "" if current is None else current,
                 "" if pinned is None else pinned, end_offset, self.keys.models_channel]
         return bool(self._restore(keys=keys, args=args))
+
+    def _mirror_challenger(self, challenger: ModelBundle | None, max_version: int) -> None:
+        """Make the challenger slot hold ``challenger`` (the topic's, read up to ``max_version``),
+        announcing it only if it changed. A challenger newer than that read was set after it and
+        is left alone; one that is not a valid bundle is replaced."""
+        try:
+            held = self.challenger()
+        except BundleError as exc:
+            log.error("challenger slot invalid; replaced from the models topic", extra={"error": str(exc)})
+            held = None
+            self.client.delete(self.keys.challenger)
+        held_version = None if held is None else held.version
+        if held_version is not None and held_version > max_version:
+            return
+        if held_version != (None if challenger is None else challenger.version):
+            self.set_challenger(challenger)

@@ -47,6 +47,7 @@ def make_settings(**overrides: Any) -> Settings:
         "segments_topic": f"t{tag}-customer-segments",
         "dlq_topic": f"t{tag}-customer-events-dlq",
         "models_topic": f"t{tag}-segment-models",
+        "changes_topic": f"t{tag}-segment-changes",
         "consumer_group": f"t{tag}-group",
         "redis_prefix": f"t{tag}",
         "batch_timeout_s": 0.2,

@@ -1,0 +1,232 @@
+"""Segment changes: a record on the compacted changes topic whenever a customer's segment differs
+from the one last recorded for them, with its cause.
+
+The last recorded segment of each customer is state of the input partition the customer's events
+arrive on, and the changes topic is that state's changelog (as in Kafka Streams): a change is
+written to the partition of the same number as its event, keyed by customer, and compaction keeps
+each customer's latest. A member rebuilds a partition's state from the topic the first time it
+scores that partition (after an assignment, a restart, or a batch that failed), so a restart or a
+rebalance never invents a change. Redis is never the reference: it is a cache and may be emptied.
+
+Its records are produced with the batch's outputs (exactly-once: in the same transaction), and the
+state moves on only once the batch before is finished; a batch that fails drops its partitions'
+state, which the replay rebuilds from what the topic acknowledged.
+
+Causes (``cause``):
+
+* ``initial``: nothing was recorded for the customer yet (``from_*`` are null);
+* ``behaviour``: the model that recorded the last segment would move the customer too: their
+  features moved;
+* ``model``: that model would still give the recorded segment: a new model moved the customer;
+* ``unknown``: that model can no longer be loaded (rare: it is cached and kept in Redis).
+
+An event older than the newest one seen for its customer (out of order) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from confluent_kafka import Consumer, KafkaException
+
+from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
+from consumer.watcher import ActiveModel
+from segmentation.cluster_metrics import nearest_two
+from segmentation.events import CustomerEvent, event_time_iso
+from segmentation.kafka import ReadIncomplete, read_to_end, reader_config
+from segmentation.metrics import ChangeCause, ConsumerMetrics
+from segmentation.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Cause = ChangeCause
+ModelOf = Callable[[int], "ActiveModel | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A customer's last recorded segment, and the newest event time seen for them."""
+
+    segment_id: int
+    segment: str
+    model_version: int
+    event_ms: int
+
+
+class ChangesUnavailable(RuntimeError):
+    """A partition's recorded segments could not be read from the changes topic."""
+
+
+def change_value(
+    event: CustomerEvent, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
+    version: int, cause: Cause, changed_at: str,
+) -> bytes:
+    """The wire contract of a segment change (compact JSON, UTF-8).
+
+    >>> e = CustomerEvent(customer_id="c-1", event_time=1000, event_id="e-9", features={})
+    >>> change_value(e, 1000, Recorded(2, "loyal", 4, 0), 3, "lapsed", 5, "model", "T")
+    b'{"customer_id":"c-1","event_id":"e-9","event_time":"1970-01-01T00:00:01.000Z","cause":"model","from_segment_id":2,"from_segment":"loyal","from_model_version":4,"to_segment_id":3,"to_segment":"lapsed","to_model_version":5,"changed_at":"T"}'
+    """
+    return json.dumps({
+        "customer_id": event.customer_id, "event_id": event.event_id,
+        "event_time": event_time_iso(event_ms), "cause": cause,
+        "from_segment_id": before.segment_id if before else None,
+        "from_segment": before.segment if before else None,
+        "from_model_version": before.model_version if before else None,
+        "to_segment_id": segment_id, "to_segment": segment, "to_model_version": version,
+        "changed_at": changed_at,
+    }, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def recorded_of(value: bytes | None) -> Recorded | None:
+    """The segment a change record leaves its customer in; None for anything that is not a
+    valid change record (the topic is read back as untrusted input).
+
+    >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":5,'
+    ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
+    Recorded(segment_id=3, segment='x', model_version=5, event_ms=1000)
+    >>> recorded_of(b'{"to_segment_id":true}'), recorded_of(b'garbage'), recorded_of(None)
+    (None, None, None)
+    """
+    if value is None:
+        return None
+    try:
+        record = json.loads(value)
+        sid, name, version = record["to_segment_id"], record["to_segment"], record["to_model_version"]
+        event_ms = int(datetime.fromisoformat(record["event_time"]).timestamp() * 1000)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        return None
+    if not (_is_int(sid) and _is_int(version) and isinstance(name, str)):
+        return None
+    return Recorded(sid, name, version, event_ms)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> Cause:
+    """Why ``event``'s customer left ``before``: whether the model that recorded it would
+    still put them there (``model``) or not (``behaviour``)."""
+    if before.model_version == version:
+        return "behaviour"
+    recorder = model_of(before.model_version)
+    if recorder is None:
+        return "unknown"
+    try:
+        x, _ = recorder.bundle.features.encode([event])
+        index, _, _ = nearest_two(x, recorder.centroids)
+    except Exception:  # noqa: BLE001 - an old model that cannot encode this event proves nothing
+        return "unknown"
+    return "model" if recorder.bundle.segment_ids[int(index[0])] == before.segment_id else "behaviour"
+
+
+class SegmentChanges:
+    """The last recorded segment per customer of the partitions this member scores, and the
+    change records of each batch (``detect``)."""
+
+    def __init__(self, settings: Settings, metrics: ConsumerMetrics, model_of: ModelOf) -> None:
+        if settings.changes_topic is None:
+            raise ValueError("no changes topic configured")
+        self.settings = settings
+        self.topic = settings.changes_topic
+        self.metrics = metrics
+        self.model_of = model_of
+        self.state: dict[int, dict[str, Recorded]] = {}
+        self._reader: Consumer | None = None
+
+    # --- state of the partitions held --------------------------------------------------------
+    def prepare(self, messages: Sequence[Message]) -> None:
+        """Rebuild the state of the partitions of ``messages`` not held yet;
+        ``ChangesUnavailable`` when the topic cannot be read (the batch must wait)."""
+        missing = sorted({coordinates(m)[1] for m in messages} - set(self.state))
+        if not missing:
+            return
+        started = time.monotonic()
+        try:
+            restored = self._read(missing)
+        except (KafkaException, ReadIncomplete) as exc:
+            self.metrics.change_restores.labels("failed").inc()
+            raise ChangesUnavailable(f"{self.topic} {missing}: {exc}") from exc
+        self.state.update(restored)
+        self.metrics.change_restores.labels("done").inc()
+        self.metrics.change_restore_duration.observe(time.monotonic() - started)
+        self._count_customers()
+        log.info("segment change state rebuilt", extra={
+            "partitions": missing, "customers": sum(len(restored[p]) for p in missing),
+            "seconds": round(time.monotonic() - started, 3)})
+
+    def _read(self, partitions: list[int]) -> dict[int, dict[str, Recorded]]:
+        if self._reader is None:
+            self._reader = Consumer(reader_config(self.settings, "changes-restore"))
+        restored: dict[int, dict[str, Recorded]] = {p: {} for p in partitions}
+        invalid = 0
+        for msg in read_to_end(self._reader, self.topic, partitions, self.settings.delivery_timeout_s):
+            key, recorded = msg.key(), recorded_of(msg.value())
+            if key is None or recorded is None:
+                invalid += 1
+                continue
+            customer = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+            restored[int(msg.partition() or 0)][customer] = recorded
+        if invalid:
+            self.metrics.change_records_invalid.inc(invalid)
+            log.error("changes topic: records that are not segment changes skipped",
+                      extra={"records": invalid})
+        return restored
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop the state of ``partitions`` (revoked, lost, or their batch failed): it is
+        rebuilt from the topic when they are scored again."""
+        for p in partitions:
+            self.state.pop(p, None)
+        self._count_customers()
+
+    def forget_messages(self, messages: Sequence[Message]) -> None:
+        self.forget({coordinates(m)[1] for m in messages})
+
+    def _count_customers(self) -> None:
+        self.metrics.change_state_customers.set(sum(len(s) for s in self.state.values()))
+
+    # --- detection ---------------------------------------------------------------------------
+    def detect(self, batch: ScoredBatch, model: ActiveModel, changed_at: str) -> None:
+        """Record every scored event's segment; fill ``batch.changes`` (and ``causes``) with a
+        record per customer whose segment differs from the one recorded. Call ``prepare`` first
+        for the batch's partitions."""
+        version = model.version
+        late = 0
+        for output, customer, event in zip(batch.outputs, batch.customers, batch.events, strict=True):
+            partition = coordinates(output.source)[1] if output.source is not None else 0
+            state = self.state[partition]
+            before = state.get(customer.customer_id)
+            if before is not None and customer.event_ms < before.event_ms:
+                late += 1
+                continue
+            if before is not None and before.segment_id == customer.segment_id:
+                if customer.event_ms > before.event_ms:
+                    state[customer.customer_id] = Recorded(
+                        before.segment_id, before.segment, before.model_version, customer.event_ms)
+                continue
+            cause: Cause = "initial" if before is None else cause_of(event, before, version, self.model_of)
+            state[customer.customer_id] = Recorded(customer.segment_id, customer.segment, version,
+                                                   customer.event_ms)
+            value = change_value(event, customer.event_ms, before, customer.segment_id,
+                                 customer.segment, version, cause, changed_at)
+            batch.changes.append(OutRecord(self.topic, output.key, value, [], output.source, partition))
+            batch.causes.append(cause)
+        if late:
+            self.metrics.change_late_events.inc(late)
+        if batch.changes:
+            self._count_customers()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except KafkaException as exc:
+                log.warning("changes reader close failed", extra={"error": str(exc)})
+            self._reader = None

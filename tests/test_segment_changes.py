@@ -1,0 +1,216 @@
+"""Segment-change events: what is recorded, with which cause, and that restarts, rebalances and
+kills never invent a change (``consumer.changes``).
+
+Fast tests drive ``SegmentChanges.detect`` with hand-made batches; the others run the consumer
+against the real broker and Redis and read the changes topic as a subscriber would."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from consumer.changes import Recorded, SegmentChanges, cause_of
+from consumer.scoring import score_batch
+from consumer.watcher import ActiveModel
+from segmentation.bundle import ModelBundle
+from segmentation.events import CustomerEvent
+from segmentation.metrics import ConsumerMetrics
+from segmentation.settings import Settings
+from tests.support.fixed import changes_for, fixed_events, moved_to_another_profile, segments, send, trained
+from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
+from tests.support.stack import (
+    active_version,
+    customers,
+    make_settings,
+    produce_raw,
+    read_outputs,
+    read_topic,
+    running_consumer,
+    start_service,
+    wait_until,
+)
+from trainer.pipeline import publish
+
+
+# --- fast: detection against a given state --------------------------------------------------
+def changes_of(settings: Settings | None = None,
+               model_of: Callable[[int], ActiveModel | None] = lambda v: None) -> SegmentChanges:
+    changes = SegmentChanges(settings or make_settings(), ConsumerMetrics(), model_of)
+    changes.state[0] = {}  # partition 0 held: nothing recorded yet, no topic to read
+    return changes
+
+
+def detect(
+    changes: SegmentChanges, values: Sequence[bytes], model: ActiveModel = SMALL_MODEL,
+) -> list[dict[str, object]]:
+    batch = score_batch([Msg(v, i) for i, v in enumerate(values)], model, SMALL_RULES, NOW_MS)
+    changes.detect(batch, model, "now")
+    assert len(batch.changes) == len(batch.causes)
+    return [json.loads(r.value or b"") for r in batch.changes]
+
+
+def at(a: float, ms: int = NOW_MS, customer: str = "c-1") -> bytes:
+    return event(customer_id=customer, event_time=ms, features={"a": a, "b": a})
+
+
+def test_a_first_segment_is_recorded_as_initial_and_the_same_segment_again_is_no_change() -> None:
+    changes = changes_of()
+    records = detect(changes, [at(0.1), at(0.2, NOW_MS + 1), at(0.3, NOW_MS + 2)])
+    assert [(r["cause"], r["from_segment_id"], r["to_segment_id"]) for r in records] == [("initial", None, 0)]
+    assert changes.state[0]["c-1"] == Recorded(0, "x", 1, NOW_MS + 2)
+
+
+def test_a_customer_whose_features_move_changes_with_cause_behaviour_once() -> None:
+    changes = changes_of()
+    detect(changes, [at(0.1)])
+    records = detect(changes, [at(5.0, NOW_MS + 1), at(5.1, NOW_MS + 2), at(0.0, NOW_MS + 3)])
+    assert [(r["cause"], r["from_segment_id"], r["to_segment_id"]) for r in records] == [
+        ("behaviour", 0, 1), ("behaviour", 1, 0)]
+    assert records[0]["from_segment"] == "x" and records[0]["to_segment"] == "y"
+    assert records[0]["customer_id"] == "c-1" and records[0]["event_id"] == "e-1"
+
+
+def test_an_event_older_than_the_newest_seen_changes_nothing() -> None:
+    changes = changes_of()
+    detect(changes, [at(0.1, NOW_MS + 10)])
+    assert detect(changes, [at(5.0, NOW_MS)]) == []
+    assert changes.metrics.registry.get_sample_value("segment_change_late_events_total") == 1.0
+    assert changes.state[0]["c-1"].segment_id == 0
+
+
+def test_customers_are_tracked_apart() -> None:
+    changes = changes_of()
+    records = detect(changes, [at(0.1, customer="a"), at(5.0, customer="b"), at(5.0, NOW_MS + 1, "a")])
+    assert [(r["customer_id"], r["cause"]) for r in records] == [
+        ("a", "initial"), ("b", "initial"), ("a", "behaviour")]
+
+
+def moved_model(version: int, centroids: list[list[float]]) -> ActiveModel:
+    return ActiveModel.of(ModelBundle.model_validate(small_bundle(version=version, centroids=centroids)))
+
+
+def test_a_model_that_moves_a_customer_whose_features_stayed_is_the_cause() -> None:
+    v1 = SMALL_MODEL
+    # v2 moves segment 0's centre next to (3, 3): a customer at (2, 2) now belongs to segment 1
+    v2 = moved_model(2, [[-3, -3, 1, 0], [5, 5, 0, 1]])
+    changes = changes_of(model_of={1: v1, 2: v2}.get)
+    detect(changes, [at(2.0)], v1)
+    records = detect(changes, [at(2.0, NOW_MS + 1)], v2)
+    assert [(r["cause"], r["from_model_version"], r["to_model_version"]) for r in records] == [
+        ("model", 1, 2)]
+
+
+def test_a_customer_who_moved_under_a_new_model_is_a_behaviour_change() -> None:
+    v2 = moved_model(2, [[0.5, 0.5, 1, 0], [5, 5, 0, 1]])
+    changes = changes_of(model_of={1: SMALL_MODEL, 2: v2}.get)
+    detect(changes, [at(0.1)], SMALL_MODEL)
+    assert [r["cause"] for r in detect(changes, [at(6.0, NOW_MS + 1)], v2)] == ["behaviour"]
+
+
+def test_the_cause_is_unknown_when_the_recording_model_cannot_be_loaded() -> None:
+    before = Recorded(0, "x", 1, NOW_MS)
+    e = CustomerEvent.model_validate_json(at(5.0))
+    assert cause_of(e, before, 2, lambda v: None) == "unknown"
+    assert cause_of(e, before, 1, lambda v: None) == "behaviour"
+
+
+# --- the real stack -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_changes_across_a_restart_and_a_rebalance_are_exactly_the_true_ones(settings: Settings) -> None:
+    _, model = trained(settings)
+    people = customers(300, seed=11, prefix="f")
+    who = {c.customer_id for c in people}
+    first = fixed_events(people, "first")
+    with running_consumer(settings):
+        send(settings, first)
+    initial = changes_for(settings, who, at_least=len(people))
+    assert Counter(r["cause"] for r in initial) == {"initial": len(people)}
+    assert {r["customer_id"]: r["to_segment_id"] for r in initial} == segments(model, first)
+
+    # a restart, then a second member joining and leaving: the same features change nothing
+    with running_consumer(settings):
+        send(settings, fixed_events(people, "again"))
+        with running_consumer(settings):
+            send(settings, fixed_events(people, "joined"))
+        send(settings, fixed_events(people, "left"))
+        moved_people = people[:60]
+        moved = fixed_events(moved_people, "moved", moved_to_another_profile)
+        send(settings, moved)
+    expected = {c: s for c, s in segments(model, moved).items() if s != segments(model, first)[c]}
+    assert len(expected) >= 30, "the test must move a good part of the customers"
+    records = changes_for(settings, who, at_least=len(people) + len(expected))
+    later = [r for r in records if r["cause"] != "initial"]
+    assert Counter(r["cause"] for r in later) == {"behaviour": len(expected)}, later[:5]
+    assert {r["customer_id"]: r["to_segment_id"] for r in later} == expected
+    assert all(r["from_segment_id"] == segments(model, first)[str(r["customer_id"])] for r in later)
+    assert len(changes_for(settings, who)) == len(records), "no change arrives later"
+
+
+@pytest.mark.integration
+def test_a_new_model_that_moves_a_segment_shows_as_model_caused_changes(settings: Settings) -> None:
+    store, v1 = trained(settings)
+    people = customers(300, seed=12, prefix="f")
+    who = {c.customer_id for c in people}
+    first = fixed_events(people, "first")
+    # v2: one segment's centre moved past another's, as a retrain after drift may move it
+    centroids = v1.centroids.copy()
+    centroids[0] = 2 * centroids[1] - centroids[0]
+    v2 = v1.bundle.model_copy(update={"version": store.allocate_version(), "centroids": centroids.tolist(),
+                                      "previous_version": v1.version})
+    with running_consumer(settings) as rc:
+        send(settings, first)
+        publish(settings, store, v2, v1.version)
+        wait_until(lambda: active_version(rc) == v2.version, 30, "the consumer to swap v2 in")
+        again = fixed_events(people, "again")
+        send(settings, again)
+    before, after = segments(v1, first), segments(ActiveModel.of(v2), again)
+    expected = {c: s for c, s in after.items() if s != before[c]}
+    assert expected, "v2 must move some customers"
+    records = changes_for(settings, who, at_least=len(people) + len(expected))
+    later = [r for r in records if r["cause"] != "initial"]
+    assert Counter(r["cause"] for r in later) == {"model": len(expected)}
+    assert {r["customer_id"]: (r["from_model_version"], r["to_model_version"]) for r in later} == {
+        c: (v1.version, v2.version) for c in expected}
+    assert {r["customer_id"]: r["to_segment_id"] for r in later} == expected
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_a_consumer_killed_mid_stream_never_invents_a_change(
+    settings_factory: Callable[..., Settings], tmp_path: Path, delivery: str,
+) -> None:
+    settings = settings_factory(delivery=delivery, batch_size=100)
+    trained(settings)
+    people = customers(3000, seed=13, prefix="f")
+    who = {c.customer_id for c in people}
+    log = tmp_path / "consumer.log"
+    proc = start_service(settings, "consumer", log)
+    try:
+        messages = fixed_events(people, "first")
+        produce_raw(settings, messages)
+        assert settings.changes_topic is not None
+        topic = settings.changes_topic
+        wait_until(lambda: len(read_topic(settings, topic, lambda rs: len(rs) > 800, 3)) > 800, 60,
+                   "some changes before the kill")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = start_service(settings, "consumer", log)
+        read_outputs(settings, {json.loads(v)["event_id"] for _, v in messages}, timeout_s=90)
+        produce_raw(settings, fixed_events(people, "again"))  # the same features: no change
+        read_outputs(settings, {f"again-{i}" for i in range(len(people))}, timeout_s=90)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    records = changes_for(settings, who, at_least=len(people))
+    assert Counter(r["cause"] for r in records).keys() == {"initial"}, log.read_text()[-2000:]
+    per_customer = Counter(str(r["customer_id"]) for r in records)
+    assert set(per_customer) == who
+    if delivery == "exactly-once":
+        assert max(per_customer.values()) == 1, "each change exactly once"
+    else:  # a replay may repeat a change, from the event that made it
+        assert all(str(r["event_id"]).startswith("first-") for r in records)
