@@ -5,10 +5,10 @@
 basket value and sessions grow steadily (by 2% per second of drift time, up to x4), towards
 another segment, which is what the drift metrics and alerts must catch. With ``lapse`` as well
 (``make run`` turns both on with ``DEMO_DRIFT=1``) customers change segments, which is what the
-segment-change events must show: one champion in five lapses (over ``LAPSE_S`` seconds their
-features move to the "at risk" profile's: ``behaviour`` changes), and only half of the bargain
-hunters drift, so that retrains move the segment away from the half that stays (``model``
-changes).
+segment-change events must show: over ``LAPSE_S`` seconds one champion in five lapses (their
+features move to the "at risk" profile's: ``behaviour`` changes) and another one in five cools
+half way there and stays, between the two segments, where retrains move the boundary over some of
+them (``model`` changes) and their events' noise moves others (``behaviour``).
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from segmentation.settings import Settings, load_settings
 
 DRIFT_SEGMENT = 4  # bargain hunters
 LAPSING_SEGMENT, LAPSED_PROFILE = 0, 3  # champions becoming at risk
-LAPSE_EVERY = 5  # one customer of the lapsing segment in this many lapses
 LAPSE_S = 60.0
+# Of the lapsing segment's customers (in the order they were made), the share of the way to the
+# lapsed profile each one goes: one in five all the way, one in five half way, the rest stay.
+LAPSE_COHORTS = (1.0, 0.5, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -67,32 +69,33 @@ def drift_shift(elapsed_s: float) -> np.ndarray:
     return shift
 
 
-def lapse_shift(customer: Customer, elapsed_s: float) -> np.ndarray:
-    """Feature multipliers that take a lapsing customer from their own centre to the lapsed
-    profile's means, linearly over ``LAPSE_S`` seconds.
+def lapse_shift(customer: Customer, elapsed_s: float) -> np.ndarray | None:
+    """Feature multipliers that take a lapsing customer from their own centre towards the lapsed
+    profile's means over ``LAPSE_S`` seconds (geometrically: the half way point is the middle in
+    log space), as far as their cohort goes; None for a customer who does not lapse.
 
     >>> from demo.generator import PROFILES
-    >>> c = Customer("c-0", 0, np.asarray(PROFILES[0].means, dtype=float), "app")
-    >>> lapse_shift(c, 0.0).tolist() == [1.0] * 6
+    >>> champion = np.asarray(PROFILES[0].means, dtype=float)
+    >>> lapse_shift(Customer("c-0", 0, champion, "app"), 0.0).tolist() == [1.0] * 6
     True
-    >>> (c.centre * lapse_shift(c, LAPSE_S)).tolist() == list(PROFILES[LAPSED_PROFILE].means)
+    >>> all = champion * lapse_shift(Customer("c-0", 0, champion, "app"), LAPSE_S)
+    >>> np.allclose(all, PROFILES[LAPSED_PROFILE].means)
+    True
+    >>> half = champion * lapse_shift(Customer("c-5", 0, champion, "app"), 2 * LAPSE_S)
+    >>> np.allclose(half, np.sqrt(champion * PROFILES[LAPSED_PROFILE].means))
+    True
+    >>> lapse_shift(Customer("c-10", 0, champion, "app"), LAPSE_S) is None
     True
     """
-    f = min(elapsed_s / LAPSE_S, 1.0)
+    if customer.segment != LAPSING_SEGMENT:
+        return None
+    index = int(customer.customer_id.rsplit("-", 1)[1]) // len(PROFILES)
+    share = LAPSE_COHORTS[index % len(LAPSE_COHORTS)]
+    if share == 0.0:
+        return None
+    f = share * min(elapsed_s / LAPSE_S, 1.0)
     target = np.asarray(PROFILES[LAPSED_PROFILE].means, dtype=float)
-    return ((1 - f) * customer.centre + f * target) / customer.centre
-
-
-def lapses(customer: Customer) -> bool:
-    """Whether ``customer`` is one of the lapsing champions (every ``LAPSE_EVERY``-th)."""
-    return customer.segment == LAPSING_SEGMENT and int(customer.customer_id.rsplit("-", 1)[1]) % (
-        LAPSE_EVERY * len(PROFILES)) == 0
-
-
-def stays(customer: Customer) -> bool:
-    """Whether ``customer`` is in the half of the drifting segment that does not drift when
-    customers lapse too."""
-    return int(customer.customer_id.rsplit("-", 1)[1]) % (2 * len(PROFILES)) < len(PROFILES)
+    return np.asarray((target / customer.centre) ** f)
 
 
 class DemoProducer:
@@ -128,9 +131,9 @@ class DemoProducer:
             self.stats.malformed[kind] += 1
         else:
             shift = None
-            if self.drift and customer.segment == DRIFT_SEGMENT and not (self.lapse and stays(customer)):
+            if self.drift and customer.segment == DRIFT_SEGMENT:
                 shift = drift_shift(time.monotonic() - started)
-            elif self.lapse and lapses(customer):
+            elif self.lapse:
                 shift = lapse_shift(customer, time.monotonic() - started)
             value = json.dumps(event_value(customer, self.rng, event_id, shift=shift)).encode()
             self.stats.valid += 1

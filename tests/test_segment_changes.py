@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
 from consumer.changes import Recorded, SegmentChanges, cause_of
 from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
 from segmentation.bundle import ModelBundle
 from segmentation.events import CustomerEvent
+from segmentation.kafka import producer_config
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.support.fixed import changes_for, fixed_events, moved_to_another_profile, segments, send, trained
@@ -31,6 +33,7 @@ from tests.support.stack import (
     read_outputs,
     read_topic,
     running_consumer,
+    sample,
     start_service,
     wait_until,
 )
@@ -214,3 +217,30 @@ def test_a_consumer_killed_mid_stream_never_invents_a_change(
         assert max(per_customer.values()) == 1, "each change exactly once"
     else:  # a replay may repeat a change, from the event that made it
         assert all(str(r["event_id"]).startswith("first-") for r in records)
+
+
+@pytest.mark.integration
+def test_records_on_the_changes_topic_that_are_not_changes_are_skipped_when_state_is_rebuilt(
+    settings: Settings,
+) -> None:
+    trained(settings)
+    assert settings.changes_topic is not None
+    producer = Producer(producer_config(settings))
+    # garbage, an empty key (a compacted topic refuses a null one), and a customer's record with a
+    # wrong-typed segment id: on every partition
+    poison = [(b"p-0", b"\xff not json"), (b"", b"{}"), (b"f-1", json.dumps(
+        {"to_segment_id": True, "to_segment": "x", "to_model_version": 1, "event_time": 0}).encode())]
+    for partition in range(settings.events_partitions):
+        for key, value in poison:
+            producer.produce(settings.changes_topic, key=key, value=value, partition=partition)
+    assert producer.flush(30) == 0
+    people = customers(60, seed=15, prefix="f")
+    with running_consumer(settings) as rc:
+        send(settings, fixed_events(people, "first"))
+        assert rc.loop.changes is not None
+        held = len(rc.loop.changes.state)
+        invalid = sample(rc.metrics, "segment_change_records_invalid_total")
+    assert held >= 1 and invalid == len(poison) * held
+    records = changes_for(settings, {c.customer_id for c in people}, at_least=len(people) + 1)
+    poisoned = settings.events_partitions  # the f-1 records: on the topic, never taken as state
+    assert Counter(r.get("cause") for r in records) == {"initial": len(people), None: poisoned}

@@ -133,3 +133,34 @@ def test_promotion_and_discard_under_load_lose_nothing_and_leak_nothing(
     for r in records:
         by_partition.setdefault(r.partition, []).append(int(r.json()["model_version"]))
     assert all(np.all(np.diff(v) >= 0) for v in by_partition.values())
+
+
+def test_trainer_run_promotes_a_challenger_on_what_real_consumers_report(
+    settings: Settings, tmp_path: Path,
+) -> None:
+    store, champion = trained(settings)
+    # a refit that barely moved: it agrees with the champion on (nearly) every event
+    centroids = champion.centroids + 0.01
+    challenger = champion.bundle.model_copy(update={
+        "version": store.allocate_version(), "centroids": centroids.tolist(),
+        "previous_version": champion.version})
+    people = customers(300, seed=22, prefix="f")
+    # SEG_MIN_ROWS out of reach: scheduled retrains skip, only the rule can change the model
+    trainer = start_service(settings, "trainer run", tmp_path / "trainer.log",
+                            SEG_CHALLENGER_PROMOTE_AFTER="500", SEG_MIN_ROWS="10000000")
+    try:
+        with running_consumer(settings) as rc:
+            store_challenger(settings, store, challenger)
+            wait_until(lambda: rc.loop.watcher.challenger is not None, 30, "the challenger seen")
+            send(settings, fixed_events(people, "one"))
+            assert store.current_version() == champion.version  # 300 events: not enough
+            send(settings, fixed_events(people, "two"))
+            wait_until(lambda: active_version(rc) == challenger.version, 60,
+                       "the trainer to promote the challenger on the consumer's report")
+            after = send(settings, fixed_events(people, "three"))
+    finally:
+        trainer.terminate()
+        trainer.wait(30)
+    assert store.current_version() == challenger.version and store.challenger() is None
+    assert {o["model_version"] for o in after.values()} == {challenger.version}
+    assert "promoting the challenger automatically" in (tmp_path / "trainer.log").read_text()
