@@ -7,7 +7,7 @@ shared and noisy; absolute numbers are printed for context). Prints one table, w
 ``bench/results/quick.json`` (CI runs it to check that every
 measure still runs). ``BENCH_EVENTS`` and ``BENCH_ROUNDS`` override the throughput sizes.
 Sections can be skipped with ``BENCH_SKIP=trainer,scaleout`` (names: throughput, model, latency,
-trainer, window, scaleout).
+trainer, window, changes, scaleout).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Plan:
     minibatch_rows: int
     scale_events: int
     window_events: int
+    rebuild_customers: int
     skip: set[str] = field(default_factory=set)
 
     @classmethod
@@ -59,9 +60,9 @@ class Plan:
         rounds = int(os.environ.get("BENCH_ROUNDS", "1" if quick else "3"))
         if quick:
             return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000,
-                       20_000, skip)
+                       20_000, 20_000, skip)
         return cls(False, events, rounds, 10.0, [2000, 5000], [10_000, 20_000, 40_000],
-                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000, skip)
+                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000, 200_000, skip)
 
 
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
@@ -170,6 +171,20 @@ def window(plan: Plan, results: dict[str, Any]) -> None:
     print(f"  window of {plan.window_events:,} events to publish: {seconds:.1f} s", flush=True)
 
 
+def changes(plan: Plan, results: dict[str, Any]) -> None:
+    """Rebuilding a partition's last recorded segments from the changes topic."""
+    settings = fresh_settings()
+    ensure_topics(settings)
+    store = ModelStore(connect(settings), settings.redis_prefix)
+    try:
+        rebuild = consumers.change_rebuild(settings, plan.rebuild_customers)
+    finally:
+        cleanup(settings, store)
+    results["change_rebuild"] = rebuild
+    print(f"  change state rebuild: {rebuild['customers']:,} customers in {rebuild['seconds']:.2f} s "
+          f"({rebuild['per_s']:,.0f}/s)", flush=True)
+
+
 def scaleout(plan: Plan, results: dict[str, Any]) -> None:
     settings, store = prepare(plan.scale_events)
     try:
@@ -202,7 +217,7 @@ def main(argv: list[str]) -> int:
     started = time.time()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "quick": plan.quick, "machine": machine(), "ratios": {}, "not_done": {}}
-    sections = ["throughput", "model", "latency", "trainer", "window", "scaleout"]
+    sections = ["throughput", "model", "latency", "trainer", "window", "changes", "scaleout"]
     print(f"preparing {plan.events:,} events on a fresh topic ({'quick' if plan.quick else 'full'} run) ...",
           flush=True)
     settings, store = prepare(plan.events)
@@ -224,6 +239,8 @@ def main(argv: list[str]) -> int:
                     trainer(plan, results)
                 elif name == "window":
                     window(plan, results)
+                elif name == "changes":
+                    changes(plan, results)
                 else:
                     scaleout(plan, results)
             except (Exception, SystemExit) as exc:  # noqa: BLE001 - one section must not lose the others

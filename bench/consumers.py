@@ -21,15 +21,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, Producer
 
+from consumer.changes import SegmentChanges
 from consumer.delivery import Sent
 from consumer.loop import ConsumeLoop
 from consumer.partitions import next_offsets
 from consumer.scoring import OutRecord
 from consumer.service import build_delivery
 from segmentation.events import CustomerEvent, event_time_iso
-from segmentation.kafka import consumer_config
+from segmentation.kafka import consumer_config, producer_config
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
@@ -162,6 +163,8 @@ STAGES = {  # where the consume loop's time goes, stage by stage (wall time, mai
     "consume, and finishing when idle (_take)": ("consumer.loop", "ConsumeLoop", "_take"),
     "produce (send)": ("consumer.delivery", "AtLeastOnce", "send"),
     "await acknowledgements (complete)": ("consumer.delivery", "AtLeastOnce", "complete"),
+    "segment changes: rebuild state (prepare)": ("consumer.changes", "SegmentChanges", "prepare"),
+    "segment changes: detect": ("consumer.changes", "SegmentChanges", "detect"),
     "learn online": ("consumer.learner", "Learner", "learn"),
     "metrics (Reporter.count)": ("consumer.reporting", "Reporter", "count"),
     "Redis customer write (writer thread)": ("consumer.customer_writer", "CustomerWriter", "write"),
@@ -199,3 +202,54 @@ def service_stages(s: Settings, store: ModelStore, n: int) -> dict[str, float]:
         for owner, attr, original in originals:
             setattr(owner, attr, original)
     return {"total_wall": took / n * 1e6, **{k: v / n * 1e6 for k, v in spent.items()}}
+
+
+def change_rebuild(s: Settings, customers: int) -> dict[str, float]:
+    """How fast a member rebuilds a partition's last recorded segments from the changes topic
+    (what a newly assigned partition waits for): ``customers`` change records in one partition,
+    read back by ``SegmentChanges.prepare``."""
+    assert s.changes_topic is not None
+    producer = Producer(producer_config(s))
+    for i in range(customers):
+        value = (f'{{"customer_id":"c-{i}","event_id":"e-{i}","event_time":"2026-11-29T10:15:00.000Z",'
+                 f'"cause":"initial","from_segment_id":null,"from_segment":null,"from_model_version":null,'
+                 f'"to_segment_id":{i % 5},"to_segment":"segment {i % 5}","to_model_version":1,'
+                 f'"changed_at":"2026-11-29T10:15:00.120Z"}}').encode()
+        producer.produce(s.changes_topic, key=f"c-{i}".encode(), value=value, partition=0)
+        if i % 10_000 == 0:
+            producer.poll(0)
+    producer.flush(60)
+    changes = SegmentChanges(s, ConsumerMetrics(), lambda _v: None)
+    started = time.perf_counter()
+    changes.prepare([_At(s.events_topic, 0)])
+    took = time.perf_counter() - started
+    changes.close()
+    held = len(changes.state[0])
+    if held != customers:
+        raise RuntimeError(f"rebuilt {held} customers of {customers}")
+    return {"customers": customers, "seconds": took, "per_s": customers / took}
+
+
+class _At:
+    """A message of ``topic`` partition ``partition`` (all ``prepare`` looks at)."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self._topic, self._partition = topic, partition
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return 0
+
+    def key(self) -> bytes | None:
+        return None
+
+    def value(self) -> bytes | None:
+        return None
+
+    def headers(self) -> None:
+        return None

@@ -77,6 +77,10 @@ def table(r: dict[str, Any]) -> str:
         what = (f"trainer run: window of {w['events']:,} events ({w['customers']:,} customers, "
                 f"{w['rows_used']:,} rows fitted) to publish")
         rows.append(_row(what, "-", f"{w['seconds']:.1f} s", "-", "-"))
+    if "change_rebuild" in r:
+        c = r["change_rebuild"]
+        rows.append(_row(f"segment changes: rebuild a partition's state ({c['customers']:,} customers)",
+                         "-", f"{c['seconds']:.2f} s ({_rate(c['per_s'])})", "-", "-"))
     if "scale_out" in r:
         so = r["scale_out"]
         rows.append(_row(f"scale-out, 6 partitions, {so['events']:,} events",

@@ -53,6 +53,7 @@ def with_output(settings: Settings, name: str) -> Settings:
     s = settings.model_copy(update={
         "segments_topic": f"{settings.events_topic}-{name}-out",
         "dlq_topic": f"{settings.events_topic}-{name}-dlq",
+        "changes_topic": f"{settings.events_topic}-{name}-changes",
         "consumer_group": f"{settings.consumer_group}-{name}",
         "replica_id": f"{settings.replica_id}-{name}",
     })

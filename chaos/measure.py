@@ -46,6 +46,9 @@ class ScenarioResult:
     never_caught_up: bool = False
     hostile_outcomes: dict[str, Counter[str]] = field(default_factory=dict)
     model_versions: Counter[int] = field(default_factory=Counter)
+    changes: int = 0  # segment changes, repeats set aside
+    changes_broken: int = 0  # changes that do not continue their customer's chain (invented or lost)
+    change_repeats: int = 0  # the same event's change again (at-least-once replays)
     duration_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     error_lines: list[str] = field(default_factory=list)
@@ -85,6 +88,31 @@ def count_delivery(result: ScenarioResult, sent: list[Sent], obs: Observed) -> N
         result.lost_hostile += not dead
         result.hostile_scored += bool(outputs) and not dead
     result.unattributed_dead_letters = sum(obs.dead_unattributed.values())
+
+
+def count_changes(result: ScenarioResult, obs: Observed) -> None:
+    """Each customer's segment changes, in topic order, repeats of an event's change set aside:
+    the first must be ``initial`` and every other one must start where the one before ended. A
+    change that does not is broken: invented against a lost state, or following a lost one.
+
+    >>> r = ScenarioResult("s", "m")
+    >>> count_changes(r, Observed(changes={"c": [("e1", None, 1, "initial"), ("e2", 1, 2, "behaviour"),
+    ...                                          ("e2", 1, 2, "behaviour"), ("e3", None, 2, "initial")]}))
+    >>> r.changes, r.change_repeats, r.changes_broken
+    (3, 1, 1)
+    """
+    for rows in obs.changes.values():
+        seen: set[str] = set()
+        last: int | None = None
+        for event_id, before, after, cause in rows:
+            if event_id in seen:
+                result.change_repeats += 1
+                continue
+            seen.add(event_id)
+            result.changes += 1
+            continues = cause == "initial" if last is None else (cause != "initial" and before == last)
+            result.changes_broken += not continues
+            last = after
 
 
 def count_recovery(result: ScenarioResult, sent: list[Sent], obs: Observed, cutoff: float | None) -> None:

@@ -68,6 +68,11 @@ def _duplicated(r: ScenarioResult) -> str:
     return text
 
 
+def _changes(r: ScenarioResult) -> str:
+    broken = f"**{r.changes_broken} broken**" if r.changes_broken else "0 broken"
+    return f"{r.changes} ({broken}, {r.change_repeats} repeated)"
+
+
 def _exits(r: ScenarioResult) -> str:
     parts = [str(len(r.unexpected_exits))]
     if r.tracebacks:
@@ -88,17 +93,18 @@ def _recovery(r: ScenarioResult) -> str:
 def table(results: list[ScenarioResult]) -> list[str]:
     lines = [
         "| scenario | mode | events valid / hostile | lost valid / hostile | duplicated | "
-        "dead-lettered by reason | consumer exits | recovery s (first output / caught up) |",
-        "|---|---|---|---|---|---|---|---|",
+        "dead-lettered by reason | segment changes (broken, repeated) | consumer exits | "
+        "recovery s (first output / caught up) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.failed:
             lines.append(f"| {r.scenario} | {r.mode} | {r.valid} / {r.hostile} | harness failed: "
-                         f"{r.failed[:160]} | | | {_exits(r)} | |")
+                         f"{r.failed[:160]} | | | | {_exits(r)} | |")
             continue
         lines.append(
             f"| {r.scenario} | {r.mode} | {r.valid} / {r.hostile} | {_lost(r)} | {_duplicated(r)} | "
-            f"{_reasons(r.dead_letters)} | {_exits(r)} | {_recovery(r)} |"
+            f"{_reasons(r.dead_letters)} | {_changes(r)} | {_exits(r)} | {_recovery(r)} |"
         )
     return lines
 
@@ -186,6 +192,11 @@ def write(path: Path, results: list[ScenarioResult], info: RunInfo) -> None:
         "  counts as lost. A stall is a failure of its own (the pipeline stops without help).",
         "* **duplicated**: event ids output more than once (at-least-once allows this for the",
         "  uncommitted window of each fault; exactly-once must show 0).",
+        "* **segment changes**: records of the changes topic, an event's change repeated set aside.",
+        "  Per customer, the first must be `initial` and each next one must start from the segment",
+        "  the one before ended in; a change that does not is **broken** (invented against a lost",
+        "  state, or following a lost change). Repeats are allowed at-least-once; exactly-once must",
+        "  show 0.",
         "* **consumer exits**: consumer processes that ended other than by a harness SIGKILL or a",
         "  harness SIGTERM answered with exit 0 (a stuck one counts), then the Python tracebacks in all",
         "  consumer logs (killed ones included); an exit the scenario provokes on purpose is listed as",

@@ -18,7 +18,14 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from chaos import hostile
-from chaos.measure import Fault, ScenarioResult, count_delivery, count_processes, count_recovery
+from chaos.measure import (
+    Fault,
+    ScenarioResult,
+    count_changes,
+    count_delivery,
+    count_processes,
+    count_recovery,
+)
 from chaos.procs import ERROR_LINE, ConsumerPool, Proc, Procs
 from chaos.stack import PrivateStack
 from chaos.traffic import Collector, Observed, Traffic
@@ -193,6 +200,7 @@ class ScenarioRun:
         sent = self.traffic.snapshot()
         observed = self._collector.observed if self._collector is not None else Observed()
         count_delivery(result, sent, observed)
+        count_changes(result, observed)
         count_recovery(result, sent, observed, self.rescued_at)
         result.produce_failed = sum(self.traffic.failed.values())
         if self.traffic.failed:

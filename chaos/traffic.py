@@ -136,6 +136,8 @@ class Observed:
     outputs: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # id -> [(at, version)]
     dead: dict[tuple[int, int], list[tuple[float, str]]] = field(default_factory=dict)
     dead_unattributed: Counter[str] = field(default_factory=Counter)
+    # customer -> [(event_id, from_segment_id, to_segment_id, cause)], in topic order
+    changes: dict[str, list[tuple[str, int | None, int, str]]] = field(default_factory=dict)
     unreadable_outputs: int = 0
     non_strict_outputs: int = 0  # NaN or Infinity in an output (not JSON by RFC 8259)
     records: int = 0
@@ -153,7 +155,10 @@ class Collector(threading.Thread):
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self._resets: set[str] = set()
-        self._readers = {t: self._reader(t) for t in (settings.segments_topic, settings.dlq_topic)}
+        topics = [settings.segments_topic, settings.dlq_topic]
+        if settings.changes_topic is not None:
+            topics.append(settings.changes_topic)
+        self._readers = {t: self._reader(t) for t in topics}
 
     def _reader(self, topic: str) -> Consumer:
         consumer = Consumer({
@@ -208,6 +213,9 @@ class Collector(threading.Thread):
                     return
                 obs.dead.setdefault(source, []).append((at, reason))
                 return
+            if topic == self.settings.changes_topic:
+                self._observe_change(msg)
+                return
             try:
                 record, strict = _loads(msg.value() or b"")
                 obs.non_strict_outputs += not strict
@@ -217,6 +225,16 @@ class Collector(threading.Thread):
                 obs.unreadable_outputs += 1
                 return
             obs.outputs.setdefault(event_id, []).append((at, version))
+
+    def _observe_change(self, msg: Message) -> None:
+        try:
+            record, _ = _loads(msg.value() or b"")
+            row = (str(record["event_id"]), record["from_segment_id"], int(record["to_segment_id"]),
+                   str(record["cause"]))
+        except (ValueError, KeyError, TypeError):
+            self.observed.unreadable_outputs += 1
+            return
+        self.observed.changes.setdefault(str(record.get("customer_id")), []).append(row)
 
     def accounted(self, sent: list[Sent]) -> int:
         """How many of ``sent`` have an output or a dead letter."""

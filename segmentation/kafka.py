@@ -190,8 +190,10 @@ def topic_specs(settings: Settings, changes_partitions: int | None = None) -> li
     if settings.changes_topic is not None:
         # Co-partitioned with the input: a change goes to its event's partition number, and the
         # member owning that input partition rebuilds its customers' last segments from it.
+        # Compaction keeps each customer's latest change, but not before a week: a subscriber
+        # that falls behind by less than that still sees every change.
         topics.append(NewTopic(settings.changes_topic, changes_partitions or settings.events_partitions, 1,
-                               config={"cleanup.policy": "compact"}))
+                               config={"cleanup.policy": "compact", "min.compaction.lag.ms": week}))
     return topics
 
 
