@@ -18,9 +18,11 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from chaos import hostile
-from demo.generator import Customer, event_value, make_customers
+from demo.generator import PROFILES, Customer, event_value, make_customers
 from segmentation.kafka import producer_config
 from segmentation.settings import Settings
+
+SWITCH_EVERY = 10  # one customer in this many switches profile back and forth
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,7 @@ class Traffic:
         self.failed: Counter[str] = Counter()
         self.lock = threading.Lock()
         self._seq = 0
+        self._events_of: Counter[str] = Counter()
         self.stop = threading.Event()
 
     def _next_id(self, letter: str) -> str:
@@ -77,8 +80,19 @@ class Traffic:
     def valid(self, customer: Customer | None = None) -> None:
         customer = customer or self.customers[int(self.rng.integers(len(self.customers)))]
         event_id = self._next_id("v")
-        value = json.dumps(event_value(customer, self.rng, event_id)).encode()
+        value = json.dumps(event_value(customer, self.rng, event_id, shift=self._switch(customer))).encode()
         self._produce("valid", event_id, customer.customer_id.encode(), value, [])
+
+    def _switch(self, customer: Customer) -> np.ndarray | None:
+        """One customer in ten switches profile on every other event of theirs after the first,
+        so that the changes topic carries a stream of true changes through every fault."""
+        if int(customer.customer_id.rsplit("-", 1)[1]) % SWITCH_EVERY:
+            return None
+        self._events_of[customer.customer_id] += 1
+        if self._events_of[customer.customer_id] % 2:
+            return None
+        other = PROFILES[(customer.segment + 2) % len(PROFILES)].means
+        return np.asarray(other, dtype=float) / customer.centre
 
     def hostile(self, kind: str) -> None:
         customer = self.customers[int(self.rng.integers(len(self.customers)))]
