@@ -128,11 +128,10 @@ def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: Mod
 
 class SegmentChanges:
     """The last recorded segment per customer of the partitions this member scores, and the
-    change records of each batch (``detect``)."""
+    change records of each batch (``record``). Without a changes topic (``SEG_CHANGES_TOPIC=null``)
+    it does nothing."""
 
     def __init__(self, settings: Settings, metrics: ConsumerMetrics, model_of: ModelOf) -> None:
-        if settings.changes_topic is None:
-            raise ValueError("no changes topic configured")
         self.settings = settings
         self.topic = settings.changes_topic
         self.metrics = metrics
@@ -140,12 +139,26 @@ class SegmentChanges:
         self.state: dict[int, dict[str, Recorded]] = {}
         self._reader: Consumer | None = None
 
+    def record(self, messages: Sequence[Message], batch: ScoredBatch, model: ActiveModel) -> bool:
+        """The batch's changes into ``batch.changes``, against the state the batches before
+        left; False (logged) when a partition's state cannot be rebuilt: the batch must wait,
+        since no change may be detected against a state not rebuilt."""
+        if self.topic is None:
+            return True
+        try:
+            self.prepare(messages)
+        except ChangesUnavailable as exc:
+            log.warning("segment changes unavailable; batch held", extra={"error": str(exc)})
+            return False
+        self.detect(batch, model, event_time_iso(int(time.time() * 1000)))
+        return True
+
     # --- state of the partitions held --------------------------------------------------------
     def prepare(self, messages: Sequence[Message]) -> None:
         """Rebuild the state of the partitions of ``messages`` not held yet;
         ``ChangesUnavailable`` when the topic cannot be read (the batch must wait)."""
         missing = sorted({coordinates(m)[1] for m in messages} - set(self.state))
-        if not missing:
+        if not missing or self.topic is None:
             return
         started = time.monotonic()
         try:
@@ -162,6 +175,7 @@ class SegmentChanges:
             "seconds": round(time.monotonic() - started, 3)})
 
     def _read(self, partitions: list[int]) -> dict[int, dict[str, Recorded]]:
+        assert self.topic is not None  # noqa: S101 - prepare reads only with a topic
         if self._reader is None:
             self._reader = Consumer(reader_config(self.settings, "changes-restore"))
         restored: dict[int, dict[str, Recorded]] = {p: {} for p in partitions}
@@ -216,7 +230,7 @@ class SegmentChanges:
                                                    customer.event_ms)
             value = change_value(event, customer.event_ms, before, customer.segment_id,
                                  customer.segment, version, cause, changed_at)
-            batch.changes.append(OutRecord(self.topic, output.key, value, [], output.source, partition))
+            batch.changes.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
             batch.causes.append(cause)
         if late:
             self.metrics.change_late_events.inc(late)

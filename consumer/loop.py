@@ -1,11 +1,13 @@
-"""The consume loop: poll a batch, score it, deliver its outputs and write its customers, store its
-offsets once both are done; learn; report.
+"""The consume loop: poll a batch, score it (and in the shadow, with a challenger), record its
+segment changes, deliver its outputs and changes and write its customers, store its offsets once
+both are done; learn; report.
 
-Thin on purpose: each stage is a named piece elsewhere (``scoring.score_batch``, ``delivery``,
+Thin on purpose: each stage is a named piece elsewhere (``scoring.score_batch``,
+``shadow.shadow_score``, ``changes.SegmentChanges.record``, ``delivery``,
 ``customer_writer.CustomerWriter``, ``inflight.InFlight.finish``, ``learner.Learner``,
-``reporting.Reporter``); ``partitions`` keeps the group membership and the offsets, ``inflight``
-the replay of failed batches. Batches overlap: one is scored while the one before is acknowledged
-and written.
+``shadow.Shadow``, ``reporting.Reporter``); ``partitions`` keeps the group membership and the
+offsets, ``inflight`` the replay of failed batches. Batches overlap: one is scored while the one
+before is acknowledged and written.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from consumer.changes import ChangesUnavailable, SegmentChanges
+from consumer.changes import SegmentChanges
 from consumer.customer_writer import CustomerWriter
 from consumer.delivery import Delivery, DeliveryFailed
 from consumer.inflight import InFlight, Replay
 from consumer.learner import Learner
 from consumer.partitions import Membership, commit_stored, consume, next_offsets, rewind
 from consumer.reporting import Reporter
-from consumer.scoring import OutRecord, ScoredBatch, ScoringRules, score_batch
+from consumer.scoring import OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
 from consumer.watcher import ActiveModel, ModelWatcher
-from segmentation.events import event_time_iso
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
@@ -48,8 +49,7 @@ class ConsumeLoop:
         self.writer = CustomerWriter(customers, metrics)
         self.learner = Learner(settings, metrics)
         self.reporter = Reporter(settings, consumer, store, metrics)
-        self.changes = (SegmentChanges(settings, metrics, self.watcher.model_of)
-                        if settings.changes_topic is not None else None)
+        self.changes = SegmentChanges(settings, metrics, self.watcher.model_of)
         self.shadow = Shadow(metrics)
         self.membership = Membership(
             consumer, settings.exactly_once, finish=self._finish_before_revoke, forget=self._forget,
@@ -69,8 +69,7 @@ class ConsumeLoop:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         self.replay.forget(partitions)
         self.reporter.forget(partitions)
-        if self.changes is not None:
-            self.changes.forget(tp.partition for tp in partitions)
+        self.changes.forget(tp.partition for tp in partitions)
 
     @property
     def ready(self) -> bool:
@@ -148,7 +147,9 @@ class ConsumeLoop:
         if failed:  # the batch before failed: replay it and this one
             rewind(self.consumer, failed + messages)
             return
-        if not self._detect_changes(messages, batch, model):
+        if not self.changes.record(messages, batch, model):
+            rewind(self.consumer, messages)  # held until the changes topic can be read
+            time.sleep(1.0)
             return
         try:
             sent = self.delivery.send(self.replay.unsent(batch.records), next_offsets(messages),
@@ -159,22 +160,6 @@ class ConsumeLoop:
         # Off the critical path, but the batch's offsets wait for it: a crash before the write
         # replays the batch, and the replay writes again (idempotent: never older over newer).
         self._inflight = InFlight(messages, batch, model, sent, self.writer.submit(batch), started)
-
-    def _detect_changes(self, messages: list[Message], batch: ScoredBatch, model: ActiveModel) -> bool:
-        """The batch's segment changes, against the state the batch before left (it is finished:
-        the state only moves on with batches that are). False, with the batch rewound, while the
-        changes topic cannot be read: no change is emitted against a state not rebuilt."""
-        if self.changes is None:
-            return True
-        try:
-            self.changes.prepare(messages)
-        except ChangesUnavailable as exc:
-            log.warning("segment changes unavailable; batch held", extra={"error": str(exc)})
-            rewind(self.consumer, messages)
-            time.sleep(1.0)
-            return False
-        self.changes.detect(batch, model, event_time_iso(int(time.time() * 1000)))
-        return True
 
     def _finish(self) -> list[Message]:
         """Finish the batch in flight: its offsets stored (``InFlight.finish``), learn and count.
@@ -194,8 +179,7 @@ class ConsumeLoop:
 
     def _failed(self, messages: list[Message], exc: DeliveryFailed) -> list[Message]:
         self.metrics.delivery_failures.inc()
-        if self.changes is not None:  # rebuilt from what the topic acknowledged
-            self.changes.forget_messages(messages)
+        self.changes.forget_messages(messages)  # rebuilt from what the topic acknowledged
         log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
         return self.replay.failed(messages, exc)
 
@@ -221,8 +205,7 @@ class ConsumeLoop:
         if not self.settings.exactly_once:
             commit_stored(self.consumer)
         self.watcher.close()
-        if self.changes is not None:
-            self.changes.close()
+        self.changes.close()
         try:
             self.consumer.close()
         except KafkaException as exc:
