@@ -215,9 +215,12 @@ def change_rebuild(s: Settings, customers: int) -> dict[str, float]:
                  f'"cause":"initial","from_segment_id":null,"from_segment":null,"from_model_version":null,'
                  f'"to_segment_id":{i % 5},"to_segment":"segment {i % 5}","to_model_version":1,'
                  f'"changed_at":"2026-11-29T10:15:00.120Z"}}').encode()
-        producer.produce(s.changes_topic, key=f"c-{i}".encode(), value=value, partition=0)
-        if i % 10_000 == 0:
-            producer.poll(0)
+        while True:
+            try:
+                producer.produce(s.changes_topic, key=f"c-{i}".encode(), value=value, partition=0)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                producer.poll(0.1)
     producer.flush(60)
     changes = SegmentChanges(s, ConsumerMetrics(), lambda _v: None)
     started = time.perf_counter()

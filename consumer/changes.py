@@ -48,9 +48,10 @@ Cause = ChangeCause
 ModelOf = Callable[[int], "ActiveModel | None"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Recorded:
-    """A customer's last recorded segment, and the newest event time seen for them."""
+    """A customer's last recorded segment, and the newest event time seen for them (moved on in
+    place: most events change nothing but it)."""
 
     segment_id: int
     segment: str
@@ -214,17 +215,16 @@ class SegmentChanges:
         version = model.version
         late = 0
         for output, customer, event in zip(batch.outputs, batch.customers, batch.events, strict=True):
-            partition = coordinates(output.source)[1] if output.source is not None else 0
+            partition = int(output.source.partition() or 0) if output.source is not None else 0
             state = self.state[partition]
             before = state.get(customer.customer_id)
-            if before is not None and customer.event_ms < before.event_ms:
-                late += 1
-                continue
-            if before is not None and before.segment_id == customer.segment_id:
-                if customer.event_ms > before.event_ms:
-                    state[customer.customer_id] = Recorded(
-                        before.segment_id, before.segment, before.model_version, customer.event_ms)
-                continue
+            if before is not None:
+                if customer.event_ms < before.event_ms:
+                    late += 1
+                    continue
+                if before.segment_id == customer.segment_id:
+                    before.event_ms = customer.event_ms
+                    continue
             cause: Cause = "initial" if before is None else cause_of(event, before, version, self.model_of)
             state[customer.customer_id] = Recorded(customer.segment_id, customer.segment, version,
                                                    customer.event_ms)
