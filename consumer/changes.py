@@ -36,6 +36,7 @@ from confluent_kafka import Consumer, KafkaException
 
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from consumer.watcher import ActiveModel
+from segmentation.bundle import is_segment_id, is_segment_name
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import ReadIncomplete, read_to_end, reader_config
@@ -93,22 +94,34 @@ def recorded_of(value: bytes | None) -> Recorded | None:
     Recorded(segment_id=3, segment='x', model_version=5, event_ms=1000)
     >>> recorded_of(b'{"to_segment_id":true}'), recorded_of(b'garbage'), recorded_of(None)
     (None, None, None)
+
+    Held to a bundle's bounds (an absurd id or name is never echoed into a change record), and
+    to a time with its zone (ours always say Z):
+
+    >>> recorded_of(b'{"to_segment_id":3,"to_segment":"' + b"x" * 201 + b'","to_model_version":5,'
+    ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
+    >>> recorded_of(b'{"to_segment_id":1' + b"0" * 309 + b',"to_segment":"x","to_model_version":5,'
+    ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
+    >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":0,'
+    ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
+    >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":5,'
+    ...             b'"event_time":"1970-01-01T00:00:01.000"}')
     """
     if value is None:
         return None
     try:
         record = json.loads(value)
         sid, name, version = record["to_segment_id"], record["to_segment"], record["to_model_version"]
-        event_ms = int(datetime.fromisoformat(record["event_time"]).timestamp() * 1000)
+        when = datetime.fromisoformat(record["event_time"])
+        if when.tzinfo is None:
+            return None
+        event_ms = int(when.timestamp() * 1000)
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
         return None
-    if not (_is_int(sid) and _is_int(version) and isinstance(name, str)):
+    valid_version = isinstance(version, int) and not isinstance(version, bool) and version >= 1
+    if not (is_segment_id(sid) and is_segment_name(name) and valid_version):
         return None
     return Recorded(sid, name, version, event_ms)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> Cause:

@@ -27,6 +27,25 @@ MAX_CENTROID_ABS = 1e6  # in scaled units (standard deviations)
 MIN_SCALE, MAX_SCALE = 1e-12, 1e15
 MAX_CENTER_ABS = 1e15
 MAX_CATEGORICAL_WEIGHT = 1e3
+SEGMENT_ID_LIMIT = 2**31  # segment ids are in [0, 2^31)
+
+
+def is_segment_id(value: object) -> bool:
+    """A segment id within a bundle's bounds (a bool is not an id).
+
+    >>> is_segment_id(3), is_segment_id(True), is_segment_id(2**31), is_segment_id(-1)
+    (True, False, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEGMENT_ID_LIMIT
+
+
+def is_segment_name(value: object) -> bool:
+    """A segment's business name within a bundle's bounds.
+
+    >>> is_segment_name("loyal"), is_segment_name(""), is_segment_name("x" * 201)
+    (True, False, False)
+    """
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
 
 
 class BundleError(ValueError):
@@ -159,9 +178,9 @@ class ModelBundle(BaseModel):
             raise ValueError(f"centroids must have {width} columns ({self.features.columns[:20]})")
         if len(self.segment_ids) != k or len(self.segment_names) != k:
             raise ValueError(f"{k} centroids need {k} segment ids and names")
-        if len(set(self.segment_ids)) != k or any(not 0 <= i < 2**31 for i in self.segment_ids):
+        if len(set(self.segment_ids)) != k or any(not is_segment_id(i) for i in self.segment_ids):
             raise ValueError(f"segment ids must be unique and in [0, 2^31): {self.segment_ids}")
-        if any(not 0 < len(n) <= MAX_NAME_CHARS for n in self.segment_names):
+        if any(not is_segment_name(n) for n in self.segment_names):
             raise ValueError(f"segment names must have 1..{MAX_NAME_CHARS} characters")
         if not all(math.isfinite(v) and abs(v) <= MAX_CENTROID_ABS for row in self.centroids for v in row):
             raise ValueError(f"centroids must be finite and within +/-{MAX_CENTROID_ABS:g}")
