@@ -18,7 +18,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from chaos import hostile
-from demo.generator import PROFILES, Customer, event_value, make_customers
+from demo.generator import Customer, another_profile, event_value, make_customers
 from segmentation.kafka import producer_config
 from segmentation.settings import Settings
 
@@ -91,8 +91,7 @@ class Traffic:
         self._events_of[customer.customer_id] += 1
         if self._events_of[customer.customer_id] % 2:
             return None
-        other = PROFILES[(customer.segment + 2) % len(PROFILES)].means
-        return np.asarray(other, dtype=float) / customer.centre
+        return another_profile(customer) / customer.centre
 
     def hostile(self, kind: str) -> None:
         customer = self.customers[int(self.rng.integers(len(self.customers)))]

@@ -45,7 +45,6 @@ from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Cause = ChangeCause
 ModelOf = Callable[[int], "ActiveModel | None"]
 
 
@@ -66,7 +65,7 @@ class ChangesUnavailable(RuntimeError):
 
 def change_value(
     event: CustomerEvent, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
-    version: int, cause: Cause, changed_at: str,
+    version: int, cause: ChangeCause, changed_at: str,
 ) -> bytes:
     """The wire contract of a segment change (compact JSON, UTF-8).
 
@@ -124,7 +123,7 @@ def recorded_of(value: bytes | None) -> Recorded | None:
     return Recorded(sid, name, version, event_ms)
 
 
-def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> Cause:
+def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> ChangeCause:
     """Why ``event``'s customer left ``before``: whether the model that recorded it would
     still put them there (``model``) or not (``behaviour``)."""
     if before.model_version == version:
@@ -238,7 +237,8 @@ class SegmentChanges:
                 if before.segment_id == customer.segment_id:
                     before.event_ms = customer.event_ms
                     continue
-            cause: Cause = "initial" if before is None else cause_of(event, before, version, self.model_of)
+            cause: ChangeCause = ("initial" if before is None
+                                  else cause_of(event, before, version, self.model_of))
             state[customer.customer_id] = Recorded(customer.segment_id, customer.segment, version,
                                                    customer.event_ms)
             value = change_value(event, customer.event_ms, before, customer.segment_id,

@@ -43,6 +43,16 @@ class Customer:
     channel: str
 
 
+def another_profile(customer: Customer) -> np.ndarray:
+    """The means of a profile other than ``customer``'s (two along), where tests and the chaos
+    traffic move a customer to make a true segment change.
+
+    >>> another_profile(Customer("c-0", 0, np.ones(6), "app")).tolist() == list(PROFILES[2].means)
+    True
+    """
+    return np.asarray(PROFILES[(customer.segment + 2) % len(PROFILES)].means, dtype=float)
+
+
 def make_customers(
     n: int, rng: np.random.Generator, profiles: tuple[Profile, ...] = PROFILES, prefix: str = "c"
 ) -> list[Customer]:

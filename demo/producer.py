@@ -78,8 +78,8 @@ def lapse_shift(customer: Customer, elapsed_s: float) -> np.ndarray | None:
     >>> champion = np.asarray(PROFILES[0].means, dtype=float)
     >>> lapse_shift(Customer("c-0", 0, champion, "app"), 0.0).tolist() == [1.0] * 6
     True
-    >>> all = champion * lapse_shift(Customer("c-0", 0, champion, "app"), LAPSE_S)
-    >>> np.allclose(all, PROFILES[LAPSED_PROFILE].means)
+    >>> full = champion * lapse_shift(Customer("c-0", 0, champion, "app"), LAPSE_S)
+    >>> np.allclose(full, PROFILES[LAPSED_PROFILE].means)
     True
     >>> half = champion * lapse_shift(Customer("c-5", 0, champion, "app"), 2 * LAPSE_S)
     >>> np.allclose(half, np.sqrt(champion * PROFILES[LAPSED_PROFILE].means))

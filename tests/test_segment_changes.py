@@ -18,12 +18,13 @@ from confluent_kafka import Producer
 from consumer.changes import Recorded, SegmentChanges, cause_of
 from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
+from demo.generator import another_profile
 from segmentation.bundle import ModelBundle
 from segmentation.events import CustomerEvent
 from segmentation.kafka import producer_config
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
-from tests.support.fixed import changes_for, fixed_events, moved_to_another_profile, segments, send, trained
+from tests.support.fixed import changes_for, fixed_events, segments, send, trained
 from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
 from tests.support.stack import (
     active_version,
@@ -149,7 +150,7 @@ def test_changes_across_a_restart_and_a_rebalance_are_exactly_the_true_ones(sett
             send(settings, fixed_events(people, "joined"))
         send(settings, fixed_events(people, "left"))
         moved_people = people[:60]
-        moved = fixed_events(moved_people, "moved", moved_to_another_profile)
+        moved = fixed_events(moved_people, "moved", another_profile)
         send(settings, moved)
     expected = {c: s for c, s in segments(model, moved).items() if s != segments(model, first)[c]}
     assert len(expected) >= 30, "the test must move a good part of the customers"

@@ -13,7 +13,7 @@ import numpy as np
 
 from consumer.watcher import ActiveModel
 from demo.generator import FEATURES as DEMO_FEATURES
-from demo.generator import PROFILES, Customer
+from demo.generator import Customer
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
 from segmentation.metrics import TrainerMetrics
@@ -71,5 +71,3 @@ def trained(settings: Settings) -> tuple[ModelStore, ActiveModel]:
     return store, ActiveModel.of(bundle)
 
 
-def moved_to_another_profile(c: Customer) -> np.ndarray:
-    return np.asarray(PROFILES[(c.segment + 2) % len(PROFILES)].means, dtype=float)
