@@ -20,6 +20,11 @@ Causes (``cause``):
 * ``model``: that model would still give the recorded segment: a new model moved the customer;
 * ``unknown``: that model can no longer be loaded (rare: it is cached and kept in Redis).
 
+A ``model`` change into a segment the new model's retrain created (its label mapping's diff says
+``split``, ``merged`` or ``born``) names it: ``to_status`` and ``to_parents`` (the previous
+version's ids it came from; none for a birth); otherwise both are null. ``outlier`` repeats the
+output record's flag for the event that made the change.
+
 An event older than the newest one seen for its customer (out of order) changes nothing.
 """
 
@@ -36,7 +41,7 @@ from confluent_kafka import Consumer, KafkaException
 
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from consumer.watcher import ActiveModel
-from segmentation.bundle import is_segment_id, is_segment_name
+from segmentation.bundle import SegmentDiff, is_segment_id, is_segment_name
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import ReadIncomplete, read_to_end, reader_config
@@ -65,14 +70,22 @@ class ChangesUnavailable(RuntimeError):
 
 def change_value(
     event: CustomerEvent, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
-    version: int, cause: ChangeCause, changed_at: str,
+    version: int, cause: ChangeCause, changed_at: str, outlier: bool = False,
+    lineage: SegmentDiff | None = None,
 ) -> bytes:
-    """The wire contract of a segment change (compact JSON, UTF-8).
+    """The wire contract of a segment change (compact JSON, UTF-8); ``lineage``: the diff entry
+    of the segment the change leads into, named only for a ``model`` change.
 
     >>> e = CustomerEvent(customer_id="c-1", event_time=1000, event_id="e-9", features={})
     >>> change_value(e, 1000, Recorded(2, "loyal", 4, 0), 3, "lapsed", 5, "model", "T")
-    b'{"customer_id":"c-1","event_id":"e-9","event_time":"1970-01-01T00:00:01.000Z","cause":"model","from_segment_id":2,"from_segment":"loyal","from_model_version":4,"to_segment_id":3,"to_segment":"lapsed","to_model_version":5,"changed_at":"T"}'
+    b'{"customer_id":"c-1","event_id":"e-9","event_time":"1970-01-01T00:00:01.000Z","cause":"model","from_segment_id":2,"from_segment":"loyal","from_model_version":4,"to_segment_id":3,"to_segment":"lapsed","to_model_version":5,"to_status":null,"to_parents":null,"outlier":false,"changed_at":"T"}'
+    >>> split = SegmentDiff(segment_id=7, status="split", parents=[2])
+    >>> record = json.loads(change_value(e, 1000, Recorded(2, "loyal", 4, 0), 7, "loyal (b)", 5,
+    ...                                  "model", "T", outlier=True, lineage=split))
+    >>> record["to_status"], record["to_parents"], record["outlier"]
+    ('split', [2], True)
     """
+    named = lineage if cause == "model" else None
     return json.dumps({
         "customer_id": event.customer_id, "event_id": event.event_id,
         "event_time": event_time_iso(event_ms), "cause": cause,
@@ -80,7 +93,9 @@ def change_value(
         "from_segment": before.segment if before else None,
         "from_model_version": before.model_version if before else None,
         "to_segment_id": segment_id, "to_segment": segment, "to_model_version": version,
-        "changed_at": changed_at,
+        "to_status": named.status if named else None,
+        "to_parents": list(named.parents) if named else None,
+        "outlier": outlier, "changed_at": changed_at,
     }, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -226,7 +241,9 @@ class SegmentChanges:
         for the batch's partitions."""
         version = model.version
         late = 0
-        for output, customer, event in zip(batch.outputs, batch.customers, batch.events, strict=True):
+        outliers = batch.outliers.tolist() if batch.outliers.shape[0] else [False] * len(batch.outputs)
+        rows = zip(batch.outputs, batch.customers, batch.events, outliers, strict=True)
+        for output, customer, event, outlier in rows:
             partition = int(output.source.partition() or 0) if output.source is not None else 0
             state = self.state[partition]
             before = state.get(customer.customer_id)
@@ -242,7 +259,8 @@ class SegmentChanges:
             state[customer.customer_id] = Recorded(customer.segment_id, customer.segment, version,
                                                    customer.event_ms)
             value = change_value(event, customer.event_ms, before, customer.segment_id,
-                                 customer.segment, version, cause, changed_at)
+                                 customer.segment, version, cause, changed_at, outlier,
+                                 model.lineage.get(customer.segment_id))
             batch.changes.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
             batch.causes.append(cause)
         if late:

@@ -40,10 +40,15 @@ class Learner:
         )
         self.quality = QualityTracker(model)
         self.version = model.version
+        if model.radius_p99 is None or model.radius_outlier is None:
+            # Said once per model: every batch would repeat it.
+            log.warning("the model carries no training radii: no novelty share, no outlier flag",
+                        extra={"model_version": model.version})
         # Per-segment gauges of the previous model must not linger (a retired id would keep
         # its last share and drift for ever); the next report fills in the new model's ids.
         self.metrics.share.clear()
         self.metrics.centroid_drift.clear()
+        self.metrics.novelty_share.set(float("nan"))  # unknown until the new model's window fills
 
     def learn(self, batch: ScoredBatch, scored_by: ActiveModel) -> None:
         """Move the online centres towards the batch's scored events and track its quality. A
@@ -54,7 +59,7 @@ class Learner:
             return
         if scored_by.version != self.version:
             return
-        outliers = self.online.learn(batch.encoded, batch.nearest)
+        outliers = self.online.learn(batch.encoded, batch.nearest, batch.outliers)
         if outliers:  # scored and delivered like any event; only the online centres ignore them
-            log.warning("outliers left out of online learning", extra={"rows": outliers})
-        self.quality.update(batch.indices, batch.nearest, batch.second, batch.encoded)
+            log.debug("outliers left out of online learning", extra={"rows": outliers})
+        self.quality.update(batch.indices, batch.nearest, batch.second, batch.encoded, batch.novel)

@@ -17,6 +17,8 @@ from threadpoolctl import ThreadpoolController
 
 # In the scaled space a unit is one standard deviation of the training window: a point farther
 # than this from every centre is an outlier, not drift (a drifting segment moves a few units).
+# The bundle's own outlier radii (scoring's ``outliers``) are tighter; this bound holds for a
+# bundle without them too.
 OUTLIER_DISTANCE = 50.0
 
 
@@ -60,22 +62,27 @@ class OnlineKMeans:
         self.model._counts[:] = np.maximum(prior, 1.0)  # noqa: SLF001 - see module docstring
         self.events_seen = 0
 
-    def learn(self, x: np.ndarray, nearest: np.ndarray | None = None) -> int:
-        """Learn a batch; rows farther than ``OUTLIER_DISTANCE`` from every centre (``nearest``,
-        the distances scoring already has) are left out: one absurd but valid event must not
-        drag a centre across the space. Returns how many rows were left out.
+    def learn(
+        self, x: np.ndarray, nearest: np.ndarray | None = None, outliers: np.ndarray | None = None,
+    ) -> int:
+        """Learn a batch, leaving out the rows scoring flagged as ``outliers`` and, whatever the
+        bundle says, rows farther than ``OUTLIER_DISTANCE`` from every centre (``nearest``, the
+        distances scoring already has): one absurd but valid event must not drag a centre across
+        the space. Returns how many rows were left out.
 
         >>> model = OnlineKMeans(np.array([[0.0], [10.0]]), np.array([0.5, 0.5]), half_life_events=10)
         >>> x = np.array([[1.0], [1e6]])
         >>> model.learn(x, nearest=np.abs(x - np.array([[0.0]])).ravel()), float(model.centroids[0, 0]) < 1
         (1, True)
+        >>> model.learn(np.array([[-9.0], [1.0]]), outliers=np.array([True, False]))
+        1
+        >>> float(model.centroids[0, 0]) > 0  # the flagged row was not learned
+        True
         """
-        if nearest is not None:
-            keep = nearest <= OUTLIER_DISTANCE
-            skipped = int(x.shape[0] - keep.sum())
+        keep = learnable(x.shape[0], nearest, outliers)
+        skipped = int(x.shape[0] - keep.sum())
+        if skipped:
             x = x[keep]
-        else:
-            skipped = 0
         if x.shape[0] == 0:
             return skipped
         if self.half_life_events is not None:
@@ -96,3 +103,20 @@ class OnlineKMeans:
     @property
     def counts(self) -> np.ndarray:
         return self.model._counts  # noqa: SLF001
+
+
+def learnable(n: int, nearest: np.ndarray | None, outliers: np.ndarray | None) -> np.ndarray:
+    """Which of ``n`` scored rows the online model may learn: neither flagged an outlier nor
+    beyond ``OUTLIER_DISTANCE`` of every centre.
+
+    >>> learnable(3, np.array([1.0, 60.0, 2.0]), np.array([False, False, True])).tolist()
+    [True, False, False]
+    >>> learnable(2, None, None).tolist()
+    [True, True]
+    """
+    keep = np.ones(n, dtype=bool)
+    if nearest is not None:
+        keep &= nearest <= OUTLIER_DISTANCE
+    if outliers is not None:
+        keep &= ~outliers
+    return keep

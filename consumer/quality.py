@@ -5,6 +5,9 @@
 * a true silhouette on a sample of the same recent events, recomputed every ``every_s``, and its
   drift from the accepted baseline (``segmentation.baseline``);
 * segment shares over the window and their PSI against the training shares;
+* the novelty share: of the same window, the events farther from their centroid than their
+  segment's training 99th percentile (about 1% while the data is the training data's; a new
+  population far from every segment raises it);
 * centroid drift: online centroid vs published centroid, in scaled units, and how many online
   centroids crossed into another segment.
 """
@@ -58,6 +61,12 @@ class RecentSample:
         return self.labels[: self.filled]
 
 
+# Fewer events than this in the window give no novelty share: at the normal 1%, 500 events
+# put a share above 3% at odds of about 1 in 10,000, while 100 events would reach it 2% of the
+# time.
+MIN_NOVELTY_EVENTS = 500
+
+
 class QualityTracker:
     """Per model version: reset whenever the model is swapped (the space changes)."""
 
@@ -68,18 +77,21 @@ class QualityTracker:
         self.model = model
         self.window_events = window_events
         self.every_s = every_s
-        self._batches: deque[tuple[float, np.ndarray]] = deque()
+        self._batches: deque[tuple[float, np.ndarray, int]] = deque()  # silhouettes, counts, novel
         self._in_window = 0
         self.sample = RecentSample(sample, window_events)
         self._next_sampled = time.monotonic() + every_s / 3
         self.sampled: float | None = None
 
-    def update(self, indices: np.ndarray, d1: np.ndarray, d2: np.ndarray, x: np.ndarray) -> None:
+    def update(
+        self, indices: np.ndarray, d1: np.ndarray, d2: np.ndarray, x: np.ndarray,
+        novel: np.ndarray | None = None,
+    ) -> None:
         if indices.shape[0] == 0:
             return
         s = simplified_silhouette(d1, d2)
         counts = np.bincount(indices, minlength=self.model.bundle.k)
-        self._batches.append((float(s.sum()), counts))
+        self._batches.append((float(s.sum()), counts, 0 if novel is None else int(novel.sum())))
         self._in_window += indices.shape[0]
         while self._in_window - int(self._batches[0][1].sum()) >= self.window_events:
             self._in_window -= int(self._batches.popleft()[1].sum())
@@ -93,6 +105,13 @@ class QualityTracker:
     def shares(self) -> np.ndarray:
         counts = sum((b[1] for b in self._batches), np.zeros(self.model.bundle.k))
         return counts / max(counts.sum(), 1.0)
+
+    def novelty_share(self) -> float | None:
+        """Share of the window's events beyond their segment's training 99th percentile; None
+        for a model without radii, or before the window holds ``MIN_NOVELTY_EVENTS``."""
+        if self.model.radius_p99 is None or self._in_window < MIN_NOVELTY_EVENTS:
+            return None
+        return sum(b[2] for b in self._batches) / self._in_window
 
     def psi(self) -> float:
         return population_stability_index(self.shares(), np.asarray(self.model.bundle.quality.shares))

@@ -1,10 +1,12 @@
 """What the consume loop reports, off the per-event hot path.
 
 * Per finished batch (``Reporter.count``): events scored and dead-lettered (with reasons),
-  unknown category values, assignments per segment, event lag, batch duration.
+  unknown category values, assignments, outliers and novel events per segment, event lag, batch
+  duration.
 * At most every ``REPORT_EVERY_S`` (``Reporter.report``, called once per step): consumer lag per
-  partition; the quality figures (silhouettes, shares and their PSI, centroid drift, crossed
-  centroids); this replica's online state in Redis, for the trainer and for operators.
+  partition; the quality figures (silhouettes, shares and their PSI, the novelty share, centroid
+  drift, crossed centroids); this replica's online state in Redis, for the trainer and for
+  operators.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from consumer.learner import Learner
 from consumer.online import OnlineKMeans
@@ -54,10 +56,10 @@ class Reporter:
         if batch.unknown_categories:
             m.unknown_categories.inc(batch.unknown_categories)
         if model is not None and batch.indices.shape[0]:
-            counts = np.bincount(batch.indices, minlength=model.bundle.k)
-            for i, n in enumerate(counts.tolist()):
-                if n:
-                    m.assignments.labels(str(model.bundle.segment_ids[i])).inc(n)
+            ids = model.bundle.segment_ids
+            count_by_segment(m.assignments, ids, batch.indices)
+            count_by_segment(m.outliers, ids, batch.indices[batch.outliers])
+            count_by_segment(m.novel_events, ids, batch.indices[batch.novel])
             observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
         for cause in batch.causes:
             m.changes.labels(cause).inc()
@@ -77,8 +79,10 @@ class Reporter:
         if model is None or quality is None or online is None:
             return
         simplified, sampled, drift = self._report_quality(model, quality)
+        novelty = quality.novelty_share()
+        self.metrics.novelty_share.set(float("nan") if novelty is None else novelty)
         self._report_centroids(model, online)
-        self._publish_replica_state(model, online, simplified, sampled, drift, challenger)
+        self._publish_replica_state(model, online, simplified, sampled, drift, novelty, challenger)
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Partitions this replica no longer owns: their lag is another member's to report."""
@@ -113,7 +117,8 @@ class Reporter:
 
     def _publish_replica_state(
         self, model: ActiveModel, online: OnlineKMeans, simplified: float | None,
-        sampled: float | None, drift: float | None, challenger: dict[str, Any] | None,
+        sampled: float | None, drift: float | None, novelty: float | None,
+        challenger: dict[str, Any] | None,
     ) -> None:
         state = {
             "replica": self.replica_id, "model_version": model.version,
@@ -121,7 +126,7 @@ class Reporter:
             "online_centroids": online.centroids.tolist(), "counts": online.counts.tolist(),
             "segment_ids": model.bundle.segment_ids,
             "silhouette_simplified": simplified, "silhouette_sampled": sampled,
-            "silhouette_drift": drift, "challenger": challenger,
+            "silhouette_drift": drift, "novelty_share": novelty, "challenger": challenger,
         }
         replicas = ReplicaStates.of(self.store, self.metrics.redis_errors)
         best_effort("replica_state", lambda: replicas.put(self.replica_id, state, ttl_s=120), None,
@@ -144,6 +149,23 @@ class Reporter:
                 continue
             if tp.offset >= 0 and high >= 0:
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(max(high - tp.offset, 0))
+
+
+def count_by_segment(counter: Counter, segment_ids: list[int], indices: np.ndarray) -> None:
+    """Add each segment's number of ``indices`` (segment indices) to ``counter``, labelled by
+    stable segment id.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> c = Counter("c", "c", ["segment_id"], registry=CollectorRegistry())
+    >>> count_by_segment(c, [4, 7, 9], np.array([0, 2, 2]))
+    >>> [(s.labels["segment_id"], s.value) for s in c.collect()[0].samples if s.name == "c_total"]
+    [('4', 1.0), ('9', 2.0)]
+    """
+    if indices.shape[0] == 0:
+        return
+    for i, n in enumerate(np.bincount(indices, minlength=len(segment_ids)).tolist()):
+        if n:
+            counter.labels(str(segment_ids[i])).inc(n)
 
 
 def observe_all(histogram: Histogram, values: np.ndarray) -> None:

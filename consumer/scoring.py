@@ -18,6 +18,7 @@ from pydantic_core import to_json
 from consumer.watcher import ActiveModel
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
+from segmentation.features import raw_numeric
 from segmentation.metrics import ChangeCause
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment
@@ -99,6 +100,10 @@ class ScoredBatch:
     nearest: np.ndarray = field(default_factory=lambda: np.empty(0))
     second: np.ndarray = field(default_factory=lambda: np.empty(0))
     event_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
+    # Per scored event: beyond its segment's outlier radius or outside the training envelope
+    # (flagged in its records, never learned), and beyond its segment's training p99 (novel).
+    outliers: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    novel: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     unknown_categories: int = 0
 
     @property
@@ -118,7 +123,7 @@ class ScoredBatch:
         self.customers += other.customers
         self.events += other.events
         self.unknown_categories += other.unknown_categories
-        for name in ("encoded", "indices", "nearest", "second", "event_ms"):
+        for name in ("encoded", "indices", "nearest", "second", "event_ms", "outliers", "novel"):
             mine, theirs = getattr(self, name), getattr(other, name)
             setattr(self, name, theirs if first else np.concatenate([mine, theirs]))
 
@@ -219,7 +224,7 @@ def _bounded_headers(
 
 def output_value(
     event: CustomerEvent, event_ms: int, segment_id: int, segment: str, distance: float,
-    version: int, scored_at: str, event_time: str | None = None,
+    version: int, scored_at: str, event_time: str | None = None, outlier: bool = False,
 ) -> bytes:
     """The output contract on ``customer-segments``: compact JSON, byte for byte what
     pydantic-core's ``to_json`` gives for the dict of these fields (tested), built as one string
@@ -228,7 +233,7 @@ def output_value(
     >>> from segmentation.events import CustomerEvent
     >>> e = CustomerEvent(customer_id="c-1", event_time=1000, event_id=None, features={})
     >>> output_value(e, 1000, 2, "vip", 0.12345678, 7, "1970-01-01T00:00:02.000Z")
-    b'{"customer_id":"c-1","event_id":null,"event_time":"1970-01-01T00:00:01.000Z","segment_id":2,"segment":"vip","distance":0.123457,"model_version":7,"scored_at":"1970-01-01T00:00:02.000Z"}'
+    b'{"customer_id":"c-1","event_id":null,"event_time":"1970-01-01T00:00:01.000Z","segment_id":2,"segment":"vip","distance":0.123457,"outlier":false,"model_version":7,"scored_at":"1970-01-01T00:00:02.000Z"}'
     """
     if not math.isfinite(distance):
         raise ValueError(f"non-finite distance {distance} for segment {segment_id}")
@@ -236,6 +241,7 @@ def output_value(
         f'{{"customer_id":{json_string(event.customer_id)},"event_id":{json_string(event.event_id)},'
         f'"event_time":"{event_time or event_time_iso(event_ms)}","segment_id":{int(segment_id)},'
         f'"segment":{json_string(segment)},"distance":{json_number(round(distance, 6))},'
+        f'"outlier":{"true" if outlier else "false"},'
         f'"model_version":{int(version)},"scored_at":{json_string(scored_at)}}}'
     ).encode()
 
@@ -289,16 +295,19 @@ def assign_events(
     events: Sequence[CustomerEvent], sources: Sequence[Message], model: ActiveModel,
     rules: ScoringRules, now_ms: int,
 ) -> ScoredBatch:
-    """Encode, assign the nearest segment and build the output records (vectorised)."""
+    """Encode, assign the nearest segment, flag outliers and novel events, and build the output
+    records (vectorised)."""
     batch = ScoredBatch()
     if not events:
         return batch
     x, batch.unknown_categories = model.bundle.features.encode(events)
     idx, d1, d2 = nearest_two(x, model.centroids)
     batch.encoded, batch.indices, batch.nearest, batch.second = x, idx, d1, d2
+    batch.outliers = outliers_of(events, model, idx, d1)
+    batch.novel = beyond(d1, idx, model.radius_p99)
     event_ms = [e.event_ms for e in events]
     batch.event_ms = np.asarray(event_ms, dtype=np.float64)
-    values = output_values(events, event_ms, idx, d1, model, event_time_iso(now_ms))
+    values = output_values(events, event_ms, idx, d1, model, event_time_iso(now_ms), batch.outliers)
     topic, names, version = rules.segments_topic, model.bundle.segment_names, model.version
     segment_ids = [model.bundle.segment_ids[i] for i in idx.tolist()]
     batch.outputs = [OutRecord(topic, e.customer_id.encode(), v, [], m)
@@ -315,13 +324,44 @@ def assign_events(
 
 def output_values(
     events: Sequence[CustomerEvent], event_ms: Sequence[int], indices: np.ndarray,
-    distances: np.ndarray, model: ActiveModel, scored_at: str,
+    distances: np.ndarray, model: ActiveModel, scored_at: str, outliers: np.ndarray | None = None,
 ) -> list[bytes]:
     """``output_value`` of a whole batch, the event times formatted together."""
     ids, names, version = model.bundle.segment_ids, model.bundle.segment_names, model.version
+    flags = [False] * len(events) if outliers is None else outliers.tolist()
     rows = zip(events, event_ms, event_times_iso(event_ms), indices.tolist(), distances.tolist(),
-               strict=True)
-    return [output_value(e, ms, ids[i], names[i], d, version, scored_at, t) for e, ms, t, i, d in rows]
+               flags, strict=True)
+    return [output_value(e, ms, ids[i], names[i], d, version, scored_at, t, o)
+            for e, ms, t, i, d, o in rows]
+
+
+def beyond(distances: np.ndarray, indices: np.ndarray, radii: np.ndarray | None) -> np.ndarray:
+    """Per event, whether its distance exceeds the radius of its segment (by segment index);
+    without radii (a bundle trained before they existed), none is.
+
+    >>> beyond(np.array([0.5, 2.0, 2.0]), np.array([0, 0, 1]), np.array([1.0, 3.0])).tolist()
+    [False, True, False]
+    >>> beyond(np.array([9.0]), np.array([0]), None).tolist()
+    [False]
+    """
+    if radii is None:
+        return np.zeros(distances.shape[0], dtype=bool)
+    return np.asarray(distances > radii[indices])
+
+
+def outliers_of(
+    events: Sequence[CustomerEvent], model: ActiveModel, indices: np.ndarray, distances: np.ndarray,
+) -> np.ndarray:
+    """Per event, whether it is an outlier: farther from its nearest centroid than that
+    segment's outlier radius, or with a raw feature outside the training envelope. Both limits
+    come from the trainer that fills the radii: a bundle without them flags none."""
+    if model.radius_outlier is None:
+        return np.zeros(len(events), dtype=bool)
+    far = beyond(distances, indices, model.radius_outlier)
+    spec = model.bundle.features
+    if spec.clip_low is None or spec.clip_high is None:  # no envelope: the raw matrix is not needed
+        return far
+    return far | spec.outside_envelope(raw_numeric(events, spec.numeric))
 
 
 def json_string(text: str | None) -> str:

@@ -1,8 +1,8 @@
 """A trainer run without Kafka and Redis, and the consumer's drift signal without a consumer.
 
 ``retrain`` calls the trainer's own functions (the preprocessing of ``encode_window``,
-``fit_model``, ``run_gate``, ``label_segments``, ``accepted_quality``, ``gate_record``) in the
-order ``trainer.pipeline`` calls them, on a raw window of the demo's six features; versions and
+``fit_model``, and ``trainer.refit``'s ``assess``, ``label`` and ``build_bundle``) in the order
+``trainer.pipeline`` calls them, on a raw window of the demo's six features; versions and
 segment ids come from in-memory counters. ``tracked_drift`` is the consumer's
 ``QualityTracker`` fed with the events a model scores.
 """
@@ -10,21 +10,21 @@ segment ids come from in-memory counters. ``tracked_drift`` is the consumer's
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from consumer.quality import QualityTracker
 from consumer.watcher import ActiveModel
 from demo.generator import FEATURES
-from segmentation.baseline import baseline_of
-from segmentation.bundle import Lineage, ModelBundle, Quality
-from segmentation.cluster_metrics import nearest_two, sampled_silhouette
-from segmentation.features import FeatureSpec, fit_numeric
+from segmentation.baseline import baseline_of, recorded_baseline
+from segmentation.bundle import Lineage, ModelBundle
+from segmentation.cluster_metrics import nearest_two
+from segmentation.features import FeatureConfig, FeatureSpec, fit_numeric
 from segmentation.settings import Settings
-from trainer.fit import K_SELECTION, Fit, fit_model
-from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
-from trainer.labels import label_segments
+from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
+from trainer.gate import GateFailure, GateLimits
+from trainer.refit import Matching, Refit, assess, build_bundle, label
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Published:
     bundle: ModelBundle | None
     failures: list[GateFailure]
     fit: Fit
+    refit: Refit | None = None
 
     @property
     def refused(self) -> bool:
@@ -53,12 +54,11 @@ class Registry:
 
 
 def fit_features(raw: np.ndarray, settings: Settings, current: ModelBundle | None) -> FeatureSpec:
-    """The trainer's preprocessing (log by skewness, sticky for the features the current model
-    logs; clipping; scaler) fitted on a raw window of the demo's features:
+    """The trainer's preprocessing (log by kind and by skewness, sticky for the features the
+    current model logs; clipping; scaler) fitted on a raw window of the demo's features:
     ``trainer.pipeline.encode_window`` without the events."""
-    return fit_numeric(raw, FEATURES, settings.scaler, settings.log_features, settings.log_skewness,
-                       (settings.clip_quantile, settings.clip_margin),
-                       current.features.log_features if current is not None else ())
+    config = FeatureConfig.of(settings.model_copy(update={"features": FEATURES}))
+    return fit_numeric(raw, config, current.features.log_features if current is not None else ())
 
 
 def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
@@ -68,38 +68,35 @@ def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
 
 
 def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, settings: Settings,
-            force: bool = False) -> Published:
-    """One run of ``trainer.pipeline._train`` on the window ``raw``."""
+            force: bool = False, accept: bool = False) -> Published:
+    """One run of ``trainer.pipeline._train`` on the window ``raw`` (``trainer.refit``'s
+    functions, in its order); ``accept``: the operator's ``--accept`` (implies ``force``)."""
+    force = force or accept
     spec = fit_features(raw, settings, current)
+    inside = ~spec.outside_envelope(raw)
+    raw = raw[inside]
     x = spec.encode_numeric(raw)
-    fit, fits = fit_model(x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
-                          settings.random_state, settings.silhouette_sample)
-    baseline = baseline_of(current) if current is not None else None
-    on_window = None
-    if current is not None:  # the current model's partition of this window, in the new space
-        labels, _, _ = nearest_two(current.features.encode_numeric(raw), current.centroid_array())
-        on_window = sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
-    failures = run_gate(fit, x, GateLimits.of(settings), on_window, baseline)
-    if failures and not force:
-        return Published(None, failures, fit)
-    ids, names, mapping = label_segments(
-        current, spec, fit.centroids, settings.match_threshold, registry.fresh_ids, {},
-        x=x, labels=fit.labels, max_spread=settings.match_max_spread,
+    fit, fits = fit_model(x, KConfig.of(settings), len(current.centroids) if current is not None else None)
+    baseline = recorded_baseline(current) if current is not None else None
+    if current is not None and baseline is None:
+        baseline = baseline_of(current)
+    refit = assess(
+        spec, x, fit, fits, current,
+        current.features.encode_numeric(raw) if current is not None else None, baseline,
+        GateLimits.of(settings), Matching(settings.match_threshold, settings.match_max_spread, {}),
+        silhouette_sample=settings.silhouette_sample, random_state=settings.random_state,
+        more_fits=lambda: fit_model(x, replace(KConfig.of(settings), k=None))[1],
     )
-    version = next(registry.versions)
-    accepted = accepted_quality(failures, fit, version, baseline)
-    bundle = ModelBundle(
-        version=version, features=spec, centroids=fit.centroids.tolist(), segment_ids=ids,
-        segment_names=names, previous_version=current.version if current else None,
-        label_mapping=mapping,
-        quality=Quality(silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin,
-                        inertia=fit.inertia, shares=fit.shares.tolist(), sizes=fit.sizes,
-                        k_selection="fixed" if settings.k is not None else K_SELECTION,
-                        k_scores=[f.scores() for f in fits],
-                        gate=gate_record(failures, on_window, accepted)),
-        lineage=Lineage(topic="offline"), forced=bool(failures),
+    if refit.no_structure or (refit.failures and not force):
+        return Published(None, refit.failures, refit.fit, refit)
+    labelled = label(refit, current, registry.fresh_ids,
+                     Matching(settings.match_threshold, settings.match_max_spread, {}))
+    bundle = build_bundle(
+        refit, next(registry.versions), labelled, current.version if current else None, baseline,
+        Lineage(topic="offline"), "fixed" if settings.k is not None else K_SELECTION,
+        operator_accepted=accept,
     )
-    return Published(bundle, failures, fit)
+    return Published(bundle, refit.failures, refit.fit, refit)
 
 
 def failed_checks(runs: list[Published]) -> dict[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -83,6 +83,26 @@ class LabelChange(BaseModel):
     distance: float | None = None
 
 
+SegmentStatus = Literal["kept", "drifted", "split", "merged", "born", "retired"]
+
+
+class SegmentDiff(BaseModel):
+    """What a retrain did to one segment (MONIC's transitions, found from the customers both
+    models assign): ``kept`` and ``drifted`` continue a previous id (``drifted``: its centroid
+    moved past the matching limit, its customers stayed); ``split``, ``merged`` and ``born``
+    are new ids (``parents``: the previous ids they came from; none for a birth); ``retired`` is a
+    previous id that no segment continues."""
+
+    segment_id: int
+    status: SegmentStatus
+    parents: list[int] = Field(default_factory=list, max_length=MAX_K)
+    index: int | None = None
+    previous_index: int | None = None
+    customers: int = Field(0, ge=0, description="window customers in this segment (new model; "
+                           "the previous model's for a retired one)")
+    moved: int = Field(0, ge=0, description="of them, customers whose segment id changes")
+
+
 class LabelMapping(BaseModel):
     """How this version's segments relate to the previous version's."""
 
@@ -95,6 +115,20 @@ class LabelMapping(BaseModel):
     )
     space: str = "new version's scaled space"
     threshold: float | None = None
+    method: Literal["customers", "centroids", "none"] = Field(
+        "centroids", description="customers: matched on who moved where (both models assign the "
+        "window); centroids: on centroid distance (the previous model cannot score the window)")
+    diff: list[SegmentDiff] = Field(default_factory=list, max_length=2 * MAX_K)
+    moved_share: float | None = Field(
+        None, ge=0, le=1, description="share of the window's customers whose segment id changes")
+    structural_share: float | None = Field(
+        None, ge=0, le=1, description="share of the window's customers in a retired segment or a "
+        "new one (split, merged or born): what a structural change moves")
+
+    @property
+    def structural(self) -> list[SegmentDiff]:
+        """The splits, merges, births and retirements of this retrain."""
+        return [d for d in self.diff if d.status in ("split", "merged", "born", "retired")]
 
 
 class Quality(BaseModel):
@@ -106,6 +140,12 @@ class Quality(BaseModel):
     k_selection: str = "fixed"
     k_scores: list[dict[str, float]] = Field(default_factory=list)
     gate: dict[str, float | str | bool] = Field(default_factory=dict)
+    radius_p99: list[float] | None = Field(
+        None, description="per segment index, the 99th percentile of its training rows' distance "
+        "to its centroid (scaled units): an event beyond it is novel to the segment")
+    radius_outlier: list[float] | None = Field(
+        None, description="per segment index, the distance beyond which an event is an outlier "
+        "(flagged, counted, never learned from)")
 
 
 def _check_features(spec: FeatureSpec) -> None:
@@ -189,6 +229,10 @@ class ModelBundle(BaseModel):
             raise ValueError(f"quality.shares and quality.sizes need {k} entries")
         if not all(math.isfinite(v) and 0 <= v <= 1 for v in q.shares):
             raise ValueError("quality.shares must be in [0, 1]")
+        for radii in (q.radius_p99, q.radius_outlier):
+            if radii is not None and (len(radii) != k or not all(
+                    math.isfinite(v) and 0 <= v <= MAX_CENTROID_ABS for v in radii)):
+                raise ValueError(f"quality radii need {k} finite entries in [0, {MAX_CENTROID_ABS:g}]")
         return self
 
     @classmethod

@@ -83,6 +83,43 @@ def sampled_silhouette(x: np.ndarray, labels: np.ndarray, size: int, random_stat
     return float(silhouette_score(x[idx], labels[idx]))
 
 
+def silhouette_noise(x: np.ndarray, labels: np.ndarray, size: int, random_state: int,
+                     draws: int = 5) -> float:
+    """How much the sampled silhouette of one partition varies between samples of customers
+    (the standard deviation over ``draws`` samples): the window's own stationary variability,
+    which the gate's allowed drops are never tighter than. 0 for a single cluster.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.vstack([rng.normal(0, 1, (500, 2)), rng.normal(3, 1, (500, 2))])
+    >>> labels = np.repeat([0, 1], 500)
+    >>> 0 < silhouette_noise(x, labels, 200, 0) < 0.05
+    True
+    """
+    if np.unique(labels).shape[0] < 2:
+        return 0.0
+    values = [sampled_silhouette(x, labels, size, random_state + d) for d in range(draws)]
+    return float(np.std(values, ddof=1))
+
+
+# An event further from its centroid than this multiple of the segment's 99th-percentile
+# training distance is an outlier: flagged, counted, and never learned from.
+OUTLIER_RADIUS_FACTOR = 2.0
+
+
+def segment_radii(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
+                  quantile: float = 0.99) -> list[float]:
+    """Per segment index, the ``quantile`` of its rows' distance to its centroid (0 for an empty
+    segment): the envelope an event beyond which is novel to the segment.
+
+    >>> segment_radii(np.array([[0.0], [1.0], [3.0], [10.0]]), np.array([0, 0, 0, 1]),
+    ...               np.array([[0.0], [10.0]]), quantile=1.0)
+    [3.0, 0.0]
+    """
+    distances = np.linalg.norm(x - centroids[labels], axis=1)
+    return [float(np.quantile(distances[labels == j], quantile)) if np.any(labels == j) else 0.0
+            for j in range(centroids.shape[0])]
+
+
 def davies_bouldin(x: np.ndarray, labels: np.ndarray) -> float:
     """Davies-Bouldin index (lower is better); ``inf`` for a single cluster."""
     if np.unique(labels).shape[0] < 2:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -206,3 +207,154 @@ def median_pairwise_distance(centroids: np.ndarray) -> float:
         return 1.0
     d = cdist(centroids, centroids)
     return float(np.median(d[np.triu_indices_from(d, k=1)]))
+
+
+# MONIC's thresholds (Spiliopoulou et al., KDD 2006, as R's clusTransition uses them): a flow
+# of customers between an old and a new segment counts when it holds at least SPLIT_SHARE of
+# the old segment and of the new one; a new segment whose customers are mostly beyond the old
+# model's envelope (novel to the segment that held them) is a birth, not a piece of that segment.
+SPLIT_SHARE = 0.3
+BORN_NOVEL_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What a retrain did to one segment, found from the customers both models assign.
+
+    ``new``/``previous``: the segment's index in the new / previous model (None for a
+    retired / born one); ``parents``: previous indexes it came from."""
+
+    status: Literal["continued", "split", "merged", "born", "retired"]
+    new: int | None
+    previous: int | None
+    parents: tuple[int, ...] = ()
+
+
+def customer_flows(previous: np.ndarray, current: np.ndarray, k_previous: int, k_current: int) -> np.ndarray:
+    """``[i, j]``: how many customers the previous model puts in segment i and the new one in j.
+
+    >>> customer_flows(np.array([0, 0, 1, 1]), np.array([1, 1, 1, 0]), 2, 2).tolist()
+    [[0, 2], [1, 1]]
+    """
+    flows = np.zeros((k_previous, k_current), dtype=np.int64)
+    np.add.at(flows, (previous, current), 1)
+    return flows
+
+
+def born_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int) -> set[int]:
+    """New segments most of whose customers were novel to the previous model (beyond the
+    envelope of the segment it put them in): a population it never saw.
+
+    >>> sorted(born_segments(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 0], bool), 2))
+    [1]
+    """
+    if novel is None:
+        return set()
+    sizes = np.bincount(current, minlength=k_current)
+    novel_counts = np.bincount(current[novel], minlength=k_current)
+    return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= BORN_NOVEL_SHARE * sizes[j]}
+
+
+def segment_transitions(
+    previous: np.ndarray, current: np.ndarray, k_previous: int, k_current: int,
+    novel: np.ndarray | None = None,
+) -> list[Transition]:
+    """Every new segment continues, splits from, merges or is born; every previous segment is
+    continued or retired. ``previous``/``current``: each window customer's segment index under
+    the previous and the new model; ``novel``: customers beyond the previous model's envelope.
+
+    A flow from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's
+    customers (not counting those who went to born segments) and of j's. Then a new segment
+    with no significant parent is born; with two or more, a merge of them; with one whose only
+    significant child it is, the continuation of that parent; with one that has other children
+    too, a split of it. A previous segment that no new segment continues is retired.
+
+    Two segments stay, a third splits in two halves, and a population never seen is born:
+
+    >>> prev = np.repeat([0, 1, 2, 0], [100, 100, 100, 40])
+    >>> curr = np.repeat([0, 1, 2, 3, 4], [100, 100, 50, 50, 40])
+    >>> novel = np.repeat([False, True], [300, 40])
+    >>> [(t.status, t.new, t.previous, t.parents) for t in segment_transitions(prev, curr, 3, 5, novel)]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('continued', 0, 0, (0,)), ('continued', 1, 1, (1,)), ('split', 2, None, (2,)),
+     ('split', 3, None, (2,)), ('born', 4, None, ()), ('retired', None, 2, ())]
+
+    Two segments merge into one:
+
+    >>> [(t.status, t.new, t.parents) for t in segment_transitions(
+    ...     np.repeat([0, 1, 2], 50), np.repeat([0, 0, 1], 50), 3, 2)]
+    [('merged', 0, (0, 1)), ('continued', 1, (2,)), ('retired', None, ()), ('retired', None, ())]
+    """
+    flows = customer_flows(previous, current, k_previous, k_current)
+    born = born_segments(current, novel, k_current)
+    kept_columns = [j for j in range(k_current) if j not in born]
+    old_sizes = flows[:, kept_columns].sum(axis=1, keepdims=True)
+    new_sizes = flows.sum(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        significant = ((flows >= SPLIT_SHARE * old_sizes) & (flows >= SPLIT_SHARE * new_sizes)
+                       & (flows > 0))
+    significant[:, sorted(born)] = False
+    children = {i: [int(j) for j in np.flatnonzero(significant[i])] for i in range(k_previous)}
+    out: list[Transition] = []
+    continued: set[int] = set()
+    for j in range(k_current):
+        parents = tuple(int(i) for i in np.flatnonzero(significant[:, j]))
+        if not parents:
+            out.append(Transition("born", j, None))
+        elif len(parents) > 1:
+            out.append(Transition("merged", j, None, parents))
+        elif children[parents[0]] == [j]:
+            out.append(Transition("continued", j, parents[0], parents))
+            continued.add(parents[0])
+        else:
+            out.append(Transition("split", j, None, parents))
+    out.extend(Transition("retired", None, i) for i in range(k_previous) if i not in continued)
+    return out
+
+
+def vetoed_by_geometry(
+    transitions: list[Transition], previous: np.ndarray | None, current: np.ndarray,
+    moves: np.ndarray | None, max_spread: float,
+) -> list[Transition]:
+    """Continuations the centroids contradict, the customers notwithstanding:
+
+    * a segment whose centroid moved more than ``max_spread`` (``moves[previous, new]``, in
+      spread units over the features that do not age with the calendar) holds other
+      customers than the segment it replaces (a population gone, another in its place): the
+      old id retires and the new segment is born;
+    * two continued segments that converged (``merged_pairs``) merged, though the new model cut
+      the merged population along the old boundary: both are merges of the two.
+
+    >>> t = [Transition("continued", 0, 0, (0,)), Transition("continued", 1, 1, (1,)),
+    ...      Transition("continued", 2, 2, (2,))]
+    >>> prev = np.array([[0.0], [5.0], [20.0]])
+    >>> moves = np.array([[0.1, 9, 9], [9, 0.1, 9], [9, 9, 7.0]])
+    >>> [(v.status, v.new, v.previous, v.parents) for v in vetoed_by_geometry(
+    ...     t, prev, np.array([[2.0], [3.0], [27.0]]), moves, 3.0)]  # doctest: +NORMALIZE_WHITESPACE
+    [('merged', 0, None, (0, 1)), ('merged', 1, None, (0, 1)), ('born', 2, None, ()),
+     ('retired', None, 0, ()), ('retired', None, 1, ()), ('retired', None, 2, ())]
+    """
+    if previous is None or moves is None:
+        return transitions
+    continued = [(t.previous, t.new) for t in transitions
+                 if t.status == "continued" and t.new is not None and t.previous is not None]
+    replaced = {j for i, j in continued if moves[i, j] > max_spread}
+    merged = merged_pairs(previous, current, [(i, j, 0.0) for i, j in continued if j not in replaced])
+    parents_of = tuple(sorted(i for i, j in continued if j in merged))
+    out: list[Transition] = []
+    retiring: list[int] = []
+    for t in transitions:
+        if t.status != "continued" or t.new is None or t.previous is None:
+            if t.status != "retired":
+                out.append(t)
+            elif t.previous is not None:
+                retiring.append(t.previous)
+        elif t.new in replaced:
+            out.append(Transition("born", t.new, None))
+            retiring.append(t.previous)
+        elif t.new in merged:
+            out.append(Transition("merged", t.new, None, parents_of))
+            retiring.append(t.previous)
+        else:
+            out.append(t)
+    return out + [Transition("retired", None, i) for i in sorted(retiring)]

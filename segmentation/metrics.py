@@ -39,12 +39,12 @@ REDIS_OPERATIONS: tuple[RedisOperation, ...] = (
 TRAINER_REDIS_OPERATIONS: tuple[RedisOperation, ...] = ("lease", "pinned", "run_log", "replica_state")
 # How a trainer run ended, and the quality gate's checks: typed vocabularies (a typo is a mypy
 # error, not a silently new label value).
-RunOutcome = Literal["published", "challenger", "rejected", "failed", "skipped"]
+RunOutcome = Literal["published", "challenger", "rejected", "no_structure", "failed", "skipped"]
 # What happened to a challenger (a candidate scored in the shadow before it may go live).
 ChallengerAction = Literal["published", "promoted", "discarded", "stale"]
 GateCheck = Literal[
     "finite", "min_share", "separation", "spread_separation", "min_silhouette",
-    "max_davies_bouldin", "silhouette", "silhouette_drop", "davies_bouldin_rise",
+    "max_davies_bouldin", "silhouette", "silhouette_drop", "davies_bouldin_rise", "structure",
 ]
 RUN_RESULTS: tuple[RunOutcome, ...] = get_args(RunOutcome)
 GATE_CHECKS: tuple[GateCheck, ...] = get_args(GateCheck)
@@ -116,6 +116,23 @@ class ConsumerMetrics:
         )
         self.share_psi = Gauge(
             "segment_share_psi", "PSI of recent segment shares vs training shares", registry=r
+        )
+        self.novelty_share = Gauge(
+            "segment_novelty_share",
+            "Share of recent events farther from their centroid than their segment's training "
+            "99th percentile (NaN: no share yet, or a model without training radii)", registry=r,
+        )
+        self.novelty_share.set(float("nan"))
+        self.novel_events = Counter(
+            "segment_novel_events",
+            "Events farther from their centroid than their segment's training 99th percentile, "
+            "by stable segment id", ["segment_id"], registry=r,
+        )
+        self.outliers = Counter(
+            "segment_outlier_events",
+            "Events flagged outliers (beyond their segment's outlier radius or outside the "
+            "training envelope): scored, never learned online; by stable segment id",
+            ["segment_id"], registry=r,
         )
         self.model_version = Gauge(
             "segment_model_version", "Model version scoring events", registry=r
@@ -249,7 +266,7 @@ class TrainerMetrics:
             registry=r,
         )
         self.rows = Gauge(
-            "segment_trainer_window_rows", "Rows of the last window, by kind (read, invalid, used)",
+            "segment_trainer_window_rows", "Rows of the last window, by kind (read, invalid, used, outside_envelope)",
             ["kind"], registry=r,
         )
         self.up = Gauge("segment_trainer_up", "1 while the trainer runs", registry=r)

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from segmentation.events import InputContract
+from segmentation.features import FeatureKind
 
 DEFAULT_FEATURES = (
     "recency_days",
@@ -26,6 +27,19 @@ DEFAULT_FEATURES = (
     "sessions_30d",
     "tenure_days",
 )
+
+# Kinds of the demo's features and of the usual per-customer RFM features.
+DEFAULT_FEATURE_KINDS: dict[str, FeatureKind] = {
+    "recency_days": "recency",
+    "frequency_90d": "count",
+    "frequency_365d": "count",
+    "monetary_90d": "money",
+    "monetary_365d": "money",
+    "avg_basket_value": "money",
+    "sessions_30d": "count",
+    "tenure_days": "tenure",
+    "items_per_purchase": "ratio",
+}
 
 
 class Settings(BaseSettings):
@@ -86,6 +100,12 @@ class Settings(BaseSettings):
     categorical_weight: float = Field(
         0.5, gt=0, description="value of a set one-hot column (1 = as far apart as 1 std dev x sqrt 2)"
     )
+    feature_kinds: dict[str, FeatureKind] = Field(
+        default_factory=lambda: dict(DEFAULT_FEATURE_KINDS),
+        description="numeric feature -> count, money, duration, ratio, recency, tenure or other "
+        "(the transform follows from it; recency and tenure grow with the calendar); a feature "
+        "not listed is other, a listed name that is not a feature is ignored",
+    )
     log_features: tuple[str, ...] = Field(
         (), description="features always given a signed log1p before scaling (heavy-tailed spend)"
     )
@@ -100,7 +120,8 @@ class Settings(BaseSettings):
         "clip_margin; 0 = no clipping",
     )
     clip_margin: float = Field(
-        2.0, ge=0, description="widening of the clip range, in units of the range between the quantiles"
+        0.5, ge=0, description="widening of the clip range, in units of the range between the quantiles "
+        "(after the log); rows beyond it are outside the training envelope and left out of the fit"
     )
     vocabulary_max: int = Field(
         20, ge=1, le=1000, description="most values per categorical attribute (top by count; rest: other)"
@@ -140,6 +161,9 @@ class Settings(BaseSettings):
     max_rows: int = Field(50_000, ge=10, description="row cap; larger windows are sampled")
     min_rows: int = Field(200, ge=2, description="rows needed before the first fit")
     silhouette_sample: int = Field(5000, ge=100, description="rows in the sampled silhouette")
+    stability_sample: int = Field(
+        2000, ge=100, description="rows per subsample in the stability check of an automatic K"
+    )
     train_interval_s: float = Field(600.0, gt=0, description="seconds between retrains")
     names_file: str | None = Field(None, description="JSON file mapping segment_id to name")
     lock_ttl_s: int = Field(120, gt=0, description="trainer lease lock TTL")
@@ -170,6 +194,17 @@ class Settings(BaseSettings):
         0.3, ge=0,
         description="max Davies-Bouldin rise above the last accepted model's training figure; null: off",
     )
+    gate_silhouette_budget: float | None = Field(
+        0.3, ge=0, le=1,
+        description="total silhouette drop allowed below the anchor (the last operator-accepted or "
+        "the first model), as a fraction of the anchor's silhouette; the smaller of this and "
+        "gate_max_silhouette_drop applies; null: only gate_max_silhouette_drop",
+    )
+    gate_max_structural_share: float | None = Field(
+        0.05, ge=0, le=1,
+        description="share of the customers a retrain's splits, merges, births and retirements may "
+        "move without `trainer once --accept`; null: off",
+    )
     match_threshold: float = Field(
         0.5, gt=0, description="max matching distance / median centroid distance to keep an id"
     )
@@ -182,7 +217,13 @@ class Settings(BaseSettings):
         0.1, gt=0, description="silhouette drop reported by consumers that triggers a retrain"
     )
     drift_retrain_after_s: float = Field(
-        120.0, ge=0, description="how long the drift must last before the early retrain"
+        120.0, ge=0,
+        description="how long the silhouette drift or the novelty share must last before the early retrain",
+    )
+    novelty_retrain_share: float | None = Field(
+        0.03, gt=0, le=1,
+        description="share of recent events beyond their segment's training 99th-percentile distance "
+        "(normally about 0.01), reported by consumers, that triggers a retrain; null: off",
     )
     # challenger models
     challenger: bool = Field(

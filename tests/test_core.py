@@ -160,13 +160,13 @@ def test_null_in_the_environment_turns_on_k_selection(monkeypatch: pytest.Monkey
 
 def test_k_selection_finds_the_five_demo_segments_with_the_default_categorical_weight() -> None:
     from demo.generator import FEATURES, event_value, make_customers
-    from segmentation.features import fit_spec
+    from segmentation.features import FeatureConfig, fit_spec
 
     rng = np.random.default_rng(1)
     people = make_customers(2000, rng)
     events = [CustomerEvent.model_validate(event_value(c, rng, str(i))) for i, c in enumerate(people)]
-    spec = fit_spec(events, FEATURES, ("channel",), "standard",
-                    categorical_weight=Settings().categorical_weight)
+    spec = fit_spec(events, FeatureConfig(FEATURES, ("channel",),
+                                          categorical_weight=Settings().categorical_weight))
     fit, _ = fit_model(spec.encode(events)[0], None, (2, 10), 4, 42, 2000)
     assert fit.k == 5
 

@@ -294,15 +294,15 @@ def test_fuzz_every_message_gives_exactly_one_bounded_record(values: list[bytes 
 
 def test_a_high_cardinality_attribute_cannot_widen_the_model_without_bound() -> None:
     from segmentation.events import CustomerEvent
-    from segmentation.features import fit_spec
+    from segmentation.features import FeatureConfig, fit_spec
     from segmentation.settings import Settings
 
     s = Settings()
     events = [CustomerEvent(customer_id=f"c{i}", event_time=0, features={"a": i, "b": 1},
                             attributes={"channel": f"v{i % 2000}" if i % 3 else "app"})
               for i in range(12_000)]
-    spec = fit_spec(events, FEATURES, ("channel",), "standard",
-                    vocabulary_min_count=s.vocabulary_min_count, vocabulary_max=s.vocabulary_max)
+    spec = fit_spec(events, FeatureConfig(FEATURES, ("channel",), vocabulary_min_count=s.vocabulary_min_count,
+                                          vocabulary_max=s.vocabulary_max))
     assert len(spec.columns) <= len(FEATURES) + s.vocabulary_max + 1
     assert spec.vocabulary["channel"][0] == "app"
 

@@ -11,7 +11,9 @@
   repository's rules. Every PromQL expression of the dashboard returns data, every metric the
   alert rules select exists, every metric of the issue moves, and the drift makes
   ``segment_silhouette_drift`` and ``segment_centroid_drift`` move and the drift alert's expression
-  become true.
+  become true;
+* **a birth**: a consumer scoring the model's own population keeps the novelty alert's expression
+  false; a new population far from every segment makes it true in a real Prometheus.
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ import redis
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sklearn.cluster import KMeans
 
-from demo.generator import event_value
+from demo.generator import Customer, Profile, event_value, make_customers
 from demo.producer import DemoProducer
 from segmentation import metrics as metrics_module
-from segmentation.events import REASONS
+from segmentation.bundle import Lineage, ModelBundle, Quality
+from segmentation.cluster_metrics import nearest_two
+from segmentation.events import REASONS, CustomerEvent
+from segmentation.features import FeatureSpec, raw_numeric
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics, serve
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
@@ -66,6 +72,7 @@ from tests.support.stack import (
     free_port,
     produce_events,
     produce_raw,
+    running_consumer,
     sample,
     wait_until,
 )
@@ -135,6 +142,9 @@ MUTATIONS = [
     ("SegmentSilhouetteDrift", "(segment_silhouette_drift) < -0.1", "(segment_silhouette_drift) < -0.2"),
     ("SegmentSilhouetteDrift", "max by (job) (segment_silhouette", "min by (job) (segment_silhouette"),
     ("SegmentCollapsed", "(segment_share) < 0.01", "(segment_share) < 0.001"),
+    ("SegmentNoveltyHigh", "(segment_novelty_share) > 0.03", "(segment_novelty_share) > 0.06"),
+    ("SegmentNoveltyHigh", "min by (job) (segment_novelty", "max by (job) (segment_novelty"),
+    ("SegmentNoveltyHigh", "> 0.03\n        for: 10m", "> 0.03\n        for: 1m"),
     ("ConsumerLagGrowing", "lag_messages) > 1000", "lag_messages) > 10000"),
     ("ConsumerLagGrowing", "[10m:1m]) > 0", "[10m:1m]) > -1e9"),
     ("DeadLetterRateHigh", "  > 0.05", "  > 0.1"),
@@ -167,6 +177,8 @@ def test_alert_thresholds_follow_the_settings_defaults() -> None:
     rules = alert_rules()
     drift = fields["drift_retrain_threshold"].default
     assert rules["SegmentSilhouetteDrift"]["expr"].strip().endswith(f"< -{drift}")
+    novelty = fields["novelty_retrain_share"].default
+    assert rules["SegmentNoveltyHigh"]["expr"].strip().endswith(f"> {novelty}")
     floor = fields["gate_min_share"].default
     assert rules["SegmentCollapsed"]["expr"].strip().endswith(f"< {floor}")
     interval = int(fields["train_interval_s"].default)
@@ -682,3 +694,98 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         for p in processes:
             p.stop()
         prometheus.stop()
+
+
+# =============================================================================================
+# A birth: the novelty share against a real Prometheus
+# =============================================================================================
+# Far from every demo profile (twice the champions' spend and more, daily sessions): a population
+# the model has no segment for.
+NEWBORN = Profile("wholesale buyers", (1, 90, 30000, 330, 120, 60), (("web", 1.0),))
+
+
+def produce_population(
+    settings: Settings, people: list[Customer], prefix: str, seed: int,
+) -> list[CustomerEvent]:
+    """One event per customer; returns the events as the consumer decodes them."""
+    rng = np.random.default_rng(seed)
+    values = [event_value(c, rng, f"{prefix}-{i}") for i, c in enumerate(people)]
+    produce_raw(settings, [(str(v["customer_id"]), json.dumps(v).encode()) for v in values])
+    return [CustomerEvent.model_validate(v) for v in values]
+
+
+def model_with_radii(settings: Settings, events: list[CustomerEvent], k: int = 5) -> ModelBundle:
+    """A model of ``events`` fitted here, so that the test does not depend on how the trainer
+    fits: log of every feature, standard scaling, k-means; and the training radii the trainer
+    measures: per segment, the 99th percentile of its rows' distances to their centroid, and three
+    times that as the outlier radius."""
+    names = list(settings.features)
+    plain = FeatureSpec(numeric=names, log_features=names, center=[0.0] * len(names),
+                        scale=[1.0] * len(names), categorical_weight=0.5,
+                        vocabulary={"channel": ["app", "web", "email", "other"]})
+    logged = plain.encode_numeric(raw_numeric(events, names))
+    spec = plain.model_copy(update={"center": logged.mean(axis=0).tolist(),
+                                    "scale": logged.std(axis=0).tolist()})
+    x, _ = spec.encode(events)
+    fitted = KMeans(k, n_init=4, random_state=0).fit(x)
+    index, distance, _ = nearest_two(x, fitted.cluster_centers_)
+    p99 = [float(np.quantile(distance[index == i], 0.99)) for i in range(k)]
+    sizes = np.bincount(index, minlength=k)
+    return ModelBundle(
+        version=1, features=spec, centroids=fitted.cluster_centers_.tolist(), segment_ids=list(range(k)),
+        segment_names=[f"segment {i}" for i in range(k)],
+        quality=Quality(silhouette=0.7, davies_bouldin=0.5, inertia=float(fitted.inertia_),
+                        shares=(sizes / sizes.sum()).tolist(), sizes=sizes.tolist(),
+                        radius_p99=p99, radius_outlier=[3 * r for r in p99]),
+        lineage=Lineage(topic=settings.events_topic),
+    )
+
+
+@pytest.mark.integration
+def test_a_birth_makes_the_novelty_alert_s_expression_true_in_a_real_prometheus(
+    settings: Settings, store: ModelStore, tmp_path: Path
+) -> None:
+    need("prometheus")
+    need("promtool")
+    population = customers(1500)
+    rng = np.random.default_rng(0)
+    training = [CustomerEvent.model_validate(event_value(c, rng, f"t-{i}")) for i, c in enumerate(population)]
+    bundle = model_with_radii(settings, training)
+    store.publish(bundle, None)
+
+    ports = {"consumer": free_port(), "trainer": free_port()}  # no trainer: one model throughout
+    prometheus = local_prometheus(tmp_path, ports)
+    with running_consumer(settings) as rc:
+        server = serve(rc.metrics.registry, ports["consumer"])
+        try:
+            prometheus.start()
+            wait_until(lambda: bool(prometheus.query(
+                f'segment_model_version{{job="consumer"}} == {bundle.version}')), 60,
+                "the consumer scoring with the model that has radii")
+            rules = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
+            novelty_expr = rules["SegmentNoveltyHigh"]["query"]
+
+            # the model's own population, with fresh per-event noise: about 1% novel, quiet
+            produce_population(settings, population, "usual", seed=1)
+            wait_until(lambda: bool(prometheus.query('segment_novelty_share{job="consumer"} >= 0')), 60,
+                       "a novelty share of the usual traffic")
+            usual = prometheus.scalar('segment_novelty_share{job="consumer"}')
+            assert usual < 0.03 and not prometheus.query(novelty_expr), usual
+
+            # a birth: 600 customers unlike every segment
+            newborn = make_customers(600, np.random.default_rng(7), profiles=(NEWBORN,), prefix="born")
+            produce_population(settings, newborn, "born", seed=2)
+            wait_until(lambda: bool(prometheus.query(novelty_expr)), 60,
+                       "the novelty alert's expression true after the birth")
+            wait_until(lambda: any(a["labels"]["alertname"] == "SegmentNoveltyHigh"
+                                   and a["state"] == "pending" for a in prometheus.api("alerts")["alerts"]),
+                       10, "SegmentNoveltyHigh pending in Prometheus' rule evaluation")
+            share = prometheus.scalar('segment_novelty_share{job="consumer"}')
+            assert share > 0.2, share  # 600 of about 2,100 recent events, plus the usual 1%
+            assert prometheus.scalar("sum(segment_novel_events_total)") >= 600
+            assert prometheus.scalar("sum(segment_outlier_events_total)") > 0
+            print(f"\nnovelty share: {usual:.3%} on the usual traffic, {share:.1%} after the birth")
+        finally:
+            server.shutdown()
+            server.server_close()
+            prometheus.stop()

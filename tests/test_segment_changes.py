@@ -130,6 +130,54 @@ def test_the_cause_is_unknown_when_the_recording_model_cannot_be_loaded() -> Non
     assert cause_of(e, before, 1, lambda v: None) == "behaviour"
 
 
+def retrained(diff: list[dict[str, object]], ids: list[int], **quality: object) -> ActiveModel:
+    """v2 of the small model: the same centroids under ``ids``, with the retrain's ``diff``."""
+    raw = small_bundle(version=2, segment_ids=ids, segment_names=[f"s{i}" for i in ids],
+                       label_mapping={"diff": diff})
+    raw["quality"] = {**raw["quality"], **quality}
+    return ActiveModel.of(ModelBundle.model_validate(raw))
+
+
+def test_a_model_change_into_a_split_segment_names_its_status_and_parents() -> None:
+    v2 = retrained([{"segment_id": 7, "status": "split", "parents": [0], "index": 0},
+                    {"segment_id": 1, "status": "kept", "parents": [1], "index": 1}], ids=[7, 1])
+    changes = changes_of(model_of={1: SMALL_MODEL, 2: v2}.get)
+    detect(changes, [at(0.1, customer="stays"), at(5.0, customer="kept")], SMALL_MODEL)
+    records = detect(changes, [at(0.1, NOW_MS + 1, "stays"), at(5.0, NOW_MS + 1, "kept")], v2)
+    assert [(r["customer_id"], r["cause"], r["to_segment_id"], r["to_status"], r["to_parents"])
+            for r in records] == [("stays", "model", 7, "split", [0])]
+
+
+def test_a_merge_and_a_birth_are_named_and_a_behaviour_change_into_them_is_not() -> None:
+    v2 = retrained([{"segment_id": 8, "status": "merged", "parents": [0, 3], "index": 0},
+                    {"segment_id": 9, "status": "born", "parents": [], "index": 1}], ids=[8, 9])
+    changes = changes_of(model_of={1: SMALL_MODEL, 2: v2}.get)
+    detect(changes, [at(0.1, customer="merged"), at(0.1, customer="moves")], SMALL_MODEL)
+    records = detect(changes, [at(0.1, NOW_MS + 1, "merged"), at(5.0, NOW_MS + 1, "moves")], v2)
+    assert [(r["cause"], r["to_status"], r["to_parents"]) for r in records] == [
+        ("model", "merged", [0, 3]), ("behaviour", None, None)]
+    fresh = detect(changes, [at(5.0, NOW_MS + 1, "new")], v2)  # no model moved a newcomer
+    assert [(r["cause"], r["to_status"]) for r in fresh] == [("initial", None)]
+
+
+def test_an_old_bundle_without_a_diff_gives_null_lineage() -> None:
+    v2 = moved_model(2, [[-3, -3, 1, 0], [5, 5, 0, 1]])
+    changes = changes_of(model_of={1: SMALL_MODEL, 2: v2}.get)
+    detect(changes, [at(2.0)], SMALL_MODEL)
+    (record,) = detect(changes, [at(2.0, NOW_MS + 1)], v2)
+    assert (record["cause"], record["to_status"], record["to_parents"], record["outlier"]) == (
+        "model", None, None, False)
+
+
+def test_a_change_made_by_an_outlier_event_says_so() -> None:
+    model = ActiveModel.of(ModelBundle.model_validate(small_bundle(quality={
+        **small_bundle()["quality"], "radius_p99": [1.0, 1.0], "radius_outlier": [3.0, 3.0]})))
+    changes = changes_of()
+    records = detect(changes, [at(0.1, customer="a"), at(40.0, customer="b")], model)
+    assert [(r["customer_id"], r["to_segment_id"], r["outlier"]) for r in records] == [
+        ("a", 0, False), ("b", 1, True)]
+
+
 # --- the real stack -------------------------------------------------------------------------
 @pytest.mark.integration
 def test_changes_across_a_restart_and_a_rebalance_are_exactly_the_true_ones(settings: Settings) -> None:

@@ -4,6 +4,7 @@ No timing here: performance is measured by ``make bench`` only."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -65,7 +66,7 @@ def plain_output(event: CustomerEvent, segment: int, distance: float, scored_at:
         "customer_id": event.customer_id, "event_id": event.event_id,
         "event_time": event_time_iso(event.event_ms), "segment_id": DEMO_MODEL.bundle.segment_ids[segment],
         "segment": DEMO_MODEL.bundle.segment_names[segment], "distance": round(distance, 6),
-        "model_version": DEMO_MODEL.version, "scored_at": scored_at,
+        "outlier": False, "model_version": DEMO_MODEL.version, "scored_at": scored_at,
     })
 
 
@@ -149,13 +150,14 @@ def test_strings_and_distances_serialise_as_to_json(text: str, distance: float) 
 
 def test_an_output_value_is_the_dict_of_its_fields_through_to_json() -> None:
     event = CustomerEvent(customer_id='c"\u2028\x7f', event_time=NOW_MS, event_id=None, features={})
-    for distance in (0.0, 1e-7, 0.4213, 123.4567891, 1e15, 1e300):
+    for distance, outlier in itertools.product((0.0, 1e-7, 0.4213, 123.4567891, 1e15, 1e300), (False, True)):
         scored_at = event_time_iso(NOW_MS)
         name = DEMO_MODEL.bundle.segment_names[1]
-        assert output_value(event, NOW_MS, 1, name, distance, DEMO_MODEL.version, scored_at) == to_json({
+        assert output_value(event, NOW_MS, 1, name, distance, DEMO_MODEL.version, scored_at,
+                            outlier=outlier) == to_json({
             "customer_id": event.customer_id, "event_id": None, "event_time": event_time_iso(NOW_MS),
             "segment_id": 1, "segment": DEMO_MODEL.bundle.segment_names[1], "distance": round(distance, 6),
-            "model_version": DEMO_MODEL.version, "scored_at": scored_at,
+            "outlier": outlier, "model_version": DEMO_MODEL.version, "scored_at": scored_at,
         })
 
 

@@ -6,10 +6,19 @@ A refit is compared with three references, because none suffices alone:
 * **absolute floors**: a silhouette floor, a Davies-Bouldin ceiling, and a minimum separation of
   the two closest segments in units of their own spread (K-Means cutting one population in two
   leaves halves about 2.65 within-cluster standard deviations apart, whatever the scale);
-* **memory**: the current model on the same window (does the refit partition today's customers
-  worse than the model in use?), and the quality the last *accepted* model had when it was
-  trained (``segmentation.baseline``). When the data itself collapses, the current model and the
-  refit look equally bad on the same window; only the remembered baseline shows the fall.
+* **memory**: the current model on the same window, at equal K (does the refit partition
+  today's customers worse than the model in use?), and the quality of the **anchor**: the last
+  model an operator accepted, or the first model (``segmentation.baseline``). When the data
+  itself collapses, the current model and the refit look equally bad on the same window; only
+  the remembered anchor shows the fall. Measured against the anchor, with a total budget, a
+  collapse cut into many small steps is caught like one jump;
+* **structure**: a retrain that splits, merges, gives birth to or retires segments moving more
+  than a share of the customers needs an operator's ``--accept``.
+
+Allowed drops come from the data too: never tighter than ``NOISE_SIGMAS`` times the window's own
+sampling noise of the silhouette (``segmentation.cluster_metrics.silhouette_noise``), and the
+budget is a fraction of the anchor's silhouette, so overlapping real segments (silhouette 0.2)
+and well separated ones (0.7) are held to the same relative standard.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ from segmentation.matching import cluster_residuals, spread_units, within_covari
 from segmentation.metrics import GateCheck
 from segmentation.settings import Settings
 from trainer.fit import Fit
+
+# A drop within this many standard deviations of the silhouette's sampling noise is noise.
+NOISE_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,8 @@ class GateLimits:
     max_davies_bouldin: float | None
     max_silhouette_drop: float | None
     max_davies_bouldin_rise: float | None
+    silhouette_budget: float | None = None
+    max_structural_share: float | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> GateLimits:
@@ -60,6 +74,8 @@ class GateLimits:
             max_davies_bouldin=settings.gate_max_davies_bouldin,
             max_silhouette_drop=settings.gate_max_silhouette_drop,
             max_davies_bouldin_rise=settings.gate_max_davies_bouldin_rise,
+            silhouette_budget=settings.gate_silhouette_budget,
+            max_structural_share=settings.gate_max_structural_share,
         )
 
 
@@ -208,20 +224,26 @@ def check_max_davies_bouldin(davies_bouldin: float, ceiling: float | None) -> Ga
                        f"Davies-Bouldin {davies_bouldin:.3f} is above the ceiling {ceiling}")
 
 
-def check_silhouette(new: float, current: float | None, margin: float) -> GateFailure | None:
-    """The new silhouette must not fall more than ``margin`` below the current model's on the
-    same window.
+def check_silhouette(new: float, current: float | None, margin: float,
+                     noise: float = 0.0) -> GateFailure | None:
+    """The new silhouette (at the current model's K) must not fall more than ``margin`` (or
+    ``NOISE_SIGMAS`` x the silhouette's sampling ``noise``, if larger) below the current model's
+    on the same window.
 
     >>> check_silhouette(0.40, 0.60, 0.05).check
     'silhouette'
     >>> check_silhouette(0.58, 0.60, 0.05) is None
     True
+    >>> check_silhouette(0.52, 0.60, 0.05, noise=0.03) is None
+    True
     """
-    if current is None or new >= current - margin:
+    allowed = max(margin, NOISE_SIGMAS * noise)
+    if current is None or new >= current - allowed:
         return None
     return GateFailure(
-        "silhouette", new, current - margin,
-        f"silhouette {new:.3f} vs current model {current:.3f} on the same window (margin {margin})",
+        "silhouette", new, current - allowed,
+        f"silhouette {new:.3f} vs current model {current:.3f} on the same window at equal K "
+        f"(allowed drop {allowed:.3f})",
     )
 
 
@@ -229,23 +251,64 @@ def _accepted(baseline: QualityBaseline) -> str:
     return "the last accepted model" + (f" (v{baseline.version})" if baseline.version is not None else "")
 
 
+def silhouette_allowance(anchor: float, max_drop: float | None, budget: float | None,
+                         noise: float) -> float | None:
+    """The total silhouette drop allowed below the anchor: ``max_drop``, or ``budget`` x the
+    anchor's silhouette if smaller, never under ``NOISE_SIGMAS`` x the sampling noise. None: off.
+
+    >>> silhouette_allowance(0.7, 0.1, 0.3, 0.005), silhouette_allowance(0.2, 0.1, 0.3, 0.005)
+    (0.1, 0.06)
+    >>> round(silhouette_allowance(0.2, 0.1, 0.3, 0.03), 3)
+    0.09
+    """
+    limits = [v for v in (max_drop, None if budget is None else budget * abs(anchor)) if v is not None]
+    if not limits:
+        return None
+    return max(min(limits), NOISE_SIGMAS * noise)
+
+
 def check_silhouette_drop(
-    new: float, baseline: QualityBaseline | None, max_drop: float | None
+    new: float, baseline: QualityBaseline | None, max_drop: float | None,
+    budget: float | None = None, noise: float = 0.0,
 ) -> GateFailure | None:
-    """The new silhouette must not fall more than ``max_drop`` below the silhouette the last
-    accepted model had on its own training window.
+    """The new silhouette must not fall below the anchor's (the silhouette the last accepted
+    model had on its own training window) by more than ``silhouette_allowance``: a total
+    budget, so that ten small steps are refused like one jump.
 
     >>> check_silhouette_drop(0.29, QualityBaseline(0.77, 0.34, 1), 0.1).detail
-    'silhouette 0.290 vs 0.770 of the last accepted model (v1) on its training window (max drop 0.1)'
+    'silhouette 0.290 vs 0.770 of the last accepted model (v1) on its training window (allowed drop 0.100)'
     >>> check_silhouette_drop(0.70, QualityBaseline(0.77, 0.34, 1), 0.1) is None
     True
+    >>> check_silhouette_drop(0.15, QualityBaseline(0.22, 1.4, 1), 0.1, budget=0.3).check
+    'silhouette_drop'
     """
-    if baseline is None or max_drop is None or new >= baseline.silhouette - max_drop:
+    if baseline is None:
+        return None
+    allowed = silhouette_allowance(baseline.silhouette, max_drop, budget, noise)
+    if allowed is None or new >= baseline.silhouette - allowed:
         return None
     return GateFailure(
-        "silhouette_drop", new, baseline.silhouette - max_drop,
+        "silhouette_drop", new, baseline.silhouette - allowed,
         f"silhouette {new:.3f} vs {baseline.silhouette:.3f} of {_accepted(baseline)} on its "
-        f"training window (max drop {max_drop})",
+        f"training window (allowed drop {allowed:.3f})",
+    )
+
+
+def check_structure(structural_share: float | None, limit: float | None) -> GateFailure | None:
+    """A retrain that splits, merges, gives birth to or retires segments may move at most
+    ``limit`` of the customers without an operator's ``--accept``.
+
+    >>> check_structure(0.12, 0.05).detail
+    'splits, merges, births and retirements move 12.0% of the customers (limit 5.0%): --accept to publish'
+    >>> check_structure(0.01, 0.05) is None, check_structure(None, 0.05) is None
+    (True, True)
+    """
+    if structural_share is None or limit is None or structural_share <= limit:
+        return None
+    return GateFailure(
+        "structure", structural_share, limit,
+        f"splits, merges, births and retirements move {structural_share:.1%} of the customers "
+        f"(limit {limit:.1%}): --accept to publish",
     )
 
 
@@ -273,10 +336,17 @@ def run_gate(
     limits: GateLimits,
     current_silhouette: float | None = None,
     baseline: QualityBaseline | None = None,
+    *,
+    equal_k_silhouette: float | None = None,
+    noise: float = 0.0,
+    structural_share: float | None = None,
 ) -> list[GateFailure]:
     """Every failed check (an empty list passes). ``current_silhouette``: the current model's
-    partition of the same window, scored in the refit's space; ``baseline``: the last accepted
-    model's training quality (None for the first model: only the floors apply)."""
+    partition of the same window, scored in the refit's space, compared with
+    ``equal_k_silhouette`` (the refit at the current model's K; the refit's own when None);
+    ``baseline``: the anchor's training quality (None for the first model: only the floors
+    apply); ``noise``: the silhouette's sampling noise on this window; ``structural_share``: the
+    customers a structural change moves (None before matching)."""
     not_finite = check_finite(fit.centroids, fit.silhouette)
     if not_finite is not None:
         return [not_finite]  # nothing else can be measured on NaN
@@ -286,9 +356,12 @@ def run_gate(
         check_spread_separation(x, fit.labels, fit.centroids, limits.min_spread_separation),
         check_min_silhouette(fit.silhouette, limits.min_silhouette),
         check_max_davies_bouldin(fit.davies_bouldin, limits.max_davies_bouldin),
-        check_silhouette(fit.silhouette, current_silhouette, limits.silhouette_margin),
-        check_silhouette_drop(fit.silhouette, baseline, limits.max_silhouette_drop),
+        check_silhouette(fit.silhouette if equal_k_silhouette is None else equal_k_silhouette,
+                         current_silhouette, limits.silhouette_margin, noise),
+        check_silhouette_drop(fit.silhouette, baseline, limits.max_silhouette_drop,
+                              limits.silhouette_budget, noise),
         check_davies_bouldin_rise(fit.davies_bouldin, baseline, limits.max_davies_bouldin_rise),
+        check_structure(structural_share, limits.max_structural_share),
     ]
     return [c for c in checks if c is not None]
 
@@ -297,15 +370,19 @@ def accepted_quality(
     failures: list[GateFailure], fit: Fit, version: int, baseline: QualityBaseline | None,
     operator_accepted: bool = False,
 ) -> QualityBaseline | None:
-    """The baseline a new bundle carries: its own figures if the gate passed it or an operator
-    accepted it (``trainer once --accept``: the customer base really changed); if it was only
-    forced past the gate, the last accepted model's, unchanged: a forced publish never moves the
-    yardstick the gate and the consumers' drift measure against.
+    """The anchor a new bundle carries: its own figures for the first model and for one an
+    operator accepted (``trainer once --accept``: the customer base really changed); otherwise
+    the anchor it was judged against, unchanged, whether the gate passed it or it was forced
+    past. So neither a publish within the budget nor a forced one moves the yardstick the gate
+    and the consumers' drift measure against: ten steps each within the budget add up against
+    one fixed anchor.
 
     >>> from trainer.fit import Fit
     >>> fit = Fit(np.zeros((2, 1)), np.array([0, 1]), 2, 1.0, 0.29, 1.24)
-    >>> accepted_quality([], fit, 2, QualityBaseline(0.77, 0.34, 1))
+    >>> accepted_quality([], fit, 2, None)
     QualityBaseline(silhouette=0.29, davies_bouldin=1.24, version=2)
+    >>> accepted_quality([], fit, 2, QualityBaseline(0.77, 0.34, 1))
+    QualityBaseline(silhouette=0.77, davies_bouldin=0.34, version=1)
     >>> accepted_quality([GateFailure("silhouette_drop", 0.29, 0.67, "")], fit, 2,
     ...                  QualityBaseline(0.77, 0.34, 1))
     QualityBaseline(silhouette=0.77, davies_bouldin=0.34, version=1)
@@ -313,7 +390,7 @@ def accepted_quality(
     ...                  QualityBaseline(0.77, 0.34, 1), operator_accepted=True)
     QualityBaseline(silhouette=0.29, davies_bouldin=1.24, version=2)
     """
-    if failures and not operator_accepted:
+    if baseline is not None and not operator_accepted:
         return baseline
     return QualityBaseline(fit.silhouette, fit.davies_bouldin, version)
 

@@ -9,9 +9,17 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from segmentation.bundle import LabelChange, LabelMapping, ModelBundle
+from segmentation.bundle import LabelChange, LabelMapping, ModelBundle, SegmentDiff
+from segmentation.cluster_metrics import nearest_two
 from segmentation.features import FeatureSpec
-from segmentation.matching import assign_segment_ids, median_pairwise_distance, spread_distances
+from segmentation.matching import (
+    SPLIT_SHARE,
+    assign_segment_ids,
+    median_pairwise_distance,
+    segment_transitions,
+    spread_distances,
+    vetoed_by_geometry,
+)
 
 
 def load_names(path: str | None) -> dict[int, str]:
@@ -40,6 +48,133 @@ def default_name(segment_id: int, centroid: np.ndarray, spec: FeatureSpec) -> st
     return f"segment {segment_id}: " + (", ".join(parts) if parts else "average")
 
 
+def previous_assignment(
+    previous: ModelBundle, x_previous: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The previous model's segment index for each window row (``x_previous``: the rows encoded
+    with the previous model's own spec, as the consumers score them), and which rows lie beyond
+    the envelope of the segment it puts them in (None when the bundle records no envelope).
+
+    >>> from segmentation.bundle import Lineage, Quality
+    >>> b = ModelBundle(version=1, features=FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0]),
+    ...     centroids=[[0.0], [10.0]], segment_ids=[4, 5], segment_names=["a", "b"],
+    ...     quality=Quality(silhouette=0.9, davies_bouldin=0.1, inertia=1.0, shares=[0.5, 0.5],
+    ...                     sizes=[1, 1], radius_p99=[1.0, 1.0]), lineage=Lineage(topic="t"))
+    >>> index, novel = previous_assignment(b, np.array([[0.5], [9.0], [4.0]]))
+    >>> index.tolist(), novel.tolist()
+    ([0, 1, 0], [False, False, True])
+    """
+    index, distance, _ = nearest_two(x_previous, previous.centroid_array())
+    radii = previous.quality.radius_p99
+    if radii is None:
+        return index, None
+    return index, distance > np.asarray(radii)[index]
+
+
+def _diff_counts(
+    previous_ids: np.ndarray, ids: np.ndarray, previous_labels: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per new index and per previous index: customers, and of them those whose id changes."""
+    moved = previous_ids[previous_labels] != ids[labels]
+    k, k_prev = ids.shape[0], previous_ids.shape[0]
+    return (np.bincount(labels, minlength=k), np.bincount(labels[moved], minlength=k),
+            np.bincount(previous_labels, minlength=k_prev),
+            np.bincount(previous_labels[moved], minlength=k_prev))
+
+
+CLOCK_KINDS = ("recency", "tenure")
+
+
+def calendar_columns(spec: FeatureSpec) -> np.ndarray:
+    """Per encoded column, whether it is a feature that grows with the calendar (its kind is
+    ``recency`` or ``tenure``): such a column moves centroids without moving customers.
+
+    >>> calendar_columns(FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0])).tolist()
+    [False]
+    """
+    kinds: dict[str, str] = getattr(spec, "kinds", None) or {}
+    clock = [kinds.get(name) in CLOCK_KINDS for name in spec.numeric]
+    return np.array(clock + [False] * (len(spec.columns) - spec.n_numeric), dtype=bool)
+
+
+def customer_mapping(
+    previous: ModelBundle, centroids: np.ndarray, fresh_ids: Callable[[int], list[int]],
+    previous_labels: np.ndarray, labels: np.ndarray, novel: np.ndarray | None,
+    geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None, max_spread: float,
+) -> tuple[list[int], LabelMapping]:
+    """Segment ids that follow the customers (``segmentation.matching.segment_transitions``): a
+    new segment that continues a previous one keeps its id; a split, a merge or a birth gets a
+    fresh id, and its parents are named. ``geometry``: the previous centroids in the new space,
+    and each centroid's move in spread units over all columns and over those that do not age
+    with the calendar; a continuation whose move over the latter exceeds ``max_spread`` is a
+    replacement (``segmentation.matching.vetoed_by_geometry``); one whose move over all columns
+    does is ``drifted`` (the calendar moved it, its customers stayed)."""
+    k = centroids.shape[0]
+    transitions = segment_transitions(previous_labels, labels, previous.k, k, novel)
+    drift = None
+    if geometry is not None:
+        previous_centroids, drift, stable_moves = geometry
+        transitions = vetoed_by_geometry(transitions, previous_centroids, centroids, stable_moves,
+                                         max_spread)
+    previous_ids = np.asarray(previous.segment_ids)
+    ids: list[int | None] = [None] * k
+    for t in transitions:
+        if t.status == "continued" and t.new is not None and t.previous is not None:
+            ids[t.new] = int(previous_ids[t.previous])
+    unmatched = [j for j in range(k) if ids[j] is None]
+    for j, sid in zip(unmatched, fresh_ids(len(unmatched)) if unmatched else [], strict=True):
+        ids[j] = sid
+    final = np.asarray(ids, dtype=np.int64)
+    customers, moved, previous_customers, previous_moved = _diff_counts(
+        previous_ids, final, previous_labels, labels)
+    matched, new, retired, diff = [], [], [], []
+    for t in transitions:
+        parents = [int(previous_ids[p]) for p in t.parents]
+        if t.new is None:  # retired: a previous index, continued by no new segment
+            p = t.previous or 0
+            sid = int(previous_ids[p])
+            retired.append(LabelChange(segment_id=sid, previous_index=p))
+            diff.append(SegmentDiff(segment_id=sid, status="retired", previous_index=p,
+                                    customers=int(previous_customers[p]), moved=int(previous_moved[p])))
+            continue
+        sid = int(final[t.new])
+        counts = {"customers": int(customers[t.new]), "moved": int(moved[t.new])}
+        if t.status == "continued" and t.previous is not None:
+            distance = None if drift is None else float(drift[t.previous, t.new])
+            matched.append(LabelChange(segment_id=sid, previous_index=t.previous, index=t.new,
+                                       distance=distance))
+            status = "drifted" if distance is not None and distance > max_spread else "kept"
+            diff.append(SegmentDiff(segment_id=sid, status=status, parents=parents, index=t.new,
+                                    previous_index=t.previous, **counts))
+        else:
+            new.append(LabelChange(segment_id=sid, index=t.new))
+            diff.append(SegmentDiff(segment_id=sid, status=t.status,
+                                    parents=parents, index=t.new, **counts))
+    fresh = np.isin(final, [c.segment_id for c in new])
+    gone = np.isin(previous_ids, [c.segment_id for c in retired])
+    structural = fresh[labels] | gone[previous_labels]
+    rows = max(labels.shape[0], 1)
+    mapping = LabelMapping(
+        matched=matched, new=new, retired=retired, diff=diff, method="customers",
+        moved_share=float(moved.sum() / rows), structural_share=float(structural.sum() / rows),
+        threshold=max_spread,
+        space=("who moved where: the previous and the new model assign the same window; a flow "
+               f"counts when it holds {SPLIT_SHARE:.0%} of both segments. Distances: the centroid's "
+               f"move in standard deviations of the new segment (drifted beyond {max_spread:g})"),
+    )
+    return [int(v) for v in final], mapping
+
+
+def centroid_diff(mapping: LabelMapping) -> list[SegmentDiff]:
+    """The diff of a centroid matching: matched ids are kept, new ones born, the rest retired
+    (no customer counts: the previous model could not score the window)."""
+    return ([SegmentDiff(segment_id=c.segment_id, status="kept", parents=[c.segment_id],
+                         index=c.index, previous_index=c.previous_index) for c in mapping.matched]
+            + [SegmentDiff(segment_id=c.segment_id, status="born", index=c.index) for c in mapping.new]
+            + [SegmentDiff(segment_id=c.segment_id, status="retired", previous_index=c.previous_index)
+               for c in mapping.retired])
+
+
 def label_segments(
     previous: ModelBundle | None,
     spec: FeatureSpec,
@@ -51,17 +186,24 @@ def label_segments(
     x: np.ndarray,
     labels: np.ndarray,
     max_spread: float,
+    previous_labels: np.ndarray | None = None,
+    novel: np.ndarray | None = None,
 ) -> tuple[list[int], list[str], LabelMapping]:
-    """Segment ids and names for new centroids, and the mapping from the previous version.
+    """Segment ids and names for new centroids, and the mapping (with the diff) from the
+    previous version.
 
-    Matching happens in the *new* version's scaled space: the previous centroids are mapped
-    back to raw units with the previous scaler and forward with the new one. A previous centroid
-    keeps its id on a new one when it lies within ``max_spread`` standard deviations of the new
-    segment's within-cluster covariance (``x``, ``labels``: the window the new centroids were
-    fitted on), and within ``threshold_fraction`` of the median distance between the new
-    centroids (which only binds on segments that overlap much); two segments that merged lose
-    theirs (``segmentation.matching.merged_pairs``). Distances in the mapping are in those
-    standard deviations.
+    **Ids follow the customers** when the previous model could score the window
+    (``previous_labels``: its segment index for each row of ``x``; ``novel``: rows beyond its
+    envelope): see ``customer_mapping``. Features that move with the calendar move centroids,
+    not customers, so they cannot renumber a customer base.
+
+    **Centroid distance is the fallback**: matching happens in the *new* version's scaled
+    space: the previous centroids are mapped back to raw units with the previous scaler and
+    forward with the new one. A previous centroid keeps its id on a new one when it lies within
+    ``max_spread`` standard deviations of the new segment's within-cluster covariance (``x``,
+    ``labels``: the window the new centroids were fitted on), and within ``threshold_fraction``
+    of the median distance between the new centroids (which only binds on segments that
+    overlap much); two segments that merged lose theirs (``segmentation.matching.merged_pairs``).
 
     Names: the operator's (``names``, from ``SEG_NAMES_FILE``) first; a segment that keeps its id
     keeps its name (the label marketing acts on does not change with a refit's scaling); a new
@@ -74,35 +216,44 @@ def label_segments(
         prev_ids = previous.segment_ids
     else:
         # No previous version, or one without some of today's features: its centroids cannot
-        # be placed in this space, so nothing matches and all of its ids retire.
+        # be placed in this space, so nothing matches on geometry.
         prev_centroids = np.empty((0, centroids.shape[1]))
         prev_ids = []
     cost = spread_distances(prev_centroids, centroids, x, labels)
-    cost[cdist(prev_centroids, centroids) > cap] = np.inf
-    result = assign_segment_ids(prev_centroids, prev_ids, centroids, max_spread, fresh_ids, cost)
-    retired = result.retired
-    if previous is not None and not comparable:
-        retired = [(sid, p) for p, sid in enumerate(previous.segment_ids)]
     kept_names: dict[int, str] = {}
-    if previous is not None and comparable:
-        kept_names = dict(zip(prev_ids, previous.segment_names, strict=True))
+    if previous is not None:
+        kept_names = dict(zip(previous.segment_ids, previous.segment_names, strict=True))
+    if previous is not None and previous_labels is not None:
+        stable = ~calendar_columns(spec)
+        geometry = (prev_centroids, cost, spread_distances(
+            prev_centroids[:, stable], centroids[:, stable], x[:, stable], labels)) if comparable else None
+        segment_ids, mapping = customer_mapping(
+            previous, centroids, fresh_ids, previous_labels, labels, novel, geometry, max_spread)
+    else:
+        cost[cdist(prev_centroids, centroids) > cap] = np.inf
+        result = assign_segment_ids(prev_centroids, prev_ids, centroids, max_spread, fresh_ids, cost)
+        retired = result.retired
+        if previous is not None and not comparable:
+            retired = [(sid, p) for p, sid in enumerate(previous.segment_ids)]
+        segment_ids = result.segment_ids
+        mapping = LabelMapping(
+            matched=[LabelChange(segment_id=s, previous_index=p, index=i, distance=d)
+                     for s, p, i, d in result.matched],
+            new=[LabelChange(segment_id=s, index=i) for s, i in result.new],
+            retired=[LabelChange(segment_id=s, previous_index=p) for s, p in retired],
+            threshold=max_spread, method="centroids" if previous is not None else "none",
+            space=(f"new version's scaled space; distances in standard deviations of the new "
+                   f"segment's within-cluster covariance (kept below {max_spread:g}, and below "
+                   f"{threshold_fraction:g} x the median centroid distance = {cap:.3g} scaled units)")
+            if comparable or previous is None
+            else "not comparable: the previous version lacks some of the features",
+        )
+        mapping = mapping.model_copy(update={"diff": centroid_diff(mapping)})
     segment_names = [
         names.get(sid) or kept_names.get(sid) or default_name(sid, centroids[i], spec)
-        for i, sid in enumerate(result.segment_ids)
+        for i, sid in enumerate(segment_ids)
     ]
-    mapping = LabelMapping(
-        matched=[LabelChange(segment_id=s, previous_index=p, index=i, distance=d)
-                 for s, p, i, d in result.matched],
-        new=[LabelChange(segment_id=s, index=i) for s, i in result.new],
-        retired=[LabelChange(segment_id=s, previous_index=p) for s, p in retired],
-        threshold=max_spread,
-        space=(f"new version's scaled space; distances in standard deviations of the new segment's "
-               f"within-cluster covariance (kept below {max_spread:g}, and below "
-               f"{threshold_fraction:g} x the median centroid distance = {cap:.3g} scaled units)")
-        if comparable or previous is None
-        else "not comparable: the previous version lacks some of the features",
-    )
-    return result.segment_ids, segment_names, mapping
+    return segment_ids, segment_names, mapping
 
 
 def rollback_mapping(base: ModelBundle | None, target: ModelBundle) -> LabelMapping:

@@ -6,30 +6,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version as package_version
 
 import numpy as np
 
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
-from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
-from segmentation.cluster_metrics import nearest_two, sampled_silhouette
-from segmentation.features import FeatureSpec, fit_spec
+from segmentation.bundle import BundleError, Lineage, ModelBundle
+from segmentation.events import CustomerEvent
+from segmentation.features import FeatureConfig, FeatureSpec, fit_spec, raw_numeric
 from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
 from segmentation.model_log import ModelLog, sync_store
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.challenger import clear_stale_challenger, store_challenger
-from trainer.fit import K_SELECTION, Fit, fit_model
-from trainer.gate import (
-    GateFailure,
-    GateLimits,
-    accepted_quality,
-    check_finite_window,
-    gate_record,
-    run_gate,
-)
-from trainer.labels import label_segments, load_names
+from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
+from trainer.gate import GateFailure, GateLimits, check_finite_window
+from trainer.labels import load_names
+from trainer.refit import Matching, assess, build_bundle, label
 from trainer.window import Window, read_window
 
 log = logging.getLogger(__name__)
@@ -65,9 +60,11 @@ def fit_params(settings: Settings, k: int) -> dict[str, object]:
         "scaler": settings.scaler, "log_features": list(settings.log_features),
         "log_skewness": settings.log_skewness, "clip_quantile": settings.clip_quantile,
         "clip_margin": settings.clip_margin,
+        "feature_kinds": {n: k for n, k in settings.feature_kinds.items() if n in settings.features},
         "categorical_weight": settings.categorical_weight,
         "features": list(settings.features), "categorical": list(settings.categorical),
-        "silhouette_sample": settings.silhouette_sample, "window_s": settings.window_s,
+        "silhouette_sample": settings.silhouette_sample, "stability_sample": settings.stability_sample,
+        "window_s": settings.window_s,
         "vocabulary_max": settings.vocabulary_max,
         "vocabulary_min_count": settings.vocabulary_min_count,
     }
@@ -78,13 +75,8 @@ def encode_window(
 ) -> tuple[FeatureSpec, np.ndarray]:
     """Fit the vocabulary and the preprocessing on a window and encode it with them; features
     the ``current`` model logs keep their log unless clearly no longer skewed."""
-    spec = fit_spec(
-        window.events, settings.features, settings.categorical, settings.scaler,
-        settings.log_features, settings.categorical_weight,
-        settings.vocabulary_min_count, settings.vocabulary_max,
-        settings.log_skewness, (settings.clip_quantile, settings.clip_margin),
-        current.features.log_features if current is not None else (),
-    )
+    spec = fit_spec(window.events, FeatureConfig.of(settings),
+                    current.features.log_features if current is not None else ())
     x, _ = spec.encode(window.events)
     return spec, x
 
@@ -96,29 +88,39 @@ def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndar
     return spec, x, fit, fits
 
 
-def fit_encoded(settings: Settings, x: np.ndarray) -> tuple[Fit, list[Fit]]:
-    """K-Means on an encoded window: K fixed, or chosen over ``k_min..k_max``."""
-    return fit_model(
-        x, settings.k, (settings.k_min, settings.k_max), settings.n_init,
-        settings.random_state, settings.silhouette_sample,
-    )
+def fit_encoded(settings: Settings, x: np.ndarray, current_k: int | None = None) -> tuple[Fit, list[Fit]]:
+    """K-Means on an encoded window (the rows inside the training envelope): K fixed, or chosen
+    over ``k_min..k_max``, one segment when none is stable; ``current_k`` (the published model's)
+    is kept while still plausible and stable."""
+    return fit_model(x, KConfig.of(settings), current_k)
 
 
-def current_silhouette(
-    settings: Settings, current: ModelBundle | None, window: Window, x: np.ndarray
-) -> float | None:
-    """The sampled silhouette of the current model's partition of the same window, measured in
-    the new version's scaled space ``x``.
+def inside_envelope(
+    spec: FeatureSpec, events: Sequence[CustomerEvent], x: np.ndarray
+) -> tuple[list[CustomerEvent], np.ndarray]:
+    """The window without its rows outside the training envelope: absurd rows never form a
+    segment, stretch a centroid or count in the quality figures."""
+    outside = spec.outside_envelope(raw_numeric(events, spec.numeric))
+    return [e for e, out in zip(events, outside, strict=True) if not out], x[~outside]
 
-    The current model assigns the customers exactly as the consumers do (its own scaler and
-    centroids); the distances that judge that partition are the ones that judge the new fit.
-    Silhouette depends on the metric, and the scaler changes between versions, so scoring each
-    model in its own space would mix a change of yardstick into the comparison."""
-    if current is None or tuple(current.features.numeric) != settings.features:
+
+def previous_encoding(current: ModelBundle | None, events: Sequence[CustomerEvent]) -> np.ndarray | None:
+    """The window encoded by the current model's own spec, as the consumers score it; None when
+    there is no current model or its features are not in the events."""
+    if current is None:
         return None
-    x_current, _ = current.features.encode(window.events)
-    labels, _, _ = nearest_two(x_current, current.centroid_array())
-    return sampled_silhouette(x, labels, settings.silhouette_sample, settings.random_state)
+    try:
+        x_current, _ = current.features.encode(events)
+    except KeyError:
+        log.warning("the current model cannot score the window (features missing): ids are "
+                    "matched on centroids")
+        return None
+    return x_current
+
+
+def matching(settings: Settings) -> Matching:
+    return Matching(settings.match_threshold, settings.match_max_spread,
+                    load_names(settings.names_file))
 
 
 # How far back `accepted_baseline` looks for an accepted model behind forced bundles that
@@ -242,51 +244,49 @@ def _train(
         # not even --force publishes this.
         report_gate(metrics, [not_finite])
         return _refuse(metrics, [not_finite], force)
-    fit, fits = fit_encoded(settings, x)
+    events, x = inside_envelope(spec, window.events, x)
+    metrics.rows.labels("outside_envelope").set(len(window.events) - len(events))
+    fit, fits = fit_encoded(settings, x, current.k if current is not None else None)
     metrics.silhouette.set(fit.silhouette)
     metrics.davies_bouldin.set(fit.davies_bouldin)
     metrics.k.set(fit.k)
-    on_window = current_silhouette(settings, current, window, x)
-    failures = run_gate(fit, x, GateLimits.of(settings), on_window, baseline)
+    refit = assess(
+        spec, x, fit, fits, current, previous_encoding(current, events), baseline,
+        GateLimits.of(settings), matching(settings), silhouette_sample=settings.silhouette_sample,
+        random_state=settings.random_state,
+        more_fits=lambda: fit_model(x, replace(KConfig.of(settings), k=None))[1],
+    )
+    if refit.no_structure:
+        report_gate(metrics, [])
+        return RunResult("no_structure", "no segment structure in the window: K=1 is the best "
+                         "description of these customers; the current model stays")
+    failures = refit.failures
     report_gate(metrics, failures)
     if failures and (not force or any(f.check == "finite" for f in failures)):
         return _refuse(metrics, failures, force)
     for failure in failures:
         # not a refusal: counted nowhere but the bundle (forced) and the run log
         log.warning("quality gate overridden by --force", extra={"failure": failure.detail})
+    if refit.fallback_from is not None:
+        log.warning("first model published at another K", extra={
+            "k": refit.fit.k, "chosen_k": refit.fallback_from})
 
-    ids, names, mapping = label_segments(
-        current, spec, fit.centroids, settings.match_threshold,
-        store.allocate_segment_ids, load_names(settings.names_file),
-        x=x, labels=fit.labels, max_spread=settings.match_max_spread,
-    )
+    labelled = label(refit, current, store.allocate_segment_ids, matching(settings))
     version = store.allocate_version()
-    accepted = accepted_quality(failures, fit, version, baseline, operator_accepted=accept)
-    bundle = ModelBundle(
-        version=version,
-        features=spec,
-        centroids=fit.centroids.tolist(),
-        segment_ids=ids,
-        segment_names=names,
-        previous_version=base,
-        label_mapping=mapping,
-        quality=Quality(
-            silhouette=fit.silhouette, davies_bouldin=fit.davies_bouldin, inertia=fit.inertia,
-            shares=fit.shares.tolist(), sizes=fit.sizes,
-            k_selection="fixed" if settings.k is not None else K_SELECTION,
-            k_scores=[f.scores() for f in fits],
-            gate=gate_record(failures, on_window, accepted, operator_accepted=accept),
-        ),
-        lineage=Lineage(
+    fit = refit.fit
+    bundle = build_bundle(
+        refit, version, labelled, base, baseline,
+        Lineage(
             topic=settings.events_topic, partitions=window.ranges,
             window_start_ms=window.start_ms, window_end_ms=window.end_ms,
             rows_read=window.rows_read, rows_invalid=window.rows_invalid,
-            rows_used=len(window.events), data_sha256=data_hash(x),
+            rows_used=len(events), data_sha256=data_hash(x),
             random_state=settings.random_state, libraries=library_versions(),
             params=fit_params(settings, fit.k),
         ),
-        forced=bool(failures),
+        "fixed" if settings.k is not None else K_SELECTION, operator_accepted=accept,
     )
+    accepted = recorded_baseline(bundle)
     detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
     if challenger and base is not None:
         # matched, gated and numbered like a publish, but the current model stays

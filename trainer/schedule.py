@@ -1,7 +1,9 @@
 """When to train: as soon as possible while there is no model, then every interval, and early
-when the consumers report a sustained silhouette drop against the training baseline (unless a
-challenger trained against the current model is already being scored: it is the answer to that
-drift, waiting to be promoted or discarded); never while a rollback pins the current model.
+when the consumers report a sustained silhouette drop against the training baseline or a
+sustained novelty share (events beyond their segment's training 99th percentile: a population
+the model has no segment for), unless a challenger trained against the current model is already
+being scored (it is the answer to that drift, waiting to be promoted or discarded); never while a
+rollback pins the current model.
 
 Reading Redis (``read_signals``) is kept apart from deciding (``Schedule.decide``), so that the
 decision is tested without Redis (``tests/test_schedule.py``)."""
@@ -30,6 +32,7 @@ class Signals:
     has_model: bool
     worst_drift: float  # the lowest silhouette drift a replica on the current model reports (0: none)
     challenger_pending: bool = False  # a challenger trained against the current model is in the slot
+    novelty_share: float = 0.0  # the highest novelty share a replica on the current model reports
 
 
 def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signals | None:
@@ -42,7 +45,8 @@ def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signa
     except OUTAGE:
         return None
     return Signals(pinned=pinned, has_model=current is not None,
-                   worst_drift=worst_drift(states, current), challenger_pending=pending)
+                   worst_drift=worst_drift(states, current), challenger_pending=pending,
+                   novelty_share=highest_novelty(states, current))
 
 
 def challenger_pending(store: ModelStore, current: int | None) -> bool:
@@ -65,10 +69,29 @@ def worst_drift(states: list[dict[str, Any]], current: int | None) -> float:
     ...              {"model_version": 2, "silhouette_drift": "-5"}], current=2)
     -0.3
     """
-    drifts = [s.get("silhouette_drift") for s in states if s.get("model_version") == current]
-    return min((float(d) for d in drifts
-                if isinstance(d, int | float) and not isinstance(d, bool) and math.isfinite(d)),
-               default=0.0)
+    return min(reported(states, current, "silhouette_drift"), default=0.0)
+
+
+def highest_novelty(states: list[dict[str, Any]], current: int | None) -> float:
+    """The highest novelty share reported by a replica on the ``current`` model (0: none; a
+    replica without a share yet, or on a model without radii, reports null).
+
+    >>> highest_novelty([{"model_version": 2, "novelty_share": 0.012},
+    ...                  {"model_version": 2, "novelty_share": 0.05},
+    ...                  {"model_version": 1, "novelty_share": 0.4},
+    ...                  {"model_version": 2, "novelty_share": None},
+    ...                  {"model_version": 2, "novelty_share": float("inf")}], current=2)
+    0.05
+    """
+    return max(reported(states, current, "novelty_share"), default=0.0)
+
+
+def reported(states: list[dict[str, Any]], current: int | None, name: str) -> list[float]:
+    """The finite numbers replicas on the ``current`` model report as ``name`` (replica states
+    are untrusted: a bool, a string or a missing value is ignored)."""
+    values = [s.get(name) for s in states if s.get("model_version") == current]
+    return [float(v) for v in values
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 class Schedule:
@@ -78,6 +101,7 @@ class Schedule:
         self.last_run = 0.0
         self.last_result = ""
         self.drift_since: float | None = None
+        self.novelty_since: float | None = None
 
     def due(self, store: ModelStore, now: float | None = None) -> str | None:
         """Why a run is due now, or None."""
@@ -105,13 +129,17 @@ class Schedule:
         if signals.pinned:
             return None
         drifting = self.drifting(signals.worst_drift, now)
+        novel = self.novel(signals.novelty_share, now)
         if not signals.has_model:
             return "no model yet" if now - self.last_run >= COLD_RETRY_S else None
         if now - self.last_run >= self.settings.train_interval_s:
             return "interval"
-        if (drifting and not signals.challenger_pending
-                and now - self.last_run >= self.settings.drift_retrain_after_s):
+        if signals.challenger_pending or now - self.last_run < self.settings.drift_retrain_after_s:
+            return None
+        if drifting:
             return "sustained silhouette drift"
+        if novel:
+            return "sustained novelty"
         return None
 
     def drifting(self, worst_drift: float, now: float) -> bool:
@@ -124,8 +152,20 @@ class Schedule:
             self.drift_since = now
         return now - self.drift_since >= self.settings.drift_retrain_after_s
 
+    def novel(self, share: float, now: float) -> bool:
+        """True once the highest replica novelty share has stayed above
+        ``novelty_retrain_share`` for ``drift_retrain_after_s`` seconds (never when it is off)."""
+        limit = self.settings.novelty_retrain_share
+        if limit is None or share <= limit:
+            self.novelty_since = None
+            return False
+        if self.novelty_since is None:
+            self.novelty_since = now
+        return now - self.novelty_since >= self.settings.drift_retrain_after_s
+
     def ran(self, result: str, now: float | None = None) -> None:
         self.last_run = time.time() if now is None else now
         self.last_result = result
         if result in ("published", "challenger"):
             self.drift_since = None
+            self.novelty_since = None

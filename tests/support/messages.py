@@ -17,7 +17,7 @@ from consumer.watcher import ActiveModel
 from demo.generator import event_value, make_customers
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.events import CustomerEvent, InputContract
-from segmentation.features import FeatureSpec, fit_spec
+from segmentation.features import FeatureConfig, FeatureSpec, fit_spec
 from segmentation.settings import DEFAULT_FEATURES
 
 FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
@@ -113,7 +113,7 @@ def demo_values(n: int, seed: int = 3) -> list[bytes]:
 def demo_model() -> ActiveModel:
     """Five segments fitted on demo events, with names that need JSON escaping."""
     events = [CustomerEvent.model_validate_json(v) for v in demo_values(2000, seed=4)]
-    spec = fit_spec(events, DEFAULT_FEATURES, ("channel",), "standard", categorical_weight=0.5)
+    spec = fit_spec(events, FeatureConfig(DEFAULT_FEATURES, ("channel",), categorical_weight=0.5))
     x, _ = spec.encode(events)
     centroids = x[np.random.default_rng(0).choice(len(x), 5, replace=False)]
     bundle = ModelBundle(
