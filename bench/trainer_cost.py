@@ -42,17 +42,17 @@ def peak_rss_mb() -> float:
 
 
 def measure(kind: str, n: int) -> dict[str, Any]:
-    from trainer.fit import fit_model
+    from trainer.fit import KConfig, fit_model
 
     x = rows(n)
     base_rss = peak_rss_mb()
     started = time.perf_counter()
     if kind == "fit":
-        fit, _ = fit_model(x, 8, (2, 12), 10, 42, 5000)
+        fit, _ = fit_model(x, KConfig(8, 2, 12, 10, 42, 5000))
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
                 "rss_before_fit_mb": base_rss, "k": fit.k}
     if kind == "auto":
-        fit, fits = fit_model(x, None, (2, 12), 10, 42, 5000)
+        fit, fits = fit_model(x, KConfig(None, 2, 12, 10, 42, 5000))
         return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "k": fit.k,
                 "tried": [f.k for f in fits]}
     if kind == "minibatch":

@@ -9,13 +9,16 @@ from pathlib import Path
 
 from quality.cost import scoring_cost
 from quality.datasets import bundled_sets, synthetic_sets
-from quality.k_table import k_table
+from quality.k_table import k_table, realistic_table
+from quality.realistic import no_structure_sets, realistic_sets
 from quality.report import (
     ROOT,
     document,
     environment,
     k_markdown,
     k_summary,
+    realistic_markdown,
+    realistic_summary,
     scenario_markdown,
 )
 from quality.scenarios import scenario_table
@@ -30,10 +33,13 @@ def main(out: Path = DOCUMENT) -> int:
     synthetic = synthetic_sets(draws=2)
     k_rows = k_table(bundled_sets() + synthetic, settings)
     print(k_markdown(k_rows), *k_summary(k_rows), sep="\n", flush=True)
+    realistic_rows = realistic_table(realistic_sets() + no_structure_sets(), settings)
+    print("\n" + realistic_markdown(realistic_rows), *realistic_summary(realistic_rows), sep="\n", flush=True)
     scenarios, first_silhouette = scenario_table(settings)
     print("\n" + scenario_markdown(scenarios), flush=True)
     cost = scoring_cost(settings)
-    out.write_text(document(environment(), k_rows, scenarios, first_silhouette, cost, settings))
+    out.write_text(document(environment(), k_rows, scenarios, first_silhouette, cost, settings,
+                            realistic_rows))
     print(f"\nwritten: {out}")
     return 0
 

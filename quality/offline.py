@@ -16,7 +16,6 @@ import numpy as np
 
 from consumer.quality import QualityTracker
 from consumer.watcher import ActiveModel
-from demo.generator import FEATURES
 from segmentation.baseline import baseline_of, recorded_baseline
 from segmentation.bundle import Lineage, ModelBundle
 from segmentation.cluster_metrics import nearest_two
@@ -55,9 +54,9 @@ class Registry:
 
 def fit_features(raw: np.ndarray, settings: Settings, current: ModelBundle | None) -> FeatureSpec:
     """The trainer's preprocessing (log by kind and by skewness, sticky for the features the
-    current model logs; clipping; scaler) fitted on a raw window of the demo's features:
+    current model logs; clipping; scaler) fitted on a raw window of ``settings.features``:
     ``trainer.pipeline.encode_window`` without the events."""
-    config = FeatureConfig.of(settings.model_copy(update={"features": FEATURES}))
+    config = FeatureConfig.of(settings)
     return fit_numeric(raw, config, current.features.log_features if current is not None else ())
 
 

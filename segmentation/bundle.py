@@ -102,6 +102,19 @@ class SegmentDiff(BaseModel):
                            "the previous model's for a retired one)")
     moved: int = Field(0, ge=0, description="of them, customers whose segment id changes")
 
+    def describe(self) -> str:
+        """One line for people: ``trainer history``, the report.
+
+        >>> SegmentDiff(segment_id=12, status="split", parents=[3], customers=410, moved=400).describe()
+        '12 split from 3 (410 customers, 400 change id)'
+        >>> SegmentDiff(segment_id=4, status="kept", parents=[4], customers=900, moved=12).describe()
+        '4 kept (900 customers, 12 change id)'
+        """
+        origin = {"split": " from ", "merged": " from "}.get(self.status, "")
+        parents = "+".join(map(str, self.parents)) if origin else ""
+        return (f"{self.segment_id} {self.status}{origin}{parents} "
+                f"({self.customers} customers, {self.moved} change id)")
+
 
 class LabelMapping(BaseModel):
     """How this version's segments relate to the previous version's."""
@@ -155,6 +168,8 @@ def _check_features(spec: FeatureSpec) -> None:
         raise ValueError(f"scaler has wrong length for {n} numeric features")
     if len(set(spec.numeric)) != n or not set(spec.log_features) <= set(spec.numeric):
         raise ValueError("numeric features must be unique and include every log feature")
+    if not set(spec.kinds) <= set(spec.numeric):
+        raise ValueError("feature kinds must name numeric features")
     if len(spec.columns) > MAX_COLUMNS:
         raise ValueError(f"{len(spec.columns)} encoded columns; at most {MAX_COLUMNS}")
     if any(len(c) > 2 * MAX_NAME_CHARS + 1 for c in spec.columns):

@@ -241,11 +241,11 @@ def customer_flows(previous: np.ndarray, current: np.ndarray, k_previous: int, k
     return flows
 
 
-def born_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int) -> set[int]:
+def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int) -> set[int]:
     """New segments most of whose customers were novel to the previous model (beyond the
-    envelope of the segment it put them in): a population it never saw.
+    envelope of the segment it put them in).
 
-    >>> sorted(born_segments(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 0], bool), 2))
+    >>> sorted(novel_segments(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 0], bool), 2))
     [1]
     """
     if novel is None:
@@ -253,6 +253,36 @@ def born_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int)
     sizes = np.bincount(current, minlength=k_current)
     novel_counts = np.bincount(current[novel], minlength=k_current)
     return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= BORN_NOVEL_SHARE * sizes[j]}
+
+
+def significant_flows(flows: np.ndarray, excluded: set[int]) -> np.ndarray:
+    """``[i, j]``: the flow holds at least ``SPLIT_SHARE`` of old i's customers (not counting
+    those who went to the ``excluded`` new segments) and of new j's."""
+    kept_columns = [j for j in range(flows.shape[1]) if j not in excluded]
+    old_sizes = flows[:, kept_columns].sum(axis=1, keepdims=True)
+    new_sizes = flows.sum(axis=0, keepdims=True)
+    significant = (flows >= SPLIT_SHARE * old_sizes) & (flows >= SPLIT_SHARE * new_sizes) & (flows > 0)
+    significant[:, sorted(excluded)] = False
+    return np.asarray(significant)
+
+
+def born_segments(flows: np.ndarray, novel: set[int]) -> set[int]:
+    """The novel new segments that are births: every previous segment they draw customers from
+    is still continued by another new segment. A novel segment that took all of its parents'
+    customers is where they went (a merge at their midpoint, a population that moved), not a
+    new population.
+
+    >>> flows = np.array([[100, 40, 0], [0, 0, 80]])  # old 0 -> new 0 and novel new 1; old 1 -> new 2
+    >>> born_segments(flows, {1}), born_segments(flows, {1, 2})
+    ({1}, {1})
+    """
+    significant = significant_flows(flows, novel)
+    born = set()
+    for j in novel:
+        parents = np.flatnonzero(flows[:, j] >= SPLIT_SHARE * max(int(flows[:, j].sum()), 1))
+        if all(significant[i].any() for i in parents):
+            born.add(j)
+    return born
 
 
 def segment_transitions(
@@ -263,8 +293,9 @@ def segment_transitions(
     continued or retired. ``previous``/``current``: each window customer's segment index under
     the previous and the new model; ``novel``: customers beyond the previous model's envelope.
 
-    A flow from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's
-    customers (not counting those who went to born segments) and of j's. Then a new segment
+    New segments of customers novel to the previous model are born (``born_segments``). A flow
+    from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's customers
+    (not counting those who went to born segments) and of j's. Then a new segment
     with no significant parent is born; with two or more, a merge of them; with one whose only
     significant child it is, the continuation of that parent; with one that has other children
     too, a split of it. A previous segment that no new segment continues is retired.
@@ -286,14 +317,8 @@ def segment_transitions(
     [('merged', 0, (0, 1)), ('continued', 1, (2,)), ('retired', None, ()), ('retired', None, ())]
     """
     flows = customer_flows(previous, current, k_previous, k_current)
-    born = born_segments(current, novel, k_current)
-    kept_columns = [j for j in range(k_current) if j not in born]
-    old_sizes = flows[:, kept_columns].sum(axis=1, keepdims=True)
-    new_sizes = flows.sum(axis=0, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        significant = ((flows >= SPLIT_SHARE * old_sizes) & (flows >= SPLIT_SHARE * new_sizes)
-                       & (flows > 0))
-    significant[:, sorted(born)] = False
+    born = born_segments(flows, novel_segments(current, novel, k_current))
+    significant = significant_flows(flows, born)
     children = {i: [int(j) for j in np.flatnonzero(significant[i])] for i in range(k_previous)}
     out: list[Transition] = []
     continued: set[int] = set()

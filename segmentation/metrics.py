@@ -266,7 +266,8 @@ class TrainerMetrics:
             registry=r,
         )
         self.rows = Gauge(
-            "segment_trainer_window_rows", "Rows of the last window, by kind (read, invalid, used, outside_envelope)",
+            "segment_trainer_window_rows",
+            "Rows of the last window, by kind (read, invalid, used, outside_envelope)",
             ["kind"], registry=r,
         )
         self.up = Gauge("segment_trainer_up", "1 while the trainer runs", registry=r)

@@ -152,7 +152,9 @@ class Settings(BaseSettings):
     )
 
     # --- Trainer -------------------------------------------------------------------------
-    k: int | None = Field(5, ge=2, description="fixed K; null chooses K over k_min..k_max")
+    k: int | None = Field(
+        None, ge=2, description="fixed K; null (the default) chooses K over k_min..k_max, or one segment"
+    )
     k_min: int = Field(2, ge=2, description="smallest K tried when choosing K")
     k_max: int = Field(10, ge=2, description="largest K tried when choosing K")
     n_init: int = Field(10, ge=1, description="k-means++ restarts")
@@ -176,7 +178,7 @@ class Settings(BaseSettings):
         0.05, ge=0, description="max silhouette drop vs the current model on the same window"
     )
     gate_min_spread_separation: float | None = Field(
-        3.0, ge=0,
+        None, ge=0,
         description="min distance of the two closest segments in standard deviations of their pooled "
         "within-cluster covariance (one population cut in two: ~2.65); null: off",
     )

@@ -16,7 +16,7 @@ from segmentation.events import CustomerEvent, json_schema
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
 from tests.support.messages import small_bundle
-from trainer.fit import fit_model
+from trainer.fit import KConfig, fit_model
 from trainer.gate import GateLimits, run_gate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,10 +87,10 @@ def test_reencode_maps_centroids_between_scalers() -> None:
 def test_quality_gate_refuses_a_collapsed_model() -> None:
     rng = np.random.default_rng(0)
     three = np.vstack([rng.normal(c, 0.3, size=(300, 2)) for c in ((0, 0), (10, 0), (0, 10))])
-    fit, _ = fit_model(three, 5, (2, 8), 4, 0, 2000)  # five segments on three real clusters
+    fit, _ = fit_model(three, KConfig(5, 2, 8, 4, 0, 2000))  # five segments on three real clusters
     failures = run_gate(fit, three, GateLimits.of(Settings()))
     assert "separation" in {f.check for f in failures}
-    good, _ = fit_model(three, 3, (2, 8), 4, 0, 2000)
+    good, _ = fit_model(three, KConfig(3, 2, 8, 4, 0, 2000))
     assert run_gate(good, three, GateLimits.of(Settings())) == []
 
 
@@ -101,7 +101,7 @@ def test_k_selection_recovers_the_true_k_on_well_separated_data(true_k: int) -> 
     while np.min([np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]) < 15:
         centres = rng.uniform(-50, 50, size=(true_k, 4))
     x = np.vstack([rng.normal(c, 1.0, size=(150, 4)) for c in centres])
-    fit, fits = fit_model(x, None, (2, 10), 4, 0, 2000)
+    fit, fits = fit_model(x, KConfig(None, 2, 10, 4, 0, 2000))
     assert fit.k == true_k
     assert len(fits) == 9
 
@@ -167,7 +167,7 @@ def test_k_selection_finds_the_five_demo_segments_with_the_default_categorical_w
     events = [CustomerEvent.model_validate(event_value(c, rng, str(i))) for i, c in enumerate(people)]
     spec = fit_spec(events, FeatureConfig(FEATURES, ("channel",),
                                           categorical_weight=Settings().categorical_weight))
-    fit, _ = fit_model(spec.encode(events)[0], None, (2, 10), 4, 42, 2000)
+    fit, _ = fit_model(spec.encode(events)[0], KConfig(None, 2, 10, 4, 42, 2000))
     assert fit.k == 5
 
 

@@ -1,9 +1,11 @@
-"""K selection finds the true K (issue 10, point 4): the cases where the silhouette's own maximum
-leans low, through the trainer's own code path (``trainer.pipeline.fit_window``, default
-settings, ``k = null``). The full table over every dataset is ``make quality``
-(docs/model-quality.md)."""
+"""K selection finds the true K: the cases where the silhouette's own maximum leans low, through
+the trainer's own code path (``quality.k_table.run_pipeline``: preprocessing, the rows inside the
+envelope, ``fit_encoded``; default settings, ``k = null``). The full table over every dataset is
+``make quality`` (docs/model-quality.md)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,18 +19,16 @@ from quality.datasets import (
     unequal_blobs,
     with_outliers,
 )
-from quality.k_table import choosing_settings, plain_kmeans_ari, window_of
+from quality.k_table import choosing_settings, plain_kmeans_ari, run_pipeline
 from segmentation.settings import Settings
 from trainer.fit import Fit, choose_k
-from trainer.pipeline import fit_window
 
 SETTINGS = Settings()
 
 
 def chosen(dataset: Dataset) -> tuple[Fit, list[Fit]]:
-    _, _, fit, fits = fit_window(choosing_settings(dataset, SETTINGS),
-                                 window_of(dataset.rows, dataset.features))
-    return fit, fits
+    run = run_pipeline(dataset, choosing_settings(dataset, SETTINGS))
+    return replace(run.fit, labels=run.labels), run.fits
 
 
 def silhouette_maximum(fits: list[Fit]) -> int:
@@ -62,17 +62,18 @@ def test_with_extreme_rows_the_pipeline_beats_plain_kmeans_told_the_true_k() -> 
     assert adjusted_rand_score(dataset.truth, fit.labels) >= plain_kmeans_ari(dataset, SETTINGS.random_state)
 
 
-def test_iris_gets_two_segments_as_documented() -> None:
-    """Setosa apart, versicolor and virginica overlapping: both the silhouette and
-    Calinski-Harabasz prefer two segments on standardised iris (docs/model-quality.md). If this
-    changes, the documented result must change with it."""
+def test_iris_gets_its_three_species_as_documented() -> None:
+    """Setosa apart, versicolor and virginica overlapping: the silhouette and Calinski-Harabasz
+    both peak at two segments on standardised iris, but three are within the band, stable on
+    subsamples (ARI 0.85, at the threshold) and within the Calinski-Harabasz tolerance
+    (docs/model-quality.md). If this changes, the documented result must change with it."""
     iris = next(d for d in bundled_sets() if d.name == "iris")
     fit, fits = chosen(iris)
-    assert fit.k == 2
+    assert fit.k == 3
     assert max(fits, key=lambda f: f.calinski_harabasz).k == 2
 
 
 def test_an_over_split_k_is_not_chosen_however_high_its_calinski_harabasz() -> None:
     z, labels = np.zeros((1, 1)), np.zeros(1, dtype=int)
     fits = [Fit(z, labels, 3, 9.0, 0.70, 0.5, 1000.0), Fit(z, labels, 8, 1.0, 0.50, 1.0, 5000.0)]
-    assert choose_k(fits).k == 3  # 0.50 is more than 15% under 0.70
+    assert choose_k(fits)[0] == 3  # 0.50 is more than 25% under 0.70

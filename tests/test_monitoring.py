@@ -613,8 +613,12 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         assert prometheus.scalar("min_over_time(segment_silhouette_drift[10m])") < -0.1
         moved = prometheus.query("max_over_time(segment_centroid_drift[10m])")
         by_segment = sorted(float(r["value"][1]) for r in moved)
-        assert len(by_segment) == 5 and by_segment[-1] > 1.0, by_segment  # the drifting segment
-        assert by_segment[-2] < 0.5, by_segment  # ... and only that one
+        # The drifting segment's online centroid moves, and only that one. It follows the drift
+        # only up to the segment's outlier radius: events beyond it are never learned, and from
+        # there on the novelty share measures the drift.
+        assert len(by_segment) == 5 and by_segment[-1] > 0.1, by_segment
+        assert by_segment[-1] > 5 * by_segment[-2], by_segment
+        assert prometheus.scalar("max_over_time(segment_novelty_share[10m])") > 0.03
 
         # --- every expression of the dashboard returns data --------------------------------------
         assert not prometheus.query("sum(rate(segment_evnets_total[30s]))")  # the check works

@@ -9,6 +9,7 @@ true K, against plain ``StandardScaler`` + ``KMeans(n_init=10)`` on the same row
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
 from quality.k_table import window_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
-from segmentation.features import FeatureSpec, fit_numeric
+from segmentation.features import FeatureConfig, FeatureSpec, fit_numeric
 from segmentation.settings import Settings
 from tests.support.messages import NOW_MS, SMALL_RULES, Msg
 from trainer.fit import fit_kmeans
@@ -34,8 +35,8 @@ SEEDS = range(5)
 def default_pipeline(raw: np.ndarray, log_features: tuple[str, ...] = ()) -> tuple[FeatureSpec, np.ndarray]:
     """The trainer's preprocessing with the default settings, then its K-Means at the true K."""
     names = [f"f{i}" for i in range(raw.shape[1])]
-    spec = fit_numeric(raw, names, SETTINGS.scaler, log_features, SETTINGS.log_skewness,
-                       (SETTINGS.clip_quantile, SETTINGS.clip_margin))
+    config = FeatureConfig.of(SETTINGS.model_copy(update={"features": tuple(names)}))
+    spec = fit_numeric(raw, replace(config, log_features=log_features))
     fit = fit_kmeans(spec.encode_numeric(raw), K, SETTINGS.n_init, 0, SETTINGS.silhouette_sample)
     return spec, fit.labels
 
@@ -81,8 +82,9 @@ def test_heavy_tailed_spend_is_logged_automatically_and_segments_better_than_pla
 def test_a_gaussian_feature_is_not_logged() -> None:
     rng = np.random.default_rng(0)
     raw = np.column_stack([rng.normal(50, 5, 3000), rng.lognormal(3, 1, 3000)])
-    spec = fit_numeric(raw, ["age", "spend"], log_skewness=SETTINGS.log_skewness,
-                       clip=(SETTINGS.clip_quantile, SETTINGS.clip_margin))
+    spec = fit_numeric(raw, FeatureConfig(("age", "spend"), log_skewness=SETTINGS.log_skewness,
+                                          clip_quantile=SETTINGS.clip_quantile,
+                                          clip_margin=SETTINGS.clip_margin))
     assert spec.log_features == ["spend"]
 
 
@@ -104,8 +106,9 @@ def test_refunds_keep_their_sign_under_the_log() -> None:
     net = np.concatenate([-rng.lognormal(np.log(300), 0.3, 500), np.zeros(500),
                           rng.lognormal(np.log(300), 0.3, 500)])
     truth = np.repeat(np.arange(3), 500)
-    spec = fit_numeric(net[:, None], ["net_spend"], log_features=["net_spend"],
-                       clip=(SETTINGS.clip_quantile, SETTINGS.clip_margin))
+    spec = fit_numeric(net[:, None], FeatureConfig(("net_spend",), log_features=("net_spend",),
+                                                   clip_quantile=SETTINGS.clip_quantile,
+                                                   clip_margin=SETTINGS.clip_margin))
     labels = KMeans(3, n_init=10, random_state=0).fit_predict(spec.encode_numeric(net[:, None]))
     assert adjusted_rand_score(truth, labels) >= 0.99
     back = spec.to_raw_numeric(spec.encode_numeric(np.array([[-300.0], [300.0]])))
@@ -145,8 +148,10 @@ def test_an_ordinary_window_is_not_changed_by_clipping(window: str) -> None:
     """Clipping moves only values beyond the widened quantile range: none in a clean window
     (the lognormal one after its automatic log)."""
     raw, _ = with_absurd_rows(0, fraction=0.0) if window == "gaussian" else lognormal_spend(0)
-    spec = fit_numeric(raw, [f"f{i}" for i in range(4)], log_skewness=SETTINGS.log_skewness,
-                       clip=(SETTINGS.clip_quantile, SETTINGS.clip_margin))
+    spec = fit_numeric(raw, FeatureConfig(tuple(f"f{i}" for i in range(4)),
+                                          log_skewness=SETTINGS.log_skewness,
+                                          clip_quantile=SETTINGS.clip_quantile,
+                                          clip_margin=SETTINGS.clip_margin))
     assert spec.clip_low is not None
     unclipped = spec.model_copy(update={"clip_low": None, "clip_high": None})
     assert np.array_equal(spec.encode_numeric(raw), unclipped.encode_numeric(raw))

@@ -63,8 +63,17 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
             kind: [c.segment_id for c in getattr(bundle.label_mapping, kind)]
             for kind in ("matched", "new", "retired", "restored")
         },
+        "diff": diff_summary(bundle),
         "lineage": bundle.lineage.model_dump(),
     }
+
+
+def diff_summary(bundle: ModelBundle) -> dict[str, Any]:
+    """What the retrain did to each segment (kept, drifted, split, merged, born, retired), how it
+    was matched and the share of customers whose id changes."""
+    m = bundle.label_mapping
+    return {"method": m.method, "moved_share": m.moved_share, "structural_share": m.structural_share,
+            "segments": [d.describe() for d in m.diff]}
 
 
 def gate_summary(bundle: ModelBundle) -> dict[str, Any]:
@@ -94,7 +103,8 @@ def challenger_summary(store: ModelStore, current: int | None) -> dict[str, Any]
         return None
     full = bundle_summary(bundle)
     summary = {key: full[key] for key in ("version", "previous_version", "created_at", "forced", "k",
-                                          "segments", "silhouette", "davies_bouldin", "label_mapping")}
+                                          "segments", "silhouette", "davies_bouldin", "label_mapping",
+                                          "diff")}
     summary["stale"] = bundle.previous_version != current
     summary["shadow"] = dataclasses.asdict(tally(ReplicaStates.of(store).all(), bundle.version))
     return summary
@@ -185,6 +195,8 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
             "matched": len(b.label_mapping.matched), "new": [c.segment_id for c in b.label_mapping.new],
             "retired": [c.segment_id for c in b.label_mapping.retired],
             "restored": [c.segment_id for c in b.label_mapping.restored],
+            "structural": [d.describe() for d in b.label_mapping.structural],
+            "moved_share": b.label_mapping.moved_share,
             "forced": b.forced, "overridden": gate["overridden"],
             "operator_accepted": gate["operator_accepted"],
             "baseline_silhouette": gate["baseline"]["silhouette"],

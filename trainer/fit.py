@@ -15,19 +15,23 @@ plot). With K chosen (``k = null``), every K in ``k_min..k_max`` is fitted and s
    ``MIN_STABILITY``. Why not prediction strength (Tibshirani and Walther 2005): it takes the
    minimum over segments, and on the realistic family (quality/realistic.py) its value for a
    2% segment swings between 0.4 and 1.0 from one split to the next.
-3. **The largest stable, plausible K is chosen**. On overlapping customer segments the
-   silhouette and Calinski-Harabasz both keep falling with K past the coarse "recent buyers vs
-   the rest" split, so either index's maximum merges real segments; the stability check is what
-   stops the largest K from over-splitting.
+3. **Calinski-Harabasz bounds, the largest K wins**: among the plausible, stable K, those whose
+   Calinski-Harabasz is within ``CH_TOLERANCE`` of the best, and of them the largest. On
+   overlapping customer segments the silhouette and Calinski-Harabasz keep falling with K past
+   the coarse "recent buyers vs the rest" split, so either index's own maximum merges real
+   segments; on well-separated ones Calinski-Harabasz drops sharply past the true K, which is
+   what stops the largest K from over-splitting a wide segment that splits stably.
 4. **One segment** (``Fit.k == 1``, ``Fit.reason`` says why) when no K in the range is stable:
    a single population cut by K-Means is cut differently by every sample (Gaussian, lognormal and
    Student-t blobs: stability 0.1 to 0.45 at every K of 2..8 with the silhouette's choice).
    Known limit: one strongly elongated population is cut the same way every time, and is
    reported as two segments.
-5. **Sticky**: a ``current_k`` (the published model's K) is kept while it is still plausible
-   and stable, and its silhouette is within ``STICKY_TOLERANCE`` of the chosen K's: sampling
-   noise must not flip K between retrains; a measured change (the current K fell out of the band
-   or became unstable) does.
+5. **Sticky**: a ``current_k`` (the published model's K) is kept while it still qualifies in
+   step 3 and the chosen K does not separate the customers better (silhouette higher by more
+   than ``STICKY_MARGIN``): sampling noise must not flip K between retrains; a measured change
+   (the current K fell out of the silhouette band, became unstable, its Calinski-Harabasz fell
+   more than ``CH_TOLERANCE`` under the best, or a larger K separates better: a segment split)
+   does, and ``Fit.reason`` says which K was kept and why.
 
 Cost: the stability fits are on subsamples, so they do not grow with the window (measured in
 the report of ``python -m quality``). Measured against the truth in ``docs/model-quality.md``.
@@ -57,12 +61,19 @@ SILHOUETTE_BAND = 0.25
 MIN_STABILITY = 0.85
 STABILITY_PAIRS = 2
 STABILITY_N_INIT = 3
-# A current K is kept while its silhouette is at least this fraction of the chosen K's.
-STICKY_TOLERANCE = 0.1
+# Among the plausible, stable K, those whose Calinski-Harabasz is within this fraction of the
+# best are equally good; the largest is chosen, or the current K if it is one of them. Tuning
+# seeds: 0.05 / 0.10 / 0.20 gave K within +-1 on 75% / 92% / 92%; 0.15 over-splits a wide
+# blob of quality/datasets.py's unequal sets (CH 12% under the true K's).
+CH_TOLERANCE = 0.1
+# The current K gives way to a larger eligible one only when that one also separates the
+# customers better (a higher silhouette by this much): a population that really split raises
+# the silhouette at the larger K, a sampling wobble of Calinski-Harabasz does not.
+STICKY_MARGIN = 0.01
 # How a chosen K was chosen, as recorded in the bundle (``quality.k_selection``).
-K_SELECTION = (f"the largest K with silhouette within {SILHOUETTE_BAND:.0%} of the best and "
-               f"subsample stability (ARI) >= {MIN_STABILITY}; 1 if none is stable; the current K "
-               f"kept while plausible, stable and within {STICKY_TOLERANCE:.0%} of that silhouette")
+K_SELECTION = (f"the largest K with silhouette within {SILHOUETTE_BAND:.0%} of the best, subsample "
+               f"stability (ARI) >= {MIN_STABILITY} and Calinski-Harabasz within {CH_TOLERANCE:.0%} "
+               "of the best such K; 1 if no K is stable; the current K kept while it qualifies")
 
 
 @dataclass(frozen=True)
@@ -156,35 +167,54 @@ def stable(fits: list[Fit]) -> list[Fit]:
     return [f for f in fits if f.stability >= MIN_STABILITY]
 
 
-def choose_k(fits: list[Fit], current_k: int | None = None) -> tuple[int | None, str]:
-    """The K to publish among scored fits (None: one segment, no structure) and why.
-
-    Five overlapping segments: K=3 has the best silhouette, K=6 is out of the band, K=5 is
-    plausible and stable; K=2 would be stable too but the largest stable K wins. A current K=4
-    is kept (its silhouette is within the tolerance of K=5's); an unstable current K is not:
+def eligible(fits: list[Fit]) -> list[Fit]:
+    """The plausible, stable fits whose Calinski-Harabasz is within ``CH_TOLERANCE`` of the best
+    of them: the K any of which describes the window about as well.
 
     >>> z = np.zeros((1, 1)); l = np.zeros(1, dtype=int)
-    >>> fits = [Fit(z, l, 2, 9.0, 0.36, 0.7, stability=0.99), Fit(z, l, 3, 5.0, 0.40, 0.8, stability=0.6),
-    ...         Fit(z, l, 4, 4.5, 0.34, 0.8, stability=0.90), Fit(z, l, 5, 4.0, 0.33, 0.9, stability=0.92),
-    ...         Fit(z, l, 6, 3.0, 0.20, 1.1, stability=0.95)]
+    >>> fits = [Fit(z, l, 4, 9.0, 0.76, 0.5, 8100.0, 1.0), Fit(z, l, 5, 5.0, 0.74, 0.5, 9500.0, 1.0),
+    ...         Fit(z, l, 6, 4.0, 0.68, 0.6, 8400.0, 1.0)]
+    >>> [f.k for f in eligible(fits)]
+    [5]
+    """
+    candidates = stable(plausible(fits))
+    if not candidates:
+        return []
+    top = max(f.calinski_harabasz for f in candidates)
+    return [f for f in candidates if f.calinski_harabasz >= (1 - CH_TOLERANCE) * top]
+
+
+def choose_k(fits: list[Fit], current_k: int | None = None) -> tuple[int | None, str]:
+    """The K to publish among scored fits (None: one segment, no structure) and why: the
+    largest ``eligible`` K, or ``current_k`` while it is eligible.
+
+    Overlapping segments: K=3 has the best silhouette but is unstable, K=6 is out of the band;
+    K=2, 4 and 5 are stable and within the tolerance of the best Calinski-Harabasz, and the
+    largest wins. A current K=4 is kept; a current K=3 (unstable) is not:
+
+    >>> z = np.zeros((1, 1)); l = np.zeros(1, dtype=int)
+    >>> fits = [Fit(z, l, 2, 9.0, 0.36, 0.7, 3000.0, 0.99), Fit(z, l, 3, 5.0, 0.40, 0.8, 3100.0, 0.6),
+    ...         Fit(z, l, 4, 4.5, 0.34, 0.8, 2950.0, 0.90), Fit(z, l, 5, 4.0, 0.33, 0.9, 2900.0, 0.92),
+    ...         Fit(z, l, 6, 3.0, 0.20, 1.1, 2600.0, 0.95)]
     >>> choose_k(fits)[0], choose_k(fits, current_k=4)[0], choose_k(fits, current_k=3)[0]
     (5, 4, 5)
     >>> choose_k([Fit(z, l, 2, 9.0, 0.10, 2.0, stability=0.2)])
     (None, 'no stable K in 2..2 (best subsample ARI 0.20 < 0.85): one segment')
     """
-    candidates = stable(plausible(fits))
+    candidates = eligible(fits)
     if not candidates:
         best = max(fits, key=lambda f: f.stability)
         return None, (f"no stable K in {fits[0].k}..{fits[-1].k} (best subsample ARI "
                       f"{best.stability:.2f} < {MIN_STABILITY}): one segment")
     chosen = max(candidates, key=lambda f: f.k)
     current = next((f for f in candidates if f.k == current_k), None)
-    if current is not None and current.k != chosen.k and \
-            current.silhouette >= chosen.silhouette - STICKY_TOLERANCE * abs(chosen.silhouette):
+    separates_better = current is not None and chosen.silhouette > current.silhouette + STICKY_MARGIN
+    if current is not None and current.k != chosen.k and not separates_better:
         return current.k, (f"current K={current.k} kept: plausible, stable ({current.stability:.2f}) "
-                           f"and within {STICKY_TOLERANCE:.0%} of K={chosen.k}'s silhouette")
-    return chosen.k, (f"largest K with silhouette within {SILHOUETTE_BAND:.0%} of the best and "
-                      f"stability {chosen.stability:.2f} >= {MIN_STABILITY}")
+                           f"and within {CH_TOLERANCE:.0%} of the best Calinski-Harabasz")
+    return chosen.k, (f"largest K with silhouette within {SILHOUETTE_BAND:.0%} of the best, "
+                      f"stability {chosen.stability:.2f} >= {MIN_STABILITY} and Calinski-Harabasz "
+                      f"within {CH_TOLERANCE:.0%} of the best such K")
 
 
 def subsample_stability(x: np.ndarray, k: int, size: int, random_state: int,

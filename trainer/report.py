@@ -367,6 +367,9 @@ def label_change_table(bundles: list[ModelBundle]) -> str:
         if b.forced:
             notes.append("<b class=warn>forced past the gate</b>")
         threshold = f"{m.threshold:.3f}" if m.threshold is not None else ""
+        notes += [html.escape(d.describe()) for d in m.structural]
+        if m.moved_share is not None:
+            notes.append(f"{m.moved_share:.1%} of customers change id")
         rows.append(
             f"<tr><td><b>v{b.version}</b></td>"
             f"<td>{'v' + str(b.previous_version) if b.previous_version else '-'}</td>"
