@@ -61,6 +61,7 @@ class OnlineKMeans:
         prior = np.asarray(shares, dtype=np.float64) * (half_life_events or 5000.0)
         self.model._counts[:] = np.maximum(prior, 1.0)  # noqa: SLF001 - see module docstring
         self.events_seen = 0
+        self.events_left_out = 0  # outliers: scored and delivered, never learned
 
     def learn(
         self, x: np.ndarray, nearest: np.ndarray | None = None, outliers: np.ndarray | None = None,
@@ -81,6 +82,7 @@ class OnlineKMeans:
         """
         keep = learnable(x.shape[0], nearest, outliers)
         skipped = int(x.shape[0] - keep.sum())
+        self.events_left_out += skipped
         if skipped:
             x = x[keep]
         if x.shape[0] == 0:

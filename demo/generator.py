@@ -69,15 +69,38 @@ def make_customers(
     return customers
 
 
+# Profiles whose customers do not buy: their recency grows with the calendar.
+QUIET_PROFILES = ("at risk",)
+
+
+def calendar_ageing(customer: Customer, days: float) -> np.ndarray:
+    """What ``days`` of calendar add to a customer's features: tenure for everyone, recency for
+    the quiet ones (a customer who keeps buying keeps a short recency).
+
+    >>> quiet = Customer("c-3", 3, np.ones(6), "web")
+    >>> calendar_ageing(quiet, 91.0).tolist()
+    [91.0, 0.0, 0.0, 0.0, 0.0, 91.0]
+    >>> calendar_ageing(Customer("c-0", 0, np.ones(6), "app"), 91.0).tolist()
+    [0.0, 0.0, 0.0, 0.0, 0.0, 91.0]
+    """
+    added = np.zeros(len(FEATURES))
+    added[FEATURES.index("tenure_days")] = days
+    if PROFILES[customer.segment].name in QUIET_PROFILES:
+        added[FEATURES.index("recency_days")] = days
+    return added
+
+
 def event_value(
     customer: Customer, rng: np.random.Generator, event_id: str, when: datetime | None = None,
-    shift: np.ndarray | None = None,
+    shift: np.ndarray | None = None, aged_days: float = 0.0,
 ) -> dict[str, object]:
     """One event: the customer's centre with a little per-event noise (and an optional drift
-    ``shift`` multiplying the features)."""
+    ``shift`` multiplying the features), ``aged_days`` of calendar after the start."""
     values = customer.centre * rng.lognormal(0.0, 0.05, size=customer.centre.shape[0])
     if shift is not None:
         values = values * shift
+    if aged_days:
+        values = values + calendar_ageing(customer, aged_days)
     when = when or datetime.now(UTC)
     features: dict[str, float | int] = {}
     for name, v in zip(FEATURES, values.tolist(), strict=True):

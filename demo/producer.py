@@ -9,6 +9,11 @@ segment-change events must show: over ``LAPSE_S`` seconds one champion in five l
 features move to the "at risk" profile's: ``behaviour`` changes) and another one in five cools
 half way there and stays, between the two segments, where retrains move the boundary over some of
 them (``model`` changes) and their events' noise moves others (``behaviour``).
+
+The calendar runs too (``DEMO_DAYS_PER_MINUTE``, 30 by default in ``make run``): every
+customer's tenure grows by that many days per minute of the run, and the quiet "at risk"
+customers' recency with it, as real customers age between retrains; segment ids follow the
+customers, so the ageing does not renumber them.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class DemoProducer:
     def __init__(
         self, settings: Settings, run_id: str, rate: float = 300.0, customers: int = 3000,
         malformed_every: int = 100, drift: bool = False, seed: int = 7, lapse: bool = False,
+        days_per_minute: float = 0.0,
     ) -> None:
         self.settings = settings
         self.run_id = run_id
@@ -109,6 +115,7 @@ class DemoProducer:
         self.malformed_every = malformed_every
         self.drift = drift
         self.lapse = lapse
+        self.days_per_minute = days_per_minute
         self.rng = np.random.default_rng(seed)
         self.customers: list[Customer] = make_customers(customers, self.rng)
         self.producer = Producer(producer_config(settings))
@@ -135,7 +142,9 @@ class DemoProducer:
                 shift = drift_shift(time.monotonic() - started)
             elif self.lapse:
                 shift = lapse_shift(customer, time.monotonic() - started)
-            value = json.dumps(event_value(customer, self.rng, event_id, shift=shift)).encode()
+            aged = self.days_per_minute * (time.monotonic() - started) / 60.0
+            value = json.dumps(event_value(customer, self.rng, event_id, shift=shift,
+                                           aged_days=aged)).encode()
             self.stats.valid += 1
         self.producer.produce(self.settings.events_topic, key=customer.customer_id.encode(),
                               value=value, headers=headers, on_delivery=self._on_delivery)
@@ -166,6 +175,7 @@ def main() -> int:
         customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
         drift=os.environ.get("DEMO_DRIFT", "0") == "1",
         lapse=os.environ.get("DEMO_DRIFT", "0") == "1",
+        days_per_minute=float(os.environ.get("DEMO_DAYS_PER_MINUTE", "30")),
     )
     try:
         stats = producer.run(duration)

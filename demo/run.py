@@ -156,6 +156,7 @@ def demo(
         customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
         drift=os.environ.get("DEMO_DRIFT", "0") == "1",
         lapse=os.environ.get("DEMO_DRIFT", "0") == "1",
+        days_per_minute=float(os.environ.get("DEMO_DAYS_PER_MINUTE", "30")),
     )
     producing = threading.Thread(target=producer.run, args=(duration,), daemon=True)
     interrupted = threading.Event()

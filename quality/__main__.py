@@ -1,16 +1,19 @@
 """``python -m quality``: print the K-selection table and the gate scenarios, and write
-docs/model-quality.md. About two minutes on two cores."""
+docs/model-quality.md. About half an hour on two cores, most of it the drift scenarios
+(``QUALITY_DRIFT_SEEDS``, default 10)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 from quality.cost import scoring_cost
 from quality.datasets import bundled_sets, synthetic_sets
+from quality.drift import drift_markdown, drift_section, drift_table
 from quality.k_table import k_table, realistic_table
-from quality.realistic import no_structure_sets, realistic_sets
+from quality.realistic import HELD_OUT_SEEDS, no_structure_sets, realistic_sets
 from quality.report import (
     ROOT,
     document,
@@ -25,6 +28,8 @@ from quality.scenarios import scenario_table
 from segmentation.settings import load_settings
 
 DOCUMENT = ROOT / "docs" / "model-quality.md"
+# Seeds of the drift scenarios (about 2.5 minutes each on two cores).
+DRIFT_SEEDS = int(os.environ.get("QUALITY_DRIFT_SEEDS", "10"))
 
 
 def main(out: Path = DOCUMENT) -> int:
@@ -37,9 +42,11 @@ def main(out: Path = DOCUMENT) -> int:
     print("\n" + realistic_markdown(realistic_rows), *realistic_summary(realistic_rows), sep="\n", flush=True)
     scenarios, first_silhouette = scenario_table(settings)
     print("\n" + scenario_markdown(scenarios), flush=True)
+    drift = drift_table(range(HELD_OUT_SEEDS.start, HELD_OUT_SEEDS.start + DRIFT_SEEDS), settings)
+    print("\n" + drift_markdown(drift), flush=True)
     cost = scoring_cost(settings)
     out.write_text(document(environment(), k_rows, scenarios, first_silhouette, cost, settings,
-                            realistic_rows))
+                            realistic_rows) + drift_section(drift))
     print(f"\nwritten: {out}")
     return 0
 

@@ -153,6 +153,10 @@ class Quality(BaseModel):
     k_selection: str = "fixed"
     k_scores: list[dict[str, float]] = Field(default_factory=list)
     gate: dict[str, float | str | bool] = Field(default_factory=dict)
+    feature_warnings: list[str] = Field(
+        default_factory=list, max_length=MAX_COLUMNS,
+        description="features the segmentation should not lean on: near-uniform ones, pairs that "
+        "repeat each other")
     radius_p99: list[float] | None = Field(
         None, description="per segment index, the 99th percentile of its training rows' distance "
         "to its centroid (scaled units): an event beyond it is novel to the segment")

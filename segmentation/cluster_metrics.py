@@ -101,6 +101,44 @@ def silhouette_noise(x: np.ndarray, labels: np.ndarray, size: int, random_state:
     return float(np.std(values, ddof=1))
 
 
+# Excess kurtosis of a uniform distribution is -1.2; a normal's 0. A feature this flat spreads
+# its customers evenly, and K-Means cuts it into slices at quantiles (join-date cohorts).
+NEAR_UNIFORM_KURTOSIS = -1.0
+# Two features this correlated (after the preprocessing) say the same thing twice: 90- and
+# 365-day counts of the same purchases.
+DUPLICATE_CORRELATION = 0.9
+
+
+def feature_warnings(x: np.ndarray, names: list[str]) -> list[str]:
+    """Features a segmentation should not lean on, as the scaled training rows show them:
+    near-uniform ones (excess kurtosis under ``NEAR_UNIFORM_KURTOSIS``: K-Means slices them
+    into cohorts that are not segments) and pairs that repeat each other (correlation above
+    ``DUPLICATE_CORRELATION``: the pair counts twice in every distance).
+
+    >>> rng = np.random.default_rng(0)
+    >>> count = rng.normal(0, 1, 2000)
+    >>> x = np.column_stack([rng.uniform(0, 1, 2000), count, count + rng.normal(0, 0.1, 2000)])
+    >>> feature_warnings(x, ["tenure", "f90", "f365"])  # doctest: +NORMALIZE_WHITESPACE
+    ['tenure is near-uniform (excess kurtosis -1.17): K-Means slices it into cohorts',
+     'f90 and f365 repeat each other (correlation 1.00)']
+    """
+    warnings = []
+    spread = x.std(axis=0)
+    centred = x - x.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kurtosis = (centred ** 4).mean(axis=0) / spread ** 4 - 3.0
+        correlation = np.corrcoef(x, rowvar=False) if x.shape[1] > 1 else np.ones((1, 1))
+    for name, k, s in zip(names, kurtosis, spread, strict=True):
+        if s > 0 and np.isfinite(k) and k < NEAR_UNIFORM_KURTOSIS:
+            warnings.append(f"{name} is near-uniform (excess kurtosis {k:.2f}): "
+                            "K-Means slices it into cohorts")
+    for i, j in zip(*np.triu_indices(len(names), k=1), strict=True):
+        if np.isfinite(correlation[i, j]) and abs(correlation[i, j]) > DUPLICATE_CORRELATION:
+            warnings.append(f"{names[i]} and {names[j]} repeat each other "
+                            f"(correlation {correlation[i, j]:.2f})")
+    return warnings
+
+
 # An event further from its centroid than this multiple of the segment's 99th-percentile
 # training distance is an outlier: flagged, counted, and never learned from.
 OUTLIER_RADIUS_FACTOR = 2.0

@@ -86,6 +86,22 @@ def spread_units(moves: np.ndarray, covariance: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(np.einsum("ij,ji->i", moves, solved), 0.0))
 
 
+def pair_separation(residuals: Sequence[np.ndarray], centroids: np.ndarray, i: int, j: int) -> float:
+    """How far apart segments i and j are in standard deviations of their pooled within-cluster
+    covariance (Fisher's separation): K-Means cutting one normal population in two leaves
+    halves about 2.65 apart; two populations that are really distinct are further.
+    ``residuals``: per segment, its rows minus its centroid (``cluster_residuals``).
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.vstack([rng.normal(0, 1, (500, 2)), rng.normal([6, 0], 1, (500, 2))])
+    >>> labels = np.repeat([0, 1], 500); c = np.array([x[:500].mean(0), x[500:].mean(0)])
+    >>> round(pair_separation(cluster_residuals(x, labels, c), c, 0, 1))
+    6
+    """
+    pooled = within_covariance(np.vstack([residuals[i], residuals[j]]))
+    return float(spread_units((centroids[j] - centroids[i])[None, :], pooled)[0])
+
+
 def spread_distances(
     previous: np.ndarray, current: np.ndarray, x: np.ndarray, labels: np.ndarray
 ) -> np.ndarray:

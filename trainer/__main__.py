@@ -64,6 +64,7 @@ def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
             for kind in ("matched", "new", "retired", "restored")
         },
         "diff": diff_summary(bundle),
+        "feature_warnings": bundle.quality.feature_warnings,
         "lineage": bundle.lineage.model_dump(),
     }
 
@@ -362,7 +363,8 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
                             challenger=args.challenger)
         print(json.dumps({"result": result.result, "version": result.version,
                           "forced": result.forced, "detail": result.detail}))
-        return {"published": 0, "challenger": 0, "failed": 1, "rejected": 2, "skipped": 3}[result.result]
+        return {"published": 0, "challenger": 0, "failed": 1, "rejected": 2, "skipped": 3,
+                "no_structure": 4}[result.result]
     return cmd_run(settings, store, metrics)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.spatial.distance import pdist
 
 from segmentation.baseline import QualityBaseline
-from segmentation.matching import cluster_residuals, spread_units, within_covariance
+from segmentation.matching import cluster_residuals, pair_separation
 from segmentation.metrics import GateCheck
 from segmentation.settings import Settings
 from trainer.fit import Fit
@@ -167,8 +167,7 @@ def spread_separation(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray) 
     residuals = cluster_residuals(x, labels, centroids)
     best, pair = float("inf"), (0, 0)
     for i, j in itertools.combinations(range(centroids.shape[0]), 2):
-        pooled = within_covariance(np.vstack([residuals[i], residuals[j]]))
-        ratio = float(spread_units((centroids[j] - centroids[i])[None, :], pooled)[0])
+        ratio = pair_separation(residuals, centroids, i, j)
         if ratio < best:
             best, pair = ratio, (i, j)
     return best, pair[0], pair[1]

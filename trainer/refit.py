@@ -16,6 +16,7 @@ from segmentation.baseline import QualityBaseline
 from segmentation.bundle import LabelMapping, Lineage, ModelBundle, Quality
 from segmentation.cluster_metrics import (
     OUTLIER_RADIUS_FACTOR,
+    feature_warnings,
     sampled_silhouette,
     segment_radii,
     silhouette_noise,
@@ -186,6 +187,7 @@ def build_bundle(
             shares=fit.shares.tolist(), sizes=fit.sizes, k_selection=k_selection,
             k_scores=[f.scores() for f in refit.fits], gate=gate,
             radius_p99=radii, radius_outlier=[OUTLIER_RADIUS_FACTOR * r for r in radii],
+            feature_warnings=feature_warnings(refit.x[:, : refit.spec.n_numeric], refit.spec.numeric),
         ),
         lineage=lineage, forced=bool(refit.failures),
     )

@@ -508,6 +508,7 @@ def render_page(
         ("libraries", html.escape(", ".join(f"{k} {v}" for k, v in lin.libraries.items()))),
         ("fit parameters", html.escape(", ".join(f"{k}={v}" for k, v in lin.params.items()))),
         ("scaler", html.escape(scaler_text)),
+        ("feature warnings", html.escape("; ".join(q.feature_warnings)) or "none"),
         ("quality gate", gate),
         ("reproduce", f"<code>python -m trainer reproduce {bundle.version}</code>"),
     ])

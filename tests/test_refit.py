@@ -1,0 +1,68 @@
+"""A refit judged without I/O (``trainer.refit``): the first model's fallback to another K, the
+structure check, and "no segment structure" as an outcome. Ids across an ageing customer base:
+``tests/test_drift_scenarios.py``."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from quality.offline import Registry, retrain
+from segmentation.features import FeatureSpec
+from segmentation.settings import Settings
+from trainer.fit import fit_kmeans
+from trainer.gate import GateLimits
+from trainer.refit import Matching, assess
+
+SETTINGS = Settings()
+
+
+def settings_for(columns: int) -> Settings:
+    """The defaults on ``columns`` plain numeric features (kind ``other``)."""
+    return SETTINGS.model_copy(update={"features": tuple(f"x{i}" for i in range(columns)),
+                                       "categorical": (), "feature_kinds": {}})
+
+
+def blobs(rng: np.random.Generator, centres: list[list[float]], sizes: list[int]) -> np.ndarray:
+    return np.vstack([rng.normal(c, 1.0, (n, len(c))) for c, n in zip(centres, sizes, strict=True)])
+
+
+def four_spec() -> FeatureSpec:
+    return FeatureSpec(numeric=["a", "b"], center=[0.0, 0.0], scale=[1.0, 1.0])
+
+
+def test_a_first_model_that_fails_the_gate_falls_back_to_the_nearest_k_that_passes() -> None:
+    rng = np.random.default_rng(0)
+    # three populations and a handful of stray rows far away: K=4 gives the strays a segment
+    x = blobs(rng, [[0, 0], [12, 0], [0, 12], [40, 40]], [600, 600, 600, 6])
+    four, three = (fit_kmeans(x, k, 3, 0, 1000) for k in (4, 3))
+    refit = assess(four_spec(), x, four, [three, four], None, None, None, GateLimits.of(SETTINGS),
+                   Matching(0.5, 3.0, {}), silhouette_sample=1000, random_state=0)
+    assert refit.fallback_from == 4 and refit.fit.k == 3 and not refit.failures
+
+
+def test_a_refit_that_moves_many_customers_to_new_segments_needs_an_accept() -> None:
+    rng = np.random.default_rng(1)
+    layout: list[list[float]] = [[0, 0], [10, 0], [0, 10]]
+    settings = settings_for(2)
+    first = retrain(blobs(rng, layout, [500, 500, 500]), None, Registry(), settings)
+    assert first.bundle is not None
+    # a fourth population of 25% of the customers, far from the others: a birth
+    grown = blobs(rng, [*layout, [14, 14]], [500, 500, 500, 500])
+    run = retrain(grown, first.bundle, Registry(), settings)
+    assert run.bundle is None and {f.check for f in run.failures} == {"structure"}
+    accepted = retrain(grown, first.bundle, Registry(ids=itertools.count(100)), settings, accept=True)
+    assert accepted.bundle is not None
+    born = [d for d in accepted.bundle.label_mapping.diff if d.status == "born"]
+    assert len(born) == 1 and born[0].segment_id >= 100
+    kept = {d.segment_id for d in accepted.bundle.label_mapping.diff if d.status == "kept"}
+    assert kept == set(first.bundle.segment_ids)
+
+
+def test_a_window_without_segments_is_reported_as_such_and_publishes_nothing() -> None:
+    rng = np.random.default_rng(3)
+    one_population = rng.lognormal(3.0, 0.5, size=(3000, 6))
+    run = retrain(one_population, None, Registry(), settings_for(6))
+    assert run.refit is not None and run.refit.no_structure
+    assert run.bundle is None and run.fit.k == 1
