@@ -14,7 +14,7 @@ halves of a merge.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -231,6 +231,7 @@ def median_pairwise_distance(centroids: np.ndarray) -> float:
 # model's envelope (novel to the segment that held them) is a birth, not a piece of that segment.
 SPLIT_SHARE = 0.3
 BORN_NOVEL_SHARE = 0.5
+VANISHED_NOVEL_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -282,21 +283,43 @@ def significant_flows(flows: np.ndarray, excluded: set[int]) -> np.ndarray:
     return np.asarray(significant)
 
 
-def born_segments(flows: np.ndarray, novel: set[int]) -> set[int]:
+def vanished_segments(previous: np.ndarray, novel: np.ndarray | None, k_previous: int) -> set[int]:
+    """Previous segments whose population is gone: at least ``VANISHED_NOVEL_SHARE`` of the
+    customers the previous model still puts in them are beyond their envelope (what they hold
+    now is somebody else, the nearest segment to a new population). They parent nothing.
+
+    >>> sorted(vanished_segments(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1], bool), 2))
+    [1]
+    """
+    if novel is None:
+        return set()
+    sizes = np.bincount(previous, minlength=k_previous)
+    novel_counts = np.bincount(previous[novel], minlength=k_previous)
+    return {i for i in range(k_previous)
+            if sizes[i] > 0 and novel_counts[i] >= VANISHED_NOVEL_SHARE * sizes[i]}
+
+
+def born_segments(flows: np.ndarray, novel: set[int], vanished: Collection[int] = ()) -> set[int]:
     """The novel new segments that are births: every previous segment they draw customers from
-    is still continued by another new segment. A novel segment that took all of its parents'
-    customers is where they went (a merge at their midpoint, a population that moved), not a
-    new population.
+    (``vanished`` ones aside) is still continued by another new segment. A novel segment that
+    took all of its parents' customers is where they went (a merge at their midpoint, a
+    population that moved), not a new population.
 
     >>> flows = np.array([[100, 40, 0], [0, 0, 80]])  # old 0 -> new 0 and novel new 1; old 1 -> new 2
-    >>> born_segments(flows, {1}), born_segments(flows, {1, 2})
-    ({1}, {1})
+    >>> born_segments(flows, {1}), born_segments(flows, {1, 2}), born_segments(flows, {1, 2}, {1})
+    ({1}, {1}, {1, 2})
+    >>> born_segments(np.array([[50], [50]]), {0}, {0, 1})  # both gone to one place: a merge
+    set()
     """
     significant = significant_flows(flows, novel)
     born = set()
     for j in novel:
-        parents = np.flatnonzero(flows[:, j] >= SPLIT_SHARE * max(int(flows[:, j].sum()), 1))
-        if all(significant[i].any() for i in parents):
+        size = max(int(flows[:, j].sum()), 1)
+        parents = [int(i) for i in np.flatnonzero(flows[:, j] >= SPLIT_SHARE * size)]
+        present = [i for i in parents if i not in vanished]
+        if not present and len(parents) > 1:
+            continue  # two populations gone to one new place: they merged
+        if all(significant[i].any() for i in present):
             born.add(j)
     return born
 
@@ -309,7 +332,9 @@ def segment_transitions(
     continued or retired. ``previous``/``current``: each window customer's segment index under
     the previous and the new model; ``novel``: customers beyond the previous model's envelope.
 
-    New segments of customers novel to the previous model are born (``born_segments``). A flow
+    New segments of customers novel to the previous model are born (``born_segments``);
+    previous segments that hold almost only novel customers vanished (``vanished_segments``) and
+    parent nothing. A flow
     from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's customers
     (not counting those who went to born segments) and of j's. Then a new segment
     with no significant parent is born; with two or more, a merge of them; with one whose only
@@ -333,8 +358,12 @@ def segment_transitions(
     [('merged', 0, (0, 1)), ('continued', 1, (2,)), ('retired', None, ()), ('retired', None, ())]
     """
     flows = customer_flows(previous, current, k_previous, k_current)
-    born = born_segments(flows, novel_segments(current, novel, k_current))
+    vanished = vanished_segments(previous, novel, k_previous)
+    born = born_segments(flows, novel_segments(current, novel, k_current), vanished)
     significant = significant_flows(flows, born)
+    # a vanished segment that only held part of a new population is its neighbour, not its parent
+    strays = [i for i in vanished if any(flows[i, j] > 0 for j in born)]
+    significant[strays, :] = False
     children = {i: [int(j) for j in np.flatnonzero(significant[i])] for i in range(k_previous)}
     out: list[Transition] = []
     continued: set[int] = set()

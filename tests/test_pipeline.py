@@ -48,7 +48,7 @@ def test_every_event_gets_an_output_and_segments_recover_the_known_clusters(
     assert adjusted_rand_score(truth, found) >= 0.95
     record = outputs["e-0"]
     assert set(record) == {"customer_id", "event_id", "event_time", "segment_id", "segment",
-                           "distance", "model_version", "scored_at"}
+                           "distance", "outlier", "model_version", "scored_at"}
     assert record["model_version"] == 1 and record["customer_id"] == sent["e-0"].customer_id
     latest = CustomerStore(connect(settings), settings.redis_prefix).get(sent["e-0"].customer_id)
     assert int(latest["segment_id"]) == record["segment_id"]

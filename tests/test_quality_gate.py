@@ -53,7 +53,9 @@ from tests.support.stack import free_port, produce_events
 from trainer.gate import silhouette_allowance
 from trainer.pipeline import train_once
 
-SETTINGS = Settings()  # the defaults: what a deployment gets
+# The defaults a deployment gets, with K fixed at the five populations of these layouts: the
+# gate and the matching are what is tested here (choosing K: tests/test_drift_scenarios.py).
+SETTINGS = Settings(k=5)
 LAYOUTS = 20
 
 
@@ -186,6 +188,9 @@ def test_the_floors_refuse_a_first_model_on_data_without_segments() -> None:
     run = retrain(one_population, None, Registry(), SETTINGS)
     assert {"min_silhouette", "max_davies_bouldin"} <= {f.check for f in run.failures}
     assert run.fit.silhouette < 0.15
+    # Choosing K (the default), the same window is reported as having no segment structure.
+    chosen = retrain(one_population, None, Registry(), Settings())
+    assert chosen.refit is not None and chosen.refit.no_structure and chosen.bundle is None
 
 
 # --- point 5: matching in spread units ---------------------------------------------------------------

@@ -54,6 +54,10 @@ def make_settings(**overrides: Any) -> Settings:
         "model_poll_s": 1.0,
         "min_rows": 50,
         "n_init": 4,
+        # The scenarios on the stack are built around a known number of profiles; choosing K
+        # (the default) is measured offline: tests/test_k_selection.py, test_realistic.py and
+        # test_drift_scenarios.py.
+        "k": 5,
         "replica_id": f"r{tag}",
         "transactional_id": f"t{tag}",
     }
