@@ -436,7 +436,8 @@ def test_a_new_cluster_gets_a_fresh_id_named_by_default_and_leaves_the_others_un
     outcome = reproduce(settings, store, grown.version, 1e-6)
     assert outcome["reproduced"], outcome
     page = write_report(store, tmp_path / "report").read_text()
-    assert "K=6 was chosen by the largest K with silhouette" in page and (tmp_path / "report" / "k_curves.png").exists()
+    assert "K=6 was chosen by the largest K with silhouette" in page
+    assert (tmp_path / "report" / "k_curves.png").exists()
 
 
 def test_a_vanished_cluster_is_retired_and_the_others_keep_their_ids(
