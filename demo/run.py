@@ -134,6 +134,10 @@ def main() -> int:
         **os.environ,
         "SEG_TRAIN_INTERVAL_S": os.environ.get("SEG_TRAIN_INTERVAL_S", "30"),
         "SEG_WINDOW_S": os.environ.get("SEG_WINDOW_S", "600"),
+        # The demo's five profiles, one of them in two channels: chosen on the first small
+        # window, K can start at 6 and every later retrain (K=5, a merge) then waits for an
+        # operator's --accept. The service's own default chooses K.
+        "SEG_K": os.environ.get("SEG_K", "5"),
     }
     children = {
         "trainer": start_process("trainer run", {**env, "SEG_METRICS_PORT": "9102"}, log_dir),
