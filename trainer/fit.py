@@ -32,7 +32,8 @@ plot). With K chosen (``k = null``), every K in ``k_min..k_max`` is fitted and s
    ``CH_TOLERANCE`` under the best; or a larger eligible K splits a current segment into parts
    at least ``SPLIT_SEPARATION`` pooled standard deviations apart (``split_evidence``: a
    population that split, or a new one, where a cut through one population measures 2.65).
-   ``Fit.reason`` says which K was kept or taken and why.
+   The same growth rule applies to a first fit, so a retrain on the same customers lands on the
+   same K. ``Fit.reason`` says which K was kept or taken and why.
 
 Cost: the stability fits are on subsamples, so they do not grow with the window (measured in
 the report of ``python -m quality``). Measured against the truth in ``docs/model-quality.md``.
@@ -338,7 +339,9 @@ def fit_model(x: np.ndarray, config: KConfig, current_k: int | None = None) -> t
     k, reason = choose_k(fits, current_k)
     if k is None:
         return one_segment(x, reason), fits
-    if k == current_k and (grown := grown_k(x, fits, k, config.random_state)) is not None:
-        k, reason = grown[0], (f"K {current_k} -> {grown[0]}: a segment splits into parts "
+    # The same rule for a first fit as for a kept current K: a retrain on the same customers
+    # then lands on the same K.
+    if (grown := grown_k(x, fits, k, config.random_state)) is not None:
+        k, reason = grown[0], (f"K {k} -> {grown[0]}: a segment of K={k} splits into parts "
                                f"{grown[1]:.1f} pooled standard deviations apart (>= {SPLIT_SEPARATION})")
     return replace(next(f for f in fits if f.k == k), reason=reason), fits
