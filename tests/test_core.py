@@ -167,7 +167,8 @@ def test_k_selection_finds_the_five_demo_segments_with_the_default_categorical_w
     events = [CustomerEvent.model_validate(event_value(c, rng, str(i))) for i, c in enumerate(people)]
     spec = fit_spec(events, FeatureConfig(FEATURES, ("channel",),
                                           categorical_weight=Settings().categorical_weight))
-    fit, _ = fit_model(spec.encode(events)[0], KConfig(None, 2, 10, 4, 42, 2000))
+    config = KConfig(None, 2, 10, 4, 42, 2000, numeric_columns=len(FEATURES))
+    fit, _ = fit_model(spec.encode(events)[0], config)
     assert fit.k == 5
 
 

@@ -125,12 +125,17 @@ class KConfig:
     random_state: int = 42
     silhouette_sample: int = 5000
     stability_sample: int = 2000
+    # The encoded space is [numeric | one-hot]: split evidence is measured on the first
+    # ``numeric_columns`` (None: all). A segment cut along a category has no spread in its
+    # one-hot columns, so any cut there would measure as far apart as one likes (the demo's
+    # channel: 65 pooled deviations); categories shape segments, they do not prove a split.
+    numeric_columns: int | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> KConfig:
         return cls(k=settings.k, k_min=settings.k_min, k_max=settings.k_max, n_init=settings.n_init,
                    random_state=settings.random_state, silhouette_sample=settings.silhouette_sample,
-                   stability_sample=settings.stability_sample)
+                   stability_sample=settings.stability_sample, numeric_columns=len(settings.features))
 
 
 def fit_kmeans(
@@ -241,12 +246,13 @@ def split_evidence(x: np.ndarray, smaller: Fit, larger: Fit) -> tuple[float, int
     """
     flows = customer_flows(smaller.labels, larger.labels, smaller.k, larger.k)
     significant = significant_flows(flows, set())
-    residuals = cluster_residuals(x, larger.labels, larger.centroids)
+    centroids = larger.centroids[:, : x.shape[1]]  # x may be the numeric columns only
+    residuals = cluster_residuals(x, larger.labels, centroids)
     best, parent = 0.0, -1
     for i in range(smaller.k):
         parts = np.flatnonzero(significant[i])
         for a, b in itertools.combinations(parts.tolist(), 2):
-            separation = pair_separation(residuals, larger.centroids, a, b)
+            separation = pair_separation(residuals, centroids, a, b)
             if separation > best:
                 best, parent = separation, i
     return best, parent
@@ -281,7 +287,8 @@ def grown_k(x: np.ndarray, fits: list[Fit], kept: int, random_state: int) -> tup
     segments: realistic segments, not Gaussian, measure 3.3 to 5.5 when merely cut in two (the
     realistic family's tuning seeds), so the window's own cuts are the yardstick. The split is
     the evidence, so Calinski-Harabasz need not favour the larger K (with the other segments far
-    apart it barely moves when one segment splits)."""
+    apart it barely moves when one segment splits). ``x``: the columns the evidence is measured
+    on (the numeric ones, ``KConfig.numeric_columns``), the first of the fits' space."""
     current = next(f for f in fits if f.k == kept)
     for candidate in sorted((f for f in stable(plausible(fits)) if f.k > kept), key=lambda f: f.k):
         evidence, parent = split_evidence(x, current, candidate)
@@ -341,7 +348,7 @@ def fit_model(x: np.ndarray, config: KConfig, current_k: int | None = None) -> t
         return one_segment(x, reason), fits
     # The same rule for a first fit as for a kept current K: a retrain on the same customers
     # then lands on the same K.
-    if (grown := grown_k(x, fits, k, config.random_state)) is not None:
+    if (grown := grown_k(x[:, : config.numeric_columns], fits, k, config.random_state)) is not None:
         k, reason = grown[0], (f"K {k} -> {grown[0]}: a segment of K={k} splits into parts "
                                f"{grown[1]:.1f} pooled standard deviations apart (>= {SPLIT_SEPARATION})")
     return replace(next(f for f in fits if f.k == k), reason=reason), fits
