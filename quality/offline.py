@@ -10,7 +10,7 @@ segment ids come from in-memory counters. ``tracked_drift`` is the consumer's
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from segmentation.features import FeatureConfig, FeatureSpec, fit_numeric
 from segmentation.settings import Settings
 from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
 from trainer.gate import GateFailure, GateLimits
-from trainer.refit import Matching, Refit, assess, build_bundle, label
+from trainer.refit import Matching, Refit, assess, build_bundle, label, previous_rows
 
 
 @dataclass
@@ -75,16 +75,17 @@ def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, se
     inside = ~spec.outside_envelope(raw)
     raw = raw[inside]
     x = spec.encode_numeric(raw)
-    fit, fits = fit_model(x, KConfig.of(settings), len(current.centroids) if current is not None else None)
+    x_previous = current.features.encode_numeric(raw) if current is not None else None
+    fit, fits = fit_model(x, KConfig.of(settings), current.k if current is not None else None,
+                          previous_rows(current, x_previous)[0])
     baseline = recorded_baseline(current) if current is not None else None
     if current is not None and baseline is None:
         baseline = baseline_of(current)
     refit = assess(
-        spec, x, fit, fits, current,
-        current.features.encode_numeric(raw) if current is not None else None, baseline,
+        spec, x, fit, fits, current, x_previous, baseline,
         GateLimits.of(settings), Matching(settings.match_threshold, settings.match_max_spread, {}),
         silhouette_sample=settings.silhouette_sample, random_state=settings.random_state,
-        more_fits=lambda: fit_model(x, replace(KConfig.of(settings), k=None))[1],
+        k_config=KConfig.of(settings),
     )
     if refit.no_structure or (refit.failures and not force):
         return Published(None, refit.failures, refit.fit, refit)

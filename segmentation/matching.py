@@ -274,13 +274,34 @@ def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int
 
 def significant_flows(flows: np.ndarray, excluded: set[int]) -> np.ndarray:
     """``[i, j]``: the flow holds at least ``SPLIT_SHARE`` of old i's customers (not counting
-    those who went to the ``excluded`` new segments) and of new j's."""
+    those who went to the ``excluded`` new segments) and of new j's, or old i was absorbed by
+    new j (``absorbed``).
+
+    >>> significant_flows(np.array([[500, 0], [90, 10], [0, 400]]), set()).tolist()
+    [[True, False], [True, False], [False, True]]
+    """
     kept_columns = [j for j in range(flows.shape[1]) if j not in excluded]
     old_sizes = flows[:, kept_columns].sum(axis=1, keepdims=True)
     new_sizes = flows.sum(axis=0, keepdims=True)
     significant = (flows >= SPLIT_SHARE * old_sizes) & (flows >= SPLIT_SHARE * new_sizes) & (flows > 0)
+    significant |= absorbed(flows, old_sizes)
     significant[:, sorted(excluded)] = False
     return np.asarray(significant)
+
+
+def absorbed(flows: np.ndarray, old_sizes: np.ndarray | None = None) -> np.ndarray:
+    """``[i, j]``: at least ``1 - SPLIT_SHARE`` of old i's customers went to new j, however
+    small a part of j they are (MONIC's absorption): a segment the previous model now fills
+    with few customers, all of them in one new segment, went there. When two populations meet,
+    the previous model puts most of the merged customers in one of its two segments (the
+    boundary between them is no longer where the customers are); the other keeps a few, and
+    they all go to the merged segment, which is its child too.
+
+    >>> absorbed(np.array([[500, 0], [90, 10], [0, 400]])).tolist()
+    [[True, False], [True, False], [False, True]]
+    """
+    sizes = flows.sum(axis=1, keepdims=True) if old_sizes is None else old_sizes
+    return np.asarray((flows >= (1 - SPLIT_SHARE) * sizes) & (flows > 0))
 
 
 def vanished_segments(previous: np.ndarray, novel: np.ndarray | None, k_previous: int) -> set[int]:
@@ -312,10 +333,11 @@ def born_segments(flows: np.ndarray, novel: set[int], vanished: Collection[int] 
     set()
     """
     significant = significant_flows(flows, novel)
+    swallowed = absorbed(flows)
     born = set()
     for j in novel:
         size = max(int(flows[:, j].sum()), 1)
-        parents = [int(i) for i in np.flatnonzero(flows[:, j] >= SPLIT_SHARE * size)]
+        parents = [int(i) for i in np.flatnonzero((flows[:, j] >= SPLIT_SHARE * size) | swallowed[:, j])]
         present = [i for i in parents if i not in vanished]
         if not present and len(parents) > 1:
             continue  # two populations gone to one new place: they merged
@@ -336,7 +358,8 @@ def segment_transitions(
     previous segments that hold almost only novel customers vanished (``vanished_segments``) and
     parent nothing. A flow
     from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's customers
-    (not counting those who went to born segments) and of j's. Then a new segment
+    (not counting those who went to born segments) and of j's, or when i was absorbed by j
+    (``absorbed``: most of i's customers went to j). Then a new segment
     with no significant parent is born; with two or more, a merge of them; with one whose only
     significant child it is, the continuation of that parent; with one that has other children
     too, a split of it. A previous segment that no new segment continues is retired.

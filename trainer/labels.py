@@ -82,19 +82,16 @@ def _diff_counts(
             np.bincount(previous_labels[moved], minlength=k_prev))
 
 
-CLOCK_KINDS = ("recency", "tenure")
-
-
 def calendar_columns(spec: FeatureSpec) -> np.ndarray:
-    """Per encoded column, whether it is a feature that grows with the calendar (its kind is
-    ``recency`` or ``tenure``): such a column moves centroids without moving customers.
+    """Per encoded column, whether it is a feature that grows with the calendar
+    (``FeatureSpec.clock_features``): such a column moves centroids without moving customers.
 
     >>> calendar_columns(FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0])).tolist()
     [False]
     """
-    kinds: dict[str, str] = getattr(spec, "kinds", None) or {}
-    clock = [kinds.get(name) in CLOCK_KINDS for name in spec.numeric]
-    return np.array(clock + [False] * (len(spec.columns) - spec.n_numeric), dtype=bool)
+    clock = set(spec.clock_features)
+    return np.array([name in clock for name in spec.numeric] + [False] * (len(spec.columns) - spec.n_numeric),
+                    dtype=bool)
 
 
 def customer_mapping(

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib.metadata import version as package_version
 
 import numpy as np
@@ -24,7 +24,7 @@ from trainer.challenger import clear_stale_challenger, store_challenger
 from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
 from trainer.gate import GateFailure, GateLimits, check_finite_window
 from trainer.labels import load_names
-from trainer.refit import Matching, assess, build_bundle, label
+from trainer.refit import Matching, assess, build_bundle, label, previous_rows
 from trainer.window import Window, read_window
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,13 @@ def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndar
     return spec, x, fit, fits
 
 
-def fit_encoded(settings: Settings, x: np.ndarray, current_k: int | None = None) -> tuple[Fit, list[Fit]]:
+def fit_encoded(settings: Settings, x: np.ndarray, current_k: int | None = None,
+                current_labels: np.ndarray | None = None) -> tuple[Fit, list[Fit]]:
     """K-Means on an encoded window (the rows inside the training envelope): K fixed, or chosen
     over ``k_min..k_max``, one segment when none is stable; ``current_k`` (the published model's)
-    is kept while still plausible and stable."""
-    return fit_model(x, KConfig.of(settings), current_k)
+    is kept while still plausible and stable, or while its refit partitions the rows as the
+    current model does (``current_labels``, ``trainer.fit.choose_k``)."""
+    return fit_model(x, KConfig.of(settings), current_k, current_labels)
 
 
 def inside_envelope(
@@ -246,15 +248,17 @@ def _train(
         return _refuse(metrics, [not_finite], force)
     events, x = inside_envelope(spec, window.events, x)
     metrics.rows.labels("outside_envelope").set(len(window.events) - len(events))
-    fit, fits = fit_encoded(settings, x, current.k if current is not None else None)
+    x_previous = previous_encoding(current, events)
+    fit, fits = fit_encoded(settings, x, current.k if current is not None else None,
+                            previous_rows(current, x_previous)[0])
     metrics.silhouette.set(fit.silhouette)
     metrics.davies_bouldin.set(fit.davies_bouldin)
     metrics.k.set(fit.k)
     refit = assess(
-        spec, x, fit, fits, current, previous_encoding(current, events), baseline,
+        spec, x, fit, fits, current, x_previous, baseline,
         GateLimits.of(settings), matching(settings), silhouette_sample=settings.silhouette_sample,
         random_state=settings.random_state,
-        more_fits=lambda: fit_model(x, replace(KConfig.of(settings), k=None))[1],
+        k_config=KConfig.of(settings),
     )
     if refit.no_structure:
         report_gate(metrics, [])

@@ -8,7 +8,7 @@ functions on synthetic windows, so what ``make quality`` measures is what the tr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from segmentation.cluster_metrics import (
     silhouette_noise,
 )
 from segmentation.features import FeatureSpec
-from trainer.fit import Fit
+from trainer.fit import Fit, KConfig, fit_model
 from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
 from trainer.labels import label_segments, previous_assignment
 
@@ -124,13 +124,13 @@ def assess(
     spec: FeatureSpec, x: np.ndarray, fit: Fit, fits: list[Fit], current: ModelBundle | None,
     x_previous: np.ndarray | None, baseline: QualityBaseline | None, limits: GateLimits,
     matching: Matching, *, silhouette_sample: int, random_state: int,
-    more_fits: Callable[[], list[Fit]] | None = None,
+    k_config: KConfig | None = None,
 ) -> Refit:
     """Measure and gate a refit (``x``: the rows it was fitted on; ``x_previous``: the same rows
     encoded by the current model's own spec, None if it cannot encode them).
 
     With no current model, a refit the gate refuses falls back to the nearest other K that
-    passes (``fits``, or ``more_fits()`` when K was fixed): a deployment starts with the best
+    passes (``fits``, or every K of ``k_config``'s range when K was fixed): a deployment starts with the best
     model that passes rather than with none."""
     previous_labels, novel = previous_rows(current, x_previous)
     on_window = None
@@ -146,7 +146,7 @@ def assess(
     refit = Refit(spec, x, fit, fits, failures, on_window, noise, previous_labels, novel)
     if current is not None or not failures or fit.k == 1:
         return refit
-    candidates = fits if len(fits) > 1 or more_fits is None else more_fits()
+    candidates = fits if len(fits) > 1 or k_config is None else fit_model(x, replace(k_config, k=None))[1]
     for candidate in fallback_candidates(fit, candidates):
         candidate_failures, candidate_noise = judged(candidate)
         if not candidate_failures:
