@@ -85,7 +85,7 @@ def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, se
         spec, x, fit, fits, current, x_previous, baseline,
         GateLimits.of(settings), Matching(settings.match_threshold, settings.match_max_spread, {}),
         silhouette_sample=settings.silhouette_sample, random_state=settings.random_state,
-        k_config=KConfig.of(settings),
+        k_config=KConfig.of(settings), force=force,
     )
     if refit.no_structure or (refit.failures and not force):
         return Published(None, refit.failures, refit.fit, refit)

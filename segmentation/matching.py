@@ -407,14 +407,17 @@ def segment_transitions(
 
 def vetoed_by_geometry(
     transitions: list[Transition], previous: np.ndarray | None, current: np.ndarray,
-    moves: np.ndarray | None, max_spread: float,
+    moves: np.ndarray | None, max_spread: float, novel: Collection[int] | None = None,
 ) -> list[Transition]:
     """Continuations the centroids contradict, the customers notwithstanding:
 
     * a segment whose centroid moved more than ``max_spread`` (``moves[previous, new]``, in
-      spread units over the features that do not age with the calendar) holds other
-      customers than the segment it replaces (a population gone, another in its place): the
-      old id retires and the new segment is born;
+      spread units over the features that do not age with the calendar) and whose customers are
+      mostly novel to the previous model (``novel``: such new segments; None when the previous
+      model has no envelope, and then the move alone decides) holds other customers than the
+      segment it replaces (a population gone, another in its place): the old id retires and the
+      new segment is born. The same customers with moved features (lapsed customers whose
+      90-day purchases aged out) continue their segment: the diff says ``drifted``;
     * two continued segments that converged (``merged_pairs``) merged, though the new model cut
       the merged population along the old boundary: both are merges of the two.
 
@@ -426,12 +429,18 @@ def vetoed_by_geometry(
     ...     t, prev, np.array([[2.0], [3.0], [27.0]]), moves, 3.0)]  # doctest: +NORMALIZE_WHITESPACE
     [('merged', 0, None, (0, 1)), ('merged', 1, None, (0, 1)), ('born', 2, None, ()),
      ('retired', None, 0, ()), ('retired', None, 1, ()), ('retired', None, 2, ())]
+
+    The segment that moved 7 spreads, its customers inside the previous envelope, continues:
+
+    >>> [(v.status, v.new, v.previous) for v in vetoed_by_geometry(
+    ...     t, prev, np.array([[2.0], [3.0], [27.0]]), moves, 3.0, novel=set())][2]
+    ('continued', 2, 2)
     """
     if previous is None or moves is None:
         return transitions
     continued = [(t.previous, t.new) for t in transitions
                  if t.status == "continued" and t.new is not None and t.previous is not None]
-    replaced = {j for i, j in continued if moves[i, j] > max_spread}
+    replaced = {j for i, j in continued if moves[i, j] > max_spread and (novel is None or j in novel)}
     merged = merged_pairs(previous, current, [(i, j, 0.0) for i, j in continued if j not in replaced])
     parents_of = tuple(sorted(i for i, j in continued if j in merged))
     out: list[Transition] = []

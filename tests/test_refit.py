@@ -1,6 +1,6 @@
 """A refit judged without I/O (``trainer.refit``): the first model's fallback to another K, the
-structure check, and "no segment structure" as an outcome. Ids across an ageing customer base:
-``tests/test_drift_scenarios.py``."""
+structure check, a structural change held at the current K, and "no segment structure" as an
+outcome. Ids across an ageing customer base: ``tests/test_drift_scenarios.py``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import itertools
 
 import numpy as np
 
-from quality.offline import Registry, retrain
+from quality.offline import Registry, fit_features, retrain
+from segmentation.baseline import recorded_baseline
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
 from trainer.fit import fit_kmeans
 from trainer.gate import GateLimits
-from trainer.refit import Matching, assess
+from trainer.refit import Matching, Refit, assess
 
 SETTINGS = Settings()
 
@@ -66,3 +67,27 @@ def test_a_window_without_segments_is_reported_as_such_and_publishes_nothing() -
     run = retrain(one_population, None, Registry(), settings_for(6))
     assert run.refit is not None and run.refit.no_structure
     assert run.bundle is None and run.fit.k == 1
+
+
+def test_a_structural_change_at_another_k_is_held_and_the_current_k_is_published() -> None:
+    rng = np.random.default_rng(4)
+    layout: list[list[float]] = [[0, 0], [10, 0], [0, 10]]
+    settings = settings_for(2).model_copy(update={"k": 3})
+    first = retrain(blobs(rng, layout, [500, 500, 500]), None, Registry(), settings)
+    assert first.bundle is not None and first.bundle.k == 3
+    raw = blobs(rng, layout, [500, 500, 500])  # the same customers' segments, another window
+    spec = fit_features(raw, settings, first.bundle)
+    x, x_previous = spec.encode_numeric(raw), first.bundle.features.encode_numeric(raw)
+    two, three = (fit_kmeans(x, k, 3, 0, 1000) for k in (2, 3))  # K=2 merges two segments
+
+    baseline = recorded_baseline(first.bundle)
+
+    def judged(force: bool) -> Refit:
+        return assess(spec, x, two, [two, three], first.bundle, x_previous, baseline,
+                      GateLimits.of(settings), Matching(0.5, 3.0, {}), silhouette_sample=1000,
+                      random_state=0, force=force)
+
+    held = judged(force=False)
+    assert held.fit.k == 3 and held.fallback_from == 2 and not held.failures
+    forced = judged(force=True)  # --force / --accept: the change the operator asked for
+    assert forced.fit.k == 2 and {"structure", "silhouette_drop"} <= {f.check for f in forced.failures}

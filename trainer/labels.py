@@ -16,6 +16,7 @@ from segmentation.matching import (
     SPLIT_SHARE,
     assign_segment_ids,
     median_pairwise_distance,
+    novel_segments,
     segment_transitions,
     spread_distances,
     vetoed_by_geometry,
@@ -55,6 +56,10 @@ def previous_assignment(
     with the previous model's own spec, as the consumers score them), and which rows lie beyond
     the envelope of the segment it puts them in (None when the bundle records no envelope).
 
+    Novelty leaves out the features that grow with the calendar (``calendar_columns``): a lapsed
+    customer a quarter older is further from every centre, not a new kind of customer, so ageing
+    alone never makes a segment look born or vanished.
+
     >>> from segmentation.bundle import Lineage, Quality
     >>> b = ModelBundle(version=1, features=FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0]),
     ...     centroids=[[0.0], [10.0]], segment_ids=[4, 5], segment_names=["a", "b"],
@@ -64,11 +69,14 @@ def previous_assignment(
     >>> index.tolist(), novel.tolist()
     ([0, 1, 0], [False, False, True])
     """
-    index, distance, _ = nearest_two(x_previous, previous.centroid_array())
+    centroids = previous.centroid_array()
+    index, _, _ = nearest_two(x_previous, centroids)
     radii = previous.quality.radius_p99
     if radii is None:
         return index, None
-    return index, distance > np.asarray(radii)[index]
+    residual = x_previous - centroids[index]
+    residual[:, calendar_columns(previous.features)] = 0.0
+    return index, np.linalg.norm(residual, axis=1) > np.asarray(radii)[index]
 
 
 def _diff_counts(
@@ -111,8 +119,9 @@ def customer_mapping(
     drift = None
     if geometry is not None:
         previous_centroids, drift, stable_moves = geometry
+        moved_away = None if novel is None else novel_segments(labels, novel, k)
         transitions = vetoed_by_geometry(transitions, previous_centroids, centroids, stable_moves,
-                                         max_spread)
+                                         max_spread, moved_away)
     previous_ids = np.asarray(previous.segment_ids)
     ids: list[int | None] = [None] * k
     for t in transitions:

@@ -258,7 +258,7 @@ def _train(
         spec, x, fit, fits, current, x_previous, baseline,
         GateLimits.of(settings), matching(settings), silhouette_sample=settings.silhouette_sample,
         random_state=settings.random_state,
-        k_config=KConfig.of(settings),
+        k_config=KConfig.of(settings), force=force,
     )
     if refit.no_structure:
         report_gate(metrics, [])
@@ -272,8 +272,9 @@ def _train(
         # not a refusal: counted nowhere but the bundle (forced) and the run log
         log.warning("quality gate overridden by --force", extra={"failure": failure.detail})
     if refit.fallback_from is not None:
-        log.warning("first model published at another K", extra={
-            "k": refit.fit.k, "chosen_k": refit.fallback_from})
+        log.warning("published at another K than chosen" if current is None else
+                    "structural change held: published at the current K; --accept publishes the change",
+                    extra={"k": refit.fit.k, "chosen_k": refit.fallback_from})
 
     labelled = label(refit, current, store.allocate_segment_ids, matching(settings))
     version = store.allocate_version()

@@ -120,18 +120,36 @@ def fallback_candidates(chosen: Fit, fits: Sequence[Fit]) -> list[Fit]:
     return sorted(others, key=lambda f: (abs(f.k - chosen.k), f.k))
 
 
+def held_at_current_k(fit: Fit, fits: Sequence[Fit], current_k: int) -> Fit | None:
+    """The refit at the current K, when the one chosen has another K.
+
+    >>> z = np.zeros((1, 1)); l = np.zeros(1, dtype=int)
+    >>> fits = [Fit(z, l, k, 1.0, 0.5, 0.5) for k in (4, 5)]
+    >>> held_at_current_k(fits[0], fits, 5).k
+    5
+    >>> held_at_current_k(fits[1], fits, 5) is None, held_at_current_k(fits[0], fits[:1], 5) is None
+    (True, True)
+    """
+    return None if fit.k == current_k else equal_k(fits, current_k)
+
+
 def assess(
     spec: FeatureSpec, x: np.ndarray, fit: Fit, fits: list[Fit], current: ModelBundle | None,
     x_previous: np.ndarray | None, baseline: QualityBaseline | None, limits: GateLimits,
     matching: Matching, *, silhouette_sample: int, random_state: int,
-    k_config: KConfig | None = None,
+    k_config: KConfig | None = None, force: bool = False,
 ) -> Refit:
     """Measure and gate a refit (``x``: the rows it was fitted on; ``x_previous``: the same rows
     encoded by the current model's own spec, None if it cannot encode them).
 
     With no current model, a refit the gate refuses falls back to the nearest other K that
     passes (``fits``, or every K of ``k_config``'s range when K was fixed): a deployment starts with the best
-    model that passes rather than with none."""
+    model that passes rather than with none.
+
+    With a current model and no ``force``, a refit refused at another K (a structural change, a
+    merge that costs silhouette) falls back to the refit at the current K if that one passes
+    every check: the customers' drift is followed now, and the change of K waits for an
+    operator's ``--force`` or ``--accept``."""
     previous_labels, novel = previous_rows(current, x_previous)
     on_window = None
     if previous_labels is not None:
@@ -144,7 +162,15 @@ def assess(
 
     failures, noise = judged(fit)
     refit = Refit(spec, x, fit, fits, failures, on_window, noise, previous_labels, novel)
-    if current is not None or not failures or fit.k == 1:
+    if current is not None:
+        held = None if force or not failures else held_at_current_k(fit, fits, current.k)
+        if held is not None:
+            held_failures, held_noise = judged(held)
+            if not held_failures:
+                return Refit(spec, x, held, fits, [], on_window, held_noise, previous_labels, novel,
+                             fallback_from=fit.k)
+        return refit
+    if not failures or fit.k == 1:
         return refit
     candidates = fits if len(fits) > 1 or k_config is None else fit_model(x, replace(k_config, k=None))[1]
     for candidate in fallback_candidates(fit, candidates):
