@@ -26,6 +26,11 @@ version's ids it came from; none for a birth); otherwise both are null. ``outlie
 output record's flag for the event that made the change.
 
 An event older than the newest one seen for its customer (out of order) changes nothing.
+
+The topic is read back as untrusted input (``segmentation.readback``): a record that is not a
+change (garbage, nested too deep, too large, a key that is no customer id, a time later than an
+input event's could be) is skipped, counted and logged once; the state is what the good records
+give.
 """
 
 from __future__ import annotations
@@ -35,17 +40,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from confluent_kafka import Consumer, KafkaException
 
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from consumer.watcher import ActiveModel
-from segmentation.bundle import SegmentDiff, is_segment_id, is_segment_name
+from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import ReadIncomplete, read_to_end, reader_config
 from segmentation.metrics import ChangeCause, ConsumerMetrics
+from segmentation.readback import Readback, ReadbackError, decode_change, key_text
 from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,9 +104,10 @@ def change_value(
     }, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def recorded_of(value: bytes | None) -> Recorded | None:
+def recorded_of(value: bytes | None, latest_ms: float | None = None) -> Recorded | None:
     """The segment a change record leaves its customer in; None for anything that is not a
-    valid change record (the topic is read back as untrusted input).
+    valid change record (``readback.decode_change``; ``latest_ms``: the latest event time it may
+    carry, now + the input contract's skew by default).
 
     >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":5,'
     ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
@@ -110,7 +116,7 @@ def recorded_of(value: bytes | None) -> Recorded | None:
     (None, None, None)
 
     Held to a bundle's bounds (an absurd id or name is never echoed into a change record), and
-    to a time with its zone (ours always say Z):
+    to a time with its zone (ours always say Z), no later than an input event's could be:
 
     >>> recorded_of(b'{"to_segment_id":3,"to_segment":"' + b"x" * 201 + b'","to_model_version":5,'
     ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
@@ -120,22 +126,14 @@ def recorded_of(value: bytes | None) -> Recorded | None:
     ...             b'"event_time":"1970-01-01T00:00:01.000Z"}')
     >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":5,'
     ...             b'"event_time":"1970-01-01T00:00:01.000"}')
+    >>> recorded_of(b'{"to_segment_id":3,"to_segment":"x","to_model_version":5,'
+    ...             b'"event_time":"9999-12-31T00:00:00.000Z"}')
     """
-    if value is None:
-        return None
     try:
-        record = json.loads(value)
-        sid, name, version = record["to_segment_id"], record["to_segment"], record["to_model_version"]
-        when = datetime.fromisoformat(record["event_time"])
-        if when.tzinfo is None:
-            return None
-        event_ms = int(when.timestamp() * 1000)
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        change = decode_change(value, Readback().latest_ms() if latest_ms is None else latest_ms)
+    except ReadbackError:
         return None
-    valid_version = isinstance(version, int) and not isinstance(version, bool) and version >= 1
-    if not (is_segment_id(sid) and is_segment_name(name) and valid_version):
-        return None
-    return Recorded(sid, name, version, event_ms)
+    return Recorded(change.segment_id, change.segment, change.model_version, change.event_ms)
 
 
 def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> ChangeCause:
@@ -164,6 +162,7 @@ class SegmentChanges:
         self.topic = settings.changes_topic
         self.metrics = metrics
         self.model_of = model_of
+        self.readback = Readback.of(settings, metrics.readback_rejected)
         self.state: dict[int, dict[str, Recorded]] = {}
         self._reader: Consumer | None = None
 
@@ -207,19 +206,26 @@ class SegmentChanges:
         if self._reader is None:
             self._reader = Consumer(reader_config(self.settings, "changes-restore"))
         restored: dict[int, dict[str, Recorded]] = {p: {} for p in partitions}
+        latest = self.readback.latest_ms()
         invalid = 0
         for msg in read_to_end(self._reader, self.topic, partitions, self.settings.delivery_timeout_s):
-            key, recorded = msg.key(), recorded_of(msg.value())
-            if key is None or recorded is None:
+            partition = int(msg.partition() or 0)
+            try:
+                customer, recorded = self._decoded(msg, latest)
+            except ReadbackError as exc:
                 invalid += 1
+                self.readback.rejected("changes_topic", f"{self.topic}/{partition}@{msg.offset()}", exc)
                 continue
-            customer = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-            restored[int(msg.partition() or 0)][customer] = recorded
+            restored[partition][customer] = recorded
         if invalid:
             self.metrics.change_records_invalid.inc(invalid)
-            log.error("changes topic: records that are not segment changes skipped",
-                      extra={"records": invalid})
         return restored
+
+    def _decoded(self, msg: Message, latest_ms: float) -> tuple[str, Recorded]:
+        """A record's customer (its key, as the outputs key it) and what it leaves them in."""
+        customer = key_text(msg.key(), self.settings.max_id_chars)
+        change = decode_change(msg.value(), latest_ms)
+        return customer, Recorded(change.segment_id, change.segment, change.model_version, change.event_ms)
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop the state of ``partitions`` (revoked, lost, or their batch failed): it is

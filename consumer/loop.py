@@ -29,6 +29,7 @@ from consumer.scoring import OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
 from consumer.watcher import ActiveModel, ModelWatcher
 from segmentation.metrics import ConsumerMetrics
+from segmentation.readback import Readback
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore
 
@@ -44,6 +45,7 @@ class ConsumeLoop:
         self.consumer = consumer
         self.delivery = delivery
         self.metrics = metrics
+        store.readback = Readback.of(settings, metrics.readback_rejected)  # refusals counted here
         self.rules = ScoringRules.from_settings(settings)
         self.watcher = ModelWatcher(settings, store, metrics)
         self.writer = CustomerWriter(customers, metrics)

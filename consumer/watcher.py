@@ -77,6 +77,7 @@ class ModelWatcher:
         self._recent: dict[int, ActiveModel] = {}  # models swapped in lately, by version
         self._unloadable: dict[int, float] = {}  # version -> when to try loading it again
         self._rejected: set[int] = set()
+        self._pointer_error: str | None = None  # why the current pointer was last unreadable
         self._pubsub: PubSub | None = None
         self._next_poll = 0.0
         self._next_restore = 0.0
@@ -99,9 +100,10 @@ class ModelWatcher:
         except OUTAGE:
             self.metrics.redis_errors.labels("model_poll").inc()
             return self.active is None and self._from_models_topic()
-        except BundleError as exc:
-            self._reject(-1, str(exc))
-            return False
+        except BundleError as exc:  # the pointer is not a version: the model in use is kept
+            self._reject_pointer(str(exc))
+            return self.active is None and self._from_models_topic()
+        self._pointer_error = None
         if version is None and self.active is None:
             return self._from_models_topic()
         if version is None or version in self._rejected:
@@ -182,15 +184,16 @@ class ModelWatcher:
             del self._recent[min(self._recent)]
 
     def _from_models_topic(self) -> bool:
-        """No model in Redis (emptied, restarted without data, unreachable) and none in use: take
-        the current one from the models topic, the record of truth, instead of waiting for a
-        retrain, and rebuild the Redis cache from it (best effort). At most once per poll."""
+        """No model in Redis (emptied, restarted without data, unreachable, a pointer that is not a
+        version) and none in use: take the current one from the models topic, the record of
+        truth, instead of waiting for a retrain, and rebuild the Redis cache from it (best
+        effort). At most once per poll."""
         now = time.monotonic()
         if now < self._next_restore:
             return False
         self._next_restore = now + self.settings.model_poll_s
         try:
-            registry = read_registry(self.settings)
+            registry = read_registry(self.settings, readback=self.store.readback)
         except (ModelLogError, KafkaException) as exc:
             log.warning("models topic unreadable; waiting for a model", extra={"error": str(exc)})
             return False
@@ -220,6 +223,14 @@ class ModelWatcher:
         log.info("model swapped", extra={"from_version": previous, "to_version": bundle.version,
                                          "k": bundle.k})
         return True
+
+    def _reject_pointer(self, reason: str) -> None:
+        """Count an unreadable current pointer at every poll; log it once per reason."""
+        if reason == self._pointer_error:
+            self.metrics.bundle_rejections.inc()
+            return
+        self._pointer_error = reason
+        self._reject(-1, reason)
 
     def _reject(self, version: int, reason: str) -> None:
         if version >= 0:

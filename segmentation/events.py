@@ -189,13 +189,22 @@ class InputContract:
             ms = np.array([e.event_ms for e in events], dtype=np.int64)
         except (OverflowError, ValueError, OSError):
             return list(range(len(events)))
-        low, high = float(_EPOCH_MS_MIN), float(_EPOCH_MS_MAX)
-        if self.max_age_s is not None:
-            low = max(low, now_ms - self.max_age_s * 1000)
-        if self.max_skew_s is not None:
-            high = min(high, now_ms + self.max_skew_s * 1000)
+        low, high = self.time_range(now_ms)
         # int64 to float is exact inside the accepted range (|ms| < 2**53), so is the comparison
         return np.flatnonzero((ms < low) | (ms > high)).tolist()
+
+    def time_range(self, now_ms: int) -> tuple[float, float]:
+        """The event times (epoch ms, both ends included) the contract accepts at ``now_ms``.
+
+        >>> InputContract((), max_skew_s=1).time_range(0)
+        (-62135596800000.0, 1000.0)
+        """
+        low, high = float(EPOCH_MS_MIN), float(EPOCH_MS_MAX)
+        if self.max_age_s is not None:
+            low = max(low, float(now_ms - self.max_age_s * 1000))
+        if self.max_skew_s is not None:
+            high = min(high, float(now_ms + self.max_skew_s * 1000))
+        return low, high
 
     def _features_in_doubt(self, events: Sequence[CustomerEvent]) -> list[int]:
         """Positions of the events whose features may fail a check (all of them when the batch
@@ -266,7 +275,7 @@ class InputContract:
             ms = event.event_ms
         except (OverflowError, ValueError, OSError):
             return Rejection("event_time_out_of_range", "event_time cannot be represented")
-        if not _EPOCH_MS_MIN <= ms <= _EPOCH_MS_MAX:
+        if not EPOCH_MS_MIN <= ms <= EPOCH_MS_MAX:
             return Rejection("event_time_out_of_range", f"event_time {ms} ms is outside years 1..9999")
         if self.max_age_s is None and self.max_skew_s is None:
             return None
@@ -302,8 +311,8 @@ class InputContract:
 
 _FLOAT_MAX = 10**308
 # 0001-01-01 and 9999-12-31T23:59:59.999Z: what an output's RFC 3339 event_time can express
-_EPOCH_MS_MIN = -62_135_596_800_000
-_EPOCH_MS_MAX = 253_402_300_799_999
+EPOCH_MS_MIN = -62_135_596_800_000
+EPOCH_MS_MAX = 253_402_300_799_999
 
 
 def decode(

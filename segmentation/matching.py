@@ -231,6 +231,9 @@ def median_pairwise_distance(centroids: np.ndarray) -> float:
 # model's envelope (novel to the segment that held them) is a birth, not a piece of that segment.
 SPLIT_SHARE = 0.3
 BORN_NOVEL_SHARE = 0.5
+# The share of a segment's own customers its envelope (the 99th percentile distance) leaves
+# out: a segment with fewer novel customers than this holds the previous segment's customers.
+ENVELOPE_SHARE = 0.01
 VANISHED_NOVEL_SHARE = 0.9
 
 
@@ -258,9 +261,10 @@ def customer_flows(previous: np.ndarray, current: np.ndarray, k_previous: int, k
     return flows
 
 
-def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int) -> set[int]:
-    """New segments most of whose customers were novel to the previous model (beyond the
-    envelope of the segment it put them in).
+def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int,
+                   share: float = BORN_NOVEL_SHARE) -> set[int]:
+    """New segments at least ``share`` of whose customers were novel to the previous model
+    (beyond the envelope of the segment it put them in): most of them by default.
 
     >>> sorted(novel_segments(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 0], bool), 2))
     [1]
@@ -269,7 +273,7 @@ def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int
         return set()
     sizes = np.bincount(current, minlength=k_current)
     novel_counts = np.bincount(current[novel], minlength=k_current)
-    return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= BORN_NOVEL_SHARE * sizes[j]}
+    return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= share * sizes[j]}
 
 
 def significant_flows(flows: np.ndarray, excluded: set[int]) -> np.ndarray:
@@ -412,9 +416,10 @@ def vetoed_by_geometry(
     """Continuations the centroids contradict, the customers notwithstanding:
 
     * a segment whose centroid moved more than ``max_spread`` (``moves[previous, new]``, in
-      spread units over the features that do not age with the calendar) and whose customers are
-      mostly novel to the previous model (``novel``: such new segments; None when the previous
-      model has no envelope, and then the move alone decides) holds other customers than the
+      spread units over the features that do not age with the calendar), unless its customers
+      are the previous segment's own (``novel``: the new segments with more customers beyond the
+      previous envelope than the ``ENVELOPE_SHARE`` it leaves out; None when the previous model
+      has no envelope, and then the move alone decides), holds other customers than the
       segment it replaces (a population gone, another in its place): the old id retires and the
       new segment is born. The same customers with moved features (lapsed customers whose
       90-day purchases aged out) continue their segment: the diff says ``drifted``;
@@ -430,7 +435,8 @@ def vetoed_by_geometry(
     [('merged', 0, None, (0, 1)), ('merged', 1, None, (0, 1)), ('born', 2, None, ()),
      ('retired', None, 0, ()), ('retired', None, 1, ()), ('retired', None, 2, ())]
 
-    The segment that moved 7 spreads, its customers inside the previous envelope, continues:
+    The segment that moved 7 spreads, its customers inside the previous envelope (its features
+    moved: purchases that aged out of a window), continues:
 
     >>> [(v.status, v.new, v.previous) for v in vetoed_by_geometry(
     ...     t, prev, np.array([[2.0], [3.0], [27.0]]), moves, 3.0, novel=set())][2]

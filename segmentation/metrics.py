@@ -53,11 +53,32 @@ LABEL_CHANGE_KINDS = ("matched", "new", "retired")
 # Why a customer's segment changed (consumer.changes).
 ChangeCause = Literal["initial", "behaviour", "model", "unknown"]
 CHANGE_CAUSES: tuple[ChangeCause, ...] = get_args(ChangeCause)
+# Records the service reads back from its own topics and Redis keys, refused (segmentation.readback):
+# where they were read, and why.
+ReadbackSource = Literal["models_topic", "changes_topic", "redis_pointer", "replica_state", "run_log"]
+ReadbackReason = Literal["too_large", "too_deep", "not_json", "wrong_type", "bad_key", "bad_time"]
+READBACK_SOURCES: tuple[ReadbackSource, ...] = get_args(ReadbackSource)
+READBACK_REASONS: tuple[ReadbackReason, ...] = get_args(ReadbackReason)
 
 
 def _initialise(metric: Counter | Gauge, values: tuple[str, ...]) -> None:
     for value in values:
         metric.labels(value)
+
+
+def readback_rejected(registry: CollectorRegistry) -> Counter:
+    """The counter of refused read-back records, the same in the consumer and the trainer, with
+    every (source, reason) exported at 0 from the start."""
+    counter = Counter(
+        "segment_readback_rejected",
+        "Records read back from the service's own topics and Redis keys that were refused and "
+        "skipped, by source and reason (counted at every read that meets them)",
+        ["source", "reason"], registry=registry,
+    )
+    for source in READBACK_SOURCES:
+        for reason in READBACK_REASONS:
+            counter.labels(source, reason)
+    return counter
 
 
 class ConsumerMetrics:
@@ -203,6 +224,7 @@ class ConsumerMetrics:
             "Share of events since the challenger appeared that it puts in the champion's segment",
             registry=r,
         )
+        self.readback_rejected = readback_rejected(r)
         _initialise(self.events, OUTCOMES)
         _initialise(self.dead_letters, REASONS)
         _initialise(self.redis_errors, REDIS_OPERATIONS)
@@ -275,6 +297,7 @@ class TrainerMetrics:
             "segment_redis_errors", "Redis calls that failed (logged; the run goes on)", ["operation"],
             registry=r,
         )
+        self.readback_rejected = readback_rejected(r)
         _initialise(self.runs, RUN_RESULTS)
         _initialise(self.challenger, CHALLENGER_ACTIONS)
         _initialise(self.redis_errors, TRAINER_REDIS_OPERATIONS)

@@ -15,8 +15,9 @@ Records (one partition, so their order is the publish order)::
 Everything else the registry needs is derived from these: the next version is one more than the
 highest version ever published, held by the challenger or reserved, the next fresh segment id one
 more than the highest id any of those carried (so versions and ids are never reused), and names
-and retired ids are in the bundles' label mappings. A record read back is untrusted input: a
-bundle that fails validation is skipped (and counted), never used.
+and retired ids are in the bundles' label mappings. A record read back is untrusted input
+(``segmentation.readback``): one that is not one of these kinds (an odd key, a bundle that fails
+validation, a pointer that is not a version) is skipped, counted and logged once, never used.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ReadIncomplete, producer_config, read_to_end, reader_config, retrying
+from segmentation.readback import (
+    MAX_KEY_CHARS,
+    Readback,
+    ReadbackError,
+    decode_bundle,
+    decode_pointer,
+    decode_reserved,
+    key_text,
+    version_key,
+)
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
 from segmentation.store.models import Counters
@@ -57,6 +68,7 @@ class Registry:
     reserved: Counters = Counters(0, 0)
     end_offset: int = 0
     invalid_records: int = 0
+    readback: Readback = field(default_factory=Readback, repr=False, compare=False)
 
     @property
     def newest_published(self) -> int:
@@ -91,83 +103,41 @@ class Registry:
             return self.bundles[self.current]
         return self.bundles.get(self.newest_published)
 
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """Fold one record of the topic into the registry."""
-        name = (key or b"").decode("utf-8", "replace")
+    def apply(self, key: bytes | None, value: bytes | None, offset: int | None = None) -> None:
+        """Fold one record of the topic into the registry. A record that is not one of its kinds
+        changes nothing: it is counted in ``invalid_records`` and reported (``offset`` names it)."""
+        try:
+            self._fold(key_text(key, MAX_KEY_CHARS), value)
+        except ReadbackError as exc:
+            self.invalid_records += 1
+            where = f"offset {offset}" if offset is not None else f"key {key!r:.60}"
+            self.readback.rejected("models_topic", where, exc)
+
+    def _fold(self, name: str, value: bytes | None) -> None:
         if name in (CURRENT, PINNED):
-            version = _version_of(value)
-            if name == CURRENT and version is not None:
-                self.current = version
-            elif name == PINNED:
+            version = None if value is None else decode_pointer(value)
+            if name == PINNED:
                 self.pinned = version
+            elif version is not None:
+                self.current = version
             return
         if name == RESERVED:
-            self.reserved = _counters_of(value, self.reserved)
+            if value is not None:
+                version, next_id = decode_reserved(value)
+                self.reserved = Counters(max(version, self.reserved.version),
+                                         max(next_id, self.reserved.next_segment_id))
             return
-        if name == CHALLENGER:
-            if value is None:  # promoted or discarded
-                self.challenger = None
-            else:
-                self.challenger = self._valid_bundle(name, value) or self.challenger
+        if name == CHALLENGER:  # a tombstone: promoted or discarded
+            self.challenger = None if value is None else decode_bundle(value)
             return
-        if not name.startswith("v"):
-            return
+        version = version_key(name)
         if value is None:  # a tombstone: a version that lost the publish race, never current
-            if name[1:].isdigit():
-                self.bundles.pop(int(name[1:]), None)
+            self.bundles.pop(version, None)
             return
-        bundle = self._valid_bundle(name, value)
-        if bundle is None:
-            return
-        if name != f"v{bundle.version}":
-            self.invalid_records += 1
-            log.error("models topic: bundle under the wrong key skipped", extra={"key": name[:40]})
-            return
-        self.bundles[bundle.version] = bundle
-
-    def _valid_bundle(self, name: str, value: bytes) -> ModelBundle | None:
-        """The record's bundle, or None (counted and logged) if it fails validation."""
-        try:
-            return ModelBundle.from_json(value)
-        except BundleError as exc:
-            self.invalid_records += 1
-            log.error("models topic: invalid bundle record skipped",
-                      extra={"key": name[:40], "error": str(exc)})
-            return None
-
-
-def _version_of(value: bytes | None) -> int | None:
-    """``{"version": N}`` -> N; anything else (a tombstone, garbage, null) -> None.
-
-    >>> _version_of(b'{"version": 7}'), _version_of(None), _version_of(b'{"version": "x"}')
-    (7, None, None)
-    """
-    if value is None:
-        return None
-    try:
-        version = json.loads(value).get("version")
-    except (ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 1 else None
-
-
-def _counters_of(value: bytes | None, floor: Counters) -> Counters:
-    """``{"version": N, "next_segment_id": M}`` -> the counters, never below ``floor`` (a record
-    that is not such an object, or carries anything but non-negative integers, changes nothing).
-
-    >>> _counters_of(b'{"version": 7, "next_segment_id": 12}', Counters(0, 0))
-    Counters(version=7, next_segment_id=12)
-    >>> _counters_of(b'{"version": true, "next_segment_id": 1e9}', Counters(3, 4))
-    Counters(version=3, next_segment_id=4)
-    """
-    try:
-        raw = json.loads(value or b"null")
-        version, next_id = raw.get("version"), raw.get("next_segment_id")
-    except (ValueError, AttributeError):
-        return floor
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (version, next_id)):
-        return floor
-    return Counters(max(version, floor.version), max(next_id, floor.next_segment_id))
+        bundle = decode_bundle(value)
+        if bundle.version != version:
+            raise ReadbackError("bad_key", f"bundle v{bundle.version} under the key {name!r}")
+        self.bundles[version] = bundle
 
 
 def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
@@ -186,10 +156,11 @@ def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
         consumer.close()
 
 
-def read_registry(settings: Settings, timeout_s: float = 60.0) -> Registry:
+def read_registry(settings: Settings, timeout_s: float = 60.0, readback: Readback | None = None) -> Registry:
     """Read the whole models topic (it is compacted: one record per key, plus what the cleaner
-    has not reached yet) and fold it into a ``Registry``."""
-    registry = Registry()
+    has not reached yet) and fold it into a ``Registry``; ``readback`` counts and reports the
+    records skipped."""
+    registry = Registry(readback=readback or Readback.of(settings))
     consumer = Consumer(reader_config(settings, "models-reader"))
     try:
         tp = TopicPartition(settings.models_topic, 0)
@@ -197,7 +168,7 @@ def read_registry(settings: Settings, timeout_s: float = 60.0) -> Registry:
                            "models topic watermark")
         registry.end_offset = int(high)
         for msg in read_to_end(consumer, settings.models_topic, [0], timeout_s):
-            registry.apply(msg.key(), msg.value())
+            registry.apply(msg.key(), msg.value(), msg.offset())
     except ReadIncomplete as exc:
         raise ModelLogError(f"models topic read incomplete: {exc}") from None
     except KafkaException as exc:
@@ -286,13 +257,16 @@ def sync_store(settings: Settings, store: ModelStore) -> bool:
     * The topic behind Redis (deleted and recreated, or written before this existed): every
       version Redis still holds is appended to it first, so that the record of truth is whole.
 
-    Cheap when both agree: one watermark request and one GET."""
+    * A pointer or counter in Redis that is not a number (garbage written there): rewritten from
+      the topic.
+
+    Cheap when both agree: one watermark request, one GET and one MGET."""
     end = end_offset(settings)
-    if end > 0 and store.registry_offset() == end:
+    if end > 0 and store.registry_offset() == end and store.pointers_readable():
         return False
-    registry = read_registry(settings) if end > 0 else Registry()
+    registry = read_registry(settings, readback=store.readback) if end > 0 else Registry()
     if backfill(settings, store, registry):
-        registry = read_registry(settings)
+        registry = read_registry(settings, readback=store.readback)
     if not registry.bundles:
         return False
     current = registry.current if registry.current in registry.bundles else registry.newest_published
@@ -321,7 +295,8 @@ def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
                                                                             "error": str(exc)})
     if not records:
         return False
-    current, pinned = store.current_version(), TrainerState.of(store).pinned()
+    current, counters = _held_pointers(store, registry)
+    pinned = TrainerState.of(store).pinned()
     if current is not None and current > (registry.current or 0):
         records.append((CURRENT, json.dumps({"version": current}).encode()))
     if pinned is not None and registry.pinned is None:
@@ -329,10 +304,24 @@ def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
     challenger = _held_challenger(store) if registry.challenger is None else None
     if challenger is not None:
         records.append((CHALLENGER, challenger.to_json().encode()))
-    records.append(_reserved_record(store.counters()))
+    records.append(_reserved_record(counters))
     ModelLog(settings).append(records)
     log.warning("models topic backfilled from Redis", extra={"records": len(records)})
     return True
+
+
+def _held_pointers(store: ModelStore, registry: Registry) -> tuple[int | None, Counters]:
+    """Redis's current pointer and counters for a backfill; one that is not a number (reported
+    by the store) is taken as absent, and counters as far as the topic's."""
+    try:
+        current: int | None = store.current_version()
+    except BundleError:
+        current = None
+    try:
+        counters = store.counters()
+    except BundleError:
+        counters = Counters(registry.max_version, registry.next_segment_id)
+    return current, counters
 
 
 def _held_challenger(store: ModelStore) -> ModelBundle | None:

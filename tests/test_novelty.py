@@ -21,6 +21,7 @@ from consumer.scoring import ScoredBatch, score_batch
 from consumer.watcher import ActiveModel
 from segmentation.bundle import ModelBundle
 from segmentation.metrics import ConsumerMetrics
+from segmentation.readback import Readback
 from segmentation.settings import Settings
 from segmentation.store import Keys
 from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, clipped_bundle, event, small_bundle
@@ -142,6 +143,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.client = FakeRedis()
         self.keys = Keys("t")
+        self.readback = Readback()
 
 
 def test_the_novelty_share_is_a_gauge_and_in_the_replica_state_the_trainer_reads() -> None:

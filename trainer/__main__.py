@@ -20,6 +20,7 @@ from segmentation.bundle import BundleError, ModelBundle
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics, serve
 from segmentation.model_log import ModelLogError, sync_store
+from segmentation.readback import Readback
 from segmentation.settings import Settings, load_settings
 from segmentation.store import (
     ModelStore,
@@ -208,7 +209,10 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"versions": rows, "recent_refusals": refused}, indent=2))
         return 0
-    current = store.current_version()
+    try:
+        current = store.current_version()
+    except BundleError:  # a pointer that is not a version (reported): no version is marked
+        current = None
     for r in rows:
         mark = "*" if r["version"] == current else " "
         if "error" in r:
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_json)
-    store = ModelStore(connect(settings), settings.redis_prefix)
+    store = ModelStore(connect(settings), settings.redis_prefix, Readback.of(settings))
     try:
         check_redis(store.client)
     except RedisRefused as exc:
@@ -356,6 +360,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         print(f"error: Kafka refused the setup: {exc}", file=sys.stderr)
         return 1
     metrics = TrainerMetrics()
+    store.readback.counter = metrics.readback_rejected
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port, host=settings.metrics_host)
     if args.command == "once":

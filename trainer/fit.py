@@ -84,6 +84,8 @@ SPLIT_SEPARATION = 3.3
 # Realistic tuning seeds, same segments in both windows: 0.97 to 1.0; two of five
 # well-separated populations merged: 0.76 to 0.86.
 MIN_AGREEMENT = 0.9
+# A current segment holding less of the window than this has lost its population.
+VANISHED_SHARE = 0.005
 SPLIT_MARGIN = 0.5
 MIN_CUT_ROWS = 50
 # How a chosen K was chosen, as recorded in the bundle (``quality.k_selection``).
@@ -148,10 +150,15 @@ class KConfig:
 
 
 def fit_kmeans(
-    x: np.ndarray, k: int, n_init: int, random_state: int, silhouette_sample: int
+    x: np.ndarray, k: int, n_init: int, random_state: int, silhouette_sample: int,
+    init: np.ndarray | None = None,
 ) -> Fit:
-    """k-means++ with ``n_init`` restarts (the best inertia wins), scored on a sample."""
-    model = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=random_state)
+    """k-means++ with ``n_init`` restarts (the best inertia wins), scored on a sample; or, with
+    ``init`` (K centroids), one run of Lloyd's algorithm from them (``continued``)."""
+    if init is None:
+        model = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=random_state)
+    else:
+        model = KMeans(n_clusters=k, init=init, n_init=1, random_state=random_state)
     labels = model.fit_predict(x)
     return Fit(
         centroids=model.cluster_centers_,
@@ -162,6 +169,22 @@ def fit_kmeans(
         davies_bouldin=davies_bouldin(x, labels),
         calinski_harabasz=calinski_harabasz(x, labels),
     )
+
+
+def continued(x: np.ndarray, centroids: np.ndarray, random_state: int, silhouette_sample: int) -> Fit:
+    """The current model's segments refitted on this window: K-Means started from its centroids
+    (expressed in the window's space), the local optimum nearest to the segments in use. This is
+    the temporal smoothness of evolutionary clustering (Chakrabarti, Kumar and Tomkins, KDD
+    2006): the segments follow their customers' drift, and a restructuring is left to a fit from
+    scratch and an operator.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(8, 1, (200, 2))])
+    >>> fit = continued(x, np.array([[7.0, 7.0], [1.0, 1.0]]), 0, 400)
+    >>> fit.k, int(fit.labels[0]), int(fit.labels[-1])  # the order of the current segments is kept
+    (2, 1, 0)
+    """
+    return fit_kmeans(x, centroids.shape[0], 1, random_state, silhouette_sample, init=centroids)
 
 
 def plausible(fits: list[Fit]) -> list[Fit]:
@@ -348,14 +371,20 @@ def subsample_stability(x: np.ndarray, k: int, size: int, random_state: int,
 
 def agreement_with(fits: list[Fit], current_k: int | None, current_labels: np.ndarray | None) -> float | None:
     """The adjusted Rand index between the current model's partition of the rows and the refit
-    at its K; None without a current model or a refit at that K.
+    at its K; None without a current model or a refit at that K, or when one of the current
+    segments holds under ``VANISHED_SHARE`` of the rows: its population is gone, and the refit
+    at the current K must cut another one to fill it (which the index barely sees).
 
     >>> z = np.zeros((1, 1))
     >>> agreement_with([Fit(z, np.array([1, 1, 0, 0]), 2, 0.0, 0.0, 0.0)], 2, np.array([0, 0, 1, 1]))
     1.0
+    >>> agreement_with([Fit(z, np.array([1, 1, 0, 0]), 2, 0.0, 0.0, 0.0)], 2, np.array([0, 0, 0, 0]))
     """
     same = next((f for f in fits if f.k == current_k), None)
-    if same is None or current_labels is None:
+    if same is None or current_labels is None or current_k is None:
+        return None
+    held = np.bincount(current_labels, minlength=current_k) / max(current_labels.shape[0], 1)
+    if held.min() < VANISHED_SHARE:
         return None
     return float(adjusted_rand_score(current_labels, same.labels))
 

@@ -13,6 +13,7 @@ from segmentation.bundle import LabelChange, LabelMapping, ModelBundle, SegmentD
 from segmentation.cluster_metrics import nearest_two
 from segmentation.features import FeatureSpec
 from segmentation.matching import (
+    ENVELOPE_SHARE,
     SPLIT_SHARE,
     assign_segment_ids,
     median_pairwise_distance,
@@ -56,9 +57,10 @@ def previous_assignment(
     with the previous model's own spec, as the consumers score them), and which rows lie beyond
     the envelope of the segment it puts them in (None when the bundle records no envelope).
 
-    Novelty leaves out the features that grow with the calendar (``calendar_columns``): a lapsed
-    customer a quarter older is further from every centre, not a new kind of customer, so ageing
-    alone never makes a segment look born or vanished.
+    Novelty leaves out how far the calendar moved each segment (``calendar_columns``: per
+    segment, its customers' median offset in those columns is taken off, their spread stays): a
+    lapsed customer a quarter older is further from every centre, not a new kind of customer, so
+    ageing alone never makes a segment look born or vanished.
 
     >>> from segmentation.bundle import Lineage, Quality
     >>> b = ModelBundle(version=1, features=FeatureSpec(numeric=["x"], center=[0.0], scale=[1.0]),
@@ -75,7 +77,10 @@ def previous_assignment(
     if radii is None:
         return index, None
     residual = x_previous - centroids[index]
-    residual[:, calendar_columns(previous.features)] = 0.0
+    calendar = np.flatnonzero(calendar_columns(previous.features))
+    for i in np.unique(index):
+        rows = np.flatnonzero(index == i)
+        residual[np.ix_(rows, calendar)] -= np.median(residual[np.ix_(rows, calendar)], axis=0)
     return index, np.linalg.norm(residual, axis=1) > np.asarray(radii)[index]
 
 
@@ -119,7 +124,7 @@ def customer_mapping(
     drift = None
     if geometry is not None:
         previous_centroids, drift, stable_moves = geometry
-        moved_away = None if novel is None else novel_segments(labels, novel, k)
+        moved_away = None if novel is None else novel_segments(labels, novel, k, ENVELOPE_SHARE)
         transitions = vetoed_by_geometry(transitions, previous_centroids, centroids, stable_moves,
                                          max_spread, moved_away)
     previous_ids = np.asarray(previous.segment_ids)
@@ -181,6 +186,14 @@ def centroid_diff(mapping: LabelMapping) -> list[SegmentDiff]:
                for c in mapping.retired])
 
 
+def centroids_in(spec: FeatureSpec, previous: ModelBundle | None) -> np.ndarray | None:
+    """The previous model's centroids in ``spec``'s space; None without a previous model, or
+    when it lacks some of ``spec``'s features (its centroids cannot be placed here)."""
+    if previous is None or not set(spec.numeric) <= set(previous.features.numeric):
+        return None
+    return spec.reencode(previous.centroid_array(), previous.features)
+
+
 def label_segments(
     previous: ModelBundle | None,
     spec: FeatureSpec,
@@ -216,10 +229,10 @@ def label_segments(
     segment gets a description of its centroid.
     """
     cap = threshold_fraction * median_pairwise_distance(centroids)
-    comparable = previous is not None and set(spec.numeric) <= set(previous.features.numeric)
-    if previous is not None and comparable:
-        prev_centroids = spec.reencode(previous.centroid_array(), previous.features)
-        prev_ids = previous.segment_ids
+    placed = centroids_in(spec, previous)
+    comparable = placed is not None
+    if previous is not None and placed is not None:
+        prev_centroids, prev_ids = placed, previous.segment_ids
     else:
         # No previous version, or one without some of today's features: its centroids cannot
         # be placed in this space, so nothing matches on geometry.

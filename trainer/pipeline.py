@@ -273,8 +273,9 @@ def _train(
         log.warning("quality gate overridden by --force", extra={"failure": failure.detail})
     if refit.fallback_from is not None:
         log.warning("published at another K than chosen" if current is None else
-                    "structural change held: published at the current K; --accept publishes the change",
-                    extra={"k": refit.fit.k, "chosen_k": refit.fallback_from})
+                    "refit refused; the current structure is published instead (--accept publishes "
+                    "the refit)", extra={"k": refit.fit.k, "chosen_k": refit.fallback_from,
+                                         "continued": refit.continued})
 
     labelled = label(refit, current, store.allocate_segment_ids, matching(settings))
     version = store.allocate_version()

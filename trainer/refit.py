@@ -22,9 +22,9 @@ from segmentation.cluster_metrics import (
     silhouette_noise,
 )
 from segmentation.features import FeatureSpec
-from trainer.fit import Fit, KConfig, fit_model
+from trainer.fit import Fit, KConfig, continued, fit_model
 from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
-from trainer.labels import label_segments, previous_assignment
+from trainer.labels import centroids_in, label_segments, previous_assignment
 
 # Rows in each of the samples the silhouette's sampling noise is measured on.
 NOISE_SAMPLE = 2000
@@ -52,7 +52,8 @@ class Refit:
     noise: float  # the silhouette's sampling noise on these rows
     previous_labels: np.ndarray | None  # the current model's segment index of each row
     novel: np.ndarray | None  # rows beyond the current model's envelope
-    fallback_from: int | None = None  # the K first chosen, when a first model fell back
+    fallback_from: int | None = None  # the K first chosen, when the gate refused it (see assess)
+    continued: bool = False  # the current model's segments refitted (``trainer.fit.continued``)
 
     @property
     def no_structure(self) -> bool:
@@ -120,17 +121,16 @@ def fallback_candidates(chosen: Fit, fits: Sequence[Fit]) -> list[Fit]:
     return sorted(others, key=lambda f: (abs(f.k - chosen.k), f.k))
 
 
-def held_at_current_k(fit: Fit, fits: Sequence[Fit], current_k: int) -> Fit | None:
-    """The refit at the current K, when the one chosen has another K.
-
-    >>> z = np.zeros((1, 1)); l = np.zeros(1, dtype=int)
-    >>> fits = [Fit(z, l, k, 1.0, 0.5, 0.5) for k in (4, 5)]
-    >>> held_at_current_k(fits[0], fits, 5).k
-    5
-    >>> held_at_current_k(fits[1], fits, 5) is None, held_at_current_k(fits[0], fits[:1], 5) is None
-    (True, True)
-    """
-    return None if fit.k == current_k else equal_k(fits, current_k)
+def held_candidates(fit: Fit, fits: Sequence[Fit], current: ModelBundle, spec: FeatureSpec,
+                    x: np.ndarray, *, silhouette_sample: int, random_state: int) -> list[tuple[Fit, bool]]:
+    """What a retrain can publish when the gate refused the fit it chose: the refit at the
+    current K (if another K was chosen), then the current model's segments refitted on the
+    window (``trainer.fit.continued``; True in the pair). Both keep the current structure."""
+    candidates = [(f, False) for f in fits if f.k == current.k and fit.k != current.k]
+    start = centroids_in(spec, current)
+    if start is not None and start.shape[0] <= x.shape[0]:
+        candidates.append((continued(x, start, random_state, silhouette_sample), True))
+    return candidates
 
 
 def assess(
@@ -146,10 +146,10 @@ def assess(
     passes (``fits``, or every K of ``k_config``'s range when K was fixed): a deployment starts with the best
     model that passes rather than with none.
 
-    With a current model and no ``force``, a refit refused at another K (a structural change, a
-    merge that costs silhouette) falls back to the refit at the current K if that one passes
-    every check: the customers' drift is followed now, and the change of K waits for an
-    operator's ``--force`` or ``--accept``."""
+    With a current model and no ``force``, a refit the gate refuses (a structural change, a
+    merge that costs silhouette) falls back to the first of ``held_candidates`` that passes
+    every check: the customers' drift is followed now, and the restructuring waits for an
+    operator's ``--force`` or ``--accept`` (the bundle records the K that was chosen)."""
     previous_labels, novel = previous_rows(current, x_previous)
     on_window = None
     if previous_labels is not None:
@@ -163,12 +163,16 @@ def assess(
     failures, noise = judged(fit)
     refit = Refit(spec, x, fit, fits, failures, on_window, noise, previous_labels, novel)
     if current is not None:
-        held = None if force or not failures else held_at_current_k(fit, fits, current.k)
-        if held is not None:
+        operator_k = k_config is not None and k_config.k not in (None, current.k)
+        if force or not failures or operator_k:
+            return refit  # an operator's SEG_K is a change of K they asked for: refused, shown
+        for held, is_continued in held_candidates(fit, fits, current, spec, x,
+                                                  silhouette_sample=silhouette_sample,
+                                                  random_state=random_state):
             held_failures, held_noise = judged(held)
             if not held_failures:
                 return Refit(spec, x, held, fits, [], on_window, held_noise, previous_labels, novel,
-                             fallback_from=fit.k)
+                             fallback_from=fit.k, continued=is_continued)
         return refit
     if not failures or fit.k == 1:
         return refit
@@ -204,6 +208,8 @@ def build_bundle(
     gate["silhouette_noise"] = refit.noise
     if refit.fallback_from is not None:
         gate["k_fallback_from"] = refit.fallback_from
+    if refit.continued:
+        gate["continued_current_segments"] = True
     radii = segment_radii(refit.x, fit.labels, fit.centroids)
     return ModelBundle(
         version=version, features=refit.spec, centroids=fit.centroids.tolist(), segment_ids=ids,

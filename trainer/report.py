@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -422,6 +423,20 @@ def figure_html(name: str, data: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}" title="{name}">'
 
 
+def refusal_table(runs: list[dict[str, Any]]) -> str:
+    """The recent quality-gate refusals of the run log (entries as ``TrainerState.runs`` decodes
+    them) as an HTML table."""
+    refusals = [r for r in runs if r.get("result") == "rejected"][:8]
+    if not refusals:
+        return "<p class=muted>No refusals in the recent run log.</p>"
+    rows = "".join(
+        f"<tr><td>{datetime.fromtimestamp(float(r['at']), UTC):%Y-%m-%d %H:%M:%S}</td>"
+        f"<td>{html.escape(', '.join(f['check'] for f in r.get('failures', [])))}</td>"
+        f"<td>{html.escape(str(r.get('detail', '')))}</td></tr>" for r in refusals)
+    return ("<table><thead><tr><th>refused at (UTC)</th><th>check</th><th>why</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
 def write_report(store: ModelStore, out_dir: str | Path, settings: Settings | None = None) -> Path:
     """Write ``index.html`` (figures embedded) and the figures as PNG files into ``out_dir``;
     returns the path of ``index.html``. Without ``settings`` (no Kafka to read the training
@@ -512,14 +527,7 @@ def render_page(
         ("quality gate", gate),
         ("reproduce", f"<code>python -m trainer reproduce {bundle.version}</code>"),
     ])
-    refusals = [r for r in TrainerState.of(store).runs() if r.get("result") == "rejected"][:8]
-    refusal_rows = "".join(
-        f"<tr><td>{datetime.fromtimestamp(float(r['at']), UTC):%Y-%m-%d %H:%M:%S}</td>"
-        f"<td>{html.escape(', '.join(f['check'] for f in r.get('failures', [])))}</td>"
-        f"<td>{html.escape(str(r.get('detail', '')))}</td></tr>" for r in refusals)
-    refusal_html = (("<table><thead><tr><th>refused at (UTC)</th><th>check</th><th>why</th></tr></thead>"
-                     f"<tbody>{refusal_rows}</tbody></table>") if refusals
-                    else "<p class=muted>No refusals in the recent run log.</p>")
+    refusal_html = refusal_table(TrainerState.of(store).runs())
     profile_lead = (
         f"What a typical customer of each segment looks like: mean feature values in their own "
         f"units over {len(sample.events):,} customers of the training window (blue: above the "

@@ -36,13 +36,15 @@ class Signals:
 
 
 def read_signals(store: ModelStore, errors: ErrorCounter | None = None) -> Signals | None:
-    """The schedule's inputs, or None while Redis is unreachable (nothing is due then)."""
+    """The schedule's inputs, or None while Redis is unreachable or the current pointer is not a
+    version (reported by the store; the catch-up from the models topic rewrites it): nothing is
+    due then."""
     try:
         pinned = TrainerState.of(store, errors).pinned() is not None
         current = store.current_version()
         states = ReplicaStates.of(store, errors).all()
         pending = challenger_pending(store, current)
-    except OUTAGE:
+    except (*OUTAGE, BundleError):
         return None
     return Signals(pinned=pinned, has_model=current is not None,
                    worst_drift=worst_drift(states, current), challenger_pending=pending,

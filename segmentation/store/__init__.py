@@ -17,7 +17,6 @@ from segmentation.store.client import (
     check_redis,
     connect,
     connect_customers,
-    json_objects,
 )
 from segmentation.store.customers import CustomerAssignment, CustomerStore, PartialWrite
 from segmentation.store.keys import Keys
@@ -28,5 +27,5 @@ from segmentation.store.trainer_state import TrainerState
 __all__ = [
     "OUTAGE", "CustomerAssignment", "CustomerStore", "Keys", "ModelStore",
     "PartialWrite", "PublishConflict", "RedisRefused", "ReplicaStates", "TrainerState",
-    "best_effort", "check_redis", "connect", "connect_customers", "json_objects",
+    "best_effort", "check_redis", "connect", "connect_customers",
 ]

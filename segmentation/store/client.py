@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import redis
@@ -120,20 +118,3 @@ def check_redis(client: redis.Redis) -> None:
         raise
     except redis.ConnectionError:
         log.warning("Redis unreachable at start; going on without it for now")
-
-
-def json_objects(raws: Sequence[bytes | str | None]) -> list[dict[str, Any]]:
-    """The values that are JSON objects; anything else in Redis is untrusted and skipped.
-
-    >>> json_objects([b'{"a": 1}', None, b'[1]', b'{oops'])
-    [{'a': 1}]
-    """
-    objects = []
-    for raw in raws:
-        if raw is None:
-            continue
-        with contextlib.suppress(ValueError):
-            value = json.loads(raw)
-            if isinstance(value, dict):
-                objects.append(value)
-    return objects

@@ -8,6 +8,7 @@ truth: ``restore`` rebuilds it from the topic after Redis was lost or fell behin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from segmentation.bundle import BundleError, ModelBundle
+from segmentation.readback import Readback, ReadbackError, decode_number, redis_record
 from segmentation.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,25 @@ return 1
 # mirrors the topic. KEYS: version_seq, segment_id_seq, current, pinned, registry_offset.
 # ARGV: highest version, next segment id, current ('' if none), pinned ('' if none), the
 # topic's end offset, the notification channel.
+# A value that is not a number as Python reads it (decimal digits, no leading zero) is garbage:
+# it is replaced.
 _RESTORE = """
+local function number(key)
+  local v = redis.call('GET', key)
+  if v and string.len(v) <= 16 and (v == '0' or string.match(v, '^[1-9]%d*$')) then
+    return tonumber(v)
+  end
+  return nil
+end
 local function raise_to(key, value)
-  local cur = tonumber(redis.call('GET', key) or '') or -1
+  local cur = number(key) or -1
   if cur < value then redis.call('SET', key, value) end
 end
 raise_to(KEYS[1], tonumber(ARGV[1]))
 raise_to(KEYS[2], tonumber(ARGV[2]))
 local switched = 0
 if ARGV[3] ~= '' then
-  local cur = tonumber(redis.call('GET', KEYS[3]) or '')
+  local cur = number(KEYS[3])
   if cur == nil or cur < tonumber(ARGV[3]) then
     redis.call('SET', KEYS[3], ARGV[3])
     redis.call('PUBLISH', ARGV[6], ARGV[3])
@@ -75,11 +86,14 @@ class Counters:
 
 
 class ModelStore:
-    """Model versions in Redis. Every read is validated; every publish is compare-and-set."""
+    """Model versions in Redis. Every read is validated; every publish is compare-and-set.
+    ``readback`` counts and reports what is refused on reading (its trainer state and replica
+    states too)."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, readback: Readback | None = None) -> None:
         self.client = client
         self.keys = Keys(prefix)
+        self.readback = readback or Readback()
         self._publish = client.register_script(_PUBLISH)
         self._restore = client.register_script(_RESTORE)
 
@@ -90,14 +104,23 @@ class ModelStore:
         except redis.ResponseError as exc:
             raise BundleError(f"{key}: {exc}") from None
 
-    def current_version(self) -> int | None:
-        raw = self._get(self.keys.current)
+    def _number(self, key: str, raw: bytes | str | None, low: int = 0) -> int | None:
+        """A pointer or counter read from ``key`` (None: absent); ``ReadbackError`` (reported)
+        if it is not a number."""
         if raw is None:
             return None
         try:
-            return int(raw)
-        except ValueError:
-            raise BundleError(f"current pointer is not a version number: {raw!r}") from None
+            return decode_number(raw, low)
+        except ReadbackError as exc:
+            self.readback.rejected("redis_pointer", redis_record(key, raw), exc)
+            raise
+
+    def current_version(self) -> int | None:
+        """The current version (None: none yet); ``BundleError`` if the pointer is not a version."""
+        try:
+            return self._number(self.keys.current, self._get(self.keys.current), low=1)
+        except ReadbackError as exc:
+            raise BundleError(f"current pointer is not a version number ({exc.reason})") from None
 
     def load(self, version: int) -> ModelBundle:
         """The bundle of ``version``, validated; ``BundleError`` if missing or invalid."""
@@ -131,8 +154,13 @@ class ModelStore:
         pipe.execute()
 
     def versions(self) -> list[int]:
+        """The published versions; a member that is not a version number is skipped (reported)."""
         members: list[bytes] = self.client.zrange(self.keys.versions, 0, -1)  # type: ignore[assignment]
-        return [int(v) for v in members if v.isdigit()]
+        versions: list[int | None] = []
+        for member in members:
+            with contextlib.suppress(ReadbackError):
+                versions.append(self._number(self.keys.versions, member, low=1))
+        return [v for v in versions if v is not None]
 
     def allocate_version(self) -> int:
         return int(self.client.incr(self.keys.version_seq))
@@ -143,9 +171,26 @@ class ModelStore:
         return list(range(end - n, end))
 
     def counters(self) -> Counters:
-        """The version and segment-id counters as they stand (0 for a counter never used)."""
-        version, next_id = self.client.mget([self.keys.version_seq, self.keys.segment_id_seq])
-        return Counters(int(version or 0), int(next_id or 0))
+        """The version and segment-id counters as they stand (0 for a counter never used);
+        ``BundleError`` if one is not a number (``restore`` rewrites it from the models topic)."""
+        keys = [self.keys.version_seq, self.keys.segment_id_seq]
+        try:
+            version, next_id = (self._number(k, raw) or 0 for k, raw in zip(keys, self.client.mget(keys),
+                                                                             strict=True))
+        except ReadbackError as exc:
+            raise BundleError(f"a version or segment-id counter is not a number ({exc.reason})") from None
+        return Counters(version, next_id)
+
+    def pointers_readable(self) -> bool:
+        """Whether the current pointer and the counters are numbers or absent (reported if not)."""
+        lows = {self.keys.current: 1, self.keys.version_seq: 0, self.keys.segment_id_seq: 0}
+        readable = True
+        for (key, low), raw in zip(lows.items(), self.client.mget(list(lows)), strict=True):
+            try:
+                self._number(key, raw, low)
+            except ReadbackError:
+                readable = False
+        return readable
 
     def publish(self, bundle: ModelBundle, base_version: int | None) -> None:
         """Store ``bundle`` and make it current, only if current is still ``base_version``.
@@ -166,11 +211,11 @@ class ModelStore:
             raise PublishConflict(f"v{bundle.version} already exists")
 
     def registry_offset(self) -> int | None:
-        """The models topic's end offset this cache last caught up with (None: never, or lost)."""
+        """The models topic's end offset this cache last caught up with (None: never, lost, or
+        garbage: catch up from the topic again)."""
         try:
-            raw = self.client.get(self.keys.registry_offset)
-            return None if raw is None else int(raw)
-        except (ValueError, redis.ResponseError):  # garbage: catch up from the topic again
+            return self._number(self.keys.registry_offset, self._get(self.keys.registry_offset))
+        except (ReadbackError, BundleError):
             return None
 
     def set_registry_offset(self, offset: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import redis
 
-from segmentation.store.client import ErrorCounter, best_effort, json_objects
+from segmentation.readback import Readback, ReadbackError, decode_number, decode_run, redis_record
+from segmentation.store.client import ErrorCounter, best_effort
 from segmentation.store.keys import Keys
 from segmentation.store.models import ModelStore
 
@@ -39,17 +40,20 @@ UNREADABLE_PIN = 0
 
 
 class TrainerState:
-    def __init__(self, client: redis.Redis, keys: Keys, errors: ErrorCounter | None = None) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, errors: ErrorCounter | None = None,
+                 readback: Readback | None = None) -> None:
         self.client = client
         self.keys = keys
         self.errors = errors
+        self.readback = readback or Readback()
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
 
     @classmethod
     def of(cls, store: ModelStore, errors: ErrorCounter | None = None) -> TrainerState:
-        """The trainer state next to ``store``'s models (same Redis, same prefix)."""
-        return cls(store.client, store.keys, errors)
+        """The trainer state next to ``store``'s models (same Redis, same prefix, same
+        reporting of what is refused on reading)."""
+        return cls(store.client, store.keys, errors, store.readback)
 
     @contextlib.contextmanager
     def lease(self, ttl_s: int) -> Iterator[bool]:
@@ -101,9 +105,9 @@ class TrainerState:
         if raw is None:
             return None
         try:
-            return int(raw)
-        except ValueError:
-            log.error("pinned key is not a version number; retrains stay held", extra={"value": raw})
+            return decode_number(raw, low=1)
+        except ReadbackError as exc:  # reported once; retrains stay held
+            self.readback.rejected("redis_pointer", redis_record(self.keys.pinned, raw), exc)
             return UNREADABLE_PIN
 
     def record_run(self, run: dict[str, Any], keep: int = 200) -> None:
@@ -117,9 +121,17 @@ class TrainerState:
         best_effort("run_log", append, None, self.errors)
 
     def runs(self, count: int = 50) -> list[dict[str, Any]]:
-        """Recent runs, newest first; entries that are not JSON objects are skipped, and a log
-        that cannot be read is empty."""
+        """Recent runs, newest first; entries that are not run entries (``readback.decode_run``)
+        are skipped and reported, and a log that cannot be read is empty."""
         def read() -> list[bytes]:
             return self.client.lrange(self.keys.runs, 0, count - 1)  # type: ignore[return-value]
 
-        return json_objects(best_effort("run_log", read, [], self.errors))
+        latest = self.readback.latest_ms()
+        runs = []
+        raws: list[bytes] = best_effort("run_log", read, [], self.errors)
+        for raw in raws:
+            try:
+                runs.append(decode_run(raw, latest))
+            except ReadbackError as exc:
+                self.readback.rejected("run_log", redis_record(self.keys.runs, raw), exc)
+        return runs
