@@ -232,8 +232,10 @@ def median_pairwise_distance(centroids: np.ndarray) -> float:
 SPLIT_SHARE = 0.3
 BORN_NOVEL_SHARE = 0.5
 # The share of a segment's own customers its envelope (the 99th percentile distance) leaves
-# out: a segment with fewer novel customers than this holds the previous segment's customers.
+# out: a segment with no more novel customers than this, give or take ENVELOPE_Z binomial
+# standard deviations of sampling noise, holds the previous segment's customers.
 ENVELOPE_SHARE = 0.01
+ENVELOPE_Z = 3.0
 VANISHED_NOVEL_SHARE = 0.9
 
 
@@ -262,18 +264,27 @@ def customer_flows(previous: np.ndarray, current: np.ndarray, k_previous: int, k
 
 
 def novel_segments(current: np.ndarray, novel: np.ndarray | None, k_current: int,
-                   share: float = BORN_NOVEL_SHARE) -> set[int]:
-    """New segments at least ``share`` of whose customers were novel to the previous model
-    (beyond the envelope of the segment it put them in): most of them by default.
+                   share: float = BORN_NOVEL_SHARE, z: float = 0.0) -> set[int]:
+    """New segments more of whose customers were novel to the previous model (beyond the
+    envelope of the segment it put them in) than ``share`` of them (most of them by default),
+    plus ``z`` binomial standard deviations: a share the envelope leaves out by construction
+    (``ENVELOPE_SHARE``) is only exceeded when more customers are beyond it than chance puts
+    there.
 
     >>> sorted(novel_segments(np.array([0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 0], bool), 2))
     [1]
+    >>> labels, novel = np.zeros(1500, int), np.arange(1500) < 24  # 1.6% novel: 15 expected, sd 3.9
+    >>> novel_segments(labels, novel, 1, ENVELOPE_SHARE)
+    {0}
+    >>> novel_segments(labels, novel, 1, ENVELOPE_SHARE, ENVELOPE_Z)
+    set()
     """
     if novel is None:
         return set()
     sizes = np.bincount(current, minlength=k_current)
     novel_counts = np.bincount(current[novel], minlength=k_current)
-    return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= share * sizes[j]}
+    allowed = share * sizes + z * np.sqrt(sizes * share * (1 - share))
+    return {j for j in range(k_current) if sizes[j] > 0 and novel_counts[j] >= allowed[j]}
 
 
 def significant_flows(flows: np.ndarray, excluded: set[int]) -> np.ndarray:
@@ -352,7 +363,7 @@ def born_segments(flows: np.ndarray, novel: set[int], vanished: Collection[int] 
 
 def segment_transitions(
     previous: np.ndarray, current: np.ndarray, k_previous: int, k_current: int,
-    novel: np.ndarray | None = None,
+    novel: np.ndarray | None = None, retiring: Collection[int] = (),
 ) -> list[Transition]:
     """Every new segment continues, splits from, merges or is born; every previous segment is
     continued or retired. ``previous``/``current``: each window customer's segment index under
@@ -360,7 +371,8 @@ def segment_transitions(
 
     New segments of customers novel to the previous model are born (``born_segments``);
     previous segments that hold almost only novel customers vanished (``vanished_segments``) and
-    parent nothing. A flow
+    parent nothing, nor do the ``retiring`` ones (a refit that dropped them: their customers had
+    moved on). A flow
     from old i to new j is significant when it holds at least ``SPLIT_SHARE`` of i's customers
     (not counting those who went to born segments) and of j's, or when i was absorbed by j
     (``absorbed``: most of i's customers went to j). Then a new segment
@@ -385,11 +397,11 @@ def segment_transitions(
     [('merged', 0, (0, 1)), ('continued', 1, (2,)), ('retired', None, ()), ('retired', None, ())]
     """
     flows = customer_flows(previous, current, k_previous, k_current)
-    vanished = vanished_segments(previous, novel, k_previous)
+    vanished = vanished_segments(previous, novel, k_previous) | set(retiring)
     born = born_segments(flows, novel_segments(current, novel, k_current), vanished)
     significant = significant_flows(flows, born)
     # a vanished segment that only held part of a new population is its neighbour, not its parent
-    strays = [i for i in vanished if any(flows[i, j] > 0 for j in born)]
+    strays = [i for i in vanished if any(flows[i, j] > 0 for j in born) or i in retiring]
     significant[strays, :] = False
     children = {i: [int(j) for j in np.flatnonzero(significant[i])] for i in range(k_previous)}
     out: list[Transition] = []
@@ -418,11 +430,12 @@ def vetoed_by_geometry(
     * a segment whose centroid moved more than ``max_spread`` (``moves[previous, new]``, in
       spread units over the features that do not age with the calendar), unless its customers
       are the previous segment's own (``novel``: the new segments with more customers beyond the
-      previous envelope than the ``ENVELOPE_SHARE`` it leaves out; None when the previous model
-      has no envelope, and then the move alone decides), holds other customers than the
-      segment it replaces (a population gone, another in its place): the old id retires and the
-      new segment is born. The same customers with moved features (lapsed customers whose
-      90-day purchases aged out) continue their segment: the diff says ``drifted``;
+      previous envelope than the ``ENVELOPE_SHARE`` it leaves out, beyond sampling noise; None
+      when the previous model has no envelope, and then the move alone decides), holds other
+      customers than the segment it replaces (a population gone, another in its place): the
+      old id retires and the new segment is born. The same customers with moved features
+      (lapsed customers whose 90-day purchases aged out) continue their segment: the diff says
+      ``drifted``;
     * two continued segments that converged (``merged_pairs``) merged, though the new model cut
       the merged population along the old boundary: both are merges of the two.
 

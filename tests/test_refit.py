@@ -91,3 +91,31 @@ def test_a_structural_change_at_another_k_is_held_and_the_current_k_is_published
     assert held.fit.k == 3 and held.fallback_from == 2 and not held.failures
     forced = judged(force=True)  # --force / --accept: the change the operator asked for
     assert forced.fit.k == 2 and {"structure", "silhouette_drop"} <= {f.check for f in forced.failures}
+
+
+def test_a_segment_whose_customers_all_moved_on_retires_and_the_others_keep_their_ids() -> None:
+    """At-risk customers who all lapsed: the segment holds 3 of 2,003 customers. The refit K
+    chooses is refused (a structural change without an accept), the current segments refitted
+    keep an empty one (refused: min share); without it they publish, and only those 3 change
+    id. A K pinned by the operator (SEG_K) is never changed this way: there the refit is refused."""
+    rng = np.random.default_rng(5)
+    settings = settings_for(2)
+    registry = Registry()
+    first = retrain(blobs(rng, [[0, 0], [10, 0], [0, 10], [10, 10]], [500] * 4), None, registry, settings)
+    assert first.bundle is not None and first.bundle.k == 4
+    window = blobs(rng, [[0, 0], [10, 0], [0, 10], [10, 10]], [500, 500, 1000, 3])
+    run = retrain(window, first.bundle, registry, settings)
+    assert run.bundle is not None and run.refit is not None and not run.failures
+    assert run.refit.continued and run.refit.fallback_from is not None and len(run.refit.retiring) == 1
+    diff = {d.segment_id: d for d in run.bundle.label_mapping.diff}
+    retired = [d for d in diff.values() if d.status == "retired"]
+    assert len(retired) == 1 and retired[0].customers == 3
+    assert sorted(run.bundle.segment_ids) == sorted(set(first.bundle.segment_ids) - {retired[0].segment_id})
+    gate = run.bundle.quality.gate
+    assert gate is not None and gate["retired_emptied"] == str(retired[0].segment_id)
+    assert "structure" in str(gate["refused_checks"]).split(",")
+    forced = retrain(window, first.bundle, registry, settings, force=True)  # what was refused
+    assert forced.bundle is not None and forced.bundle.k == run.refit.fallback_from
+    assert "structure" in {f.check for f in forced.failures}
+    pinned = retrain(window, first.bundle, registry, settings.model_copy(update={"k": 4}))
+    assert pinned.bundle is None and "structure" in {f.check for f in pinned.failures}

@@ -91,7 +91,31 @@ def gate_summary(bundle: ModelBundle) -> dict[str, Any]:
                      "davies_bouldin": round(baseline.davies_bouldin, 4),
                      "accepted_version": baseline.version},
         "below_baseline": round(baseline.silhouette - bundle.quality.silhouette, 4),
+        "held": held_summary(gate),
     }
+
+
+def held_summary(gate: dict[str, float | str | bool]) -> str | None:
+    """Why a retrain published another model than the one it chose (``trainer.refit.assess``'s
+    held candidates), in words; None when it published its choice.
+
+    >>> held_summary({"k_fallback_from": 5.0, "continued_current_segments": True, "retired_emptied": "3",
+    ...               "refused_checks": "min_share"})
+    'K=5 was chosen and refused (min_share): the current segments were refitted, emptied segments 3 retired'
+    >>> held_summary({}) is None
+    True
+    """
+    chosen = gate.get("k_fallback_from")
+    if not isinstance(chosen, int | float) or isinstance(chosen, bool):
+        return None
+    what = ("the current segments were refitted" if gate.get("continued_current_segments") is True
+            else "the refit at another K passed")
+    emptied = gate.get("retired_emptied")
+    if isinstance(emptied, str) and emptied:
+        what += f", emptied segments {emptied} retired"
+    refused = gate.get("refused_checks")
+    why = f" ({refused})" if isinstance(refused, str) and refused else ""
+    return f"K={int(chosen)} was chosen and refused{why}: {what}"
 
 
 def challenger_summary(store: ModelStore, current: int | None) -> dict[str, Any] | None:
@@ -171,6 +195,8 @@ def cmd_show(store: ModelStore, as_json: bool) -> int:
     print(f"  {status}; accepted baseline{accepted}: silhouette={base['silhouette']:.3f}"
           f"  davies-bouldin={base['davies_bouldin']:.3f}"
           + (f"  (this model is {below:.3f} below it)" if below > 0 else ""))
+    if gate["held"]:
+        print(f"  held: {gate['held']} (`trainer once --accept` publishes the refused change)")
     for seg in summary["segments"]:
         print(f"  {seg['segment_id']:>4}  {seg['share']:7.2%}  {seg['size']:>7}  {seg['segment']}")
     last = summary["last_run"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from segmentation.cluster_metrics import nearest_two
 from segmentation.features import FeatureSpec
 from segmentation.matching import (
     ENVELOPE_SHARE,
+    ENVELOPE_Z,
     SPLIT_SHARE,
     assign_segment_ids,
     median_pairwise_distance,
@@ -111,6 +112,7 @@ def customer_mapping(
     previous: ModelBundle, centroids: np.ndarray, fresh_ids: Callable[[int], list[int]],
     previous_labels: np.ndarray, labels: np.ndarray, novel: np.ndarray | None,
     geometry: tuple[np.ndarray, np.ndarray, np.ndarray] | None, max_spread: float,
+    retiring: Collection[int] = (),
 ) -> tuple[list[int], LabelMapping]:
     """Segment ids that follow the customers (``segmentation.matching.segment_transitions``): a
     new segment that continues a previous one keeps its id; a split, a merge or a birth gets a
@@ -120,11 +122,11 @@ def customer_mapping(
     replacement (``segmentation.matching.vetoed_by_geometry``); one whose move over all columns
     does is ``drifted`` (the calendar moved it, its customers stayed)."""
     k = centroids.shape[0]
-    transitions = segment_transitions(previous_labels, labels, previous.k, k, novel)
+    transitions = segment_transitions(previous_labels, labels, previous.k, k, novel, retiring)
     drift = None
     if geometry is not None:
         previous_centroids, drift, stable_moves = geometry
-        moved_away = None if novel is None else novel_segments(labels, novel, k, ENVELOPE_SHARE)
+        moved_away = None if novel is None else novel_segments(labels, novel, k, ENVELOPE_SHARE, ENVELOPE_Z)
         transitions = vetoed_by_geometry(transitions, previous_centroids, centroids, stable_moves,
                                          max_spread, moved_away)
     previous_ids = np.asarray(previous.segment_ids)
@@ -207,13 +209,15 @@ def label_segments(
     max_spread: float,
     previous_labels: np.ndarray | None = None,
     novel: np.ndarray | None = None,
+    retiring: Collection[int] = (),
 ) -> tuple[list[int], list[str], LabelMapping]:
     """Segment ids and names for new centroids, and the mapping (with the diff) from the
     previous version.
 
     **Ids follow the customers** when the previous model could score the window
     (``previous_labels``: its segment index for each row of ``x``; ``novel``: rows beyond its
-    envelope): see ``customer_mapping``. Features that move with the calendar move centroids,
+    envelope; ``retiring``: previous segments the refit dropped, which parent nothing): see
+    ``customer_mapping``. Features that move with the calendar move centroids,
     not customers, so they cannot renumber a customer base.
 
     **Centroid distance is the fallback**: matching happens in the *new* version's scaled
@@ -247,7 +251,8 @@ def label_segments(
         geometry = (prev_centroids, cost, spread_distances(
             prev_centroids[:, stable], centroids[:, stable], x[:, stable], labels)) if comparable else None
         segment_ids, mapping = customer_mapping(
-            previous, centroids, fresh_ids, previous_labels, labels, novel, geometry, max_spread)
+            previous, centroids, fresh_ids, previous_labels, labels, novel, geometry, max_spread,
+            retiring)
     else:
         cost[cdist(prev_centroids, centroids) > cap] = np.inf
         result = assign_segment_ids(prev_centroids, prev_ids, centroids, max_spread, fresh_ids, cost)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,8 @@ class Refit:
     novel: np.ndarray | None  # rows beyond the current model's envelope
     fallback_from: int | None = None  # the K first chosen, when the gate refused it (see assess)
     continued: bool = False  # the current model's segments refitted (``trainer.fit.continued``)
+    retiring: tuple[int, ...] = ()  # current segments the continuation dropped (``emptied``)
+    refused: tuple[GateFailure, ...] = ()  # why the fit first chosen was refused (fallback_from)
 
     @property
     def no_structure(self) -> bool:
@@ -84,8 +87,11 @@ def equal_k(fits: Sequence[Fit], k: int) -> Fit | None:
 
 def _gate(fit: Fit, fits: Sequence[Fit], x: np.ndarray, limits: GateLimits, current: ModelBundle | None,
           on_window: float | None, baseline: QualityBaseline | None, noise: float,
-          structural_share: float | None) -> list[GateFailure]:
-    same_k = equal_k(fits, current.k) if current is not None else None
+          structural_share: float | None, held: bool = False) -> list[GateFailure]:
+    """``run_gate`` with the same-window comparison made at the current K: the refit at that K
+    among ``fits`` against the current model, or a ``held`` candidate (the current structure,
+    refitted) against it directly."""
+    same_k = fit if held else equal_k(fits, current.k) if current is not None else None
     return run_gate(
         fit, x, limits, on_window if current is None or same_k is not None else None, baseline,
         equal_k_silhouette=None if same_k is None else same_k.silhouette, noise=noise,
@@ -95,7 +101,7 @@ def _gate(fit: Fit, fits: Sequence[Fit], x: np.ndarray, limits: GateLimits, curr
 
 def structural_share(fit: Fit, spec: FeatureSpec, x: np.ndarray, current: ModelBundle | None,
                      previous_labels: np.ndarray | None, novel: np.ndarray | None,
-                     matching: Matching) -> float | None:
+                     matching: Matching, retiring: tuple[int, ...] = ()) -> float | None:
     """The share of customers the refit's splits, merges, births and retirements would move
     (None without a current model that scored the window)."""
     if current is None or previous_labels is None:
@@ -103,7 +109,7 @@ def structural_share(fit: Fit, spec: FeatureSpec, x: np.ndarray, current: ModelB
     _, _, mapping = label_segments(
         current, spec, fit.centroids, matching.threshold, lambda n: [-1 - i for i in range(n)], {},
         x=x, labels=fit.labels, max_spread=matching.max_spread,
-        previous_labels=previous_labels, novel=novel,
+        previous_labels=previous_labels, novel=novel, retiring=retiring,
     )
     return mapping.structural_share
 
@@ -121,15 +127,58 @@ def fallback_candidates(chosen: Fit, fits: Sequence[Fit]) -> list[Fit]:
     return sorted(others, key=lambda f: (abs(f.k - chosen.k), f.k))
 
 
+# A segment the current model now gives less than this fraction of its training share has
+# emptied: most of its customers moved on (the at-risk who lapsed).
+EMPTIED_FRACTION = 0.25
+
+
+def emptied(
+    previous_labels: np.ndarray | None, training_shares: Sequence[float], min_share: float
+) -> np.ndarray:
+    """Which current segments the current model's own assignment of the window gives less than
+    ``min_share`` of it, or less than ``EMPTIED_FRACTION`` of their training share: their
+    customers moved on (at-risk customers who all lapsed).
+
+    >>> emptied(np.array([0] * 99 + [1] + [2] * 100), [0.3, 0.3, 0.4], 0.01).tolist()
+    [False, True, False]
+    >>> emptied(np.array([0] * 190 + [1] * 10), [0.5, 0.5], 0.01).tolist()  # 5% of 50%
+    [False, True]
+    >>> emptied(None, [0.5, 0.5], 0.01).tolist()
+    [False, False]
+    """
+    k = len(training_shares)
+    if previous_labels is None or previous_labels.shape[0] == 0:
+        return np.zeros(k, dtype=bool)
+    shares = np.bincount(previous_labels, minlength=k) / previous_labels.shape[0]
+    return np.asarray((shares < min_share) | (shares < EMPTIED_FRACTION * np.asarray(training_shares)))
+
+
+class Held(NamedTuple):
+    """A candidate that keeps the current structure (see ``held_candidates``)."""
+
+    fit: Fit
+    continued: bool  # the current model's segments refitted (``trainer.fit.continued``)
+    retiring: tuple[int, ...] = ()  # the current segments it dropped (``emptied``)
+
+
 def held_candidates(fit: Fit, fits: Sequence[Fit], current: ModelBundle, spec: FeatureSpec,
-                    x: np.ndarray, *, silhouette_sample: int, random_state: int) -> list[tuple[Fit, bool]]:
+                    x: np.ndarray, previous_labels: np.ndarray | None, min_share: float, *,
+                    silhouette_sample: int, random_state: int, may_retire: bool = True) -> list[Held]:
     """What a retrain can publish when the gate refused the fit it chose: the refit at the
     current K (if another K was chosen), then the current model's segments refitted on the
-    window (``trainer.fit.continued``; True in the pair). Both keep the current structure."""
-    candidates = [(f, False) for f in fits if f.k == current.k and fit.k != current.k]
+    window (``trainer.fit.continued``), then, if ``may_retire`` (K is not pinned by the
+    operator's SEG_K), the same without the segments that ``emptied`` (they retire, and only
+    their few remaining customers move). All keep the current structure but for what the
+    customers already left."""
+    candidates = [Held(f, False) for f in fits if f.k == current.k and fit.k != current.k]
     start = centroids_in(spec, current)
-    if start is not None and start.shape[0] <= x.shape[0]:
-        candidates.append((continued(x, start, random_state, silhouette_sample), True))
+    if start is None or start.shape[0] > x.shape[0]:
+        return candidates
+    candidates.append(Held(continued(x, start, random_state, silhouette_sample), True))
+    gone = emptied(previous_labels, current.quality.shares, min_share)
+    if may_retire and gone.any() and (~gone).sum() >= 2:
+        candidates.append(Held(continued(x, start[~gone], random_state, silhouette_sample), True,
+                               tuple(int(i) for i in np.flatnonzero(gone))))
     return candidates
 
 
@@ -155,10 +204,12 @@ def assess(
     if previous_labels is not None:
         on_window = sampled_silhouette(x, previous_labels, silhouette_sample, random_state)
 
-    def judged(candidate: Fit) -> tuple[list[GateFailure], float]:
+    def judged(candidate: Fit, held: Held | None = None) -> tuple[list[GateFailure], float]:
         noise = silhouette_noise(x, candidate.labels, min(NOISE_SAMPLE, silhouette_sample), random_state)
-        moved = structural_share(candidate, spec, x, current, previous_labels, novel, matching)
-        return _gate(candidate, fits, x, limits, current, on_window, baseline, noise, moved), noise
+        moved = structural_share(candidate, spec, x, current, previous_labels, novel, matching,
+                                 held.retiring if held is not None else ())
+        return _gate(candidate, fits, x, limits, current, on_window, baseline, noise, moved,
+                     held is not None), noise
 
     failures, noise = judged(fit)
     refit = Refit(spec, x, fit, fits, failures, on_window, noise, previous_labels, novel)
@@ -166,13 +217,15 @@ def assess(
         operator_k = k_config is not None and k_config.k not in (None, current.k)
         if force or not failures or operator_k:
             return refit  # an operator's SEG_K is a change of K they asked for: refused, shown
-        for held, is_continued in held_candidates(fit, fits, current, spec, x,
-                                                  silhouette_sample=silhouette_sample,
-                                                  random_state=random_state):
-            held_failures, held_noise = judged(held)
+        pinned = k_config is not None and k_config.k is not None
+        for held in held_candidates(fit, fits, current, spec, x, previous_labels, limits.min_share,
+                                    silhouette_sample=silhouette_sample, random_state=random_state,
+                                    may_retire=not pinned):
+            held_failures, held_noise = judged(held.fit, held)
             if not held_failures:
-                return Refit(spec, x, held, fits, [], on_window, held_noise, previous_labels, novel,
-                             fallback_from=fit.k, continued=is_continued)
+                return Refit(spec, x, held.fit, fits, [], on_window, held_noise, previous_labels,
+                             novel, fallback_from=fit.k, continued=held.continued,
+                             retiring=held.retiring, refused=tuple(failures))
         return refit
     if not failures or fit.k == 1:
         return refit
@@ -191,7 +244,7 @@ def label(refit: Refit, current: ModelBundle | None, fresh_ids: Callable[[int], 
     return label_segments(
         current, refit.spec, refit.fit.centroids, matching.threshold, fresh_ids, matching.names,
         x=refit.x, labels=refit.fit.labels, max_spread=matching.max_spread,
-        previous_labels=refit.previous_labels, novel=refit.novel,
+        previous_labels=refit.previous_labels, novel=refit.novel, retiring=refit.retiring,
     )
 
 
@@ -208,8 +261,13 @@ def build_bundle(
     gate["silhouette_noise"] = refit.noise
     if refit.fallback_from is not None:
         gate["k_fallback_from"] = refit.fallback_from
+    if refit.refused:
+        gate["refused_checks"] = ",".join(f.check for f in refit.refused)
     if refit.continued:
         gate["continued_current_segments"] = True
+    if refit.retiring:
+        gate["retired_emptied"] = ",".join(
+            str(c.segment_id) for c in mapping.retired if c.previous_index in refit.retiring)
     radii = segment_radii(refit.x, fit.labels, fit.centroids)
     return ModelBundle(
         version=version, features=refit.spec, centroids=fit.centroids.tolist(), segment_ids=ids,
