@@ -378,6 +378,44 @@ def rebalance_storm(run: ScenarioRun) -> None:
              f"{time.monotonic() - began:.1f} s{why}")
 
 
+def kill_storm(run: ScenarioRun) -> None:
+    """Issue 20 item 7's setup: three replicas; every ``storm_every_s`` one is SIGKILLed or
+    SIGTERMed in turn and restarted a second later, and the broker is SIGKILLed once midway. A
+    member killed mid-transaction leaves it open (until its restart fences it, or it times out),
+    so this is where a rebuild of the change state meets an open transaction."""
+    p = run.params
+    run.start(replicas=3)
+    assert run.pool is not None
+    producer = run.traffic.steady_in_background(p.storm_rate, p.storm_s)
+    slot, stops, broker_done = 0, 0, False
+    time.sleep(p.storm_every_s)
+    while producer.is_alive():
+        stopped_at = time.time()
+        if stops % 2 == 0:
+            run.pool.kill(slot)
+            what = "replica SIGKILL/start"
+        else:
+            if run.pool.stop(slot) != 0:
+                run.note(f"replica {slot} exited non-zero on SIGTERM during the storm")
+            what = "replica SIGTERM/start"
+        time.sleep(1.0)
+        restarted = run.pool.restart(slot)
+        run.fault(what, stopped_at, restarted.started_at)
+        run.result.kills += 1
+        stops += 1
+        slot = (slot + 1) % 3
+        if not broker_done and stops == 3:
+            killed_at = time.time()
+            run.stack.kill("kafka")
+            time.sleep(p.broker_down_s)
+            run.stack.start("kafka")
+            run.fault("broker SIGKILL", killed_at, time.time())
+            run.result.kills += 1
+            broker_done = True
+        producer.join(p.storm_every_s)
+    run.drain(quiet=True)
+
+
 def _kill_on_change(run: ScenarioRun, proc: Proc, read: Callable[[], object], timeout_s: float = 60) -> bool:
     """SIGKILL ``proc`` the moment ``read()`` answers something else than it did at first."""
     before = read()
@@ -518,6 +556,9 @@ SCENARIOS = (
              "Redis SIGKILL, ~10 s down, restarted EMPTY (data dir wiped); then `trainer once`"),
     Scenario("rebalance-storm", rebalance_storm, MODES,
              "3 replicas, one stopped (SIGTERM) and restarted every ~6 s"),
+    Scenario("kill-storm", kill_storm, MODES,
+             "3 replicas, one SIGKILLed or SIGTERMed in turn and restarted every ~6 s; the broker "
+             "SIGKILLed once"),
     Scenario("trainer-kill", trainer_kill, ("at-least-once",),
              "`trainer once --force` SIGKILLed during its fit or mid-publish, then a normal run",
              (("lock_ttl_s", 3),)),

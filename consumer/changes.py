@@ -41,14 +41,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import KafkaException
 
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from consumer.watcher import ActiveModel
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
-from segmentation.kafka import ReadIncomplete, read_to_end, reader_config
+from segmentation.kafka import ReadIncomplete, TopicReader, read_to_end
 from segmentation.metrics import ChangeCause, ConsumerMetrics
 from segmentation.readback import Readback, ReadbackError, decode_change, key_text
 from segmentation.settings import Settings
@@ -164,7 +164,7 @@ class SegmentChanges:
         self.model_of = model_of
         self.readback = Readback.of(settings, metrics.readback_rejected)
         self.state: dict[int, dict[str, Recorded]] = {}
-        self._reader: Consumer | None = None
+        self._reader: TopicReader | None = None
 
     def record(self, messages: Sequence[Message], batch: ScoredBatch, model: ActiveModel) -> bool:
         """The batch's changes into ``batch.changes``, against the state the batches before
@@ -204,7 +204,7 @@ class SegmentChanges:
     def _read(self, partitions: list[int]) -> dict[int, dict[str, Recorded]]:
         assert self.topic is not None  # noqa: S101 - prepare reads only with a topic
         if self._reader is None:
-            self._reader = Consumer(reader_config(self.settings, "changes-restore"))
+            self._reader = TopicReader(self.settings, "changes-restore")
         restored: dict[int, dict[str, Recorded]] = {p: {} for p in partitions}
         latest = self.readback.latest_ms()
         invalid = 0

@@ -3,6 +3,8 @@
 * Per finished batch (``Reporter.count``): events scored and dead-lettered (with reasons),
   unknown category values, assignments, outliers and novel events per segment, event lag, batch
   duration.
+* Once per model swapped in (``Reporter.report``): the per-segment series of ids the model does
+  not have are removed (``ConsumerMetrics.keep_segments``).
 * At most every ``REPORT_EVERY_S`` (``Reporter.report``, called once per step): consumer lag per
   partition; the quality figures (silhouettes, shares and their PSI, the novelty share, centroid
   drift, crossed centroids); this replica's online state in Redis, for the trainer and for
@@ -45,6 +47,7 @@ class Reporter:
         self.store = store
         self.metrics = metrics
         self._next_report = 0.0
+        self._segments_of: int | None = None  # the version whose segment ids the metrics hold
 
     def count(self, batch: ScoredBatch, model: ActiveModel | None, started: float) -> None:
         """Count a finished batch (``started``: when its scoring began, monotonic)."""
@@ -70,6 +73,7 @@ class Reporter:
         challenger: dict[str, Any] | None = None, force: bool = False,
     ) -> None:
         """Lag, quality and replica state, when ``REPORT_EVERY_S`` has passed (or ``force``)."""
+        self._retire_segments(model)
         now = time.monotonic()
         if now < self._next_report and not force:
             return
@@ -83,6 +87,17 @@ class Reporter:
         self.metrics.novelty_share.set(float("nan") if novelty is None else novelty)
         self._report_centroids(model, online)
         self._publish_replica_state(model, online, simplified, sampled, drift, novelty, challenger)
+
+    def _retire_segments(self, model: ActiveModel | None) -> None:
+        """Once per model swapped in, end the per-segment series of ids it does not have. Called
+        from ``report``, after the step has counted the last batch the previous model scored."""
+        if model is None or model.version == self._segments_of:
+            return
+        self._segments_of = model.version
+        retired = self.metrics.keep_segments(model.bundle.segment_ids)
+        if retired:
+            log.info("per-segment series of retired ids removed",
+                     extra={"model_version": model.version, "segment_ids": retired})
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Partitions this replica no longer owns: their lag is another member's to report."""

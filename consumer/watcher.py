@@ -21,12 +21,15 @@ from segmentation.baseline import baseline_of
 from segmentation.bundle import BundleError, ModelBundle, SegmentDiff
 from segmentation.metrics import ConsumerMetrics
 from segmentation.model_log import ModelLogError, read_registry, sync_store
+from segmentation.readback import Recent
 from segmentation.settings import Settings
 from segmentation.store import OUTAGE, ModelStore
+from segmentation.store.models import StoredBundle
 
 log = logging.getLogger(__name__)
 
 RECENT_MODELS = 8  # models kept in memory to tell why a customer's segment changed
+REMEMBERED_VERSIONS = 256  # refused or unloadable versions remembered (the least recent forgotten)
 NEW_SEGMENT_STATUSES = ("split", "merged", "born")
 
 
@@ -75,8 +78,12 @@ class ModelWatcher:
         self.active: ActiveModel | None = None
         self.challenger: ActiveModel | None = None  # scored in the shadow, never emitted
         self._recent: dict[int, ActiveModel] = {}  # models swapped in lately, by version
-        self._unloadable: dict[int, float] = {}  # version -> when to try loading it again
-        self._rejected: set[int] = set()
+        # version -> when to try loading it again; refused versions (bounded: a forgotten one is
+        # only loaded and refused once more)
+        self._unloadable: Recent[int, float] = Recent(REMEMBERED_VERSIONS)
+        self._rejected: Recent[int, None] = Recent(REMEMBERED_VERSIONS)
+        # the challenger value last judged, with the version in use it was judged against
+        self._challenger_seen: tuple[int, str | None] | None = None
         self._pointer_error: str | None = None  # why the current pointer was last unreadable
         self._pubsub: PubSub | None = None
         self._next_poll = 0.0
@@ -124,33 +131,44 @@ class ModelWatcher:
         return self._activate(bundle)
 
     def _refresh_challenger(self) -> None:
-        """The challenger in Redis, if it challenges the model in use: trained against it (its
-        base) and newer. Anything else (none, stale, invalid, incompatible) means none."""
+        """The challenger in Redis, if it challenges the model in use. A value judged before
+        against the same model in use (the same fingerprint: loaded or refused) is not parsed
+        again: a poll of an unchanged slot costs a ``STRLEN``, a ``GET`` and a hash."""
         if self.active is None:
             self._set_challenger(None)
             return
         try:
-            bundle = self.store.challenger()
+            stored = self.store.stored(self.store.keys.challenger)
         except OUTAGE:
             self.metrics.redis_errors.labels("model_poll").inc()
             return  # keep what is scored in the shadow until Redis answers again
-        except BundleError as exc:
+        except BundleError as exc:  # a key of another type
             self._set_challenger(None, f"challenger rejected: {exc}")
             return
-        if bundle is None or (self.challenger is not None and bundle.version == self.challenger.version):
-            if bundle is None:
-                self._set_challenger(None)
+        seen = (self.active.version, None if stored is None else stored.fingerprint)
+        if seen == self._challenger_seen:
             return
-        if bundle.previous_version != self.active.version or bundle.version <= self.active.version:
-            self._set_challenger(None, f"challenger v{bundle.version} was trained against "
-                                       f"v{bundle.previous_version}, not v{self.active.version} in use")
-            return
+        self._challenger_seen = seen
+        self._set_challenger(*self._judge_challenger(stored, self.active))
+
+    def _judge_challenger(
+        self, stored: StoredBundle | None, active: ActiveModel,
+    ) -> tuple[ActiveModel | None, str]:
+        """The challenger ``stored`` holds if it challenges ``active``: a valid bundle within the
+        cap, trained against it (its base), newer and compatible; else None and why."""
+        if stored is None:
+            return None, ""
         try:
+            bundle = self.store.decode(stored)
             bundle.check_compatible(self.settings.features, self.settings.categorical)
         except BundleError as exc:
-            self._set_challenger(None, f"challenger rejected: {exc}")
-            return
-        self._set_challenger(ActiveModel.of(bundle))
+            return None, f"challenger rejected: {exc}"
+        if bundle.previous_version != active.version or bundle.version <= active.version:
+            return None, (f"challenger v{bundle.version} was trained against v{bundle.previous_version}, "
+                          f"not v{active.version} in use")
+        if self.challenger is not None and self.challenger.version == bundle.version:
+            return self.challenger, ""  # the same version (rewritten): its arrays are ready
+        return ActiveModel.of(bundle), ""
 
     def _set_challenger(self, challenger: ActiveModel | None, reason: str = "") -> None:
         before = self.challenger.version if self.challenger else None
@@ -167,7 +185,7 @@ class ModelWatcher:
         (None when it cannot be: tried again a minute later)."""
         if version in self._recent:
             return self._recent[version]
-        if time.monotonic() < self._unloadable.get(version, 0.0):
+        if time.monotonic() < (self._unloadable.get(version) or 0.0):
             return None
         try:
             model = ActiveModel.of(self.store.load(version))
@@ -234,7 +252,7 @@ class ModelWatcher:
 
     def _reject(self, version: int, reason: str) -> None:
         if version >= 0:
-            self._rejected.add(version)
+            self._rejected[version] = None
         self.metrics.bundle_rejections.inc()
         log.error("bundle rejected; keeping the last good model",
                   extra={"version": version, "reason": reason,

@@ -8,22 +8,35 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 
 REASONS = (
     "not_json",  # the value is not JSON (or not UTF-8)
     "not_object",  # JSON, but not an object
     "missing_field",  # customer_id, event_time or features absent
     "wrong_type",  # a field or feature has the wrong type (a string where a number is expected)
-    "bad_event_time",  # event_time neither RFC 3339 with offset nor epoch milliseconds
+    "bad_event_time",  # event_time neither an RFC 3339 string with its offset nor a whole number of ms
+    "key_mismatch",  # the Kafka key is missing or is not the customer_id (UTF-8); SEG_REQUIRE_KEY_MATCH
     "missing_feature",  # a feature the model uses is absent
     "non_finite",  # NaN or +/-Infinity in a feature the model uses
     "out_of_range",  # a feature outside its configured bounds (absurd values poison the scaler)
@@ -33,6 +46,55 @@ REASONS = (
     "internal_error",  # scoring this one message raised; the exception class is in a header
     "output_rejected",  # the broker refused this message's output record; the error is in a header
 )
+
+# RFC 3339 section 5.6 ``date-time``: the offset is required. ASCII digits only (Python's ``\d``
+# would take any Unicode digit, the schema's ECMA-262 ``\d`` does not); the schema carries it too.
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339 = re.compile(RFC3339_PATTERN)
+
+
+def one_unit_per_json_type(value: object) -> object:
+    """``event_time`` before it is parsed: a JSON number is epoch milliseconds whether it is
+    written as an integer or a float (as JSON Schema says, ``1.7e12`` *is* an integer), so a whole
+    float becomes that integer; a string must be an RFC 3339 date-time with its offset. A
+    fractional or non-finite number and a numeric string are refused: the same number must never
+    be read in two units.
+
+    >>> one_unit_per_json_type(1764410100000.0), one_unit_per_json_type(1764410100000)
+    (1764410100000, 1764410100000)
+    >>> one_unit_per_json_type("2025-11-29T10:15:00Z")
+    '2025-11-29T10:15:00Z'
+    >>> for bad in (1764410100000.5, float("nan"), "1764410100", "2025-11-29T10:15Z"):
+    ...     try:
+    ...         one_unit_per_json_type(bad)
+    ...     except PydanticCustomError as exc:
+    ...         print(exc.type)
+    fractional_ms
+    fractional_ms
+    not_rfc3339
+    not_rfc3339
+    """
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise PydanticCustomError(
+                "fractional_ms", "a number is epoch milliseconds and must be a whole number"
+            )
+        return int(value)
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise PydanticCustomError(
+            "not_rfc3339",
+            "a string must be an RFC 3339 date-time with its offset, e.g. 2026-11-29T10:15:00Z"
+            " (epoch milliseconds are a JSON number, never a string)",
+        )
+    return value
+
+
+Rfc3339 = Annotated[
+    AwareDatetime, WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN})
+]
+EventTime = Annotated[Rfc3339 | StrictInt, BeforeValidator(one_unit_per_json_type)]
 
 
 class CustomerEvent(BaseModel):
@@ -61,9 +123,12 @@ class CustomerEvent(BaseModel):
         },
     )
 
-    customer_id: str = Field(min_length=1, description="Kafka key as well (UTF-8)")
-    event_time: AwareDatetime | StrictInt = Field(
-        description="RFC 3339 with offset, or epoch milliseconds"
+    customer_id: str = Field(
+        min_length=1, description="the Kafka key as well (UTF-8); else dead-lettered (key_mismatch)"
+    )
+    event_time: EventTime = Field(
+        description="an RFC 3339 date-time string with its offset, or a JSON number of epoch"
+        " milliseconds (1764410100000 and 1764410100000.0 alike); a numeric string is refused"
     )
     event_id: str | None = Field(None, description="optional; echoed in the output")
     features: dict[str, StrictInt | StrictFloat] = Field(
@@ -124,6 +189,11 @@ class InputContract:
     Every field has a limit so that no single message, however absurd, can make an output or a
     dead letter too large for the broker, overflow a conversion, or freeze a customer's state.
     ``max_age_s`` / ``max_skew_s`` of ``None`` leave ``event_time`` unbounded (doctests, tools).
+
+    ``require_key_match``: a message's Kafka key must be its ``customer_id`` (UTF-8), else it is
+    a ``key_mismatch`` dead letter. The key picks the partition, and the partition holds the
+    customer's state, so one customer under two keys would be two customers. The settings turn it
+    on (``SEG_REQUIRE_KEY_MATCH``); off here, for decoding a value without its message.
     """
 
     features: tuple[str, ...]
@@ -134,6 +204,7 @@ class InputContract:
     max_fields: int = 256
     max_age_s: float | None = None
     max_skew_s: float | None = None
+    require_key_match: bool = False
 
     def decode_message(self, msg: KafkaMessage, now_ms: int | None = None) -> CustomerEvent | Rejection:
         """``decode`` of a consumed message: its key and headers count towards its size."""
@@ -178,7 +249,7 @@ class InputContract:
             event = CustomerEvent.model_validate_json(value)
         except ValidationError:
             return None
-        return event if self._check_sizes(event) is None else None
+        return event if self._check_sizes(event) is None and self._check_key(event, key) is None else None
 
     def _times_in_doubt(self, events: Sequence[CustomerEvent], now_ms: int) -> list[int]:
         """Positions of the events whose ``event_time`` may be out of range (all of them when one
@@ -234,6 +305,9 @@ class InputContract:
         'event_time_out_of_range'
         >>> c.decode(b'{"customer_id":"a","event_time":0,"features":{"x":1}}', key=b"k" * 70000).reason
         'too_large'
+        >>> keyed = InputContract(("x",), require_key_match=True)
+        >>> keyed.decode(b'{"customer_id":"a","event_time":0,"features":{"x":1}}', key=b"b")
+        Rejection(reason='key_mismatch', detail="the key 'b' is not the customer_id 'a'")
         >>> c.decode(b'{"customer_id":"a","event_time":0,"features":{"x":1%s}}' % (b"0" * 320), now_ms=0)
         Rejection(reason='out_of_range', detail='features.x is an integer of 1064 bits')
         """
@@ -248,6 +322,7 @@ class InputContract:
             return _rejection_from(exc)
         return (
             self._check_sizes(event)
+            or self._check_key(event, key)
             or self._check_event_time(event, now_ms)
             or self._check_features(event)
             or event
@@ -269,6 +344,11 @@ class InputContract:
                     "too_long", f"an attribute key or value has {longest} characters, more than {limit}"
                 )
         return None
+
+    def _check_key(self, event: CustomerEvent, key: bytes | None) -> Rejection | None:
+        if not self.require_key_match:
+            return None
+        return key_mismatch(key, event.customer_id)
 
     def _check_event_time(self, event: CustomerEvent, now_ms: int | None) -> Rejection | None:
         try:
@@ -307,6 +387,38 @@ class InputContract:
                     detail = f"features.{name} is {number:.6g}, outside [{low:g}, {high:g}]"
                     return Rejection("out_of_range", detail)
         return None
+
+
+def key_mismatch(key: bytes | None, customer_id: str) -> Rejection | None:
+    """A ``key_mismatch`` rejection unless ``key`` is ``customer_id`` in UTF-8.
+
+    >>> key_mismatch(b"c-1", "c-1") is None
+    True
+    >>> key_mismatch(None, "c-1")
+    Rejection(reason='key_mismatch', detail="the message has no key; it must be the customer_id 'c-1'")
+    >>> key_mismatch(b"x" * 500, "c-1").detail
+    "the key 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...' (500 bytes) is not the customer_id 'c-1'"
+    """
+    if key == customer_id.encode("utf-8", "surrogatepass"):
+        return None
+    wanted = _shown(customer_id)
+    if key is None:
+        return Rejection("key_mismatch", f"the message has no key; it must be the customer_id {wanted}")
+    text = key.decode("utf-8", "replace")
+    size = f" ({len(key)} bytes)" if len(text) > _SHOWN_CHARS else ""
+    return Rejection("key_mismatch", f"the key {_shown(text)}{size} is not the customer_id {wanted}")
+
+
+_SHOWN_CHARS = 40
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a detail, cut to its first characters.
+
+    >>> _shown("c-1"), _shown("x" * 50)
+    ("'c-1'", "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'")
+    """
+    return repr(text[:_SHOWN_CHARS] + ("..." if len(text) > _SHOWN_CHARS else ""))
 
 
 _FLOAT_MAX = 10**308

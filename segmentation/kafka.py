@@ -73,31 +73,56 @@ class ReadIncomplete(RuntimeError):
     """A topic could not be read to its end within the time allowed."""
 
 
-def read_to_end(consumer: Consumer, topic: str, partitions: Iterable[int],
+class TopicReader:
+    """Reads partitions of a topic to their end by explicit assignment (``read_to_end``): the
+    records with a ``reader_config`` consumer (``read_committed``: committed records only), the
+    end offsets with a ``read_uncommitted`` one. Under ``read_committed`` a partition's end is its
+    last stable offset, which stops at the first record of a transaction still open (a member
+    killed mid-transaction holds it until the transaction is aborted or times out): records that
+    other producers committed after it would be cut off, not waited for."""
+
+    def __init__(self, settings: Settings, purpose: str) -> None:
+        self.records = Consumer(reader_config(settings, purpose))
+        self.ends = Consumer({**reader_config(settings, f"{purpose}-ends"),
+                              "isolation.level": "read_uncommitted"})
+
+    def watermarks(self, tp: TopicPartition, timeout_s: float) -> tuple[int, int]:
+        """The first retained offset and the high watermark (open transactions included)."""
+        return _watermarks(self.ends, tp, timeout_s)
+
+    def close(self) -> None:
+        for c in (self.records, self.ends):
+            c.close()
+
+
+def read_to_end(reader: TopicReader, topic: str, partitions: Iterable[int],
                 timeout_s: float) -> Iterator[Message]:
-    """Every record of ``partitions`` of ``topic``, from the first retained one to the end offset
-    at the call (under ``read_committed``, the last stable offset), with ``consumer`` (a
-    ``reader_config`` consumer, partition EOF on); ``ReadIncomplete`` past ``timeout_s``."""
+    """Every committed record of ``partitions`` of ``topic``, from the first retained one to the
+    high watermark at the call. A transaction still open below it holds the read (its records
+    are skipped once it is aborted, yielded once committed) instead of ending it early:
+    ``ReadIncomplete`` past ``timeout_s``, and the caller retries."""
     deadline = time.monotonic() + timeout_s
     ends: dict[int, tuple[int, int]] = {}
     for p in partitions:
-        low, high = _watermarks(consumer, TopicPartition(topic, p), timeout_s)
+        low, high = reader.watermarks(TopicPartition(topic, p), timeout_s)
         if high > low:
             ends[p] = (low, high)
     if not ends:
         return
+    consumer = reader.records
     consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
     remaining = set(ends)
     try:
         while remaining:
             if time.monotonic() > deadline:
                 raise ReadIncomplete(f"{topic} partitions {sorted(remaining)} not read to the end "
-                                     f"in {timeout_s:g}s")
+                                     f"in {timeout_s:g}s (a transaction still open holds the end)")
             for msg in consumer.consume(num_messages=500, timeout=0.5):
                 p, err = int(msg.partition() or 0), msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        remaining.discard(p)
+                        if p in ends and int(msg.offset() or 0) >= ends[p][1]:
+                            remaining.discard(p)  # else: at the last stable offset, waiting
                     elif not is_transient(err):
                         raise KafkaException(err)
                     continue

@@ -6,11 +6,13 @@ Base units, ``_total`` for counters, bounded labels (segment ids yes, customer i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal, get_args
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -55,7 +57,9 @@ ChangeCause = Literal["initial", "behaviour", "model", "unknown"]
 CHANGE_CAUSES: tuple[ChangeCause, ...] = get_args(ChangeCause)
 # Records the service reads back from its own topics and Redis keys, refused (segmentation.readback):
 # where they were read, and why.
-ReadbackSource = Literal["models_topic", "changes_topic", "redis_pointer", "replica_state", "run_log"]
+ReadbackSource = Literal[
+    "models_topic", "changes_topic", "redis_pointer", "redis_bundle", "replica_state", "run_log",
+]
 ReadbackReason = Literal["too_large", "too_deep", "not_json", "wrong_type", "bad_key", "bad_time"]
 READBACK_SOURCES: tuple[ReadbackSource, ...] = get_args(ReadbackSource)
 READBACK_REASONS: tuple[ReadbackReason, ...] = get_args(ReadbackReason)
@@ -64,6 +68,26 @@ READBACK_REASONS: tuple[ReadbackReason, ...] = get_args(ReadbackReason)
 def _initialise(metric: Counter | Gauge, values: tuple[str, ...]) -> None:
     for value in values:
         metric.labels(value)
+
+
+def remove_segments_except(metric: Counter | Gauge, keep: Iterable[int]) -> list[str]:
+    """Remove the label sets of ``metric`` (labelled by ``segment_id`` alone) whose id is not in
+    ``keep``: a retired segment's series ends instead of lingering for ever. Returns the ids
+    removed.
+
+    >>> c = Counter("c", "c", ["segment_id"], registry=CollectorRegistry())
+    >>> for sid in ("1", "2", "3"):
+    ...     c.labels(sid).inc()
+    >>> remove_segments_except(c, [2, 9]), sorted({s.labels["segment_id"] for s in c.collect()[0].samples})
+    (['1', '3'], ['2'])
+    """
+    kept = {str(sid) for sid in keep}
+    present = {sample.labels["segment_id"] for family in metric.collect() for sample in family.samples}
+    retired = sorted(present - kept)
+    for sid in retired:
+        with contextlib.suppress(KeyError):  # removed meanwhile (older clients raise then)
+            metric.remove(sid)
+    return retired
 
 
 def readback_rejected(registry: CollectorRegistry) -> Counter:
@@ -231,6 +255,14 @@ class ConsumerMetrics:
         _initialise(self.changes, CHANGE_CAUSES)
         _initialise(self.change_restores, ("done", "failed"))
 
+    def keep_segments(self, segment_ids: Iterable[int]) -> list[str]:
+        """End the series of every per-segment metric for ids not in ``segment_ids`` (the model
+        in use: the only one whose ids are counted here; the shadow's migrations are reset with
+        the challenger). Returns the ids removed."""
+        keep = set(segment_ids)
+        per_segment = (self.assignments, self.novel_events, self.outliers, self.share, self.centroid_drift)
+        return sorted({sid for metric in per_segment for sid in remove_segments_except(metric, keep)})
+
     def _model_age(self) -> float:
         if not self.model_created_at:
             return 0.0
@@ -306,65 +338,137 @@ class TrainerMetrics:
         _initialise(self.label_changes, LABEL_CHANGE_KINDS)
 
 
-MAX_HANDLERS = 16
-REQUEST_TIMEOUT_S = 5.0
+# --- the /metrics, /healthz and /readyz server ------------------------------------------------
+MAX_CONNECTIONS = 256  # sending their request at once; a new one beyond closes the oldest of them
+REQUEST_TIMEOUT_S = 5.0  # to send the whole request (line and headers), however it trickles in
+MAX_REQUEST_BYTES = 8192  # request line and headers
+Answer = tuple[int, str, bytes]  # status, content type, body
+_STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           503: "Service Unavailable"}
+HEALTHY: Answer = (200, "text/plain", b"ok\n")
 
 
-class BoundedHTTPServer(ThreadingHTTPServer):
-    """At most ``MAX_HANDLERS`` requests at once; a connection beyond that is closed at once, and
-    a client that sends slower than ``REQUEST_TIMEOUT_S`` is dropped, so that slow or half-sent
-    requests cannot hold threads (or the health check) for ever."""
+def request_target(head: bytes) -> tuple[str, str]:
+    """The method and path of a request head; ``ValueError`` if it is not an HTTP request line.
 
-    daemon_threads = True
+    >>> request_target(b"GET /metrics?x=1 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
+    ('GET', '/metrics')
+    """
+    method, target, version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1 request line: {version[:20]!r}")
+    return method, target.split("?")[0]
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        super().__init__(address, handler)
-        self.slots = threading.BoundedSemaphore(MAX_HANDLERS)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+def http_response(answer: Answer) -> bytes:
+    """An ``Answer`` as the bytes of an HTTP/1.1 response that closes its connection.
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    >>> http_response(HEALTHY).split(b"\\r\\n")  # doctest: +NORMALIZE_WHITESPACE
+    [b'HTTP/1.1 200 OK', b'Content-Type: text/plain', b'Content-Length: 3', b'Connection: close',
+     b'', b'ok\\n']
+    """
+    status, content_type, body = answer
+    head = (f"HTTP/1.1 {status} {_STATUS[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+class MetricsServer:
+    """/metrics, /healthz (the process is alive) and /readyz (``ready()``) served by one asyncio
+    event loop in a daemon thread (the standard library's; no dependency).
+
+    A connection is a coroutine, not a thread, so slow clients cost a little memory and never a
+    handler slot. Each must send its whole request within ``REQUEST_TIMEOUT_S`` (a deadline on the
+    request, not on each read: one byte every few seconds does not keep it open), and when
+    ``max_connections`` are still sending theirs, a new one closes the oldest of them. /healthz
+    is answered on the loop itself; /metrics and /readyz, which call into the process, in a
+    worker thread. One request per connection (``Connection: close``)."""
+
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool], host: str, port: int,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self.registry = registry
+        self.ready = ready
+        self.max_connections = max_connections
+        self._reading: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()  # oldest first
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES))
+        self.server_address: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    @property
+    def connections_reading(self) -> int:
+        """Connections still sending their request."""
+        return len(self._reading)
+
+    def answer(self, path: str) -> Answer:
+        """What a GET of ``path`` answers (in a worker thread: it calls into the process)."""
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/readyz":
+            return (200, "text/plain", b"ready\n") if self.ready() else (503, "text/plain", b"not ready\n")
+        return 404, "text/plain", b"not found\n"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._admit(writer)
         try:
-            super().process_request_thread(request, client_address)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            self._reading.pop(writer, None)
+            writer.write(http_response(await self._respond(head)))
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # too slow, gone, evicted, or a request too large: dropped
         finally:
-            self.slots.release()
+            self._reading.pop(writer, None)
+            writer.close()
+
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
+        """Count ``writer`` among those sending their request; beyond ``max_connections``, close
+        the oldest of them (a slow client gives way to a probe)."""
+        self._reading[writer] = None
+        while len(self._reading) > self.max_connections:
+            oldest, _ = self._reading.popitem(last=False)
+            oldest.transport.abort()
+
+    async def _respond(self, head: bytes) -> Answer:
+        try:
+            method, path = request_target(head)
+        except ValueError:
+            return 400, "text/plain", b"bad request\n"
+        if method != "GET":
+            return 405, "text/plain", b"GET only\n"
+        if path == "/healthz":
+            return HEALTHY
+        return await asyncio.to_thread(self.answer, path)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        self._loop.close()
+
+    def _stop(self) -> None:
+        self._server.close()
+        for writer in self._reading:
+            writer.transport.abort()
+        self._loop.stop()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop listening and close every connection (idempotent)."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop)
+            self._thread.join(timeout_s)
 
 
 def serve(
     registry: CollectorRegistry, port: int, ready: Callable[[], bool] = lambda: True,
     host: str = "127.0.0.1",
-) -> ThreadingHTTPServer:
+) -> MetricsServer:
     """/metrics, /healthz (process alive) and /readyz (``ready()``) on host:port (loopback by
-    default; the image sets SEG_METRICS_HOST=0.0.0.0)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT_S  # socket timeout: a half-sent request is dropped
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            path = self.path.split("?")[0]
-            if path == "/metrics":
-                body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
-            elif path == "/healthz":
-                body, status, ctype = b"ok\n", 200, "text/plain"
-            elif path == "/readyz":
-                ok = ready()
-                body = b"ready\n" if ok else b"not ready\n"
-                status, ctype = (200 if ok else 503), "text/plain"
-            else:
-                body, status, ctype = b"not found\n", 404, "text/plain"
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            return
-
-    server = BoundedHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
+    default; the image sets SEG_METRICS_HOST=0.0.0.0), served in the background."""
+    return MetricsServer(registry, ready, host, port)

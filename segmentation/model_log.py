@@ -26,15 +26,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.kafka import ReadIncomplete, producer_config, read_to_end, reader_config, retrying
+from segmentation.kafka import ReadIncomplete, TopicReader, producer_config, read_to_end
 from segmentation.readback import (
     MAX_KEY_CHARS,
     Readback,
     ReadbackError,
-    decode_bundle,
+    check_bundle_size,
     decode_pointer,
     decode_reserved,
     key_text,
@@ -128,13 +128,13 @@ class Registry:
                                          max(next_id, self.reserved.next_segment_id))
             return
         if name == CHALLENGER:  # a tombstone: promoted or discarded
-            self.challenger = None if value is None else decode_bundle(value)
+            self.challenger = None if value is None else self.readback.bundle(value)
             return
         version = version_key(name)
         if value is None:  # a tombstone: a version that lost the publish race, never current
             self.bundles.pop(version, None)
             return
-        bundle = decode_bundle(value)
+        bundle = self.readback.bundle(value)
         if bundle.version != version:
             raise ReadbackError("bad_key", f"bundle v{bundle.version} under the key {name!r}")
         self.bundles[version] = bundle
@@ -142,18 +142,16 @@ class Registry:
 
 def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
     """The models topic's high watermark: where the next record will go."""
-    consumer = Consumer(reader_config(settings, "models-probe"))
+    reader = TopicReader(settings, "models-probe")
     try:
-        tp = TopicPartition(settings.models_topic, 0)
-        _, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False),
-                           "models topic watermark")
-        return int(high)
-    except KafkaException as exc:
-        if exc.args[0].code() in MISSING:
-            return 0  # nothing was ever published (the topic is created with the first run)
-        raise
+        try:
+            return reader.watermarks(TopicPartition(settings.models_topic, 0), timeout_s)[1]
+        except KafkaException as exc:
+            if exc.args[0].code() in MISSING:
+                return 0  # nothing was ever published (the topic is created with the first run)
+            raise
     finally:
-        consumer.close()
+        reader.close()
 
 
 def read_registry(settings: Settings, timeout_s: float = 60.0, readback: Readback | None = None) -> Registry:
@@ -161,13 +159,10 @@ def read_registry(settings: Settings, timeout_s: float = 60.0, readback: Readbac
     has not reached yet) and fold it into a ``Registry``; ``readback`` counts and reports the
     records skipped."""
     registry = Registry(readback=readback or Readback.of(settings))
-    consumer = Consumer(reader_config(settings, "models-reader"))
+    reader = TopicReader(settings, "models-reader")
     try:
-        tp = TopicPartition(settings.models_topic, 0)
-        _, high = retrying(lambda: consumer.get_watermark_offsets(tp, timeout=10, cached=False),
-                           "models topic watermark")
-        registry.end_offset = int(high)
-        for msg in read_to_end(consumer, settings.models_topic, [0], timeout_s):
+        registry.end_offset = reader.watermarks(TopicPartition(settings.models_topic, 0), timeout_s)[1]
+        for msg in read_to_end(reader, settings.models_topic, [0], timeout_s):
             registry.apply(msg.key(), msg.value(), msg.offset())
     except ReadIncomplete as exc:
         raise ModelLogError(f"models topic read incomplete: {exc}") from None
@@ -176,7 +171,7 @@ def read_registry(settings: Settings, timeout_s: float = 60.0, readback: Readbac
             raise
         raise ModelLogError(f"models topic read: {exc.args[0].str()}") from None
     finally:
-        consumer.close()
+        reader.close()
     return registry
 
 
@@ -187,7 +182,19 @@ class ModelLog:
     def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
         self.topic = settings.models_topic
         self.timeout_s = timeout_s
+        self.max_bundle_bytes = settings.max_bundle_bytes
         self._producer = Producer(producer_config(settings))
+
+    def _bundle_value(self, bundle: ModelBundle) -> bytes:
+        """``bundle`` as its record's value; ``BundleError`` if it is larger than every reader
+        accepts (``SEG_MAX_BUNDLE_BYTES``): nothing is written."""
+        value = bundle.to_json().encode()
+        try:
+            check_bundle_size(len(value), self.max_bundle_bytes)
+        except ReadbackError as exc:
+            raise BundleError(f"v{bundle.version} not published: {exc.detail}; every reader would refuse "
+                              "it (fewer segments or columns, or raise SEG_MAX_BUNDLE_BYTES)") from None
+        return value
 
     def append(self, records: list[tuple[str, bytes | None]]) -> int:
         """Write ``records`` in order; returns the offset after the last one."""
@@ -211,7 +218,7 @@ class ModelLog:
     def publish(self, bundle: ModelBundle) -> int:
         """The bundle, then the pointer to it."""
         return self.append([
-            (f"v{bundle.version}", bundle.to_json().encode()),
+            (f"v{bundle.version}", self._bundle_value(bundle)),
             (CURRENT, json.dumps({"version": bundle.version}).encode()),
         ])
 
@@ -228,7 +235,7 @@ class ModelLog:
 
     def set_challenger(self, bundle: ModelBundle, reserved: Counters) -> int:
         """``bundle`` in the challenger slot (replacing any), with the counters as they stand."""
-        return self._challenger(bundle.to_json().encode(), reserved)
+        return self._challenger(self._bundle_value(bundle), reserved)
 
     def clear_challenger(self, reserved: Counters) -> int:
         """The challenger slot emptied (a tombstone), with the counters as they stand: what the

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 # its arithmetic in doubles), so Python and the scripts agree on every accepted value.
 MAX_VERSION = 2**53 - 1
 DEFAULT_SKEW_S: float = Settings.model_fields["max_event_skew_s"].default
+DEFAULT_MAX_BUNDLE_BYTES: int = Settings.model_fields["max_bundle_bytes"].default
 
 M = TypeVar("M", bound=BaseModel)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class ReadbackError(ValueError):
@@ -331,9 +334,22 @@ def decode_reserved(raw: bytes) -> tuple[int, int]:
     return reserved.version, reserved.next_segment_id
 
 
-def decode_bundle(raw: bytes) -> ModelBundle:
-    """A bundle, validated (its parser bounds its depth itself); ``not_json``, ``too_deep`` or
-    ``wrong_type`` saying why not."""
+def check_bundle_size(size: int, max_bytes: int) -> None:
+    """``too_large`` if a bundle of ``size`` bytes is over ``max_bytes`` (``SEG_MAX_BUNDLE_BYTES``):
+    checked on the length alone (a Redis ``STRLEN``, a record's size), before anything is parsed.
+
+    >>> check_bundle_size(6_000, 1_000_000), decode_error(lambda: check_bundle_size(49 << 20, 1_000_000))
+    (None, 'too_large')
+    """
+    if size > max_bytes:
+        raise ReadbackError("too_large", f"bundle of {size} bytes, more than {max_bytes} "
+                                         "(SEG_MAX_BUNDLE_BYTES)")
+
+
+def decode_bundle(raw: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> ModelBundle:
+    """A bundle of at most ``max_bytes``, validated (its parser bounds its depth itself);
+    ``too_large``, ``not_json``, ``too_deep`` or ``wrong_type`` saying why not."""
+    check_bundle_size(len(raw), max_bytes)
     try:
         return ModelBundle.model_validate_json(raw)
     except ValidationError as exc:
@@ -390,22 +406,65 @@ class RejectionCounter(Protocol):
     def labels(self, source: str, reason: str) -> Any: ...
 
 
+class Recent(Generic[K, V]):
+    """A mapping that keeps only its ``size`` most recently used keys (the least recent is
+    forgotten first): a memory of what was seen that does not grow with what is seen.
+
+    >>> seen = Recent[int, str](2)
+    >>> seen[1], seen[2] = "a", "b"
+    >>> _ = seen.get(1); seen[3] = "c"  # 1 was used after 2: 2 is forgotten
+    >>> sorted(seen.keys()), 2 in seen, len(seen)
+    ([1, 3], False, 2)
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def get(self, key: K, default: V | None = None) -> V | None:
+        """The value of ``key`` (now the most recently used), or ``default``."""
+        if key not in self._items:
+            return default
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def keys(self) -> list[K]:
+        return list(self._items)
+
+
 class Readback:
     """How one process reads records back: the latest time a record may carry (the input
-    contract's skew), and where refusals go: counted at every read that meets them, logged once
-    per record (a bounded memory of those already reported, the least recent forgotten first)."""
+    contract's skew), the largest bundle it parses (``max_bundle_bytes``), and where refusals go:
+    counted at every read that meets them, logged once per record (a bounded memory of those
+    already reported, the least recent forgotten first)."""
 
     def __init__(self, counter: RejectionCounter | None = None, max_skew_s: float | None = DEFAULT_SKEW_S,
-                 remember: int = 4096) -> None:
+                 remember: int = 4096, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
         self.counter = counter
         self.contract = InputContract((), max_skew_s=max_skew_s)
-        self.remember = remember
-        self._reported: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self.max_bundle_bytes = max_bundle_bytes
+        self._reported: Recent[tuple[str, str, str], None] = Recent(remember)
         self._lock = threading.Lock()
 
     @classmethod
     def of(cls, settings: Settings, counter: RejectionCounter | None = None) -> Readback:
-        return cls(counter, settings.max_event_skew_s)
+        return cls(counter, settings.max_event_skew_s, max_bundle_bytes=settings.max_bundle_bytes)
+
+    def bundle(self, raw: bytes) -> ModelBundle:
+        """``decode_bundle`` within this process's ``max_bundle_bytes``."""
+        return decode_bundle(raw, self.max_bundle_bytes)
 
     def latest_ms(self, now_ms: int | None = None) -> float:
         """The latest time (epoch ms) a record read back at ``now_ms`` may carry."""
@@ -423,13 +482,9 @@ class Readback:
 
     def _first_report(self, key: tuple[str, str, str]) -> bool:
         with self._lock:
-            if key in self._reported:
-                self._reported.move_to_end(key)
-                return False
+            first = key not in self._reported
             self._reported[key] = None
-            if len(self._reported) > self.remember:
-                self._reported.popitem(last=False)
-            return True
+            return first
 
 
 def redis_record(key: str | bytes, raw: bytes | str | None) -> str:

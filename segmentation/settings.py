@@ -28,6 +28,8 @@ DEFAULT_FEATURES = (
     "tenure_days",
 )
 
+MIN_SALT_CHARS = 16  # SEG_SAMPLE_SALT: a secret (its hash is recorded in every bundle)
+
 # Kinds of the demo's features and of the usual per-customer RFM features.
 DEFAULT_FEATURE_KINDS: dict[str, FeatureKind] = {
     "recency_days": "recency",
@@ -150,6 +152,11 @@ class Settings(BaseSettings):
     max_event_skew_s: float = Field(
         3600.0, ge=0, description="how far event_time may be ahead of now; else event_time_out_of_range"
     )
+    require_key_match: bool = Field(
+        True, description="the Kafka key must be the event's customer_id (UTF-8), else key_mismatch: one "
+        "customer's events must share one partition, where their state lives; false only while producers "
+        "are fixed"
+    )
 
     # --- Trainer -------------------------------------------------------------------------
     k: int | None = Field(
@@ -158,7 +165,13 @@ class Settings(BaseSettings):
     k_min: int = Field(2, ge=2, description="smallest K tried when choosing K")
     k_max: int = Field(10, ge=2, description="largest K tried when choosing K")
     n_init: int = Field(10, ge=1, description="k-means++ restarts")
-    random_state: int = Field(42, description="seed of every fit and sample")
+    random_state: int = Field(42, description="seed of every fit (the window sample is keyed by sample_salt)")
+    sample_salt: SecretStr | None = Field(
+        None,
+        description="secret key of the window sample's hashes, one per deployment (at least 16 "
+        "random characters; only its hash is recorded); null = a fresh random key per run, whose "
+        "sample `reproduce` cannot draw again",
+    )
     window_s: int = Field(3600, gt=0, description="training window, seconds back from now")
     max_rows: int = Field(50_000, ge=10, description="row cap; larger windows are sampled")
     min_rows: int = Field(200, ge=2, description="rows needed before the first fit")
@@ -257,6 +270,11 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(
         1_000_000, ge=10_000, description="largest record produced (producer message.max.bytes)"
     )
+    max_bundle_bytes: int = Field(
+        1_000_000, ge=65_536, le=64 << 20,
+        description="largest model bundle (JSON) the trainer publishes and any reader parses; a larger "
+        "one is refused unread (too_large). At most max_record_bytes: a bundle is a models-topic record",
+    )
     delivery_timeout_s: float = Field(
         60.0, gt=0, lt=290,
         description="how long one batch's retriable delivery errors are retried before it is replayed",
@@ -286,6 +304,13 @@ class Settings(BaseSettings):
             raise ValueError(f"duplicate feature names in {v}")
         return v
 
+    @field_validator("sample_salt")
+    @classmethod
+    def _salt_long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_SALT_CHARS:
+            raise ValueError(f"must have at least {MIN_SALT_CHARS} characters (a random secret)")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.k_min > self.k_max:
@@ -301,6 +326,9 @@ class Settings(BaseSettings):
             # every record must get its delivery report in bounded time: the delivery policy
             # waits for all of them before retrying, so that no second copy is ever in flight
             raise ValueError(f"kafka_extra message.timeout.ms must be 1..120000, not {timeout!r}")
+        if self.max_bundle_bytes > self.max_record_bytes:
+            raise ValueError(f"max_bundle_bytes ({self.max_bundle_bytes}) > max_record_bytes "
+                             f"({self.max_record_bytes}): a bundle must fit in a models-topic record")
         for name, (low, high) in self.feature_bounds.items():
             if not low < high:
                 raise ValueError(f"feature_bounds[{name}]: min {low} must be < max {high}")
@@ -325,6 +353,7 @@ class Settings(BaseSettings):
             max_message_bytes=self.max_message_bytes, max_id_chars=self.max_id_chars,
             max_attribute_chars=self.max_attribute_chars, max_fields=self.max_fields,
             max_age_s=self.max_event_age_s, max_skew_s=self.max_event_skew_s,
+            require_key_match=self.require_key_match,
         )
 
     def kafka_common(self) -> dict[str, str | int | float | bool]:

@@ -31,3 +31,16 @@ def test_the_readme_stays_a_front_door() -> None:
 def test_the_readme_s_commands_assume_no_sudo() -> None:
     """Root shells and containers often have no sudo: the two commands must not need it."""
     assert "sudo " not in (ROOT / "README.md").read_text()
+
+
+def test_every_dead_letter_reason_is_documented_where_operators_look() -> None:
+    from segmentation.events import REASONS
+
+    rows = {
+        "docs/design.md": r"^\| `dlq.reason` \|(.*)$",
+        "docs/operations.md": r"^\| `segment_dead_letters_total` \|.*?`reason`:([^|]*)\|",
+    }
+    for doc, row in rows.items():
+        found = re.search(row, (ROOT / doc).read_text(), re.MULTILINE)
+        assert found, f"{doc}: no row lists the dead-letter reasons"
+        assert set(re.findall(r"\w+", found.group(1))) == set(REASONS), doc

@@ -7,6 +7,7 @@ The fuzz budget is ``SEG_FUZZ_EXAMPLES`` (a few hundred in ``make test``, 10,000
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from consumer.scoring import OutRecord, ScoringRules, record_bytes, score_batch
 from consumer.watcher import ActiveModel
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.events import REASONS, InputContract
+from segmentation.events import REASONS, InputContract, Rejection
 from tests.support.messages import (
     FEATURES,
     FUZZ_EXAMPLES,
@@ -28,6 +29,7 @@ from tests.support.messages import (
     SMALL_RULES,
     Msg,
     clipped_bundle,
+    demo_values,
     event,
     small_bundle,
 )
@@ -323,3 +325,83 @@ def test_one_absurd_but_valid_event_cannot_drag_an_online_centre() -> None:
     online = OnlineKMeans(SMALL_MODEL.centroids, np.array([0.5, 0.5]), half_life_events=10)
     assert online.learn(batch.encoded, batch.nearest) == 1
     assert np.abs(online.centroids - SMALL_MODEL.centroids).max() < 1.0
+
+
+# --- issue 20: one customer's events in one place, one unit per JSON type -------------------------
+
+def dlq_detail(letter: OutRecord) -> str:
+    detail = dict(letter.headers)["dlq.detail"] or b""
+    return detail if isinstance(detail, str) else detail.decode()
+
+
+@pytest.mark.parametrize("key", [None, b"", b"a", b"C-1", b"c-1 ", b"\xff", b"k" * 5000],
+                         ids=["none", "empty", "other", "case", "space", "not-utf8", "long"])
+def test_a_message_not_keyed_by_its_customer_id_is_a_key_mismatch_dead_letter(key: bytes | None) -> None:
+    value = event(customer_id="c-1")
+    messages = [Msg(event(customer_id="c-0"), 0), Msg(value, 1, key), Msg(event(customer_id="c-2"), 2)]
+    batch = score_batch(messages, SMALL_MODEL, SMALL_RULES, NOW_MS)
+    assert batch.reasons == ["key_mismatch"] and len(batch.outputs) == 2
+    letter = batch.dead_letters[0]
+    assert (letter.key, letter.value) == (key, value)  # the original key and bytes, unchanged
+    detail = dlq_detail(letter)
+    assert "'c-1'" in detail and ("no key" in detail if key is None else "the key" in detail)
+    assert len(detail) < 200
+
+
+def test_the_key_check_is_on_by_default_and_follows_its_setting() -> None:
+    from segmentation.settings import Settings
+
+    value = demo_values(1)[0]
+    customer = json.loads(value)["customer_id"]
+    checked, unchecked = Settings().input_contract(), Settings(require_key_match=False).input_contract()
+    for contract in (checked, unchecked):
+        assert not isinstance(contract.decode_message(Msg(value, 0), NOW_MS), Rejection)
+    assert checked.decode_message(Msg(value, 0, b"c-x"), NOW_MS) == Rejection(
+        "key_mismatch", f"the key 'c-x' is not the customer_id '{customer}'")
+    assert not isinstance(unchecked.decode_message(Msg(value, 0, b"c-x"), NOW_MS), Rejection)
+
+
+def test_the_batch_fast_path_refuses_the_same_keys_as_one_message_at_a_time() -> None:
+    messages = [Msg(event(customer_id=f"c-{i}"), i, key) for i, key in
+                enumerate([b"c-0", None, b"c-9", b"c-3", b"", b"c-5"])]
+    one_by_one = [SMALL_RULES.contract.decode_message(m, NOW_MS) for m in messages]
+    assert SMALL_RULES.contract.decode_batch(messages, NOW_MS) == one_by_one
+    assert [getattr(d, "reason", "event") for d in one_by_one] == [
+        "event", "key_mismatch", "key_mismatch", "event", "key_mismatch", "event"]
+
+
+def _outcome(event_time: object) -> str:
+    """What becomes of an event with this ``event_time``: its output's time, or its dead letter's
+    reason."""
+    outputs, _, reasons = score([event(event_time=event_time)])
+    return json.loads(outputs[0].value or b"")["event_time"] if outputs else reasons[0]
+
+
+@pytest.mark.parametrize("ms", [NOW_MS, 1_764_410_100, 1.7644101e12])
+def test_an_event_time_number_is_epoch_milliseconds_whether_integer_or_float(ms: float) -> None:
+    # issue 20 row 6: the float was read as seconds (scored in 2025) while the same integer was
+    # milliseconds (1970, dead-lettered); JSON Schema calls them the same number
+    assert _outcome(int(ms)) == _outcome(float(ms))
+    assert _outcome(NOW_MS) == _outcome(float(NOW_MS)) == "2025-11-29T09:55:00.000Z"
+
+
+@pytest.mark.parametrize("when", ["1764410100", str(NOW_MS), "1764410100.5", "2025-11-29 09:55:00Z",
+                                  "2025-11-29T09:55Z", "2025-11-29T09:55:00", NOW_MS + 0.5, float("nan")])
+def test_a_numeric_string_or_a_fractional_millisecond_event_time_is_refused(when: object) -> None:
+    assert _outcome(when) == "bad_event_time"
+    _, dead, _ = score([event(event_time=when)])
+    detail = dlq_detail(dead[0])
+    assert detail.startswith("event_time: ") and ("RFC 3339" in detail or "milliseconds" in detail)
+
+
+def test_the_schema_says_what_the_code_does_about_event_time() -> None:
+    from segmentation.events import RFC3339_PATTERN, json_schema
+
+    string, number = json_schema()["properties"]["event_time"]["anyOf"]
+    assert number == {"type": "integer"}  # 1764410100000.0 is an integer to JSON Schema: milliseconds
+    assert string == {"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}
+    for text in ["2025-11-29T09:55:00Z", "2025-11-29t09:55:00.5+01:00", "1764410100", "2025-11-29 09:55:00Z",
+                 "2025-11-29T09:55:00Z\n", "２０２５-11-29T09:55:00Z"]:
+        # an ECMA-262 "$" never matches before a final newline: fullmatch, not search, says the same
+        by_schema = re.fullmatch(string["pattern"], text) is not None
+        assert by_schema == (_outcome(text) != "bad_event_time"), text

@@ -413,7 +413,6 @@ def scrape_registry(registry: Any) -> str:
         return scrape(port)
     finally:
         server.shutdown()
-        server.server_close()
 
 
 # =============================================================================================
@@ -791,5 +790,4 @@ def test_a_birth_makes_the_novelty_alert_s_expression_true_in_a_real_prometheus(
             print(f"\nnovelty share: {usual:.3%} on the usual traffic, {share:.1%} after the birth")
         finally:
             server.shutdown()
-            server.server_close()
             prometheus.stop()

@@ -11,7 +11,6 @@ for Redis; ``tests/test_readback_stack.py`` writes the same records to the real 
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from segmentation.readback import (
 from segmentation.settings import Settings
 from segmentation.store import Keys, ModelStore, ReplicaStates, TrainerState
 from segmentation.store.trainer_state import UNREADABLE_PIN
+from tests.support.fake_redis import FakeRedis
 from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
 from tests.support.stack import make_settings
 from trainer.__main__ import cmd_history, cmd_show
@@ -202,6 +202,8 @@ HOSTILE_MODEL_LOG: dict[str, tuple[bytes | None, bytes | None, str]] = {
     "a version: nested 50,000 deep": (b"v9", deep(b'{"version":'), "too_deep"),
     "a version: a bundle under another version's key": (b"v9", bundle(8, [0, 8]), "bad_key"),
     "a version: a bundle under v²": ("v²".encode(), bundle(2, [0, 2]), "bad_key"),
+    "challenger: 2 MB": (b"challenger", padded(bundle(5, [9, 10])[:-1], 2 * MB), "too_large"),
+    "a version: 2 MB": (b"v9", padded(bundle(9, [0, 9])[:-1], 2 * MB), "too_large"),
 }
 
 
@@ -366,36 +368,6 @@ def test_the_latest_change_time_follows_the_configured_skew(monkeypatch: pytest.
 # =============================================================================================
 # Redis: pointers and counters, replica states, the run log (rows 2 and 3)
 # =============================================================================================
-class FakeRedis:
-    """The reads the store makes, on a dict (values as Redis returns them: bytes)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-
-    def register_script(self, _: str) -> Callable[..., Any]:
-        def refuse(**_: Any) -> Any:
-            raise AssertionError("no script runs in these tests")
-
-        return refuse
-
-    def get(self, key: str) -> bytes | None:
-        value = self.data.get(key)
-        assert value is None or isinstance(value, bytes)
-        return value
-
-    def mget(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
-        return [self.get(k.decode() if isinstance(k, bytes) else k) for k in keys]
-
-    def zrange(self, key: str, start: int, end: int) -> list[bytes]:
-        return list(self.data.get(key, []))
-
-    def lrange(self, key: str, start: int, end: int) -> list[bytes]:
-        return list(self.data.get(key, []))[start:end + 1]
-
-    def scan_iter(self, match: str, count: int) -> Iterator[bytes]:
-        return iter([k.encode() for k in self.data if fnmatch.fnmatchcase(k, match)])
-
-
 KEYS = Keys("seg")
 V1 = bundle(1, [0, 1])
 NOW_S = time.time()

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumer.changes import Recorded, SegmentChanges, cause_of
+from consumer.changes import Recorded, SegmentChanges, cause_of, change_value
 from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
 from demo.generator import another_profile
 from segmentation.bundle import ModelBundle
 from segmentation.events import CustomerEvent
-from segmentation.kafka import producer_config
+from segmentation.kafka import ReadIncomplete, TopicReader, producer_config, read_to_end
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.support.fixed import changes_for, fixed_events, segments, send, trained
@@ -299,3 +299,38 @@ def test_records_on_the_changes_topic_that_are_not_changes_are_skipped_when_stat
     records = changes_for(settings, {c.customer_id for c in people}, at_least=len(people) + 1)
     poisoned = settings.events_partitions  # the f-1 records: on the topic, never taken as state
     assert Counter(r.get("cause") for r in records) == {"initial": len(people), None: poisoned}
+
+
+@pytest.mark.integration
+def test_a_transaction_left_open_holds_the_rebuild_instead_of_cutting_off_later_commits(
+    settings: Settings,
+) -> None:
+    """Issue 20 item 7: a member killed mid-transaction leaves it open until it is aborted (or
+    times out); the last stable offset stops there. Another member's change committed after it
+    must not be cut off by the rebuild: the rebuild waits (``ReadIncomplete``: the batch is held
+    and retried), then reads it once the open transaction is aborted."""
+    assert settings.changes_topic is not None
+    topic = settings.changes_topic
+    killed = Producer(producer_config(settings, f"{settings.consumer_group}-killed"))
+    owner = Producer(producer_config(settings, f"{settings.consumer_group}-owner"))
+    for p in (killed, owner):
+        p.init_transactions(30)
+    e = CustomerEvent(customer_id="t-1", event_time=NOW_MS, event_id="e-1", features={})
+    killed.begin_transaction()
+    killed.produce(topic, key=b"t-0", partition=0,
+                   value=change_value(e, NOW_MS, None, 1, "a", 1, "initial", "T"))
+    assert killed.flush(30) == 0  # written, never committed
+    owner.begin_transaction()
+    owner.produce(topic, key=b"t-1", partition=0,
+                  value=change_value(e, NOW_MS, None, 2, "b", 1, "initial", "T"))
+    owner.commit_transaction(30)
+    reader = TopicReader(settings, "test-restore")
+    try:
+        with pytest.raises(ReadIncomplete):
+            list(read_to_end(reader, topic, [0], 3.0))
+        killed.abort_transaction(30)  # what the restarted member's init_transactions does
+        read = [(m.key(), json.loads(m.value() or b"")["to_segment_id"])
+                for m in read_to_end(reader, topic, [0], 30.0)]
+    finally:
+        reader.close()
+    assert read == [(b"t-1", 2)]

@@ -766,6 +766,24 @@ def test_reproduce_refits_a_version_from_its_recorded_offsets_and_says_when_they
     assert not outcome["reproduced"] and "no longer" in outcome["detail"]
 
 
+def test_a_sampled_window_reproduces_with_the_deployment_s_salt_and_not_with_another(
+    settings_factory: Callable[..., Settings], trainer_metrics: TrainerMetrics
+) -> None:
+    secret = "a deployment secret for the sample"
+    keyed = settings_factory(max_rows=300, sample_salt=secret)  # 600 customers: a sample of 300
+    store = ModelStore(connect(keyed), keyed.redis_prefix)
+    produce_events(keyed, customers(600))
+    v1 = published(keyed, store, trainer_metrics)
+    sample = v1.lineage.params["sample"]
+    assert sample["sampled"] and sample["salt"] == "deployment" and len(sample["salt_sha256"]) == 64
+    assert secret not in v1.to_json()
+
+    assert reproduce(keyed, store, v1.version, 1e-6)["reproduced"]
+    other = keyed.model_copy(update={"sample_salt": None})  # a fresh key: other customers
+    outcome = reproduce(other, store, v1.version, 1e-6)
+    assert not outcome["reproduced"] and "SEG_SAMPLE_SALT other than this one" in outcome["detail"]
+
+
 def test_report_writes_a_self_contained_page_with_its_figures(
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from segmentation.store import OUTAGE, ModelStore, PublishConflict, ReplicaState
 from trainer.challenger import ChallengerRefused, clear_challenger, promotion_verdict, tally
 from trainer.labels import rollback_mapping
 from trainer.pipeline import accepted_baseline, data_hash, fit_window, load_base, publish, report_publish
-from trainer.window import read_window
+from trainer.window import SampleKey, Window, read_window
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,36 @@ def pin(settings: Settings, store: ModelStore, version: int | None) -> bool:
     return was
 
 
+def sample_not_redrawn(window: Window, params: dict[str, Any]) -> str | None:
+    """Why ``window`` does not hold the customers the run of ``params`` (a lineage's) trained on,
+    or None when it does: it had no more customers than ``max_rows`` (every one is kept, whatever
+    the key), or its key is the one the run recorded the hash of.
+
+    >>> key = SampleKey.of_secret("a deployment secret")
+    >>> window = Window([], [], 0, 0, sampled=True, key=key)
+    >>> sample_not_redrawn(window, {"sample": {"salt": "deployment", "salt_sha256": key.fingerprint}})
+    >>> sample_not_redrawn(window, {"sample": {"salt": "run", "salt_sha256": "0" * 64}})[:60]
+    'the window had more customers than max_rows, sampled with a '
+    >>> sample_not_redrawn(Window([], [], 0, 0, sampled=False), {})
+    """
+    sample = params.get("sample")
+    recorded = sample.get("salt_sha256") if isinstance(sample, dict) else None
+    if not window.sampled or recorded == window.key.fingerprint:
+        return None
+    if isinstance(sample, dict) and sample.get("salt") == "run":
+        key = "per-run secret key (SEG_SAMPLE_SALT was unset)"
+    elif recorded is not None:
+        key = "SEG_SAMPLE_SALT other than this one"
+    else:
+        key = "public salt (random_state, before sample keys were secret)"
+    return (f"the window had more customers than max_rows, sampled with a {key}: the same "
+            "customers cannot be drawn again")
+
+
 def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: float) -> dict[str, Any]:
     """Refit from the offsets recorded in ``version``'s lineage with its recorded parameters, and
-    compare with the published centroids (matched up to a permutation)."""
+    compare with the published centroids (matched up to a permutation). A window sampled with a
+    key this process does not hold (``sample_not_redrawn``) is not reproduced, and says so."""
     bundle = store.load(version)
     params = bundle.lineage.params
     fit_settings = settings.model_copy(update={
@@ -89,11 +116,15 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
         "events_topic": bundle.lineage.topic,
     })
     window = read_window(fit_settings, now_ms=bundle.lineage.window_end_ms,
-                         ranges=bundle.lineage.partitions)
+                         ranges=bundle.lineage.partitions, key=SampleKey.of(settings))
     if window.rows_read != bundle.lineage.rows_read:
         return {"version": version, "reproduced": False,
                 "rows_read": window.rows_read, "rows_recorded": bundle.lineage.rows_read,
                 "detail": "the recorded offsets are no longer (all) retained by the topic"}
+    not_redrawn = sample_not_redrawn(window, params)
+    if not_redrawn is not None:
+        return {"version": version, "reproduced": False, "rows_read": window.rows_read,
+                "detail": not_redrawn}
     _, x, fit, _ = fit_window(fit_settings, window)
     published = bundle.centroid_array()
     pairs = match_centroids(published, fit.centroids, np.inf)

@@ -288,12 +288,15 @@ def _train(
             rows_read=window.rows_read, rows_invalid=window.rows_invalid,
             rows_used=len(events), data_sha256=data_hash(x),
             random_state=settings.random_state, libraries=library_versions(),
-            params=fit_params(settings, fit.k),
+            params={**fit_params(settings, fit.k), "sample": window.sample_record()},
         ),
         "fixed" if settings.k is not None else K_SELECTION, operator_accepted=accept,
     )
     accepted = recorded_baseline(bundle)
     detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
+    if refit.refused:
+        detail = (f"K={refit.fallback_from} was refused (" + "; ".join(f.detail for f in refit.refused)
+                  + f"); K={fit.k} keeping the current structure was published instead")
     if challenger and base is not None:
         # matched, gated and numbered like a publish, but the current model stays
         store_challenger(settings, store, bundle, metrics)

@@ -1,16 +1,22 @@
 """The training window: recent events read straight from the input topic (Kafka is the record of
 truth, there is no copy), one row per customer (their latest event), capped by a uniform sample
 of customers taken while reading, so that neither the memory nor the cost of a fit grows with
-traffic."""
+traffic.
+
+Which customers the sample keeps cannot be steered from outside: their hashes are keyed with a
+secret (``SampleKey``), never with anything written in a bundle.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import heapq
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
@@ -22,6 +28,42 @@ from segmentation.settings import Settings
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SampleKey:
+    """The secret key of the sample's hashes: ``SEG_SAMPLE_SALT`` (one per deployment) or, when
+    unset, a fresh random key per run. Anyone who knows the key can craft customer ids that
+    the sample always keeps, so it is never recorded; ``fingerprint`` (a hash of it) is.
+
+    >>> run, again = SampleKey.per_run(), SampleKey.per_run()
+    >>> run.source, run.fingerprint != again.fingerprint, len(run.fingerprint)
+    ('run', True, 64)
+    >>> SampleKey.of_secret("0123456789abcdef").fingerprint[:12]
+    '5dbd4f6e325e'
+    """
+
+    key: bytes = field(repr=False)
+    source: Literal["deployment", "run"]
+
+    @classmethod
+    def per_run(cls) -> SampleKey:
+        return cls(secrets.token_bytes(32), "run")
+
+    @classmethod
+    def of_secret(cls, secret: str) -> SampleKey:
+        return cls(hashlib.sha256(secret.encode()).digest(), "deployment")
+
+    @classmethod
+    def of(cls, settings: Settings) -> SampleKey:
+        """The deployment's key if ``SEG_SAMPLE_SALT`` is set, else a fresh one."""
+        salt = settings.sample_salt
+        return cls.per_run() if salt is None else cls.of_secret(salt.get_secret_value())
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the key: tells which key a run used without telling the key."""
+        return hashlib.sha256(self.key).hexdigest()
+
+
 @dataclass
 class Window:
     events: list[CustomerEvent]
@@ -31,6 +73,12 @@ class Window:
     rows_read: int = 0
     rows_invalid: int = 0
     invalid_reasons: dict[str, int] = field(default_factory=dict)
+    sampled: bool = False  # more customers than max_rows: which were kept depends on the key
+    key: SampleKey = field(default_factory=SampleKey.per_run, repr=False)
+
+    def sample_record(self) -> dict[str, Any]:
+        """How the sample was drawn, for the bundle's lineage (the key's hash, never the key)."""
+        return {"salt": self.key.source, "salt_sha256": self.key.fingerprint, "sampled": self.sampled}
 
 
 def window_ranges(
@@ -109,28 +157,29 @@ class CustomerSample:
     """The latest event of a uniform sample of at most ``cap`` customers, in memory bounded by
     ``cap`` however many events are read (segments are of customers, not of events).
 
-    Bottom-k sampling: a customer is kept while its salted hash is among the ``cap`` smallest
-    seen. The sample is a function of the set of events, not of the read order (the broker
-    interleaves partitions differently on every read), so the same ranges give the same
-    training matrix, and an evicted customer can never come back.
+    Bottom-k sampling: a customer is kept while its keyed hash (BLAKE2b with ``key``, secret)
+    is among the ``cap`` smallest seen. The sample is a function of the set of events and the
+    key, not of the read order (the broker interleaves partitions differently on every read), so
+    the same ranges and key give the same training matrix, and an evicted customer can never
+    come back. With at most ``cap`` customers every one is kept, whatever the key.
 
-    >>> s = CustomerSample(cap=2, salt=0)
+    >>> s = CustomerSample(cap=2, key=b"k" * 32)
     >>> for i, cid in enumerate("abcab"):
     ...     s.offer(CustomerEvent(customer_id=cid, event_time=i, features={"x": i}), (0, i))
-    >>> sorted((e.customer_id, e.features["x"]) for e in s.events()), s.customers_seen
-    ([('a', 3), ('c', 2)], 3)
+    >>> sorted((e.customer_id, e.features["x"]) for e in s.events()), s.customers_seen, s.sampled
+    ([('a', 3), ('c', 2)], 3, True)
     """
 
-    def __init__(self, cap: int, salt: int) -> None:
+    def __init__(self, cap: int, key: bytes) -> None:
         self.cap = cap
-        self._salt = salt.to_bytes(8, "little", signed=True)
+        self._key = key
         self._kept: dict[str, tuple[tuple[int, int, int], CustomerEvent]] = {}
         self._largest: list[tuple[int, str]] = []  # max-heap (negated) of the kept hashes
         self._seen: set[int] = set()  # only to report how many customers there were
         self._rows = 0
 
     def _hash(self, customer_id: str) -> int:
-        digest = hashlib.blake2b(customer_id.encode(), digest_size=8, salt=self._salt).digest()
+        digest = hashlib.blake2b(customer_id.encode(), digest_size=8, key=self._key).digest()
         return int.from_bytes(digest, "little")
 
     def offer(self, event: CustomerEvent, position: Position) -> None:
@@ -157,6 +206,11 @@ class CustomerSample:
         """Distinct customers offered (counted exactly up to 4 x cap, then a lower bound)."""
         return len(self._seen)
 
+    @property
+    def sampled(self) -> bool:
+        """Whether some customer was left out (more than ``cap`` were offered)."""
+        return self.customers_seen > self.cap
+
     def events(self) -> list[CustomerEvent]:
         """The kept events in (partition, offset) order."""
         return [event for _, event in sorted(self._kept.values(), key=lambda kv: kv[0][1:])]
@@ -166,9 +220,13 @@ def read_window(
     settings: Settings,
     now_ms: int | None = None,
     ranges: list[PartitionRange] | None = None,
+    key: SampleKey | None = None,
 ) -> Window:
     """Read, validate (the consumer's own input contract), keep each sampled customer's latest
-    event. With ``ranges`` (from a bundle's lineage) the exact same messages are read again."""
+    event. With ``ranges`` (from a bundle's lineage) the exact same messages are read again; the
+    same customers are kept if ``key`` (default ``SampleKey.of(settings)``) is the run's, or if
+    the window was not ``sampled``."""
+    key = key or SampleKey.of(settings)
     end_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     start_ms = end_ms - settings.window_s * 1000
     if ranges is None:
@@ -178,7 +236,7 @@ def read_window(
         finally:
             probe.close()
     contract = settings.input_contract()
-    sample = CustomerSample(settings.max_rows, settings.random_state)
+    sample = CustomerSample(settings.max_rows, key.key)
     reasons: dict[str, int] = {}
     rows_read = 0
     for position, msg in iter_ranges(settings, ranges):
@@ -200,6 +258,8 @@ def read_window(
         rows_read=rows_read,
         rows_invalid=sum(reasons.values()),
         invalid_reasons=reasons,
+        sampled=sample.sampled,
+        key=key,
     )
     log.info(
         "window read",

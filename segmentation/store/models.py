@@ -9,6 +9,7 @@ truth: ``restore`` rebuilds it from the topic after Redis was lost or fell behin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.readback import Readback, ReadbackError, decode_number, redis_record
+from segmentation.readback import Readback, ReadbackError, check_bundle_size, decode_number, redis_record
 from segmentation.store.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,30 @@ class Counters:
     next_segment_id: int
 
 
+@dataclass(frozen=True)
+class StoredBundle:
+    """A bundle value as Redis holds it, before it is parsed: its key, its size, and its bytes
+    when within the cap (None: larger than ``SEG_MAX_BUNDLE_BYTES``, so never fetched)."""
+
+    key: str
+    size: int
+    raw: bytes | None
+
+    @property
+    def fingerprint(self) -> str:
+        """What tells this value from another under the same key, cheaply: its size and a hash
+        of its bytes (the size alone for one over the cap).
+
+        >>> StoredBundle("k", 3, b"abc").fingerprint == StoredBundle("k", 3, b"abd").fingerprint
+        False
+        >>> StoredBundle("k", 5 << 20, None).fingerprint
+        '5242880:too_large'
+        """
+        if self.raw is None:
+            return f"{self.size}:too_large"
+        return f"{self.size}:{hashlib.blake2b(self.raw, digest_size=32).hexdigest()}"
+
+
 class ModelStore:
     """Model versions in Redis. Every read is validated; every publish is compare-and-set.
     ``readback`` counts and reports what is refused on reading (its trainer state and replica
@@ -122,12 +147,39 @@ class ModelStore:
         except ReadbackError as exc:
             raise BundleError(f"current pointer is not a version number ({exc.reason})") from None
 
-    def load(self, version: int) -> ModelBundle:
-        """The bundle of ``version``, validated; ``BundleError`` if missing or invalid."""
-        raw = self._get(self.keys.bundle(version))
+    def stored(self, key: str) -> StoredBundle | None:
+        """The bundle value under ``key`` (None: absent), fetched only when ``STRLEN`` says it is
+        within the cap, so an oversize value never crosses the network or meets a parser; a key
+        of another type is ``BundleError``."""
+        cap = self.readback.max_bundle_bytes
+        try:
+            size = int(self.client.strlen(key))
+        except redis.ResponseError as exc:
+            raise BundleError(f"{key}: {exc}") from None
+        if size > cap:
+            return StoredBundle(key, size, None)
+        raw = self._get(key)
         if raw is None:
+            return None
+        return StoredBundle(key, len(raw), raw if len(raw) <= cap else None)  # grown since STRLEN
+
+    def decode(self, stored: StoredBundle) -> ModelBundle:
+        """``stored`` parsed and validated; ``BundleError`` if it is not a bundle within the cap
+        (counted and logged once as ``redis_bundle``)."""
+        try:
+            check_bundle_size(stored.size, self.readback.max_bundle_bytes)  # raw is None only over it
+            return self.readback.bundle(stored.raw or b"")
+        except ReadbackError as exc:
+            name = f"{stored.key[:100]!r}#{stored.fingerprint[:24]}"
+            self.readback.rejected("redis_bundle", name, exc)
+            raise BundleError(f"{stored.key}: {exc}") from None
+
+    def load(self, version: int) -> ModelBundle:
+        """The bundle of ``version``, validated; ``BundleError`` if missing, over the cap or invalid."""
+        stored = self.stored(self.keys.bundle(version))
+        if stored is None:
             raise BundleError(f"bundle v{version} does not exist")
-        bundle = ModelBundle.from_json(raw)
+        bundle = self.decode(stored)
         if bundle.version != version:
             raise BundleError(f"bundle stored as v{version} says it is v{bundle.version}")
         return bundle
@@ -139,8 +191,8 @@ class ModelStore:
     def challenger(self) -> ModelBundle | None:
         """The challenger bundle, validated, or None when the slot is empty; ``BundleError`` if
         what the slot holds is not a valid bundle (or a key of another type)."""
-        raw = self._get(self.keys.challenger)
-        return None if raw is None else ModelBundle.from_json(raw)
+        stored = self.stored(self.keys.challenger)
+        return None if stored is None else self.decode(stored)
 
     def set_challenger(self, bundle: ModelBundle | None) -> None:
         """Store ``bundle`` as the challenger (replacing any), or empty the slot (None), and tell

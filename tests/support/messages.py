@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,16 +23,35 @@ from segmentation.settings import DEFAULT_FEATURES
 FUZZ_EXAMPLES = int(os.environ.get("SEG_FUZZ_EXAMPLES", "300"))
 NOW_MS = 1_764_410_100_000  # 2025-11-29
 TEN_YEARS_S = 10 * 365 * 86400.0
+MAX_ID_CHARS = InputContract(()).max_id_chars
+
+
+def key_of(value: bytes | None) -> bytes:
+    """The key a well-behaved producer gives ``value``: its ``customer_id`` (UTF-8); ``b"k"`` when
+    the value has none (garbage, a tombstone) or one too long to be valid (a hostile 500,000
+    character id would make the message too large for the broker, not only for the contract)."""
+    try:
+        doc = json.loads(value or b"")
+    except (ValueError, RecursionError):
+        return b"k"
+    customer = doc.get("customer_id") if isinstance(doc, dict) else None
+    if not isinstance(customer, str) or len(customer) > MAX_ID_CHARS:
+        return b"k"
+    return customer.encode("utf-8", "surrogatepass")
 
 
 @dataclass
 class Msg:
-    """A consumed message as the loop sees it."""
+    """A consumed message as the loop sees it, keyed by its customer_id unless ``_key`` is given."""
 
     _value: bytes | None
     _offset: int = 0
-    _key: bytes | None = b"k"
+    _key: bytes | None | Literal["customer_id"] = "customer_id"
     _headers: list[tuple[str, bytes | None]] | None = None
+
+    def __post_init__(self) -> None:
+        if self._key == "customer_id":
+            self._key = key_of(self._value)
 
     def topic(self) -> str:
         return "in"
@@ -44,7 +63,7 @@ class Msg:
         return self._offset
 
     def key(self) -> bytes | None:
-        return self._key
+        return None if isinstance(self._key, str) else self._key
 
     def value(self) -> bytes | None:
         return self._value
@@ -83,7 +102,7 @@ def clipped_bundle(**features: object) -> dict[str, Any]:
 SMALL_MODEL = ActiveModel.of(ModelBundle.model_validate(small_bundle()))
 SMALL_RULES = ScoringRules(
     InputContract(FEATURES, {f: (-1e12, 1e12) for f in FEATURES}, max_age_s=TEN_YEARS_S,
-                  max_skew_s=3600.0),
+                  max_skew_s=3600.0, require_key_match=True),
     "out", "dlq", MAX_RECORD,
 )
 
@@ -98,7 +117,7 @@ def event(**fields: object) -> bytes:
 
 # --- the demo's six features, five segments: the fast-path cases --------------------------------
 DEMO_CONTRACT = InputContract(DEFAULT_FEATURES, {f: (-1e12, 1e12) for f in DEFAULT_FEATURES},
-                              max_age_s=TEN_YEARS_S, max_skew_s=3600.0)
+                              max_age_s=TEN_YEARS_S, max_skew_s=3600.0, require_key_match=True)
 
 
 def demo_values(n: int, seed: int = 3) -> list[bytes]:
