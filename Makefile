@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs quality
+.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs quality topics
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,15 @@ stack: system
 
 stack-down:
 	bash scripts/stack.sh down
+
+# The explicit admin step (python -m segmentation.admin): the topics; on a SASL broker
+# (KAFKA_SASL=1 make stack) also the SCRAM users and least-privilege ACLs, as its admin user.
+topics: install
+ifeq ($(KAFKA_SASL),1)
+	$(PY) -m segmentation.admin --secrets-dir $(or $(STACK_DIR),.stack)/kafka/secrets all
+else
+	$(PY) -m segmentation.admin topics
+endif
 
 run: install stack
 	$(PY) -m demo.run

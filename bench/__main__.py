@@ -49,7 +49,7 @@ class Plan:
     minibatch_rows: int
     scale_events: int
     window_events: int
-    rebuild_customers: int
+    rebuild_customers: list[int]
     skip: set[str] = field(default_factory=set)
 
     @classmethod
@@ -60,9 +60,10 @@ class Plan:
         rounds = int(os.environ.get("BENCH_ROUNDS", "1" if quick else "3"))
         if quick:
             return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000,
-                       20_000, 20_000, skip)
+                       20_000, [20_000], skip)
         return cls(False, events, rounds, 10.0, [2000, 5000], [10_000, 20_000, 40_000],
-                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000, 200_000, skip)
+                   [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000,
+                   [1_000_000, 10_000_000], skip)
 
 
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
@@ -172,17 +173,26 @@ def window(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def changes(plan: Plan, results: dict[str, Any]) -> None:
-    """Rebuilding a partition's last recorded segments from the changes topic."""
-    settings = fresh_settings()
-    ensure_topics(settings)
-    store = ModelStore(connect(settings), settings.redis_prefix)
-    try:
-        rebuild = consumers.change_rebuild(settings, plan.rebuild_customers)
-    finally:
-        cleanup(settings, store)
-    results["change_rebuild"] = rebuild
-    print(f"  change state rebuild: {rebuild['customers']:,} customers in {rebuild['seconds']:.2f} s "
-          f"({rebuild['per_s']:,.0f}/s)", flush=True)
+    """Rebuilding a partition's last recorded segments from the changes topic: time, peak RSS
+    and memory per customer, at each of ``plan.rebuild_customers``, then with the longest
+    customer ids allowed (``SEG_MAX_ID_CHARS``): the per-customer worst case."""
+    runs: list[dict[str, float]] = []
+    sizes = [(n, 0) for n in plan.rebuild_customers]
+    sizes.append((plan.rebuild_customers[0] // 10, fresh_settings().max_id_chars))
+    for customers, id_chars in sizes:
+        settings = fresh_settings()
+        ensure_topics(settings)
+        store = ModelStore(connect(settings), settings.redis_prefix)
+        try:
+            rebuild = consumers.change_rebuild(settings, customers, id_chars)
+        finally:
+            cleanup(settings, store)
+        runs.append(rebuild)
+        print(f"  change state rebuild: {rebuild['customers']:,} customers (ids of {rebuild['id_chars']:.0f} "
+              f"chars) in {rebuild['seconds']:.1f} s over {rebuild['calls']:.0f} calls "
+              f"({rebuild['per_s']:,.0f}/s), peak RSS {rebuild['peak_rss_mib']:,.0f} MiB, "
+              f"{rebuild['bytes_per_customer']:.0f} B/customer", flush=True)
+    results["change_rebuild"] = runs
 
 
 def scaleout(plan: Plan, results: dict[str, Any]) -> None:

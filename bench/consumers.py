@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer
 
-from consumer.changes import SegmentChanges
+from consumer.changes import ChangesUnavailable, SegmentChanges
 from consumer.delivery import Sent
 from consumer.loop import ConsumeLoop
 from consumer.partitions import next_offsets
@@ -204,33 +207,70 @@ def service_stages(s: Settings, store: ModelStore, n: int) -> dict[str, float]:
     return {"total_wall": took / n * 1e6, **{k: v / n * 1e6 for k, v in spent.items()}}
 
 
-def change_rebuild(s: Settings, customers: int) -> dict[str, float]:
-    """How fast a member rebuilds a partition's last recorded segments from the changes topic
-    (what a newly assigned partition waits for): ``customers`` change records in one partition,
-    read back by ``SegmentChanges.prepare``."""
+def produce_changes(s: Settings, customers: int, id_chars: int = 0) -> None:
+    """``customers`` change records on partition 0 of the changes topic, one per customer, keyed
+    ``c-<i>`` (padded with ``x`` to ``id_chars`` characters when given)."""
     assert s.changes_topic is not None
-    producer = Producer(producer_config(s))
+    producer = Producer({**producer_config(s), "batch.size": 1_000_000, "linger.ms": 50})
     for i in range(customers):
-        value = (f'{{"customer_id":"c-{i}","event_id":"e-{i}","event_time":"2026-11-29T10:15:00.000Z",'
+        key = f"c-{i}".ljust(id_chars, "x")
+        value = (f'{{"customer_id":"{key}","event_id":"e-{i}","event_time":"2026-11-29T10:15:00.000Z",'
                  f'"cause":"initial","from_segment_id":null,"from_segment":null,"from_model_version":null,'
                  f'"to_segment_id":{i % 5},"to_segment":"segment {i % 5}","to_model_version":1,'
                  f'"changed_at":"2026-11-29T10:15:00.120Z"}}').encode()
         while True:
             try:
-                producer.produce(s.changes_topic, key=f"c-{i}".encode(), value=value, partition=0)
+                producer.produce(s.changes_topic, key=key.encode(), value=value, partition=0)
                 break
             except BufferError:  # the local queue is full: let deliveries drain it
                 producer.poll(0.1)
-    producer.flush(60)
+    if producer.flush(600) != 0:
+        raise RuntimeError("change records not all delivered")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _rebuild_in_child(s: Settings, customers: int, out: Any) -> None:
+    """In a fresh process (its peak RSS is the rebuild's own): ``SegmentChanges.prepare`` until
+    the partition's state is rebuilt, each call within ``SEG_DELIVERY_TIMEOUT_S``."""
     changes = SegmentChanges(s, ConsumerMetrics(), lambda _v: None)
-    started = time.perf_counter()
-    changes.prepare([_At(s.events_topic, 0)])
+    before = _rss_mib()
+    started, calls = time.perf_counter(), 0
+    while 0 not in changes.state:
+        calls += 1
+        try:
+            changes.prepare([_At(s.events_topic, 0)])
+        except ChangesUnavailable:
+            continue
     took = time.perf_counter() - started
-    changes.close()
     held = len(changes.state[0])
-    if held != customers:
-        raise RuntimeError(f"rebuilt {held} customers of {customers}")
-    return {"customers": customers, "seconds": took, "per_s": customers / took}
+    after = _rss_mib()
+    changes.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out.send({"customers": held, "seconds": took, "calls": calls, "rss_before_mib": before,
+              "rss_after_mib": after, "peak_rss_mib": peak})
+
+
+def change_rebuild(s: Settings, customers: int, id_chars: int = 0) -> dict[str, float]:
+    """How fast a member rebuilds a partition's last recorded segments from the changes topic
+    (what a newly assigned partition waits for), and the memory it holds per customer:
+    ``customers`` change records in one partition, read back by ``SegmentChanges.prepare`` in a
+    fresh process, call after call (each bounded by ``SEG_DELIVERY_TIMEOUT_S``) until done."""
+    produce_changes(s, customers, id_chars)
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_rebuild_in_child, args=(s, customers, send))
+    child.start()
+    result = receive.recv()
+    child.join(60)
+    if result["customers"] != customers:
+        raise RuntimeError(f"rebuilt {result['customers']} customers of {customers}")
+    per_customer = (result["rss_after_mib"] - result["rss_before_mib"]) * 2**20 / customers
+    return {**result, "per_s": customers / result["seconds"], "bytes_per_customer": per_customer,
+            "id_chars": id_chars or len(f"c-{customers - 1}")}
 
 
 class _At:

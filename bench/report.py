@@ -77,10 +77,13 @@ def table(r: dict[str, Any]) -> str:
         what = (f"trainer run: window of {w['events']:,} events ({w['customers']:,} customers, "
                 f"{w['rows_used']:,} rows fitted) to publish")
         rows.append(_row(what, "-", f"{w['seconds']:.1f} s", "-", "-"))
-    if "change_rebuild" in r:
-        c = r["change_rebuild"]
-        rows.append(_row(f"segment changes: rebuild a partition's state ({c['customers']:,} customers)",
-                         "-", f"{c['seconds']:.2f} s ({_rate(c['per_s'])})", "-", "-"))
+    runs = r.get("change_rebuild", [])
+    for c in runs if isinstance(runs, list) else [runs]:  # one dict in results before 2026-12-05
+        memory = (f", peak RSS {c['peak_rss_mib']:,.0f} MiB, {c['bytes_per_customer']:.0f} B/customer"
+                  if "peak_rss_mib" in c else "")
+        ids = f", ids of {c['id_chars']:.0f} chars" if "id_chars" in c else ""
+        rows.append(_row(f"segment changes: rebuild a partition's state ({c['customers']:,} customers{ids})",
+                         "-", f"{c['seconds']:.2f} s ({_rate(c['per_s'])}){memory}", "-", "-"))
     if "scale_out" in r:
         so = r["scale_out"]
         rows.append(_row(f"scale-out, 6 partitions, {so['events']:,} events",

@@ -48,7 +48,7 @@ from consumer.watcher import ActiveModel
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
-from segmentation.kafka import ReadIncomplete, TopicReader, read_to_end
+from segmentation.kafka import ReadIncomplete, ReadPosition, TopicReader, read_to_end
 from segmentation.metrics import ChangeCause, ConsumerMetrics
 from segmentation.readback import Readback, ReadbackError, decode_change, key_text
 from segmentation.settings import Settings
@@ -164,6 +164,9 @@ class SegmentChanges:
         self.model_of = model_of
         self.readback = Readback.of(settings, metrics.readback_rejected)
         self.state: dict[int, dict[str, Recorded]] = {}
+        # a rebuild cut off by its time budget: what it read so far, and where it goes on
+        self._partial: dict[int, dict[str, Recorded]] = {}
+        self._positions: dict[int, ReadPosition] = {}
         self._reader: TopicReader | None = None
 
     def record(self, messages: Sequence[Message], batch: ScoredBatch, model: ActiveModel) -> bool:
@@ -183,16 +186,27 @@ class SegmentChanges:
     # --- state of the partitions held --------------------------------------------------------
     def prepare(self, messages: Sequence[Message]) -> None:
         """Rebuild the state of the partitions of ``messages`` not held yet;
-        ``ChangesUnavailable`` when the topic cannot be read (the batch must wait)."""
+        ``ChangesUnavailable`` when the topic cannot be read to the end (the batch must wait).
+
+        A rebuild reads for at most ``SEG_DELIVERY_TIMEOUT_S`` per call; one cut off keeps what it
+        read and where it stopped, and the next call goes on from there (the batch is held and
+        replayed meanwhile, and the member keeps polling): a partition of any size is rebuilt,
+        with its progress logged, instead of starting again at every deadline."""
         missing = sorted({coordinates(m)[1] for m in messages} - set(self.state))
         if not missing or self.topic is None:
             return
         started = time.monotonic()
         try:
-            restored = self._read(missing)
+            self._read(missing)
         except (KafkaException, ReadIncomplete) as exc:
             self.metrics.change_restores.labels("failed").inc()
+            log.info("segment change state rebuild in progress", extra={"progress": {
+                p: f"{self._positions[p].next}/{self._positions[p].end}"
+                for p in missing if p in self._positions}})
             raise ChangesUnavailable(f"{self.topic} {missing}: {exc}") from exc
+        restored = {p: self._partial.pop(p, {}) for p in missing}
+        for p in missing:
+            self._positions.pop(p, None)
         self.state.update(restored)
         self.metrics.change_restores.labels("done").inc()
         self.metrics.change_restore_duration.observe(time.monotonic() - started)
@@ -201,25 +215,29 @@ class SegmentChanges:
             "partitions": missing, "customers": sum(len(restored[p]) for p in missing),
             "seconds": round(time.monotonic() - started, 3)})
 
-    def _read(self, partitions: list[int]) -> dict[int, dict[str, Recorded]]:
+    def _read(self, partitions: list[int]) -> None:
+        """Read ``partitions`` on from ``_positions`` into ``_partial`` (``read_to_end``)."""
         assert self.topic is not None  # noqa: S101 - prepare reads only with a topic
         if self._reader is None:
             self._reader = TopicReader(self.settings, "changes-restore")
-        restored: dict[int, dict[str, Recorded]] = {p: {} for p in partitions}
+        for p in partitions:
+            self._partial.setdefault(p, {})
         latest = self.readback.latest_ms()
         invalid = 0
-        for msg in read_to_end(self._reader, self.topic, partitions, self.settings.delivery_timeout_s):
-            partition = int(msg.partition() or 0)
-            try:
-                customer, recorded = self._decoded(msg, latest)
-            except ReadbackError as exc:
-                invalid += 1
-                self.readback.rejected("changes_topic", f"{self.topic}/{partition}@{msg.offset()}", exc)
-                continue
-            restored[partition][customer] = recorded
-        if invalid:
-            self.metrics.change_records_invalid.inc(invalid)
-        return restored
+        try:
+            for msg in read_to_end(self._reader, self.topic, partitions, self.settings.delivery_timeout_s,
+                                   self._positions):
+                partition = int(msg.partition() or 0)
+                try:
+                    customer, recorded = self._decoded(msg, latest)
+                except ReadbackError as exc:
+                    invalid += 1
+                    self.readback.rejected("changes_topic", f"{self.topic}/{partition}@{msg.offset()}", exc)
+                    continue
+                self._partial[partition][customer] = recorded
+        finally:
+            if invalid:
+                self.metrics.change_records_invalid.inc(invalid)
 
     def _decoded(self, msg: Message, latest_ms: float) -> tuple[str, Recorded]:
         """A record's customer (its key, as the outputs key it) and what it leaves them in."""
@@ -232,6 +250,8 @@ class SegmentChanges:
         rebuilt from the topic when they are scored again."""
         for p in partitions:
             self.state.pop(p, None)
+            self._partial.pop(p, None)
+            self._positions.pop(p, None)
         self._count_customers()
 
     def forget_messages(self, messages: Sequence[Message]) -> None:

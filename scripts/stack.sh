@@ -15,6 +15,19 @@
 #   KAFKA_READY_TIMEOUT (60 s), REDIS_READY_TIMEOUT (15 s), STOP_TIMEOUT (60 s), JAVA_HOME.
 # status exits 0 when both services are up, 3 otherwise.
 #
+# KAFKA_SASL=1 (opt-in; default PLAINTEXT): the broker authenticates every client with
+# SASL/SCRAM-SHA-512 (listener SASL_PLAINTEXT), its controller listener with SASL/PLAIN (KRaft
+# cannot use SCRAM there), and authorises with StandardAuthorizer, nothing allowed without an
+# ACL. Super users: `broker` (itself) and `admin` (the admin step, python -m segmentation.admin).
+# Passwords: KAFKA_<NAME>_PASSWORD for NAME in BROKER ADMIN PRODUCER CONSUMER TRAINER, else a
+# random one generated once into $STACK_DIR/kafka/secrets/<name>.password (mode 600). broker and
+# admin get their SCRAM credentials when the storage is formatted; the service principals from
+# `make topics` (segmentation.admin). A data dir keeps the mode it was formatted with: use
+# another STACK_DIR for a SASL broker. `scripts/stack.sh kafka-client-env NAME` prints the
+# SEG_KAFKA_EXTRA and SEG_KAFKA_PASSWORD lines (sh) that make a service log in as NAME;
+# `scripts/stack.sh kafka-secrets DIR` writes random <name>.password files into DIR (mode 600)
+# for the ones still missing (docker-compose.yml reads its Kafka secrets from ./secrets).
+#
 # Redis Cluster for per-customer state past one node (not part of up/down/status):
 #   scripts/stack.sh redis-cluster-up | redis-cluster-down | redis-cluster-node-start PORT
 # three cluster-mode redis-server processes on $REDIS_CLUSTER_PORTS (7001 7002 7003), no
@@ -55,6 +68,11 @@ KAFKA_PIDFILE="$STACK_DIR/kafka.pid"
 KAFKA_TEMPLATE="$ROOT/stack/kafka-server.properties.template"
 KAFKA_LOG4J="$ROOT/stack/kafka-log4j2.properties"
 KAFKA_POM="$ROOT/stack/kafka-pom.xml"
+KAFKA_SASL="${KAFKA_SASL:-0}"
+KAFKA_SASL_TEMPLATE="$ROOT/stack/kafka-sasl.properties.template"
+KAFKA_SECRETS="$KAFKA_DIR/secrets"
+KAFKA_SECURITY_FILE="$KAFKA_DIR/security" # the mode the data dir was formatted with
+KAFKA_PRINCIPALS="broker admin producer consumer trainer"
 REDIS_DIR="$STACK_DIR/redis"
 REDIS_PIDFILE="$STACK_DIR/redis.pid"
 PROM_PORT="${PROM_PORT:-9090}"
@@ -179,13 +197,58 @@ new_cluster_id() { # 16 random bytes, base64url without padding, not starting wi
   done
 }
 
+# kafka_password NAME -> the password of principal NAME: $KAFKA_<NAME>_PASSWORD, else the file
+# $KAFKA_SECRETS/NAME.password, generated once with a random value (mode 600).
+kafka_password() {
+  local name="$1" var file pw
+  var="KAFKA_$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')_PASSWORD"
+  file="$KAFKA_SECRETS/$name.password"
+  pw="${!var:-}"
+  if [ -z "$pw" ]; then
+    if [ ! -s "$file" ]; then
+      mkdir -p "$KAFKA_SECRETS"
+      chmod 700 "$KAFKA_SECRETS"
+      (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=\n' | head -c 32 >"$file")
+    fi
+    pw="$(cat "$file")"
+  fi
+  # written into a JAAS line and a StorageTool argument: keep it to characters safe in both
+  case "$pw" in *[!A-Za-z0-9._~-]*) die "$var: use only letters, digits and . _ ~ -" ;; esac
+  [ "${#pw}" -ge 12 ] || die "$var: at least 12 characters"
+  printf '%s\n' "$pw"
+}
+
+kafka_sasl() { [ "$KAFKA_SASL" = 1 ]; }
+
 kafka_configure() {
   mkdir -p "$KAFKA_DATA" "$KAFKA_LOGS"
   [ -f "$KAFKA_TEMPLATE" ] || die "missing $KAFKA_TEMPLATE"
   [ -f "$KAFKA_LOG4J" ] || die "missing $KAFKA_LOG4J"
-  sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
-    -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
-    -e "s|@DATA_DIR@|$KAFKA_DATA|g" "$KAFKA_TEMPLATE" >"$KAFKA_PROPS.tmp"
+  local mode=plaintext broker_pw="" name
+  if kafka_sasl; then
+    mode=sasl
+    [ -f "$KAFKA_SASL_TEMPLATE" ] || die "missing $KAFKA_SASL_TEMPLATE"
+    for name in $KAFKA_PRINCIPALS; do kafka_password "$name" >/dev/null; done
+    broker_pw="$(kafka_password broker)"
+  fi
+  if [ -f "$KAFKA_DATA/meta.properties" ]; then # a data dir keeps the mode it was formatted with
+    local was=plaintext
+    [ -s "$KAFKA_SECURITY_FILE" ] && was="$(cat "$KAFKA_SECURITY_FILE")"
+    [ "$was" = "$mode" ] ||
+      die "$KAFKA_DATA was formatted for $was, not $mode (KAFKA_SASL=$KAFKA_SASL): use another STACK_DIR"
+  fi
+  (
+    if kafka_sasl; then umask 077; fi # then the file holds the broker's password
+    sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
+      -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+      -e "s|@DATA_DIR@|$KAFKA_DATA|g" "$KAFKA_TEMPLATE" >"$KAFKA_PROPS.tmp"
+    if kafka_sasl; then
+      printf '\n' >>"$KAFKA_PROPS.tmp"
+      sed -e "s|@KAFKA_PORT@|$KAFKA_PORT|g" \
+        -e "s|@CONTROLLER_PORT@|$KAFKA_CONTROLLER_PORT|g" \
+        -e "s|@BROKER_PASSWORD@|$broker_pw|g" "$KAFKA_SASL_TEMPLATE" >>"$KAFKA_PROPS.tmp"
+    fi
+  )
   mv "$KAFKA_PROPS.tmp" "$KAFKA_PROPS"
 
   # Format the data dir once. An already formatted dir is the source of truth for the id.
@@ -201,12 +264,29 @@ kafka_configure() {
     cid="$(new_cluster_id)"
     printf '%s\n' "$cid" >"$KAFKA_CLUSTER_ID_FILE"
   fi
-  log "formatting Kafka storage in $KAFKA_DATA (cluster id $cid)"
+  local scram=()
+  if kafka_sasl; then # the broker's and the admin step's SCRAM credentials, in the first metadata
+    for name in broker admin; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$name,password=$(kafka_password "$name")]")
+    done
+  fi
+  log "formatting Kafka storage in $KAFKA_DATA (cluster id $cid, $mode)"
   "$(java_bin)" -Xmx256m -cp "$KAFKA_LIBS/*" \
     -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_LOGS" \
-    kafka.tools.StorageTool format -t "$cid" -c "$KAFKA_PROPS" --ignore-formatted \
+    kafka.tools.StorageTool format -t "$cid" -c "$KAFKA_PROPS" --ignore-formatted "${scram[@]}" \
     </dev/null >>"$KAFKA_LOGS/format.out" 2>&1 ||
     { tail -n 30 "$KAFKA_LOGS/format.out" >&2; die "kafka storage format failed"; }
+  printf '%s\n' "$mode" >"$KAFKA_SECURITY_FILE"
+}
+
+# kafka_client_env NAME: sh lines that make a service (SEG_* settings) log in as NAME.
+kafka_client_env() {
+  local name="$1"
+  case " $KAFKA_PRINCIPALS " in *" $name "*) ;; *) die "unknown principal $name ($KAFKA_PRINCIPALS)" ;; esac
+  printf "export SEG_KAFKA_BOOTSTRAP='%s:%s'\n" "$HOST" "$KAFKA_PORT"
+  printf "export SEG_KAFKA_EXTRA='%s'\n" \
+    "{\"security.protocol\":\"SASL_PLAINTEXT\",\"sasl.mechanism\":\"SCRAM-SHA-512\",\"sasl.username\":\"$name\"}"
+  printf "export SEG_KAFKA_PASSWORD='%s'\n" "$(kafka_password "$name")"
 }
 
 KAFKA_OUT_OFFSET=0
@@ -509,7 +589,7 @@ status() {
 }
 
 usage() {
-  sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,42p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 cmd="${1:-}"
@@ -528,6 +608,12 @@ case "$cmd" in
   status) status ;;
   kafka-start) take_lock; kafka_start ;;
   kafka-stop) take_lock; kafka_stop ;;
+  kafka-client-env) KAFKA_SASL=1 kafka_client_env "${2:?principal}" ;;
+  kafka-secrets)
+    KAFKA_SECRETS="${2:?directory}"
+    for principal in $KAFKA_PRINCIPALS; do kafka_password "$principal" >/dev/null; done
+    log "Kafka passwords in $KAFKA_SECRETS: $(cd "$KAFKA_SECRETS" && echo *.password)"
+    ;;
   redis-start) take_lock; redis_start; redis_acl ;;
   redis-stop) take_lock; redis_stop ;;
   redis-cluster-up) take_lock; cluster_up ;;

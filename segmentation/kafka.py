@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -95,43 +96,65 @@ class TopicReader:
             c.close()
 
 
-def read_to_end(reader: TopicReader, topic: str, partitions: Iterable[int],
-                timeout_s: float) -> Iterator[Message]:
+@dataclass(slots=True)
+class ReadPosition:
+    """How far ``read_to_end`` got in one partition: the next offset to read and the high
+    watermark it reads to (fixed when the read began)."""
+
+    next: int
+    end: int
+
+
+def read_to_end(reader: TopicReader, topic: str, partitions: Iterable[int], timeout_s: float,
+                positions: dict[int, ReadPosition] | None = None) -> Iterator[Message]:
     """Every committed record of ``partitions`` of ``topic``, from the first retained one to the
     high watermark at the call. A transaction still open below it holds the read (its records
     are skipped once it is aborted, yielded once committed) instead of ending it early:
-    ``ReadIncomplete`` past ``timeout_s``, and the caller retries."""
+    ``ReadIncomplete`` past ``timeout_s``, and the caller retries.
+
+    With ``positions`` the read resumes: a partition found there starts at its ``next`` offset
+    and reads to its ``end``; one not found is added. Each record's position is moved past it
+    once the caller takes the next one (or the read ends), so that a read cut off by
+    ``timeout_s`` goes on where it stopped at the next call instead of starting again."""
     deadline = time.monotonic() + timeout_s
-    ends: dict[int, tuple[int, int]] = {}
+    at = positions if positions is not None else {}
     for p in partitions:
-        low, high = reader.watermarks(TopicPartition(topic, p), timeout_s)
-        if high > low:
-            ends[p] = (low, high)
-    if not ends:
+        if p not in at:
+            low, high = reader.watermarks(TopicPartition(topic, p), timeout_s)
+            at[p] = ReadPosition(low, high)
+    remaining = {p for p in partitions if at[p].next < at[p].end}
+    if not remaining:
         return
     consumer = reader.records
-    consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in ends.items()])
-    remaining = set(ends)
+    consumer.assign([TopicPartition(topic, p, at[p].next) for p in sorted(remaining)])
     try:
+        fetched = False
         while remaining:
-            if time.monotonic() > deadline:
-                raise ReadIncomplete(f"{topic} partitions {sorted(remaining)} not read to the end "
-                                     f"in {timeout_s:g}s (a transaction still open holds the end)")
+            if time.monotonic() > deadline and fetched:  # every call fetches once at least
+                progress = ", ".join(f"{p}: {at[p].next}/{at[p].end}" for p in sorted(remaining))
+                raise ReadIncomplete(f"{topic} not read to the end in {timeout_s:g}s (a long read, or "
+                                     f"a transaction still open holds the end); at {progress}")
+            fetched = True
             for msg in consumer.consume(num_messages=500, timeout=0.5):
                 p, err = int(msg.partition() or 0), msg.error()
+                if p not in remaining:
+                    continue
+                offset = int(msg.offset() or 0)
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        if p in ends and int(msg.offset() or 0) >= ends[p][1]:
+                        if offset >= at[p].end:
+                            at[p].next = at[p].end
                             remaining.discard(p)  # else: at the last stable offset, waiting
                     elif not is_transient(err):
                         raise KafkaException(err)
                     continue
-                offset = int(msg.offset() or 0)
-                if p not in remaining or offset >= ends[p][1]:
+                if offset >= at[p].end:
+                    at[p].next = at[p].end
                     remaining.discard(p)
                     continue
                 yield msg
-                if offset + 1 >= ends[p][1]:
+                at[p].next = offset + 1
+                if at[p].next >= at[p].end:
                     remaining.discard(p)
     finally:
         consumer.unassign()

@@ -249,7 +249,8 @@ def test_compose_file_validates() -> None:
 
 def test_compose_stack_is_consistent_with_the_local_settings() -> None:
     services = compose_config()["services"]
-    assert set(services) == {"kafka", "redis", "consumer", "trainer", "producer", "prometheus", "grafana"}
+    assert set(services) == {"kafka", "topics", "redis", "consumer", "trainer", "producer", "prometheus",
+                             "grafana"}
     assert services["consumer"]["deploy"]["replicas"] == 2
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumer.changes import Recorded, SegmentChanges, cause_of, change_value
+from consumer.changes import ChangesUnavailable, Recorded, SegmentChanges, cause_of, change_value
 from consumer.scoring import score_batch
 from consumer.watcher import ActiveModel
 from demo.generator import another_profile
@@ -334,3 +334,41 @@ def test_a_transaction_left_open_holds_the_rebuild_instead_of_cutting_off_later_
     finally:
         reader.close()
     assert read == [(b"t-1", 2)]
+
+
+@pytest.mark.integration
+def test_a_rebuild_cut_off_by_its_time_budget_goes_on_where_it_stopped(settings: Settings) -> None:
+    """Issue 20 item 3: a partition too large to read within one call's budget is rebuilt over
+    several calls (the batch held meanwhile), each going on from where the last one stopped,
+    into the same state one uninterrupted read gives; a revoked partition starts again."""
+    assert settings.changes_topic is not None
+    producer = Producer(producer_config(settings))
+    e = CustomerEvent(customer_id="r", event_time=NOW_MS, event_id="e-1", features={})
+    n = 6000
+    for i in range(n):
+        producer.produce(settings.changes_topic, key=f"r-{i % 4000}".encode(), partition=0,
+                         value=change_value(e, NOW_MS + i, None, i % 7, "s", 1, "initial", "T"))
+    assert producer.flush(30) == 0
+    changes = SegmentChanges(settings.model_copy(update={"delivery_timeout_s": 1e-6}),
+                             ConsumerMetrics(), lambda v: None)
+    batch = [Msg(at(0.1), 0)]
+    calls, progress = 0, []
+    while 0 not in changes.state:
+        calls += 1
+        assert calls <= n, "no progress"
+        try:
+            changes.prepare(batch)
+        except ChangesUnavailable:
+            progress.append(changes._positions[0].next)
+    assert calls > 2 and progress == sorted(progress) and progress[-1] < n
+    assert len(changes.state[0]) == 4000 and not changes._partial and not changes._positions
+    assert changes.state[0]["r-3"] == Recorded(4003 % 7, "s", 1, NOW_MS + 4003)
+    assert changes.state[0]["r-3999"] == Recorded(3999 % 7, "s", 1, NOW_MS + 3999)
+
+    whole = SegmentChanges(settings, ConsumerMetrics(), lambda v: None)
+    whole.prepare(batch)
+    assert whole.state == changes.state
+    changes.forget([0])  # revoked: nothing kept, the next rebuild starts from the first record
+    with pytest.raises(ChangesUnavailable):
+        changes.prepare(batch)
+    assert changes._positions[0].next < progress[-1]

@@ -292,17 +292,23 @@ def start_service(settings: Settings, module: str, log_path: Any, **extra: str) 
 # --- a private broker, for tests that kill it ---------------------------------------------------
 class PrivateBroker:
     """A Kafka broker of one test's own, started by scripts/stack.sh on free ports with its data
-    in ``directory`` (the jars are shared with the local stack's)."""
+    in ``directory`` (the jars are shared with the local stack's). With ``sasl`` it is the
+    ``KAFKA_SASL=1`` broker: SCRAM-SHA-512 clients, StandardAuthorizer, no ACL no access; the
+    principals' passwords are in ``secrets`` (``password``, ``login``)."""
 
-    def __init__(self, directory: Any) -> None:
+    def __init__(self, directory: Any, sasl: bool = False) -> None:
         import os
         from pathlib import Path
 
         root = Path(__file__).resolve().parents[2]  # tests/support/stack.py -> the repository
         self.script = root / "scripts" / "stack.sh"
         self.port = free_port()
+        self.sasl = sasl
+        self.secrets = Path(directory) / "kafka" / "secrets"
         self.env = {**os.environ, "STACK_DIR": str(directory), "KAFKA_PORT": str(self.port),
-                    "KAFKA_CONTROLLER_PORT": str(free_port())}
+                    "KAFKA_CONTROLLER_PORT": str(free_port()), "KAFKA_SASL": "1" if sasl else "0"}
+        for name in ("BROKER", "ADMIN", "PRODUCER", "CONSUMER", "TRAINER"):
+            self.env.pop(f"KAFKA_{name}_PASSWORD", None)  # the generated ones, in secrets
         libs = root / ".stack" / "kafka" / "libs"
         (Path(directory) / "kafka").mkdir(parents=True, exist_ok=True)
         if libs.is_dir() and not (Path(directory) / "kafka" / "libs").exists():
@@ -312,6 +318,16 @@ class PrivateBroker:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def password(self, principal: str) -> str:
+        """The password stack.sh generated for ``principal`` (SASL broker)."""
+        return (self.secrets / f"{principal}.password").read_text().strip()
+
+    def login(self, principal: str) -> dict[str, str]:
+        """``kafka_extra`` of a client logging in as ``principal`` (its password goes in
+        ``kafka_password``)."""
+        return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+                "sasl.username": principal}
 
     def start(self) -> None:
         import subprocess
