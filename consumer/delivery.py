@@ -108,6 +108,10 @@ class Delivery(Protocol):
 
 EXIT_STALLED = 5
 SEND_OFFSETS_TIMEOUT_S = 30.0
+STALL_GRACE_S = 15.0  # past its own timeout, how long a call may run before it counts as stuck
+# Producers replaced after a stuck call, per process: each leaves a thread (and the handle it holds)
+# blocked inside librdkafka, so past this many the process exits (a restart frees them).
+MAX_PRODUCER_REPLACEMENTS = 3
 
 
 def _exit_stalled(call: str) -> None:
@@ -257,10 +261,17 @@ class AtLeastOnce:
 
 
 class ExactlyOnce:
-    def __init__(self, producer: Producer, consumer: Consumer, timeout_s: float) -> None:
+    """One transaction per batch: outputs, dead letters, changes and the input offsets.
+    ``new_producer`` makes a producer with the same transactional id, to replace one stuck in a
+    call that ignores its timeout (``_send_offsets``); without it, a stuck call exits the process."""
+
+    def __init__(self, producer: Producer, consumer: Consumer, timeout_s: float,
+                 new_producer: Callable[[], Producer] | None = None) -> None:
         self.producer = producer
         self.consumer = consumer
         self.timeout_s = timeout_s
+        self.new_producer = new_producer
+        self.replaced = 0  # producers replaced after a stuck call
         producer.init_transactions(timeout_s)
 
     def send(self, records: Sequence[OutRecord], offsets: Sequence[TopicPartition],
@@ -331,18 +342,51 @@ class ExactlyOnce:
 
     def _send_offsets(self, offsets: Sequence[TopicPartition]) -> None:
         """``send_offsets_to_transaction`` can ignore its timeout for good once the group
-        coordinator has gone away (a broker restart; confluentinc/librdkafka#5456). Nothing in
-        the process can recover that handle, so past a bound it exits (nothing was committed,
-        and a restart replays the batch) rather than hang with its partitions assigned."""
-        guard = threading.Timer(SEND_OFFSETS_TIMEOUT_S + 15, _exit_stalled, ("send_offsets_to_transaction",))
-        guard.daemon = True
-        guard.start()
+        coordinator has gone away (a broker restart; confluentinc/librdkafka#5456), and nothing
+        recovers that handle. So the call runs in a thread of its own; past its timeout and a
+        grace the producer is replaced (``_replace``) and the batch fails, to be replayed from
+        the committed offsets: nothing of it was committed."""
+        producer, metadata = self.producer, self.consumer.consumer_group_metadata()
+        done, failed = threading.Event(), []
+
+        def call() -> None:
+            try:
+                producer.send_offsets_to_transaction(list(offsets), metadata, SEND_OFFSETS_TIMEOUT_S)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name="send-offsets", daemon=True).start()
+        if not done.wait(SEND_OFFSETS_TIMEOUT_S + STALL_GRACE_S):
+            self._replace(producer, "send_offsets_to_transaction")
+        if failed:
+            raise failed[0]
+
+    def _replace(self, stuck: Producer, call: str) -> None:
+        """Leave ``stuck`` to the thread blocked in it and go on with a new producer of the
+        same transactional id: its ``init_transactions`` fences ``stuck`` and aborts the open
+        transaction. ``DeliveryFailed`` (the batch is replayed); the process exits instead when
+        there is no ``new_producer``, after ``MAX_PRODUCER_REPLACEMENTS``, or when the new
+        producer cannot start its transactions either."""
+        if self.new_producer is None or self.replaced >= MAX_PRODUCER_REPLACEMENTS:
+            _exit_stalled(call)
+            return  # only when _exit_stalled is replaced (tests)
+        log.error("a Kafka client call ignored its timeout; replacing the producer (the same "
+                  "transactional id fences the stuck one) and replaying the batch",
+                  extra={"call": call, "replaced": self.replaced + 1})
+        producer = self.new_producer()
         try:
-            self.producer.send_offsets_to_transaction(
-                list(offsets), self.consumer.consumer_group_metadata(), SEND_OFFSETS_TIMEOUT_S
-            )
-        finally:
-            guard.cancel()
+            producer.init_transactions(self.timeout_s)
+        except KafkaException as exc:
+            log.error("the replacement producer cannot start transactions",
+                      extra={"error": exc.args[0].str() if exc.args else str(exc)})
+            _exit_stalled(f"init_transactions after {call}")
+            return
+        self.replaced += 1
+        self.producer = producer
+        raise DeliveryFailed(f"{call} stalled past {SEND_OFFSETS_TIMEOUT_S + STALL_GRACE_S:g}s: "
+                             "producer replaced, batch replayed")
 
     def _until_done(self, call: Callable[[], object]) -> None:
         """A transaction call that timed out, or collides with the same call still running in

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
-from consumer.delivery import DeliveryStopped, ExactlyOnce
+from consumer import delivery
+from consumer.delivery import DeliveryFailed, DeliveryStopped, ExactlyOnce
 from consumer.scoring import OutRecord
 from segmentation.events import CustomerEvent
 from segmentation.kafka import consumer_config, producer_config
@@ -25,6 +28,7 @@ from tests.support.stack import (
     RunningConsumer,
     customers,
     produce_events,
+    produce_raw,
     read_outputs,
     read_topic,
     running_consumer,
@@ -195,6 +199,54 @@ def test_a_fenced_exactly_once_instance_stops_with_one_clear_error(settings: Set
         assert "fenced" in str(exc).lower() or "epoch" in str(exc).lower(), exc
     second.deliver([record], [], lambda r, e: None)  # the newer instance goes on
     consumer.close()
+
+
+class StuckOffsets:
+    """A real producer whose ``send_offsets_to_transaction`` never returns until released: the
+    hang of confluentinc/librdkafka#5456 after a coordinator loss, which no broker action here
+    reproduces on demand. Every other call is the real producer's."""
+
+    def __init__(self, real: Producer) -> None:
+        self.real = real
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def send_offsets_to_transaction(self, *_: object) -> None:
+        self.release.wait(120)
+
+
+@pytest.mark.integration
+def test_a_stuck_offsets_call_replaces_the_producer_and_the_batch_commits_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 8: recovered inside the process. The stuck producer is fenced by a new one
+    of the same transactional id, its open transaction aborted; the batch, replayed, commits its
+    output and offsets once."""
+    monkeypatch.setattr(delivery, "SEND_OFFSETS_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(delivery, "STALL_GRACE_S", 1.0)
+    tid = f"{settings.transactional_id}-stuck"
+    produce_raw(settings, [("k", b"{}")])
+    consumer = Consumer(consumer_config(settings, exactly_once=True))
+    consumer.subscribe([settings.events_topic])
+    wait_until(lambda: bool(consumer.poll(1)), 30, "the event consumed")
+    offsets = [TopicPartition(settings.events_topic, tp.partition, 1) for tp in consumer.assignment()
+               if consumer.get_watermark_offsets(tp, timeout=10)[1] == 1]
+    stuck = StuckOffsets(Producer(producer_config(settings, tid)))
+    eo = ExactlyOnce(cast(Producer, stuck), consumer, 10, lambda: Producer(producer_config(settings, tid)))
+    record = OutRecord(settings.segments_topic, b"k", b"{}", [])
+    try:
+        with pytest.raises(DeliveryFailed, match="producer replaced"):
+            eo.deliver([record], offsets, lambda r, e: None)
+        assert id(eo.producer) != id(stuck) and eo.replaced == 1
+        eo.deliver([record], offsets, lambda r, e: None)  # the replay
+        assert committed(settings) == 1
+        outputs = read_topic(settings, settings.segments_topic, lambda got: len(got) >= 2, timeout_s=5)
+        assert len(outputs) == 1  # the stuck transaction's copy was aborted, never committed
+    finally:
+        stuck.release.set()
+        consumer.close()
 
 
 def test_default_transactional_ids_differ_between_processes_on_one_host() -> None:

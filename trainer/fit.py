@@ -151,14 +151,15 @@ class KConfig:
 
 def fit_kmeans(
     x: np.ndarray, k: int, n_init: int, random_state: int, silhouette_sample: int,
-    init: np.ndarray | None = None,
+    init: np.ndarray | None = None, max_iter: int = 300,
 ) -> Fit:
     """k-means++ with ``n_init`` restarts (the best inertia wins), scored on a sample; or, with
-    ``init`` (K centroids), one run of Lloyd's algorithm from them (``continued``)."""
+    ``init`` (K centroids), one run of Lloyd's algorithm from them (``continued``), of at most
+    ``max_iter`` iterations (``recentred``: one)."""
     if init is None:
         model = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=random_state)
     else:
-        model = KMeans(n_clusters=k, init=init, n_init=1, random_state=random_state)
+        model = KMeans(n_clusters=k, init=init, n_init=1, random_state=random_state, max_iter=max_iter)
     labels = model.fit_predict(x)
     return Fit(
         centroids=model.cluster_centers_,
@@ -185,6 +186,21 @@ def continued(x: np.ndarray, centroids: np.ndarray, random_state: int, silhouett
     (2, 1, 0)
     """
     return fit_kmeans(x, centroids.shape[0], 1, random_state, silhouette_sample, init=centroids)
+
+
+def recentred(x: np.ndarray, centroids: np.ndarray, random_state: int, silhouette_sample: int) -> Fit:
+    """The current model's segments moved to the mean of the customers it assigns them in this
+    window (one Lloyd iteration from its centroids): no segment is redrawn, so the structure is
+    the current one by construction, when ``continued`` converges to another (an ageing segment
+    that K-Means now cuts in two). Each customer is then assigned to the nearest moved centroid.
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(8, 1, (200, 2))])
+    >>> fit = recentred(x, np.array([[7.0, 7.0], [1.0, 1.0]]), 0, 400)
+    >>> fit.k, int(fit.labels[0]), int(fit.labels[-1]), bool(abs(fit.centroids[0, 0] - 8) < 0.3)
+    (2, 1, 0, True)
+    """
+    return fit_kmeans(x, centroids.shape[0], 1, random_state, silhouette_sample, init=centroids, max_iter=1)
 
 
 def plausible(fits: list[Fit]) -> list[Fit]:

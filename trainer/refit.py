@@ -23,7 +23,7 @@ from segmentation.cluster_metrics import (
     silhouette_noise,
 )
 from segmentation.features import FeatureSpec
-from trainer.fit import Fit, KConfig, continued, fit_model
+from trainer.fit import Fit, KConfig, continued, fit_model, recentred
 from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
 from trainer.labels import centroids_in, label_segments, previous_assignment
 
@@ -168,17 +168,21 @@ def held_candidates(fit: Fit, fits: Sequence[Fit], current: ModelBundle, spec: F
     current K (if another K was chosen), then the current model's segments refitted on the
     window (``trainer.fit.continued``), then, if ``may_retire`` (K is not pinned by the
     operator's SEG_K), the same without the segments that ``emptied`` (they retire, and only
-    their few remaining customers move). All keep the current structure but for what the
-    customers already left."""
+    their few remaining customers move), and last the current segments ``recentred`` (moved to
+    their customers' means, not redrawn: for a window where ``continued`` converges to another
+    structure). All keep the current structure but for what the customers already left."""
     candidates = [Held(f, False) for f in fits if f.k == current.k and fit.k != current.k]
     start = centroids_in(spec, current)
     if start is None or start.shape[0] > x.shape[0]:
         return candidates
     candidates.append(Held(continued(x, start, random_state, silhouette_sample), True))
     gone = emptied(previous_labels, current.quality.shares, min_share)
-    if may_retire and gone.any() and (~gone).sum() >= 2:
-        candidates.append(Held(continued(x, start[~gone], random_state, silhouette_sample), True,
-                               tuple(int(i) for i in np.flatnonzero(gone))))
+    retiring = bool(may_retire and gone.any() and (~gone).sum() >= 2)
+    kept = start[~gone] if retiring else start
+    dropped = tuple(int(i) for i in np.flatnonzero(gone)) if retiring else ()
+    if retiring:
+        candidates.append(Held(continued(x, kept, random_state, silhouette_sample), True, dropped))
+    candidates.append(Held(recentred(x, kept, random_state, silhouette_sample), True, dropped))
     return candidates
 
 
