@@ -38,7 +38,8 @@ class ScenarioResult:
     unattributed_dead_letters: int = 0
     faults: list[Fault] = field(default_factory=list)
     kills: int = 0  # SIGKILLs / stops the harness caused (consumers, trainers, broker, Redis)
-    unexpected_exits: list[str] = field(default_factory=list)
+    unexpected_exits: list[str] = field(default_factory=list)  # consumers
+    trainer_exits: list[str] = field(default_factory=list)  # unexpected, of trainers and the CLI
     expected_exits: list[str] = field(default_factory=list)
     tracebacks: int = 0
     first_output_s: float | None = None  # worst over faults: fault end -> first output after it
@@ -139,14 +140,16 @@ def count_recovery(result: ScenarioResult, sent: list[Sent], obs: Observed, cuto
 
 
 def count_processes(result: ScenarioResult, procs: list[Proc], role: str = "consumer") -> None:
-    """Unexpected exits (not caused by the harness) and tracebacks of one role's processes."""
+    """Unexpected exits (not caused by the harness, not a one-shot command's normal result) and
+    tracebacks of one role's processes (``consumer`` or ``trainer``)."""
+    exits = result.unexpected_exits if role == "consumer" else result.trainer_exits
     for p in procs:
         if not p.name.startswith(role):
             continue
         result.tracebacks += p.tracebacks()
         if p.unexpected_exit:
             hung = " (stuck: stacks dumped with SIGABRT, then killed)" if p.hung else ""
-            result.unexpected_exits.append(f"{p.name} pid {p.pid} exit {p.returncode}{hung}")
+            exits.append(f"{p.name} pid {p.pid} exit {p.returncode}{hung}")
             result.error_lines += [f"{p.name}: {line}" for line in p.error_lines()]
         elif p.tracebacks():
             result.error_lines += [f"{p.name}: {line}" for line in p.error_lines()]

@@ -39,6 +39,7 @@ class Proc:
     expected: bool = False  # an exit the scenario provokes on purpose (a permanent error)
     hung: bool = False  # stuck (no progress, or no exit after SIGTERM): stacks dumped, then killed
     ended_at: float | None = None
+    normal_exits: tuple[int, ...] = ()  # a one-shot command's results (`trainer once`: 0, 2, 3)
 
     @property
     def pid(self) -> int:
@@ -60,7 +61,7 @@ class Proc:
         rc = self.poll()
         if self.hung:
             return True
-        if rc is None or self.killed or self.expected:
+        if rc is None or self.killed or self.expected or rc in self.normal_exits:
             return False
         return not (self.stopped and rc == 0)
 
@@ -109,7 +110,8 @@ class Procs:
     all: list[Proc] = field(default_factory=list)
     _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # thread-safe next()
 
-    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> Proc:
+    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None,
+              normal_exits: tuple[int, ...] = ()) -> Proc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{next(self._numbers):03d}-{name}.log"
         with log_path.open("ab") as log_file:
@@ -118,14 +120,14 @@ class Procs:
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = Proc(name, popen, log_path, time.time())
+        proc = Proc(name, popen, log_path, time.time(), normal_exits=normal_exits)
         self.all.append(proc)
         return proc
 
     def run(self, name: str, args: list[str], timeout_s: float,
-            extra_env: dict[str, str] | None = None) -> Proc:
+            extra_env: dict[str, str] | None = None, normal_exits: tuple[int, ...] = (0,)) -> Proc:
         """Start and wait; after ``timeout_s`` it counts as hung (stacks dumped, killed)."""
-        proc = self.start(name, args, extra_env)
+        proc = self.start(name, args, extra_env, normal_exits)
         try:
             proc.popen.wait(timeout_s)
         except subprocess.TimeoutExpired:

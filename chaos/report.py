@@ -74,7 +74,7 @@ def _changes(r: ScenarioResult) -> str:
 
 
 def _exits(r: ScenarioResult) -> str:
-    parts = [str(len(r.unexpected_exits))]
+    parts = [f"{len(r.unexpected_exits)} / {len(r.trainer_exits)}"]
     if r.tracebacks:
         parts.append(f"{r.tracebacks} tracebacks")
     if r.expected_exits:
@@ -93,7 +93,7 @@ def _recovery(r: ScenarioResult) -> str:
 def table(results: list[ScenarioResult]) -> list[str]:
     lines = [
         "| scenario | mode | events valid / hostile | lost valid / hostile | duplicated | "
-        "dead-lettered by reason | segment changes (broken, repeated) | consumer exits | "
+        "dead-lettered by reason | segment changes (broken, repeated) | exits consumer / trainer | "
         "recovery s (first output / caught up) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -133,9 +133,11 @@ def notes(results: list[ScenarioResult]) -> list[str]:
             items.append(f"{r.unattributed_dead_letters} dead letters without source headers")
         if r.unexpected_exits:
             items.append("unexpected consumer exits: " + "; ".join(r.unexpected_exits))
+        if r.trainer_exits:
+            items.append("unexpected trainer exits: " + "; ".join(r.trainer_exits))
         errors = list(dict.fromkeys(r.error_lines))  # unique, in order
         if errors:
-            items.append("consumer stderr: " + " / ".join(f"`{e[:300]}`" for e in errors[:6]))
+            items.append("stderr: " + " / ".join(f"`{e[:300]}`" for e in errors[:6]))
         if r.model_versions:
             items.append("outputs by model version: "
                          + ", ".join(f"v{v} {n}" for v, n in sorted(r.model_versions.items())))

@@ -17,7 +17,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from chaos import hostile
+from chaos import hostile, poison
 from chaos.measure import (
     Fault,
     ScenarioResult,
@@ -35,6 +35,7 @@ from segmentation.store import ModelStore, connect
 
 MODES = ("at-least-once", "exactly-once")
 TRAINER_RESULTS = {0: "published", 1: "failed", 2: "refused by the gate", 3: "skipped"}
+TRAINER_NORMAL = (0, 2, 3)  # `trainer once` results; 1 (failed) or a crash counts as a trainer exit
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class ScenarioRun:
         return ModelStore(connect(self.settings), self.settings.redis_prefix)
 
     def train(self, name: str = "trainer", *args: str) -> Proc:
-        return self.procs.run(name, ["trainer", "once", *args], timeout_s=180)
+        return self.procs.run(name, ["trainer", "once", *args], timeout_s=180, normal_exits=TRAINER_NORMAL)
 
     # --- during ----------------------------------------------------------------------------------
     def fault(self, what: str, start: float, end: float) -> None:
@@ -207,9 +208,12 @@ class ScenarioRun:
             self.note(f"produce failures (not counted as sent): {dict(self.traffic.failed)}")
         if observed.unreadable_outputs:
             self.note(f"{observed.unreadable_outputs} outputs were not JSON objects")
+        if observed.unreadable_changes:
+            self.note(f"{observed.unreadable_changes} change records were not the consumer's (not counted)")
         if observed.non_strict_outputs:
             self.note(f"{observed.non_strict_outputs} outputs held NaN or Infinity (not strict JSON)")
         count_processes(result, self.procs.all)
+        count_processes(result, self.procs.all, "trainer")
         result.duration_s = time.monotonic() - self.started
         return result
 
@@ -416,6 +420,51 @@ def kill_storm(run: ScenarioRun) -> None:
     run.drain(quiet=True)
 
 
+def poisoned_readback(run: ScenarioRun) -> None:
+    """Hostile records on the changes and models topics and under every Redis key read back
+    (``chaos.poison``), written while events flow and a `trainer run` polls; then both replicas
+    restart (SIGKILL, SIGTERM), so they rebuild their change state from the poisoned topic and
+    load the model past the poisoned pointer; a `trainer once --force` must publish and the
+    consumers take its model; `trainer show`, `history` and `report` must answer."""
+    p = run.params
+    run.start(replicas=2)
+    assert run.pool is not None
+    trainer = run.procs.start("trainer-run", ["trainer", "run"],
+                              extra_env={"SEG_MIN_ROWS": "1000000000"})
+    producer = run.traffic.steady_in_background(p.rate, 3600)
+    time.sleep(p.kill_gap_s)
+    victims = [c.customer_id for c in run.traffic.customers[:20]]
+    poisoned_at = time.time()
+    written = (poison.poison_changes_topic(run.settings, victims, segment_id=0)
+               + poison.poison_models_topic(run.settings)
+               + len(poison.poison_redis(run.settings, victims)))
+    run.fault("poisoned topics and Redis keys", poisoned_at, time.time())
+    for slot, how in ((0, "SIGKILL"), (1, "SIGTERM")):
+        time.sleep(p.kill_gap_s)
+        stopped_at = time.time()
+        if how == "SIGKILL":
+            run.pool.kill(slot)
+        elif run.pool.stop(slot) != 0:
+            run.note(f"replica {slot} exited non-zero on SIGTERM")
+        restarted = run.pool.restart(slot)
+        run.fault(f"replica {how}/start onto the poison", stopped_at, restarted.started_at)
+        run.result.kills += 1
+        run.wait_for_output(restarted.started_at, 90)
+    forced = run.train("trainer-after-poison", "--force")
+    published_at = time.time()
+    time.sleep(6.0)
+    answers = {name: run.procs.run(f"trainer-{name}", ["trainer", *args], timeout_s=60).returncode
+               for name, args in (("show", ["show", "--json"]), ("history", ["history", "--json"]),
+                                  ("report", ["report", "--out", str(run.procs.log_dir / "report")]))}
+    run.traffic.stop.set()
+    producer.join()
+    run.drain(quiet=True)
+    alive = "still running" if trainer.poll() is None else f"EXITED {trainer.returncode}"
+    run.note(f"{written} hostile records and keys written; `trainer run` {alive}; `trainer once --force` "
+             f"after them: {_trainer_outcome(forced)}; show / history / report exits: {answers}; versions "
+             f"of outputs from 3 s after that publish: {dict(run.versions_since(published_at + 3.0))}")
+
+
 def _kill_on_change(run: ScenarioRun, proc: Proc, read: Callable[[], object], timeout_s: float = 60) -> bool:
     """SIGKILL ``proc`` the moment ``read()`` answers something else than it did at first."""
     before = read()
@@ -468,7 +517,7 @@ def trainer_kill(run: ScenarioRun) -> None:
     rng = random.Random(17)
     kills = []
     for i in range(p.trainer_kills):
-        proc = run.procs.start("trainer-killed", ["trainer", "once", "--force"])
+        proc = run.procs.start("trainer-killed", ["trainer", "once", "--force"], normal_exits=TRAINER_NORMAL)
         if i % 3:
             step = "version" if i % 3 == 1 else "models topic"
             killed = _kill_mid_publish(run, proc, step)
@@ -559,6 +608,9 @@ SCENARIOS = (
     Scenario("kill-storm", kill_storm, MODES,
              "3 replicas, one SIGKILLed or SIGTERMed in turn and restarted every ~6 s; the broker "
              "SIGKILLed once"),
+    Scenario("poisoned", poisoned_readback, MODES,
+             "hostile records on the changes and models topics and under every Redis key read back, "
+             "while `trainer run` polls; both replicas restarted onto them; then `trainer once --force`"),
     Scenario("trainer-kill", trainer_kill, ("at-least-once",),
              "`trainer once --force` SIGKILLed during its fit or mid-publish, then a normal run",
              (("lock_ttl_s", 3),)),

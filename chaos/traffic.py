@@ -152,6 +152,7 @@ class Observed:
     # customer -> [(event_id, from_segment_id, to_segment_id, cause)], in topic order
     changes: dict[str, list[tuple[str, int | None, int, str]]] = field(default_factory=dict)
     unreadable_outputs: int = 0
+    unreadable_changes: int = 0  # change records that are not the consumer's (poison, in `poisoned`)
     non_strict_outputs: int = 0  # NaN or Infinity in an output (not JSON by RFC 8259)
     records: int = 0
     last_record_at: float = 0.0
@@ -234,7 +235,7 @@ class Collector(threading.Thread):
                 obs.non_strict_outputs += not strict
                 event_id = hostile.traceable_id(str(record.get("event_id") or ""))
                 version = int(record.get("model_version", -1))
-            except (ValueError, AttributeError, TypeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):
                 obs.unreadable_outputs += 1
                 return
             obs.outputs.setdefault(event_id, []).append((at, version))
@@ -244,8 +245,8 @@ class Collector(threading.Thread):
             record, _ = _loads(msg.value() or b"")
             row = (str(record["event_id"]), record["from_segment_id"], int(record["to_segment_id"]),
                    str(record["cause"]))
-        except (ValueError, KeyError, TypeError):
-            self.observed.unreadable_outputs += 1
+        except (ValueError, KeyError, TypeError, RecursionError):
+            self.observed.unreadable_changes += 1
             return
         self.observed.changes.setdefault(str(record.get("customer_id")), []).append(row)
 

@@ -3,6 +3,11 @@
 Starts the trainer and the consumer as processes (their logs go to ``.stack/logs``), produces
 demo events in this process, and reads the output and dead-letter topics as a downstream
 subscriber would. Stops on Ctrl-C or after ``DURATION`` seconds, drains, prints a summary.
+
+With ``KAFKA_SASL=1`` (a stack from ``KAFKA_SASL=1 make stack``, whose admin step ``make topics``
+created the topics, users and ACLs) every part logs in as its own principal, with its password
+from ``$STACK_DIR/kafka/secrets``: the trainer as ``trainer``, the consumer as ``consumer``, the
+demo's events as ``producer`` and its reader as ``subscriber``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicPartition
 
 from demo.producer import DemoProducer
+from segmentation.admin import SUBSCRIBER_GROUP_PREFIX, login, login_env, password_of
 from segmentation.kafka import client_common, ensure_topics, retrying
 from segmentation.metrics import CHANGE_CAUSES
 from segmentation.settings import Settings, load_settings
@@ -53,7 +59,7 @@ class Subscriber(threading.Thread):
         self.stop = threading.Event()
         # the same bootstrap, passed-through options, password and log routing as the services
         self.consumer = Consumer({
-            **client_common(settings), "group.id": f"demo-subscriber-{run_id}",
+            **client_common(settings), "group.id": f"{SUBSCRIBER_GROUP_PREFIX}demo-{run_id}",
             "enable.auto.commit": False, "isolation.level": "read_committed",
         })
         topics = [settings.segments_topic, settings.dlq_topic]
@@ -123,11 +129,33 @@ def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate
             f" | changes {sum(observed.changes.values())}")
 
 
+class Logins:
+    """Who each part of the demo is to Kafka: on a SASL stack its own principal, else nobody."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        sasl = os.environ.get("KAFKA_SASL") == "1"
+        self.secrets = (Path(os.environ.get("STACK_DIR") or ROOT / ".stack") / "kafka" / "secrets"
+                        if sasl else None)
+
+    def settings_of(self, principal: str) -> Settings:
+        if self.secrets is None:
+            return self.settings
+        return login(self.settings, principal, password_of(principal, self.secrets))
+
+    def env_of(self, principal: str) -> dict[str, str]:
+        if self.secrets is None:
+            return {}
+        return login_env(self.settings, principal, password_of(principal, self.secrets))
+
+
 def main() -> int:
     settings = load_settings()
     duration = float(os.environ["DURATION"]) if os.environ.get("DURATION") else None
     run_id = f"run{int(time.time())}"
-    ensure_topics(settings)
+    logins = Logins(settings)
+    if logins.secrets is None:  # on a SASL stack the admin step (make topics) made them
+        ensure_topics(settings)
     log_dir = ROOT / ".stack" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -140,23 +168,25 @@ def main() -> int:
         "SEG_K": os.environ.get("SEG_K", "5"),
     }
     children = {
-        "trainer": start_process("trainer run", {**env, "SEG_METRICS_PORT": "9102"}, log_dir),
-        "consumer": start_process("consumer", {**env, "SEG_METRICS_PORT": "9101"}, log_dir),
+        "trainer": start_process("trainer run", {**env, **logins.env_of("trainer"),
+                                                 "SEG_METRICS_PORT": "9102"}, log_dir),
+        "consumer": start_process("consumer", {**env, **logins.env_of("consumer"),
+                                               "SEG_METRICS_PORT": "9101"}, log_dir),
     }
     try:
-        return demo(settings, run_id, duration, children, log_dir)
+        return demo(logins, run_id, duration, children, log_dir)
     finally:
         stop_processes(children)
 
 
 def demo(
-    settings: Settings, run_id: str, duration: float | None,
+    logins: Logins, run_id: str, duration: float | None,
     children: dict[str, subprocess.Popen[bytes]], log_dir: Path,
 ) -> int:
-    subscriber = Subscriber(settings, run_id)
+    subscriber = Subscriber(logins.settings_of("subscriber"), run_id)
     subscriber.start()
     producer = DemoProducer(
-        settings, run_id, rate=float(os.environ.get("DEMO_RATE", "300")),
+        logins.settings_of("producer"), run_id, rate=float(os.environ.get("DEMO_RATE", "300")),
         customers=int(os.environ.get("DEMO_CUSTOMERS", "3000")),
         drift=os.environ.get("DEMO_DRIFT", "0") == "1",
         lapse=os.environ.get("DEMO_DRIFT", "0") == "1",

@@ -12,21 +12,24 @@ SCRAM-SHA-512, with the password of ``admin.password`` there.
 * ``topics``: creates the missing topics (``segmentation.kafka.ensure_topics``, the same specs the
   services create when they are allowed to).
 * ``users``: creates or rotates (upserts) the SCRAM-SHA-512 credentials of the service principals
-  (default ``producer consumer trainer``). A principal's password is ``$KAFKA_<NAME>_PASSWORD``,
+  (default ``producer consumer trainer subscriber``). A principal's password is ``$KAFKA_<NAME>_PASSWORD``,
   else the file ``<secrets-dir>/<name>.password``.
 * ``acls``: gives each principal exactly the ACLs of ``plan`` and removes any other ACL it holds.
 * ``plan``: prints those ACLs, one per line. ``all``: topics, users, acls.
 
-The principals' names are options (``--producer``, ``--consumer``, ``--trainer``). Consumer
-groups and transactional ids are matched by prefix: the consumer's group ``SEG_CONSUMER_GROUP``
-and its readers (``<group>-<purpose>``: ``changes-restore``, ``models-reader`` ...), the trainer's
-readers (``<group>-trainer...``, ``<group>-models-...``), and the consumer's transactional ids
-(``SEG_TRANSACTIONAL_ID`` when it is set, else ``segmentation-``, the default's prefix).
+The principals' names are options (``--producer``, ``--consumer``, ``--trainer``,
+``--subscriber``: the downstream readers of the assignments). Consumer groups and transactional
+ids are matched by prefix: the consumer's group ``SEG_CONSUMER_GROUP`` and its readers
+(``<group>-<purpose>``: ``changes-restore``, ``models-reader`` ...), the trainer's readers
+(``<group>-trainer...``, ``<group>-models-...``), the subscribers' groups (``subscriber-...``),
+and the consumer's transactional ids (``SEG_TRANSACTIONAL_ID`` when it is set, else
+``segmentation-``, the default's prefix).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -53,7 +56,9 @@ from pydantic import SecretStr
 from segmentation.kafka import client_common, ensure_topics, retrying
 from segmentation.settings import Settings, load_settings
 
-SERVICE_PRINCIPALS = ("producer", "consumer", "trainer")
+SERVICE_PRINCIPALS = ("producer", "consumer", "trainer", "subscriber")
+SUBSCRIBER_GROUP_PREFIX = "subscriber-"  # downstream readers' consumer groups start with it
+SASL_LOGIN = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512"}
 DEFAULT_TRANSACTIONAL_PREFIX = "segmentation-"  # of the default SEG_TRANSACTIONAL_ID
 SCRAM_ITERATIONS = 8192
 TIMEOUT_S = 30.0
@@ -88,7 +93,7 @@ def transactional_prefix(settings: Settings) -> str:
 
 
 def plan(settings: Settings, producer: str = "producer", consumer: str = "consumer",
-         trainer: str = "trainer") -> list[Grant]:
+         trainer: str = "trainer", subscriber: str = "subscriber") -> list[Grant]:
     """Least privilege: what each principal needs and nothing more. Read and Write imply
     Describe; since Kafka 3.0 Write on a topic also allows the idempotent producer (no cluster
     IdempotentWrite)."""
@@ -118,7 +123,24 @@ def plan(settings: Settings, producer: str = "producer", consumer: str = "consum
     # its readers' groups: <group>-trainer, -trainer-probe (window), <group>-models-probe/-reader
     grants += [Grant(trainer, group, f"{s.consumer_group}-{purpose}", prefixed, read)
                for purpose in ("trainer", "models-")]
+
+    # downstream: the assignments, the dead letters and the segment changes, nothing upstream
+    grants += [Grant(subscriber, topic, t, literal, read) for t in others]
+    grants.append(Grant(subscriber, group, SUBSCRIBER_GROUP_PREFIX, prefixed, read))
     return grants
+
+
+def login(settings: Settings, name: str, password: str) -> Settings:
+    """``settings`` logging in as ``name``: with SCRAM-SHA-512 over SASL_PLAINTEXT (the local
+    SASL stack) unless ``SEG_KAFKA_EXTRA`` says otherwise."""
+    extra = {**SASL_LOGIN, **settings.kafka_extra, "sasl.username": name}
+    return settings.model_copy(update={"kafka_extra": extra, "kafka_password": SecretStr(password)})
+
+
+def login_env(settings: Settings, name: str, password: str) -> dict[str, str]:
+    """The ``SEG_*`` environment of a service logging in as ``name`` (see ``login``)."""
+    as_name = login(settings, name, password)
+    return {"SEG_KAFKA_EXTRA": json.dumps(as_name.kafka_extra), "SEG_KAFKA_PASSWORD": password}
 
 
 def admin_settings(settings: Settings, secrets_dir: Path | None) -> Settings:
@@ -126,10 +148,8 @@ def admin_settings(settings: Settings, secrets_dir: Path | None) -> Settings:
     as ``admin`` with SCRAM-SHA-512 on SASL_PLAINTEXT (the local SASL stack)."""
     if secrets_dir is None or "sasl.username" in settings.kafka_extra:
         return settings
-    extra = {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
-             **settings.kafka_extra, "sasl.username": "admin"}
-    password = settings.kafka_password or SecretStr(password_of("admin", secrets_dir))
-    return settings.model_copy(update={"kafka_extra": extra, "kafka_password": password})
+    password = settings.kafka_password.get_secret_value() if settings.kafka_password else None
+    return login(settings, "admin", password or password_of("admin", secrets_dir))
 
 
 def password_of(name: str, secrets_dir: Path | None) -> str:
@@ -188,17 +208,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--producer", default="producer", help="the producers' principal")
     parser.add_argument("--consumer", default="consumer", help="the consumer service's principal")
     parser.add_argument("--trainer", default="trainer", help="the trainer's principal")
+    parser.add_argument("--subscriber", default="subscriber",
+                        help=f"the downstream readers' principal (groups {SUBSCRIBER_GROUP_PREFIX}...)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("topics", help="create the missing topics")
     users = sub.add_parser("users", help="create or rotate SCRAM-SHA-512 users")
-    users.add_argument("names", nargs="*", help="principals (default: producer consumer trainer)")
+    users.add_argument("names", nargs="*", help="principals (default: producer consumer trainer subscriber)")
     sub.add_parser("acls", help="apply the least-privilege ACLs (and remove any other)")
     sub.add_parser("plan", help="print the ACLs without connecting")
     sub.add_parser("all", help="topics, users, acls")
     args = parser.parse_args(argv)
 
     settings = admin_settings(load_settings(), args.secrets_dir)
-    principals = {"producer": args.producer, "consumer": args.consumer, "trainer": args.trainer}
+    principals = {"producer": args.producer, "consumer": args.consumer, "trainer": args.trainer,
+                  "subscriber": args.subscriber}
     grants = plan(settings, **principals)
     if args.command == "plan":
         print("\n".join(str(g) for g in grants))

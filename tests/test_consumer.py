@@ -417,9 +417,17 @@ def test_poisoned_customer_state_is_replaced_not_a_crash(settings: Settings) -> 
     store = CustomerStore(client, settings.redis_prefix)
     client.hset(store.key("c-1"), mapping={"event_ms": "garbage", "offset": "x"})
     client.set(store.key("c-2"), b"a string where a hash belongs")
-    written = store.write_latest([CustomerAssignment(c, 1000, 5, 2, "s2", 1, "e") for c in ("c-1", "c-2")])
-    assert written == 2
+    # dated 9999: it would win over every real event, so the customer's state would never move again
+    client.hset(store.key("c-3"), mapping={"event_ms": "253402300799999", "offset": "0", "segment_id": "9"})
+    written = store.write_latest([CustomerAssignment(c, 1000, 5, 2, "s2", 1, "e")
+                                  for c in ("c-1", "c-2", "c-3")])
+    assert written == 3
     assert store.get("c-1")["segment_id"] == "2" and store.get("c-2")["event_ms"] == "1000"
+    assert store.get("c-3")["segment_id"] == "2"
+    later = int((time.time() + 60) * 1000)  # within the skew: a real later event, kept
+    store.write_latest([CustomerAssignment("c-3", later, 6, 4, "s4", 1, "e2")])
+    assert store.write_latest([CustomerAssignment("c-3", 2000, 7, 2, "s2", 1, "e3")]) == 0
+    assert store.get("c-3")["segment_id"] == "4"
 
 
 def test_a_model_pointer_of_the_wrong_redis_type_is_rejected_and_scoring_continues(

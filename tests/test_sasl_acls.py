@@ -27,7 +27,7 @@ from confluent_kafka.admin import (
 )
 from pydantic import SecretStr
 
-from segmentation.admin import apply_acls, plan, upsert_users
+from segmentation.admin import SUBSCRIBER_GROUP_PREFIX, apply_acls, plan, upsert_users
 from segmentation.kafka import (
     TopicReader,
     check_co_partitioned,
@@ -66,7 +66,7 @@ def sasl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sasl]:
             [sys.executable, "-m", "segmentation.admin", "--secrets-dir", str(broker.secrets), "all"],
             env=settings_env(settings), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "acls: 18 applied" in done.stdout, done.stdout
+        assert "acls: 22 applied" in done.stdout, done.stdout
         yield Sasl(broker, settings)
     finally:
         broker.stop()
@@ -121,7 +121,8 @@ def test_each_forbidden_write_is_refused(sasl: Sasl) -> None:
     tag = uuid.uuid4().hex.encode()
     forbidden = [("producer", s.models_topic), ("consumer", s.models_topic),
                  ("trainer", s.changes_topic), ("producer", s.segments_topic),
-                 ("trainer", s.segments_topic)]
+                 ("trainer", s.segments_topic), ("subscriber", s.segments_topic),
+                 ("subscriber", s.events_topic)]
     for principal, topic in forbidden:
         err = produce_one(sasl.as_(principal), topic, tag + principal.encode())
         assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, \
@@ -234,6 +235,24 @@ def test_each_service_path_works_with_its_own_principal(sasl: Sasl) -> None:
     finally:
         reader.close()
     assert len(changes) == len(got)
+
+    # downstream, a subscriber reads the assignments in a group of its own prefix (read_committed)
+    sub = Consumer({**client_common(sasl.as_("subscriber")), "enable.auto.commit": False,
+                    "group.id": f"{SUBSCRIBER_GROUP_PREFIX}crm-{uuid.uuid4().hex[:6]}",
+                    "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+    outputs: list[bytes] = []
+    try:
+        sub.subscribe([s.segments_topic])
+        deadline = time.monotonic() + 30
+        while len(outputs) < len(got) and time.monotonic() < deadline:
+            for m in sub.consume(num_messages=100, timeout=0.5):
+                assert m.error() is None, m.error()
+                if (m.value() or b"").startswith(b"segment:"):
+                    outputs.append(m.value() or b"")
+        sub.commit(asynchronous=False)  # its group's offsets: allowed under its prefix
+    finally:
+        sub.close()
+    assert len(outputs) == len(got)
 
 
 def test_the_acls_are_exactly_the_plan(sasl: Sasl) -> None:

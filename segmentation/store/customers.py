@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -20,16 +21,18 @@ from segmentation.store.keys import Keys
 _WRITE_CUSTOMERS = """
 local rows = cjson.decode(ARGV[1])
 local ttl = tonumber(ARGV[2])
+local ceiling = tonumber(ARGV[3])
 local written = 0
 for i, key in ipairs(KEYS) do
   local r = rows[i]
-  -- A key of another type, or fields that are not numbers, is garbage: the assignment replaces it.
+  -- A key of another type, or fields that are not numbers or lie past the ceiling (no event
+  -- the consumer scores is dated that late), is garbage: the assignment replaces it.
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
   local cur = redis.call('HMGET', key, 'event_ms', 'offset')
   local newer = true
   local cms = tonumber(cur[1])
-  if cms then
+  if cms and cms <= ceiling then
     if cms > r[1] or (cms == r[1] and (tonumber(cur[2]) or -1) >= r[2]) then newer = false end
   end
   if newer then
@@ -68,15 +71,18 @@ class CustomerStore:
     Redis (one script call per batch) or a Redis Cluster (per node, one pipeline of script
     calls, one per hash slot: a script may only touch keys of one slot)."""
 
-    def __init__(self, client: redis.Redis | RedisCluster, prefix: str, ttl_s: int = 0) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str, ttl_s: int = 0,
+                 max_skew_s: float = 3600.0) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
+        self.max_skew_s = max_skew_s  # how far past now a stored event time may be (else garbage)
         self._write = client.register_script(_WRITE_CUSTOMERS)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> CustomerStore:
-        return cls(connect_customers(settings), settings.redis_prefix, settings.customer_ttl_s)
+        return cls(connect_customers(settings), settings.redis_prefix, settings.customer_ttl_s,
+                   settings.max_event_skew_s)
 
     def key(self, customer_id: str) -> str:
         return self.keys.customer(customer_id)
@@ -93,8 +99,14 @@ class CustomerStore:
         rows = {self.key(c): [a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
                 for c, a in latest.items()}
         if not isinstance(self.client, RedisCluster):
-            return int(self._write(keys=list(rows), args=[json.dumps(list(rows.values())), self.ttl_s]))
+            return int(self._write(keys=list(rows), args=[json.dumps(list(rows.values())), self.ttl_s,
+                                                          self._ceiling_ms()]))
         return self._write_cluster(rows)
+
+    def _ceiling_ms(self) -> int:
+        """The latest event time a stored row may hold: the consumer scores no event dated
+        past now + ``SEG_MAX_EVENT_SKEW_S``, so a later one in Redis was written by someone else."""
+        return int((time.time() + self.max_skew_s) * 1000)
 
     def _write_cluster(self, rows: dict[str, list[Any]]) -> int:
         """One round trip per node. A node that fails (down, failing over) costs only its own
@@ -112,7 +124,8 @@ class CustomerStore:
             try:
                 pipe = node.redis_connection.pipeline(transaction=False)
                 for keys in slots.values():
-                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s],
+                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s,
+                                                 self._ceiling_ms()],
                                 client=pipe)
                 written += sum(int(n) for n in pipe.execute())
             except redis.RedisError as exc:
