@@ -8,7 +8,7 @@ its own and writing to an output topic of its own, with the service's client set
   store offsets, write Redis, learn online, metrics).
 * ``naive``: a per-event consumer written the usual way: ``json.loads`` and pydantic validation
   per message, River's ``cluster.KMeans`` ``learn_one`` + ``predict_one`` per event, one
-  ``json.dumps`` per output; per-batch acknowledgement wait, as the service did before issue 13.
+  ``json.dumps`` per output; per-batch acknowledgement wait, as a naive consumer does.
 
 Each returns the seconds from its first message to its last event's acknowledgement.
 """

@@ -1,4 +1,4 @@
-"""Hostile messages: every kind issue 8 says must become exactly one dead letter.
+"""Hostile messages: every kind that must become exactly one dead letter.
 
 Each builder takes a valid event (a dict from ``demo.generator.event_value``, its ``event_id``
 already unique) and returns the ``(key, value)`` bytes to produce. The event id is kept at the

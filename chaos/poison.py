@@ -1,5 +1,5 @@
 """Hostile records on the service's own topics and Redis keys: what a buggy or malicious writer
-with access to them could leave there (issue 20). Each writer uses the project's own clients, so
+with access to them could leave there. Each writer uses the project's own clients, so
 the records land where the service reads them back: the changes topic (on the partition of the
 customer they name), the models topic, and every Redis key the consumer or the trainer reads."""
 

@@ -383,7 +383,7 @@ def rebalance_storm(run: ScenarioRun) -> None:
 
 
 def kill_storm(run: ScenarioRun) -> None:
-    """Issue 20 item 7's setup: three replicas; every ``storm_every_s`` one is SIGKILLed or
+    """Exactly-once change chains under churn: three replicas; every ``storm_every_s`` one is SIGKILLed or
     SIGTERMed in turn and restarted a second later, and the broker is SIGKILLed once midway. A
     member killed mid-transaction leaves it open (until its restart fences it, or it times out),
     so this is where a rebuild of the change state meets an open transaction."""

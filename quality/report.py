@@ -73,7 +73,7 @@ def k_markdown(rows: list[KRow]) -> str:
 
 
 def heavy_tailed(rows: list[KRow]) -> list[KRow]:
-    """The lognormal and outlier sets: the issue's target for the preprocessing."""
+    """The lognormal and outlier sets: the preprocessing's target."""
     return [r for r in rows if r.name.startswith("lognormal money") or "outliers" in r.name]
 
 

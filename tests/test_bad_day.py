@@ -51,7 +51,7 @@ def good_event(event_id: str, **changes: object) -> dict[str, object]:
 
 
 def hostile_messages() -> dict[str, bytes]:
-    """The messages of issue 8 that stopped a partition or a training run."""
+    """Messages that once stopped a partition or a training run."""
     huge_integer = json.dumps(good_event("h6")).replace('"recency_days": 3', '"recency_days": 1' + "0" * 310)
     return {
         "customer_id of 500,000 characters": json.dumps(good_event("h1", customer_id="c" * 500_000)).encode(),
@@ -221,7 +221,7 @@ class StuckOffsets:
 def test_a_stuck_offsets_call_replaces_the_producer_and_the_batch_commits_once(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 20 item 8: recovered inside the process. The stuck producer is fenced by a new one
+    """A librdkafka stall is recovered inside the process. The stuck producer is fenced by a new one
     of the same transactional id, its open transaction aborted; the batch, replayed, commits its
     output and offsets once."""
     monkeypatch.setattr(delivery, "SEND_OFFSETS_TIMEOUT_S", 1.0)

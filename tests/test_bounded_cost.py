@@ -1,8 +1,8 @@
-"""Bounded cost (issue 20, item 3) and a training sample nobody can steer (item 4); unit tier:
+"""Bounded cost and a training sample nobody can steer; unit tier:
 a dict stands in for Redis (``tests.support.fake_redis``), no broker.
 
 * A bundle over ``SEG_MAX_BUNDLE_BYTES`` is refused by its length, never fetched or parsed, and
-  the trainer refuses to publish one (row 9 of the issue's table).
+  the trainer refuses to publish one.
 * An unchanged or already refused challenger is not parsed again (row 9).
 * A new model ends the per-segment series of the ids it does not have (row 12).
 * The versions a watcher refused or could not load are bounded (row 13).
@@ -89,7 +89,7 @@ def polls(watcher: ModelWatcher, n: int = 3) -> None:
 
 # --- bundles have a size cap -------------------------------------------------------------------
 def test_a_bundle_over_the_cap_is_refused_by_its_length_once_never_fetched_or_parsed() -> None:
-    huge = bundle(2, [0, 2], base=1, pad=49 << 20)  # the issue's 49 MiB challenger
+    huge = bundle(2, [0, 2], base=1, pad=49 << 20)  # a 49 MiB challenger
     with watching(**{KEYS.challenger: huge}) as (client, watcher, metrics, parsed):
         polls(watcher)
         assert watcher.active is not None and watcher.active.version == 1

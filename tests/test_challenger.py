@@ -1,4 +1,4 @@
-"""Challenger models, trainer side (issue 14, point 2): a retrain stored as the challenger instead of
+"""Challenger models, trainer side: a retrain stored as the challenger instead of
 made current, promoted (a normal publish with its own version) or discarded, kept by the models
 topic whatever happens to Redis, and promoted automatically by `trainer run` when the replicas'
 reports hold. The rule itself and the registry's folding are tested without the stack."""

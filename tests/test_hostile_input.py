@@ -62,7 +62,7 @@ def assert_one_record_each(values: Sequence[bytes | None]) -> list[str]:
     return reasons
 
 
-# --- the examples of issue 8, each a regression test ------------------------------------------
+# --- messages that once did harm, each a regression test ---------------------------------------
 
 HOSTILE = {
     "customer_id of 500,000 characters": (event(customer_id="c" * 500_000), "too_large"),
@@ -327,7 +327,7 @@ def test_one_absurd_but_valid_event_cannot_drag_an_online_centre() -> None:
     assert np.abs(online.centroids - SMALL_MODEL.centroids).max() < 1.0
 
 
-# --- issue 20: one customer's events in one place, one unit per JSON type -------------------------
+# --- one customer's events in one place, one unit per JSON type -------------------------------
 
 def dlq_detail(letter: OutRecord) -> str:
     detail = dict(letter.headers)["dlq.detail"] or b""
@@ -379,7 +379,7 @@ def _outcome(event_time: object) -> str:
 
 @pytest.mark.parametrize("ms", [NOW_MS, 1_764_410_100, 1.7644101e12])
 def test_an_event_time_number_is_epoch_milliseconds_whether_integer_or_float(ms: float) -> None:
-    # issue 20 row 6: the float was read as seconds (scored in 2025) while the same integer was
+    # the float was once read as seconds (scored in 2025) while the same integer was
     # milliseconds (1970, dead-lettered); JSON Schema calls them the same number
     assert _outcome(int(ms)) == _outcome(float(ms))
     assert _outcome(NOW_MS) == _outcome(float(NOW_MS)) == "2025-11-29T09:55:00.000Z"

@@ -54,7 +54,7 @@ def test_lognormal_money_gets_the_true_k_and_beats_plain_kmeans_told_the_true_k(
 
 
 def test_with_extreme_rows_the_pipeline_beats_plain_kmeans_told_the_true_k() -> None:
-    """The issue's target on the outlier sets, K chosen against K told. (Whether K itself is
+    """The target on the outlier sets, K chosen against K told. (Whether K itself is
     right there depends on which features the preprocessing logs and how far it clips; the
     table in docs/model-quality.md shows it.)"""
     dataset = with_outliers(5, np.random.default_rng([0, 4, 5]))

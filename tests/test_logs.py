@@ -1,4 +1,4 @@
-"""Log lines cannot be forged (issue 20, item 6): whatever a logged value holds, a plain-text
+"""Log lines cannot be forged: whatever a logged value holds, a plain-text
 record stays on one line and a traceback's lines are marked as its continuation."""
 
 from __future__ import annotations

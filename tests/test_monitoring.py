@@ -1,4 +1,4 @@
-"""Monitoring as code, tested for real (issue 5).
+"""Monitoring as code, tested for real.
 
 * the alert rules' unit tests (``promtool test rules``), and that they catch a changed threshold;
 * both Prometheus configs (``promtool check config``), their thresholds against the settings;
@@ -9,7 +9,7 @@
 * **the real scrape**: a consumer and a trainer as processes on the local stack, the demo
   producer with its drift switch, and Debian's Prometheus scraping them every second with the
   repository's rules. Every PromQL expression of the dashboard returns data, every metric the
-  alert rules select exists, every metric of the issue moves, and the drift makes
+  alert rules select exists, every documented metric moves, and the drift makes
   ``segment_silhouette_drift`` and ``segment_centroid_drift`` move and the drift alert's expression
   become true;
 * **a birth**: a consumer scoring the model's own population keeps the novelty alert's expression
@@ -85,15 +85,15 @@ DATASOURCE = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 
-# The metric names of issue 5 (a contract: dashboards, alerts and users' queries use them).
-ISSUE_CONSUMER_METRICS = (
+# The documented metric names (a contract: dashboards, alerts and users' queries use them).
+CONTRACT_CONSUMER_METRICS = (
     "segment_events_total", "segment_assignments_total", "segment_batch_duration_seconds",
     "segment_event_lag_seconds", "segment_consumer_lag_messages", "segment_silhouette",
     "segment_silhouette_baseline", "segment_silhouette_drift", "segment_centroid_drift",
     "segment_share", "segment_share_psi", "segment_model_version", "segment_model_age_seconds",
     "segment_bundle_rejections_total", "segment_redis_errors_total",
 )
-ISSUE_TRAINER_METRICS = (
+CONTRACT_TRAINER_METRICS = (
     "segment_trainer_runs_total", "segment_trainer_duration_seconds", "segment_trainer_silhouette",
     "segment_trainer_davies_bouldin", "segment_trainer_k", "segment_trainer_label_changes_total",
     "segment_trainer_last_publish_timestamp_seconds",
@@ -357,7 +357,7 @@ def test_grafana_datasource_and_dashboard_are_consistent() -> None:
             assert t["datasource"]["uid"] == ds["uid"] and t["expr"].strip(), p["title"]
             expand_macros(t["expr"])
     text = " ".join(expr for _, expr in dashboard_queries())
-    # what the issue asks the dashboard to show
+    # what the dashboard must show
     for needle in ('segment_events_total{outcome="dead_letter"}', "segment_consumer_lag_messages",
                    "histogram_quantile(0.95, sum by (le) (rate(segment_event_lag_seconds_bucket",
                    "segment_share)", "segment_silhouette_baseline", 'segment_silhouette{kind="sampled"}',
@@ -649,9 +649,9 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         wait_until(lambda: bool(prometheus.query('segment_events_total{outcome="scored"}')), 30,
                    "the consumer scraped again")
 
-        # --- every metric of the issue is exported, and moved -----------------------------------
+        # --- every documented metric is exported, and moved --------------------------------
         names = set(prometheus.api("label/__name__/values"))
-        for name in ISSUE_CONSUMER_METRICS + ISSUE_TRAINER_METRICS:
+        for name in CONTRACT_CONSUMER_METRICS + CONTRACT_TRAINER_METRICS:
             family = {name, f"{name}_count", f"{name}_bucket"}
             assert family & names, f"{name} not scraped"
         moves: dict[str, Callable[[float], bool]] = {

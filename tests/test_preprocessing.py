@@ -1,4 +1,4 @@
-"""Preprocessing for real money data (issue 10, point 3): heavy tails get a log chosen from the
+"""Preprocessing for real money data: heavy tails get a log chosen from the
 data, refunds keep their sign, a few absurd rows are clipped, and the consumer applies exactly
 what the trainer fitted.
 

@@ -1,4 +1,4 @@
-"""A collapsed or merged model never goes live silently (issue 10, points 1, 2 and 5).
+"""A collapsed or merged model never goes live silently.
 
 Offline and fast: random layouts of five well separated populations in the demo's six features
 (``quality.layouts``: each population spread 13% around its mean, as the demo producer's

@@ -1,4 +1,4 @@
-"""Every record read back is data, never a crash (issue 20, item 1; rows 1-4 of its table).
+"""Every record read back is data, never a crash.
 
 A corpus of hostile records for every kind the service reads back from its own topics and Redis
 keys (models-topic keys and records, change records, the Redis pointers and counters, replica
@@ -58,7 +58,7 @@ FAR_PAST = "0001-01-01T00:00:00+23:59"  # before year 1 in UTC
 
 
 def deep(prefix: bytes) -> bytes:
-    """``prefix`` and an array nested 50,000 deep (the record of the issue's row 1)."""
+    """``prefix`` and an array nested 50,000 deep (a record that once broke a rebuild)."""
     return prefix + b"[" * DEEP
 
 
@@ -140,7 +140,7 @@ def test_json_in_utf_16_is_refused_before_json_can_guess_the_encoding() -> None:
 
 
 # =============================================================================================
-# The models topic: keys, pointers, counters, bundles (rows 2 of the issue)
+# The models topic: keys, pointers, counters, bundles
 # =============================================================================================
 def bundle(version: int, segment_ids: list[int], base: int | None = None) -> bytes:
     return ModelBundle.model_validate(

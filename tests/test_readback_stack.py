@@ -1,4 +1,4 @@
-"""Every record read back is data, never a crash, on the real stack (issue 20, rows 1-4): hostile
+"""Every record read back is data, never a crash, on the real stack: hostile
 records written to the changes topic, the models topic and the Redis keys with the project's own
 clients, then the consumer, `trainer run`, `trainer once` and the CLI keep working and derive from
 the good records what they would have without the bad ones. The corpus itself, record kind by

@@ -55,7 +55,7 @@ def segments_of(bundle: ModelBundle, population: list[Customer]) -> dict[int, tu
 def test_emptying_redis_keeps_every_population_s_segment_id_and_name_and_the_next_version_is_v2(
     settings: Settings, store: ModelStore
 ) -> None:
-    """The scenario of issue 9: before, the second run published v1 again with new ids."""
+    """Regression: a second run once published v1 again with new ids."""
     population = customers(2000)
     produce_events(settings, population, seed=1)
     first = train_once(settings, store, TrainerMetrics())

@@ -305,7 +305,7 @@ def test_records_on_the_changes_topic_that_are_not_changes_are_skipped_when_stat
 def test_a_transaction_left_open_holds_the_rebuild_instead_of_cutting_off_later_commits(
     settings: Settings,
 ) -> None:
-    """Issue 20 item 7: a member killed mid-transaction leaves it open until it is aborted (or
+    """A member killed mid-transaction leaves it open until it is aborted (or
     times out); the last stable offset stops there. Another member's change committed after it
     must not be cut off by the rebuild: the rebuild waits (``ReadIncomplete``: the batch is held
     and retried), then reads it once the open transaction is aborted."""
@@ -338,7 +338,7 @@ def test_a_transaction_left_open_holds_the_rebuild_instead_of_cutting_off_later_
 
 @pytest.mark.integration
 def test_a_rebuild_cut_off_by_its_time_budget_goes_on_where_it_stopped(settings: Settings) -> None:
-    """Issue 20 item 3: a partition too large to read within one call's budget is rebuilt over
+    """A partition too large to read within one call's budget is rebuilt over
     several calls (the batch held meanwhile), each going on from where the last one stopped,
     into the same state one uninterrupted read gives; a revoked partition starts again."""
     assert settings.changes_topic is not None

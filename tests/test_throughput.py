@@ -1,4 +1,4 @@
-"""The consumer's fast path (issue 13) computes exactly what the plain, one-message-at-a-time path
+"""The consumer's fast path computes exactly what the plain, one-message-at-a-time path
 computes: the same events or rejections, the same segments and distances, the same output bytes.
 No timing here: performance is measured by ``make bench`` only."""
 

@@ -140,7 +140,7 @@ def bundle_keys(store: ModelStore) -> list[int]:
                   for k in store.client.scan_iter(match=store.keys.bundle("*")))
 
 
-# The checks the gate gained with issue 10 (absolute floors, spread separation, memory of the
+# The gate's later checks (absolute floors, spread separation, memory of the
 # last accepted model), switched off where a test proves that one older check alone refuses.
 NEWER_CHECKS_OFF: dict[str, Any] = {
     "gate_min_spread_separation": None, "gate_min_silhouette": None, "gate_max_davies_bouldin": None,
