@@ -36,11 +36,12 @@ endif
 run: install stack $(if $(filter 1,$(KAFKA_SASL)),topics)
 	$(PY) -m demo.run
 
+# --durations: the slowest tests are in every CI log
 test: install stack
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 unit: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration" --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .
