@@ -163,7 +163,7 @@ def write(path: Path, results: list[ScenarioResult], info: RunInfo) -> None:
         "event has a unique `event_id`; at the end the output and dead-letter topics are read back",
         "with `isolation.level=read_committed` and every message produced is accounted for.",
         "",
-        "How to run: `make chaos` (writes this file; about 20 minutes on 2 cores, longer when they are shared).",
+        "How to run: `make chaos` (writes this file; about 20 minutes on 2 cores, longer when shared).",
         "`python -m chaos --quick` is a smoke run with fewer events, `--only NAME` runs one scenario",
         "(repeatable), `--mode` one delivery mode; these write `.stack/chaos/reliability-smoke.md`",
         "unless `--out` says otherwise. Process logs (one file per process):",
