@@ -89,12 +89,12 @@ class ModelWatcher:
         self._next_poll = 0.0
         self._next_restore = 0.0
 
-    def refresh(self, force_poll: bool = False) -> bool:
+    def refresh(self) -> bool:
         """Look for a newer version and for the challenger (notification or due poll); True if
         the model in use changed."""
         notified = self._notified()
         now = time.monotonic()
-        if not (notified or force_poll or now >= self._next_poll or self.active is None):
+        if not (notified or now >= self._next_poll or self.active is None):
             return False
         self._next_poll = now + self.settings.model_poll_s
         changed = self._refresh_current()

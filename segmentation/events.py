@@ -298,6 +298,14 @@ class InputContract:
     ) -> CustomerEvent | Rejection:
         """Parse and validate one message; never raises on bad input.
 
+        >>> InputContract(("x",)).decode(b'{"customer_id":"c","event_time":1,"features":{"x":1.5}}').features
+        {'x': 1.5}
+        >>> InputContract(("x",)).decode(b"garbage").reason
+        'not_json'
+        >>> InputContract(("x",)).decode(b'{"customer_id":"c","event_time":1,"features":{}}')
+        Rejection(reason='missing_feature', detail='features.x is required')
+        >>> InputContract(("x",)).decode(b'{"customer_id":"c","event_time":1,"features":{"x":NaN}}')
+        Rejection(reason='non_finite', detail='features.x is nan')
         >>> c = InputContract(("x",), max_id_chars=3, max_age_s=60, max_skew_s=60)
         >>> c.decode(b'{"customer_id":"abcd","event_time":0,"features":{"x":1}}', now_ms=0)
         Rejection(reason='too_long', detail='customer_id has 4 characters, more than 3')
@@ -425,29 +433,6 @@ _FLOAT_MAX = 10**308
 # 0001-01-01 and 9999-12-31T23:59:59.999Z: what an output's RFC 3339 event_time can express
 EPOCH_MS_MIN = -62_135_596_800_000
 EPOCH_MS_MAX = 253_402_300_799_999
-
-
-def decode(
-    value: bytes | None,
-    features: tuple[str, ...],
-    bounds: Mapping[str, tuple[float, float]] | None = None,
-) -> CustomerEvent | Rejection:
-    """Parse and validate one message value with the default size limits and no time bounds.
-
-    >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":1.5}}', ("x",)).features
-    {'x': 1.5}
-    >>> decode(b"garbage", ("x",)).reason
-    'not_json'
-    >>> decode(b'{"customer_id":"c","event_time":1,"features":{}}', ("x",))
-    Rejection(reason='missing_feature', detail='features.x is required')
-    >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":"7"}}', ("x",)).reason
-    'wrong_type'
-    >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":NaN}}', ("x",))
-    Rejection(reason='non_finite', detail='features.x is nan')
-    >>> decode(b'{"customer_id":"c","event_time":1,"features":{"x":1e308}}', ("x",), {"x": (0, 1e9)})
-    Rejection(reason='out_of_range', detail='features.x is 1e+308, outside [0, 1e+09]')
-    """
-    return InputContract(features, bounds or {}).decode(value)
 
 
 def _rejection_from(exc: ValidationError) -> Rejection:

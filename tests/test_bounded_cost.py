@@ -45,7 +45,7 @@ from trainer.window import CustomerSample, SampleKey, Window
 KEYS = Keys("seg")
 CAP = 65_536
 SETTINGS = Settings(features=("a", "b"), categorical=("channel",), max_bundle_bytes=CAP,
-                    kafka_bootstrap="127.0.0.1:1", model_poll_s=3600)
+                    kafka_bootstrap="127.0.0.1:1", model_poll_s=1e-9)  # every refresh polls
 
 
 def bundle(version: int, segment_ids: list[int], base: int | None = None, pad: int = 0) -> bytes:
@@ -84,7 +84,7 @@ def watching(**values: bytes) -> Iterator[tuple[FakeRedis, ModelWatcher, Consume
 
 def polls(watcher: ModelWatcher, n: int = 3) -> None:
     for _ in range(n):
-        watcher.refresh(force_poll=True)
+        watcher.refresh()
 
 
 # --- bundles have a size cap -------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_the_versions_a_watcher_refused_or_could_not_load_are_bounded() -> None:
         polls(watcher, 1)
         for version in range(2, 2 + 3 * REMEMBERED_VERSIONS):  # pointers to versions that are not there
             client.data[KEYS.current] = str(version).encode()
-            watcher.refresh(force_poll=True)
+            watcher.refresh()
             assert watcher.model_of(100_000 + version) is None
         assert watcher.active is not None and watcher.active.version == 1
         assert len(watcher._rejected) == len(watcher._unloadable) == REMEMBERED_VERSIONS

@@ -101,7 +101,6 @@ class Schedule:
         self.settings = settings
         self.errors = errors  # Redis failures that do not stop the schedule, counted
         self.last_run = 0.0
-        self.last_result = ""
         self.drift_since: float | None = None
         self.novelty_since: float | None = None
 
@@ -167,7 +166,6 @@ class Schedule:
 
     def ran(self, result: str, now: float | None = None) -> None:
         self.last_run = time.time() if now is None else now
-        self.last_result = result
         if result in ("published", "challenger"):
             self.drift_since = None
             self.novelty_since = None
