@@ -40,8 +40,9 @@ run: install stack $(if $(filter 1,$(KAFKA_SASL)),topics)
 test: install stack
 	$(PY) -m pytest -q --durations=15
 
+# the fast tier: no stack, no model-quality sweeps, no external builds (make test runs those too)
 unit: install
-	$(PY) -m pytest -q -m "not integration" --durations=10
+	$(PY) -m pytest -q -m "not integration and not quality and not system" --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check .

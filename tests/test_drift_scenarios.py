@@ -9,9 +9,12 @@ the ones the thresholds were tuned on: ``make quality`` measures ten of each
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from quality import drift
 from segmentation.settings import Settings
+
+pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
 
 REALISTIC = drift.realistic_settings(Settings())
 LAYOUTS = drift.layout_settings(Settings())

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.system  # builds the package from the Dockerfile's files: make test, not make unit
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

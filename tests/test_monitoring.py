@@ -161,6 +161,7 @@ MUTATIONS = [
 ]
 
 
+@pytest.mark.system  # one promtool run per mutation: make test, not make unit
 @pytest.mark.parametrize(("alert", "old", "new"), MUTATIONS, ids=[f"{a}:{n}" for a, _, n in MUTATIONS])
 def test_the_rule_unit_tests_catch_a_changed_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
     need("promtool")

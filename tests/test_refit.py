@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 
 from quality.offline import Registry, fit_features, retrain
 from segmentation.baseline import recorded_baseline
@@ -15,6 +16,8 @@ from segmentation.settings import Settings
 from trainer.fit import fit_kmeans
 from trainer.gate import GateLimits
 from trainer.refit import Matching, Refit, assess
+
+pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
 
 SETTINGS = Settings()
 
