@@ -1,8 +1,9 @@
 """``make run``: the whole pipeline on the local stack, with a compact status line.
 
-Starts the trainer and the consumer as processes (their logs go to ``.stack/logs``), produces
-demo events in this process, and reads the output and dead-letter topics as a downstream
-subscriber would. Stops on Ctrl-C or after ``DURATION`` seconds, drains, prints a summary.
+Starts the trainer and the consumer as processes (their logs go to ``$STACK_DIR/logs``, by default
+``.stack/logs``), produces demo events in this process, and reads the output and dead-letter
+topics as a downstream subscriber would. Stops on Ctrl-C or after ``DURATION`` seconds, drains,
+prints a summary.
 
 With ``KAFKA_SASL=1`` (a stack from ``KAFKA_SASL=1 make stack``, whose admin step ``make topics``
 created the topics, users and ACLs) every part logs in as its own principal, with its password
@@ -129,14 +130,18 @@ def status_line(elapsed: float, producer: DemoProducer, observed: Observed, rate
             f" | changes {sum(observed.changes.values())}")
 
 
+def stack_dir() -> Path:
+    """The local stack's directory, as scripts/stack.sh finds it (relative to the project)."""
+    return ROOT / (os.environ.get("STACK_DIR") or ".stack")
+
+
 class Logins:
     """Who each part of the demo is to Kafka: on a SASL stack its own principal, else nobody."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         sasl = os.environ.get("KAFKA_SASL") == "1"
-        self.secrets = (Path(os.environ.get("STACK_DIR") or ROOT / ".stack") / "kafka" / "secrets"
-                        if sasl else None)
+        self.secrets = stack_dir() / "kafka" / "secrets" if sasl else None
 
     def settings_of(self, principal: str) -> Settings:
         if self.secrets is None:
@@ -156,7 +161,7 @@ def main() -> int:
     logins = Logins(settings)
     if logins.secrets is None:  # on a SASL stack the admin step (make topics) made them
         ensure_topics(settings)
-    log_dir = ROOT / ".stack" / "logs"
+    log_dir = stack_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
