@@ -95,8 +95,11 @@ def watch_for_stalls(loop: ConsumeLoop, bound_s: float) -> None:
 def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
     if settings.exactly_once:
         tid = f"{settings.transactional_id}-{settings.replica_id}"
-        return ExactlyOnce(Producer(producer_config(settings, tid)), consumer, settings.delivery_timeout_s,
-                           new_producer=lambda: Producer(producer_config(settings, tid)))
+
+        def new_producer() -> Producer:
+            return Producer(producer_config(settings, tid))
+
+        return ExactlyOnce(new_producer(), consumer, settings.delivery_timeout_s, new_producer=new_producer)
     return AtLeastOnce(Producer(producer_config(settings)), consumer, settings.delivery_timeout_s)
 
 

@@ -292,12 +292,13 @@ def drift_markdown(t: DriftTable) -> str:
     ageing_published = sum(r.published for r in t.ageing)
     quarters = sum(r.quarters for r in t.ageing)
     compared = [r.kept for r in t.stationary if r.first_model] or [float("nan")]
+    no_first = sum(not r.first_model for r in t.stationary)
     rows = [
         ("ageing cohort, quarterly retrains", f"{ageing_published}/{quarters} quarters published",
          f"ids kept: min {min(r.kept for r in t.ageing):.1%}, mean {np.mean([r.kept for r in t.ageing]):.1%} "
          "of the customers an unchanged model keeps"),
         ("stationary retrain", f"{sum(r.published for r in t.stationary)}/{len(t.stationary)} published"
-         + "".join(f" (no first model on {n})" for n in [sum(not r.first_model for r in t.stationary)] if n),
+         + (f" (no first model on {no_first})" if no_first else ""),
          f"ids kept: min {min(compared):.1%}, mean {np.mean(compared):.1%}; K changed in "
          f"{sum(r.k_before != r.k_after for r in t.stationary if r.first_model)}"),
         (f"birth ({BIRTH_SHARE:.0%} of customers, >= {BIRTH_SPREADS:g} spreads away)",

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from chaos.poison import DEEP, poison_models_topic
 from demo.generator import another_profile
 from segmentation.kafka import producer_config
 from segmentation.metrics import TrainerMetrics
-from segmentation.model_log import ModelLog, read_registry
+from segmentation.model_log import read_registry
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.support.fixed import changes_for, fixed_events, segments, send, trained
@@ -39,8 +40,6 @@ from trainer.__main__ import catch_up
 from trainer.pipeline import train_once
 
 pytestmark = pytest.mark.integration  # every test here runs against the local stack
-
-DEEP = 50_000
 
 
 def trainer_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -116,12 +115,7 @@ def test_hostile_models_topic_records_never_stop_the_consumer_s_fallback_or_a_tr
 ) -> None:
     """Row 2: a tombstone keyed v², pointers nested 50,000 deep, odd keys, on the models topic."""
     store, v1 = trained(settings)
-    nested = b'{"version":' + b"[" * DEEP
-    ModelLog(settings).append([
-        ("v²", None), ("v-1", None), ("v", None), ("v1e3", None), ("v\u0661", None),
-        ("current", nested), ("pinned", nested), ("reserved", nested), ("challenger", nested),
-        ("v7", b"{oops"), ("v8", b"[" * DEEP),
-    ])
+    assert poison_models_topic(settings) == 11  # the chaos table's corpus (chaos/poison.py)
     registry = read_registry(settings)
     assert (registry.current, registry.pinned, sorted(registry.bundles), registry.invalid_records) == (
         v1.version, None, [v1.version], 11)

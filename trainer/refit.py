@@ -177,10 +177,10 @@ def held_candidates(fit: Fit, fits: Sequence[Fit], current: ModelBundle, spec: F
         return candidates
     candidates.append(Held(continued(x, start, random_state, silhouette_sample), True))
     gone = emptied(previous_labels, current.quality.shares, min_share)
-    retiring = bool(may_retire and gone.any() and (~gone).sum() >= 2)
-    kept = start[~gone] if retiring else start
-    dropped = tuple(int(i) for i in np.flatnonzero(gone)) if retiring else ()
-    if retiring:
+    kept = start  # the segments recentred below
+    dropped: tuple[int, ...] = ()  # and those retired
+    if may_retire and gone.any() and (~gone).sum() >= 2:
+        kept, dropped = start[~gone], tuple(int(i) for i in np.flatnonzero(gone))
         candidates.append(Held(continued(x, kept, random_state, silhouette_sample), True, dropped))
     candidates.append(Held(recentred(x, kept, random_state, silhouette_sample), True, dropped))
     return candidates

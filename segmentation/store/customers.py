@@ -98,17 +98,18 @@ class CustomerStore:
             return 0
         rows = {self.key(c): [a.event_ms, a.offset, a.segment_id, a.segment, a.model_version, a.event_id]
                 for c, a in latest.items()}
+        ceiling = self._ceiling_ms()
         if not isinstance(self.client, RedisCluster):
-            return int(self._write(keys=list(rows), args=[json.dumps(list(rows.values())), self.ttl_s,
-                                                          self._ceiling_ms()]))
-        return self._write_cluster(rows)
+            return int(self._write(keys=list(rows),
+                                   args=[json.dumps(list(rows.values())), self.ttl_s, ceiling]))
+        return self._write_cluster(rows, ceiling)
 
     def _ceiling_ms(self) -> int:
         """The latest event time a stored row may hold: the consumer scores no event dated
         past now + ``SEG_MAX_EVENT_SKEW_S``, so a later one in Redis was written by someone else."""
         return int((time.time() + self.max_skew_s) * 1000)
 
-    def _write_cluster(self, rows: dict[str, list[Any]]) -> int:
+    def _write_cluster(self, rows: dict[str, list[Any]], ceiling: int) -> int:
         """One round trip per node. A node that fails (down, failing over) costs only its own
         customers' writes, which raise after the others are written."""
         cluster = cast(RedisCluster, self.client)
@@ -124,8 +125,7 @@ class CustomerStore:
             try:
                 pipe = node.redis_connection.pipeline(transaction=False)
                 for keys in slots.values():
-                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s,
-                                                 self._ceiling_ms()],
+                    self._write(keys=keys, args=[json.dumps([rows[k] for k in keys]), self.ttl_s, ceiling],
                                 client=pipe)
                 written += sum(int(n) for n in pipe.execute())
             except redis.RedisError as exc:
