@@ -86,7 +86,7 @@ def service(s: Settings, store: ModelStore, n: int, on_start: Callable[[], None]
     started = 0.0
     while scored._value.get() < n:  # noqa: SLF001 - reading our own counter
         loop.step()
-        if not started and (loop._inflight is not None or scored._value.get()):  # noqa: SLF001
+        if not started and (loop.checkpoint.in_flight is not None or scored._value.get()):  # noqa: SLF001
             started = time.perf_counter()
             if on_start is not None:
                 on_start()

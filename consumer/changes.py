@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
 
+from consumer.model import ActiveModel
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
-from consumer.watcher import ActiveModel
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, event_time_iso
@@ -67,6 +67,14 @@ class Recorded:
     segment: str
     model_version: int
     event_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """A batch's change records (each to the partition of its event) and their causes, in order."""
+
+    records: tuple[OutRecord, ...] = ()
+    causes: tuple[ChangeCause, ...] = ()
 
 
 class ChangesUnavailable(RuntimeError):
@@ -169,19 +177,18 @@ class SegmentChanges:
         self._positions: dict[int, ReadPosition] = {}
         self._reader: TopicReader | None = None
 
-    def record(self, messages: Sequence[Message], batch: ScoredBatch, model: ActiveModel) -> bool:
-        """The batch's changes into ``batch.changes``, against the state the batches before
-        left; False (logged) when a partition's state cannot be rebuilt: the batch must wait,
-        since no change may be detected against a state not rebuilt."""
+    def record(self, messages: Sequence[Message], batch: ScoredBatch, model: ActiveModel) -> Changes | None:
+        """The batch's changes, against the state the batches before left; None (logged) when a
+        partition's state cannot be rebuilt: the batch must wait, since no change may be
+        detected against a state not rebuilt."""
         if self.topic is None:
-            return True
+            return Changes()
         try:
             self.prepare(messages)
         except ChangesUnavailable as exc:
             log.warning("segment changes unavailable; batch held", extra={"error": str(exc)})
-            return False
-        self.detect(batch, model, event_time_iso(int(time.time() * 1000)))
-        return True
+            return None
+        return self.detect(batch, model, event_time_iso(int(time.time() * 1000)))
 
     # --- state of the partitions held --------------------------------------------------------
     def prepare(self, messages: Sequence[Message]) -> None:
@@ -261,12 +268,13 @@ class SegmentChanges:
         self.metrics.change_state_customers.set(sum(len(s) for s in self.state.values()))
 
     # --- detection ---------------------------------------------------------------------------
-    def detect(self, batch: ScoredBatch, model: ActiveModel, changed_at: str) -> None:
-        """Record every scored event's segment; fill ``batch.changes`` (and ``causes``) with a
-        record per customer whose segment differs from the one recorded. Call ``prepare`` first
-        for the batch's partitions."""
+    def detect(self, batch: ScoredBatch, model: ActiveModel, changed_at: str) -> Changes:
+        """Record every scored event's segment; a change record per customer whose segment
+        differs from the one recorded. Call ``prepare`` first for the batch's partitions."""
         version = model.version
         late = 0
+        records: list[OutRecord] = []
+        causes: list[ChangeCause] = []
         outliers = batch.outliers.tolist() if batch.outliers.shape[0] else [False] * len(batch.outputs)
         rows = zip(batch.outputs, batch.customers, batch.events, outliers, strict=True)
         for output, customer, event, outlier in rows:
@@ -287,12 +295,13 @@ class SegmentChanges:
             value = change_value(event, customer.event_ms, before, customer.segment_id,
                                  customer.segment, version, cause, changed_at, outlier,
                                  model.lineage.get(customer.segment_id))
-            batch.changes.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
-            batch.causes.append(cause)
+            records.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
+            causes.append(cause)
         if late:
             self.metrics.change_late_events.inc(late)
-        if batch.changes:
+        if records:
             self._count_customers()
+        return Changes(tuple(records), tuple(causes))
 
     def close(self) -> None:
         if self._reader is not None:

@@ -8,11 +8,12 @@ unreachable) and dropped; it never fails the batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import redis
 
-from consumer.scoring import ScoredBatch
+from segmentation.customer import CustomerAssignment
 from segmentation.metrics import ConsumerMetrics
 from segmentation.store import OUTAGE, CustomerStore, PartialWrite
 
@@ -25,19 +26,18 @@ class CustomerWriter:
         self.metrics = metrics
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="customer-writes")
 
-    def submit(self, batch: ScoredBatch) -> Future[None]:
-        """Write ``batch``'s customers after those of the batches submitted before; the future
-        never raises."""
-        return self._thread.submit(self.write, batch)
+    def submit(self, customers: Sequence[CustomerAssignment]) -> Future[None]:
+        """Write ``customers`` after those submitted before; the future never raises."""
+        return self._thread.submit(self.write, customers)
 
-    def write(self, batch: ScoredBatch) -> None:
-        if not batch.customers:
+    def write(self, customers: Sequence[CustomerAssignment]) -> None:
+        if not customers:
             return
         try:
-            self.customers.write_latest(batch.customers)
+            self.customers.write_latest(customers)
         except redis.RedisError as exc:  # unreachable, but also full (OOM) or read-only
             self.metrics.redis_errors.labels("customer_write").inc()
-            skipped = exc.failed if isinstance(exc, PartialWrite) else len(batch.customers)
+            skipped = exc.failed if isinstance(exc, PartialWrite) else len(customers)
             self.metrics.customer_writes_skipped.inc(skipped)
             if not isinstance(exc, OUTAGE):
                 log.error("customer writes refused by Redis", extra={"error": str(exc)})

@@ -11,10 +11,10 @@ import logging
 
 import numpy as np
 
+from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker
 from consumer.scoring import ScoredBatch
-from consumer.watcher import ActiveModel
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 

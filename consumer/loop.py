@@ -1,13 +1,12 @@
-"""The consume loop: poll a batch, score it (and in the shadow, with a challenger), record its
-segment changes, deliver its outputs and changes and write its customers, store its offsets once
-both are done; learn; report.
+"""The consume loop: poll a batch, score it (and in the shadow, with a challenger), commit the
+batch before, record this one's segment changes, add it to the checkpoint; learn; report.
 
-Thin on purpose: each stage is a named piece elsewhere (``scoring.score_batch``,
-``shadow.shadow_score``, ``changes.SegmentChanges.record``, ``delivery``,
-``customer_writer.CustomerWriter``, ``inflight.InFlight.finish``, ``learner.Learner``,
-``shadow.Shadow``, ``reporting.Reporter``); ``partitions`` keeps the group membership and the
-offsets, ``inflight`` the replay of failed batches. Batches overlap: one is scored while the one
-before is acknowledged and written.
+Thin on purpose: each stage is a named piece elsewhere, and returns a value (``scoring.score_batch``,
+``shadow.shadow_score``, ``changes.SegmentChanges.record``); ``checkpoint.Checkpoint`` owns the
+order of delivery, customer writes and offsets and the replay of failed batches; ``partitions``
+keeps the group membership; ``learner.Learner``, ``shadow.Shadow`` and ``reporting.Reporter``
+take each finished batch. Batches overlap: one is scored while the one before is acknowledged
+and written.
 """
 
 from __future__ import annotations
@@ -16,18 +15,19 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.changes import SegmentChanges
+from consumer.checkpoint import Batch, Checkpoint
 from consumer.customer_writer import CustomerWriter
-from consumer.delivery import Delivery, DeliveryFailed
-from consumer.inflight import InFlight, Replay
+from consumer.delivery import Delivery
 from consumer.learner import Learner
-from consumer.partitions import Membership, commit_stored, consume, next_offsets, rewind
+from consumer.model import ActiveModel
+from consumer.partitions import Membership, consume, rewind
 from consumer.reporting import Reporter
-from consumer.scoring import OutRecord, ScoringRules, score_batch
+from consumer.scoring import Message, OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
-from consumer.watcher import ActiveModel, ModelWatcher
+from consumer.watcher import ModelWatcher
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback
 from segmentation.settings import Settings
@@ -48,28 +48,25 @@ class ConsumeLoop:
         store.readback = Readback.of(settings, metrics.readback_rejected)  # refusals counted here
         self.rules = ScoringRules.from_settings(settings)
         self.watcher = ModelWatcher(settings, store, metrics)
-        self.writer = CustomerWriter(customers, metrics)
         self.learner = Learner(settings, metrics)
         self.reporter = Reporter(settings, consumer, store, metrics)
         self.changes = SegmentChanges(settings, metrics, self.watcher.model_of)
         self.shadow = Shadow(metrics)
-        self.membership = Membership(
-            consumer, settings.exactly_once, finish=self._finish_before_revoke, forget=self._forget,
+        self.checkpoint = Checkpoint(
+            consumer, delivery, CustomerWriter(customers, metrics), self.substitute, on_done=self._done,
+            on_failed=self.changes.forget_messages, failures=metrics.delivery_failures,
+            exactly_once=settings.exactly_once,
         )
-        self.replay = Replay(consumer)
+        self.membership = Membership(consumer, revoke=self.checkpoint.revoke, forget=self._forget)
         self.paused = False
         self.step_started: float | None = None  # monotonic start of the step in progress
-        self._inflight: InFlight | None = None
 
     # --- group membership (partitions.Membership), told what the loop holds -------------------
     def subscribe(self) -> None:
         self.membership.subscribe(self.settings.events_topic)
 
-    def _finish_before_revoke(self) -> None:
-        self.replay.pending += self._finish()  # a batch that failed is rewound at the next poll
-
     def _forget(self, partitions: list[TopicPartition]) -> None:
-        self.replay.forget(partitions)
+        self.checkpoint.forget(partitions)
         self.reporter.forget(partitions)
         self.changes.forget(tp.partition for tp in partitions)
 
@@ -112,11 +109,11 @@ class ConsumeLoop:
         size = self.settings.batch_size
         messages = consume(self.consumer, size, 0)
         if not messages:
-            rewind(self.consumer, self._finish())
+            self.checkpoint.commit()
             messages = consume(self.consumer, 1, self.settings.batch_timeout_s)
             if messages and size > 1:
                 messages += consume(self.consumer, size - 1, 0)
-        return self.replay.rewind_pending(messages)
+        return self.checkpoint.begin(messages)
 
     def _hold(self, messages: list[Message]) -> None:
         """No model yet: put messages back, pause everything, commit nothing."""
@@ -140,50 +137,25 @@ class ConsumeLoop:
             log.info("model available: partitions resumed")
 
     def _process(self, messages: list[Message], model: ActiveModel) -> None:
-        """Score this batch while the one before is acknowledged and written to Redis, finish
-        that one, then send this one and hand its customers to the writer."""
+        """Score this batch while the one before is acknowledged and written to Redis, commit
+        that one, then record this one's changes and add it to the checkpoint."""
         started = time.monotonic()
-        batch = score_batch(messages, model, self.rules)
-        batch.shadow = shadow_score(batch, self.watcher.challenger, model)
-        failed = self._finish()
-        if failed:  # the batch before failed: replay it and this one
-            rewind(self.consumer, failed + messages)
+        scored = score_batch(messages, model, self.rules)
+        shadow = shadow_score(scored, self.watcher.challenger, model)
+        if not self.checkpoint.commit(messages):  # the batch before failed: replayed with this one
             return
-        if not self.changes.record(messages, batch, model):
+        changes = self.changes.record(messages, scored, model)
+        if changes is None:
             rewind(self.consumer, messages)  # held until the changes topic can be read
             time.sleep(1.0)
             return
-        try:
-            sent = self.delivery.send(self.replay.unsent(batch.records), next_offsets(messages),
-                                      self.substitute)
-        except DeliveryFailed as exc:  # exactly-once: the transaction did not commit
-            rewind(self.consumer, self._failed(messages, exc))
-            return
-        # Off the critical path, but the batch's offsets wait for it: a crash before the write
-        # replays the batch, and the replay writes again (idempotent: never older over newer).
-        self._inflight = InFlight(messages, batch, model, sent, self.writer.submit(batch), started)
+        self.checkpoint.add(Batch(messages, model, scored, changes, shadow, started))
 
-    def _finish(self) -> list[Message]:
-        """Finish the batch in flight: its offsets stored (``InFlight.finish``), learn and count.
-        Returns the messages to replay when its delivery failed."""
-        flight, self._inflight = self._inflight, None
-        if flight is None:
-            return []
-        try:
-            flight.finish(self.delivery)
-        except DeliveryFailed as exc:
-            return self._failed(flight.messages, exc)
-        self.replay.finished(flight.messages)
-        self.learner.learn(flight.batch, flight.model)
-        self.shadow.count(flight.batch, flight.model, self.watcher.challenger)
-        self.reporter.count(flight.batch, flight.model, flight.started)
-        return []
-
-    def _failed(self, messages: list[Message], exc: DeliveryFailed) -> list[Message]:
-        self.metrics.delivery_failures.inc()
-        self.changes.forget_messages(messages)  # rebuilt from what the topic acknowledged
-        log.error("batch not acknowledged; replaying it", extra={"error": str(exc)})
-        return self.replay.failed(messages, exc)
+    def _done(self, batch: Batch) -> None:
+        """A batch committed: learn it, count it."""
+        self.learner.learn(batch.scored, batch.model)
+        self.shadow.count(batch.scored, batch.shadow, batch.model, self.watcher.challenger)
+        self.reporter.count(batch.scored, batch.changes.causes, batch.model, batch.started)
 
     def substitute(self, record: OutRecord, error: KafkaError) -> OutRecord | None:
         """Delivery's replacement for a record the broker refused for good (counted here)."""
@@ -193,19 +165,9 @@ class ConsumeLoop:
         return replacement
 
     def close(self) -> None:
-        """Flush, commit what is acknowledged, leave the group. Never raises: a fenced or
-        broken producer has nothing left to flush that could be committed."""
-        try:
-            self._finish()  # what fails is not stored: the next owner replays it
-        except Exception as exc:  # noqa: BLE001 - closing goes on whatever the batch did
-            log.warning("batch in flight not finished on close", extra={"error": str(exc)})
-        self.writer.close()
-        try:
-            self.delivery.close(self.settings.shutdown_timeout_s)
-        except KafkaException as exc:
-            log.warning("producer flush on close failed", extra={"error": str(exc)})
-        if not self.settings.exactly_once:
-            commit_stored(self.consumer)
+        """Commit what is acknowledged, leave the group. Never raises: a fenced or broken
+        producer has nothing left to flush that could be committed."""
+        self.checkpoint.close(self.settings.shutdown_timeout_s)
         self.watcher.close()
         self.changes.close()
         try:

@@ -5,10 +5,11 @@ replay, the offsets a batch stands for, and the synchronous commit (on revoke an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from consumer.scoring import Message as Consumed
 from consumer.scoring import coordinates
 
 log = logging.getLogger(__name__)
@@ -17,18 +18,17 @@ log = logging.getLogger(__name__)
 class Membership:
     """The partitions this member owns, kept by the group's rebalance callbacks.
 
-    On revoke, ``finish`` (the loop finishes its batch in flight), then the stored offsets are
-    committed (at-least-once; exactly-once commits offsets in its transactions). On loss nothing
-    is committed. Either way, ``forget`` is told which partitions left.
+    On revoke, ``revoke`` first (``Checkpoint.revoke``: the batch in flight committed, and what
+    is stored committed at once). On loss nothing is committed. Either way, ``forget`` is told
+    which partitions left.
     """
 
     def __init__(
-        self, consumer: Consumer, exactly_once: bool, finish: Callable[[], None],
+        self, consumer: Consumer, revoke: Callable[[], None],
         forget: Callable[[list[TopicPartition]], None],
     ) -> None:
         self.consumer = consumer
-        self.exactly_once = exactly_once
-        self.finish = finish
+        self.revoke = revoke
         self.forget = forget
         self.assigned: set[tuple[str, int]] = set()
 
@@ -42,10 +42,7 @@ class Membership:
         log.info("partitions assigned", extra={"partitions": names(partitions)})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Finish the batch in flight first, so that what is committed is everything acknowledged.
-        self.finish()
-        if not self.exactly_once:
-            commit_stored(self.consumer)
+        self.revoke()  # what is committed is everything acknowledged
         self._leave(partitions)
         log.info("partitions revoked", extra={"partitions": names(partitions)})
 
@@ -76,7 +73,7 @@ def is_error(msg: Message) -> bool:
     return True
 
 
-def rewind(consumer: Consumer, messages: list[Message]) -> None:
+def rewind(consumer: Consumer, messages: Sequence[Consumed]) -> None:
     """Seek each partition back to the first offset of ``messages`` (replayed later)."""
     first: dict[tuple[str, int], int] = {}
     for msg in messages:
@@ -89,7 +86,7 @@ def rewind(consumer: Consumer, messages: list[Message]) -> None:
             log.warning("seek failed", extra={"partition": partition, "error": str(exc)})
 
 
-def next_offsets(messages: list[Message]) -> list[TopicPartition]:
+def next_offsets(messages: Sequence[Consumed]) -> list[TopicPartition]:
     """Per partition, the offset after the last message (what a commit means)."""
     last: dict[tuple[str, int], int] = {}
     for msg in messages:

@@ -19,8 +19,8 @@ from collections import deque
 
 import numpy as np
 
+from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
-from consumer.watcher import ActiveModel
 from segmentation.baseline import baseline_of
 from segmentation.cluster_metrics import population_stability_index, sampled_silhouette, simplified_silhouette
 

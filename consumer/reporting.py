@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,11 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Histogram
 
 from consumer.learner import Learner
+from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import ScoredBatch
-from consumer.watcher import ActiveModel
-from segmentation.metrics import ConsumerMetrics
+from segmentation.metrics import ChangeCause, ConsumerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, ReplicaStates, best_effort
 
@@ -49,8 +50,10 @@ class Reporter:
         self._next_report = 0.0
         self._segments_of: int | None = None  # the version whose segment ids the metrics hold
 
-    def count(self, batch: ScoredBatch, model: ActiveModel | None, started: float) -> None:
-        """Count a finished batch (``started``: when its scoring began, monotonic)."""
+    def count(self, batch: ScoredBatch, causes: Sequence[ChangeCause], model: ActiveModel | None,
+              started: float) -> None:
+        """Count a finished batch and its changes' ``causes`` (``started``: when its scoring
+        began, monotonic)."""
         m = self.metrics
         m.events.labels("scored").inc(len(batch.outputs))
         m.events.labels("dead_letter").inc(len(batch.dead_letters))
@@ -64,7 +67,7 @@ class Reporter:
             count_by_segment(m.outliers, ids, batch.indices[batch.outliers])
             count_by_segment(m.novel_events, ids, batch.indices[batch.novel])
             observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
-        for cause in batch.causes:
+        for cause in causes:
             m.changes.labels(cause).inc()
         m.batch_duration.observe(time.monotonic() - started)
 

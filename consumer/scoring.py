@@ -1,6 +1,7 @@
 """One batch along the data flow: decode -> encode -> assign -> output records and dead letters.
 
-No I/O here: the loop hands in Kafka messages and gets back what to produce and what to learn.
+No I/O here (a test holds it: importing this module loads no Kafka, Redis or metrics client):
+the loop hands in Kafka messages and gets back a ``ScoredBatch``, a value.
 """
 
 from __future__ import annotations
@@ -9,19 +10,20 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from pydantic_core import to_json
 
-from consumer.watcher import ActiveModel
+from consumer.model import ActiveModel
 from segmentation.cluster_metrics import nearest_two
+from segmentation.customer import CustomerAssignment
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
 from segmentation.features import raw_numeric
-from segmentation.metrics import ChangeCause
-from segmentation.settings import Settings
-from segmentation.store import CustomerAssignment
+
+if TYPE_CHECKING:  # only for ScoringRules.from_settings, called by the composition root
+    from segmentation.settings import Settings
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -74,58 +76,58 @@ class ScoringRules:
         return dead_letter(record.source, rejection, self.dlq_topic, self.max_record_bytes, error)
 
 
-@dataclass(frozen=True)
-class ShadowScores:
-    """The challenger's assignment of a batch's scored events (row for row)."""
-
-    challenger: int  # version
-    champion: int  # the version that scored the batch
-    indices: np.ndarray
-    nearest: np.ndarray
-    second: np.ndarray
-
-
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ScoredBatch:
-    outputs: list[OutRecord] = field(default_factory=list)
-    dead_letters: list[OutRecord] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-    customers: list[CustomerAssignment] = field(default_factory=list)
-    events: list[CustomerEvent] = field(default_factory=list)  # the scored events, as outputs
-    changes: list[OutRecord] = field(default_factory=list)  # segment changes (``consumer.changes``)
-    causes: list[ChangeCause] = field(default_factory=list)  # each change's cause
-    shadow: ShadowScores | None = None  # the challenger's assignment (``consumer.shadow``)
+    """What scoring made of a batch (a value: no later stage writes into it). Per scored event,
+    row for row: its output record, customer assignment, event, encoded row, nearest segment
+    index and the two nearest distances, event time, and whether it is an outlier (beyond its
+    segment's outlier radius or outside the training envelope: flagged in its records, never
+    learned) or novel (beyond its segment's training p99). Per rejected message: its dead letter
+    and reason."""
+
+    outputs: tuple[OutRecord, ...] = ()
+    dead_letters: tuple[OutRecord, ...] = ()
+    reasons: tuple[str, ...] = ()
+    customers: tuple[CustomerAssignment, ...] = ()
+    events: tuple[CustomerEvent, ...] = ()
     encoded: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     nearest: np.ndarray = field(default_factory=lambda: np.empty(0))
     second: np.ndarray = field(default_factory=lambda: np.empty(0))
     event_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
-    # Per scored event: beyond its segment's outlier radius or outside the training envelope
-    # (flagged in its records, never learned), and beyond its segment's training p99 (novel).
     outliers: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     novel: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
     unknown_categories: int = 0
 
     @property
     def records(self) -> list[OutRecord]:
-        return self.outputs + self.dead_letters + self.changes
+        """What to produce for it: the outputs, then the dead letters."""
+        return [*self.outputs, *self.dead_letters]
 
-    def reject(self, record: OutRecord, reason: str) -> None:
-        self.dead_letters.append(record)
-        self.reasons.append(reason)
 
-    def extend(self, other: ScoredBatch) -> None:
-        """Append another batch's scored events (used when a batch is scored one by one)."""
-        if not other.outputs:
-            return
-        first = not self.outputs
-        self.outputs += other.outputs
-        self.customers += other.customers
-        self.events += other.events
-        self.unknown_categories += other.unknown_categories
-        for name in ("encoded", "indices", "nearest", "second", "event_ms", "outliers", "novel"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            setattr(self, name, theirs if first else np.concatenate([mine, theirs]))
+ROWS = ("encoded", "indices", "nearest", "second", "event_ms", "outliers", "novel")
+
+
+def joined(parts: Sequence[ScoredBatch], rejected: Sequence[tuple[OutRecord, str]]) -> ScoredBatch:
+    """One batch of the scored ``parts`` (in order) and the ``rejected`` messages' dead letters.
+
+    >>> joined([], []).outputs, joined([], [(OutRecord("dlq", None, None, []), "not_json")]).reasons
+    ((), ('not_json',))
+    """
+    scored = [p for p in parts if p.outputs]
+    rows: dict[str, Any] = {}
+    if len(scored) > 1:
+        rows = {name: np.concatenate([getattr(p, name) for p in scored]) for name in ROWS}
+    whole = scored[0] if len(scored) == 1 else ScoredBatch(
+        outputs=tuple(r for p in scored for r in p.outputs),
+        customers=tuple(c for p in scored for c in p.customers),
+        events=tuple(e for p in scored for e in p.events),
+        unknown_categories=sum(p.unknown_categories for p in scored), **rows,
+    )
+    if not rejected:
+        return whole
+    return replace(whole, dead_letters=tuple(record for record, _ in rejected),
+                   reasons=tuple(reason for _, reason in rejected))
 
 
 def coordinates(msg: Message) -> tuple[str, int, int]:
@@ -252,25 +254,26 @@ def score_batch(
     """Every message becomes exactly one output or one dead letter, whatever it holds: an
     exception while handling one message dead-letters that message (``internal_error``)."""
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    batch = ScoredBatch()
+    rejected: list[tuple[OutRecord, str]] = []
     events: list[CustomerEvent] = []
     sources: list[Message] = []
     for msg, decoded in zip(messages, decode_batch(messages, rules.contract, now_ms), strict=True):
         if isinstance(decoded, Rejection):
-            batch.reject(_dead_letter(msg, decoded, rules), decoded.reason)
+            rejected.append((_dead_letter(msg, decoded, rules), decoded.reason))
         else:
             events.append(decoded)
             sources.append(msg)
     try:
-        batch.extend(assign_events(events, sources, model, rules, now_ms))
+        parts = [assign_events(events, sources, model, rules, now_ms)]
     except Exception:  # noqa: BLE001 - find the one event that fails, score the others
+        parts = []
         for event, msg in zip(events, sources, strict=True):
             try:
-                batch.extend(assign_events([event], [msg], model, rules, now_ms))
+                parts.append(assign_events([event], [msg], model, rules, now_ms))
             except Exception as exc:  # noqa: BLE001
                 rejection = _internal_error(exc)
-                batch.reject(_dead_letter(msg, rejection, rules, type(exc).__name__), rejection.reason)
-    return batch
+                rejected.append((_dead_letter(msg, rejection, rules, type(exc).__name__), rejection.reason))
+    return joined(parts, rejected)
 
 
 def decode_batch(
@@ -297,29 +300,28 @@ def assign_events(
 ) -> ScoredBatch:
     """Encode, assign the nearest segment, flag outliers and novel events, and build the output
     records (vectorised)."""
-    batch = ScoredBatch()
     if not events:
-        return batch
-    x, batch.unknown_categories = model.bundle.features.encode(events)
+        return ScoredBatch()
+    x, unknown = model.bundle.features.encode(events)
     idx, d1, d2 = nearest_two(x, model.centroids)
-    batch.encoded, batch.indices, batch.nearest, batch.second = x, idx, d1, d2
-    batch.outliers = outliers_of(events, model, idx, d1)
-    batch.novel = beyond(d1, idx, model.radius_p99)
+    outliers = outliers_of(events, model, idx, d1)
     event_ms = [e.event_ms for e in events]
-    batch.event_ms = np.asarray(event_ms, dtype=np.float64)
-    values = output_values(events, event_ms, idx, d1, model, event_time_iso(now_ms), batch.outliers)
+    values = output_values(events, event_ms, idx, d1, model, event_time_iso(now_ms), outliers)
     topic, names, version = rules.segments_topic, model.bundle.segment_names, model.version
     segment_ids = [model.bundle.segment_ids[i] for i in idx.tolist()]
-    batch.outputs = [OutRecord(topic, e.customer_id.encode(), v, [], m)
-                     for e, v, m in zip(events, values, sources, strict=True)]
-    batch.events = list(events)
-    batch.customers = [
-        CustomerAssignment(customer_id=e.customer_id, event_ms=ms, offset=int(m.offset() or 0),
-                           segment_id=sid, segment=names[i], model_version=version,
-                           event_id=e.event_id or "")
-        for e, ms, m, sid, i in zip(events, event_ms, sources, segment_ids, idx.tolist(), strict=True)
-    ]
-    return batch
+    return ScoredBatch(
+        outputs=tuple(OutRecord(topic, e.customer_id.encode(), v, [], m)
+                      for e, v, m in zip(events, values, sources, strict=True)),
+        customers=tuple(
+            CustomerAssignment(customer_id=e.customer_id, event_ms=ms, offset=int(m.offset() or 0),
+                               segment_id=sid, segment=names[i], model_version=version,
+                               event_id=e.event_id or "")
+            for e, ms, m, sid, i in zip(events, event_ms, sources, segment_ids, idx.tolist(), strict=True)
+        ),
+        events=tuple(events), encoded=x, indices=idx, nearest=d1, second=d2,
+        event_ms=np.asarray(event_ms, dtype=np.float64), outliers=outliers,
+        novel=beyond(d1, idx, model.radius_p99), unknown_categories=unknown,
+    )
 
 
 def output_values(

@@ -8,16 +8,28 @@ which this replica reports to the trainer for the automatic promotion rule.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from consumer.scoring import ScoredBatch, ShadowScores
-from consumer.watcher import ActiveModel
+from consumer.model import ActiveModel
+from consumer.scoring import ScoredBatch
 from segmentation.cluster_metrics import nearest_two, simplified_silhouette
 from segmentation.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScores:
+    """The challenger's assignment of a batch's scored events (row for row)."""
+
+    challenger: int  # version
+    champion: int  # the version that scored the batch
+    indices: np.ndarray
+    nearest: np.ndarray
+    second: np.ndarray
 
 
 def shadow_score(
@@ -58,11 +70,11 @@ class Shadow:
         self.metrics.challenger_migrations.clear()
         self.metrics.challenger_agreement.set(0)
 
-    def count(self, batch: ScoredBatch, champion: ActiveModel, challenger: ActiveModel | None) -> None:
-        """Count a finished batch's shadow scores, if they are the current challenger's against
-        the champion that scored the batch."""
+    def count(self, batch: ScoredBatch, scores: ShadowScores | None, champion: ActiveModel,
+              challenger: ActiveModel | None) -> None:
+        """Count a finished batch's shadow ``scores``, if they are the current challenger's
+        against the champion that scored the batch."""
         self.follow(challenger)
-        scores = batch.shadow
         if (scores is None or challenger is None or scores.challenger != challenger.version
                 or scores.champion != champion.version or scores.indices.shape[0] == 0):
             return

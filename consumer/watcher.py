@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-import numpy as np
 import redis
 from confluent_kafka import KafkaException
 from redis.client import PubSub
 
+from consumer.model import ActiveModel
 from segmentation.baseline import baseline_of
-from segmentation.bundle import BundleError, ModelBundle, SegmentDiff
+from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
 from segmentation.model_log import ModelLogError, read_registry, sync_store
 from segmentation.readback import Recent
@@ -30,42 +28,6 @@ log = logging.getLogger(__name__)
 
 RECENT_MODELS = 8  # models kept in memory to tell why a customer's segment changed
 REMEMBERED_VERSIONS = 256  # refused or unloadable versions remembered (the least recent forgotten)
-NEW_SEGMENT_STATUSES = ("split", "merged", "born")
-
-
-@dataclass(frozen=True)
-class ActiveModel:
-    """A validated bundle with its arrays prepared for scoring: the centroids, and per segment
-    index the training radii (None for a bundle that has none: no novelty or outlier signal)."""
-
-    bundle: ModelBundle
-    centroids: np.ndarray
-    segment_ids: np.ndarray
-    radius_p99: np.ndarray | None = None
-    radius_outlier: np.ndarray | None = None
-    lineage: Mapping[int, SegmentDiff] = field(default_factory=dict)  # new id -> its split/merge/birth
-
-    @classmethod
-    def of(cls, bundle: ModelBundle) -> ActiveModel:
-        q = bundle.quality
-        return cls(bundle, bundle.centroid_array(), np.asarray(bundle.segment_ids),
-                   None if q.radius_p99 is None else np.asarray(q.radius_p99, dtype=np.float64),
-                   None if q.radius_outlier is None else np.asarray(q.radius_outlier, dtype=np.float64),
-                   born_segments(bundle))
-
-    @property
-    def version(self) -> int:
-        return self.bundle.version
-
-    @property
-    def has_radii(self) -> bool:
-        return self.radius_p99 is not None and self.radius_outlier is not None
-
-
-def born_segments(bundle: ModelBundle) -> dict[int, SegmentDiff]:
-    """The segments this version's retrain created from others or from nothing (split, merged,
-    born), by segment id: a customer a new model moves into one has this lineage."""
-    return {d.segment_id: d for d in bundle.label_mapping.diff if d.status in NEW_SEGMENT_STATUSES}
 
 
 class ModelWatcher:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from consumer.model import ActiveModel
 from consumer.quality import QualityTracker
-from consumer.watcher import ActiveModel
 from segmentation.baseline import baseline_of, recorded_baseline
 from segmentation.bundle import Lineage, ModelBundle
 from segmentation.cluster_metrics import nearest_two

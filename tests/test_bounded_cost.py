@@ -28,8 +28,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.learner import Learner
+from consumer.model import ActiveModel
 from consumer.reporting import Reporter, count_by_segment
-from consumer.watcher import REMEMBERED_VERSIONS, ActiveModel, ModelWatcher
+from consumer.watcher import REMEMBERED_VERSIONS, ModelWatcher
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import CustomerEvent
 from segmentation.metrics import REQUEST_TIMEOUT_S, ConsumerMetrics, MetricsServer, serve

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.model import ActiveModel
 from consumer.scoring import OutRecord, ScoringRules, record_bytes, score_batch
-from consumer.watcher import ActiveModel
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import REASONS, InputContract, Rejection
 from tests.support.messages import (
@@ -37,7 +37,7 @@ from tests.support.messages import (
 
 def score(values: Sequence[bytes | None]) -> tuple[list[OutRecord], list[OutRecord], list[str]]:
     batch = score_batch([Msg(v, _offset=i) for i, v in enumerate(values)], SMALL_MODEL, SMALL_RULES, NOW_MS)
-    return batch.outputs, batch.dead_letters, batch.reasons
+    return list(batch.outputs), list(batch.dead_letters), list(batch.reasons)
 
 
 def strict_json(raw: bytes) -> object:
@@ -148,7 +148,7 @@ def test_a_model_that_gives_a_non_finite_distance_dead_letters_instead_of_writin
     wide = ScoringRules(InputContract(FEATURES, {f: (-1e300, 1e300) for f in FEATURES}), "out", "dlq",
                         MAX_RECORD)
     batch = score_batch([Msg(event(features={"a": 1e300, "b": 1e300}))], SMALL_MODEL, wide, NOW_MS)
-    assert batch.reasons == ["internal_error"] and not batch.outputs
+    assert batch.reasons == ("internal_error",) and not batch.outputs
 
 
 def test_the_trainer_window_decodes_with_the_same_contract_and_never_raises() -> None:
@@ -312,7 +312,7 @@ def test_a_high_cardinality_attribute_cannot_widen_the_model_without_bound() -> 
 def test_a_valid_event_with_800_kb_of_headers_counts_them_towards_its_size() -> None:
     msg = Msg(event(), _headers=[(f"h{i}", b"v" * 4096) for i in range(200)])
     batch = score_batch([msg], SMALL_MODEL, SMALL_RULES, NOW_MS)
-    assert batch.reasons == ["too_large"] and not batch.outputs
+    assert batch.reasons == ("too_large",) and not batch.outputs
     assert record_bytes(batch.dead_letters[0]) <= MAX_RECORD
 
 
@@ -340,7 +340,7 @@ def test_a_message_not_keyed_by_its_customer_id_is_a_key_mismatch_dead_letter(ke
     value = event(customer_id="c-1")
     messages = [Msg(event(customer_id="c-0"), 0), Msg(value, 1, key), Msg(event(customer_id="c-2"), 2)]
     batch = score_batch(messages, SMALL_MODEL, SMALL_RULES, NOW_MS)
-    assert batch.reasons == ["key_mismatch"] and len(batch.outputs) == 2
+    assert batch.reasons == ("key_mismatch",) and len(batch.outputs) == 2
     letter = batch.dead_letters[0]
     assert (letter.key, letter.value) == (key, value)  # the original key and bytes, unchanged
     detail = dlq_detail(letter)

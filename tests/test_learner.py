@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from consumer.learner import Learner
+from consumer.model import ActiveModel
 from consumer.reporting import Reporter
 from consumer.scoring import score_batch
-from consumer.watcher import ActiveModel
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.support.messages import DEMO_MODEL as MODEL
@@ -40,7 +40,7 @@ def test_a_batch_scored_by_the_old_model_finishing_after_a_swap_to_fewer_segment
     before = learner.online.centroids.copy()
 
     learner.learn(batch, scored_by=MODEL)
-    Reporter(Settings(), None, None, metrics).count(batch, MODEL, 0.0)  # type: ignore[arg-type]
+    Reporter(Settings(), None, None, metrics).count(batch, (), MODEL, 0.0)  # type: ignore[arg-type]
 
     assert np.array_equal(learner.online.centroids, before) and learner.online.events_seen == 0
     assert learner.quality.shares().shape == (new.bundle.k,)

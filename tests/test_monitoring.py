@@ -470,7 +470,7 @@ def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
     rc = RunningConsumer(settings)
     # Per-customer state goes to a Redis that does not answer: every write fails after retries.
     dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
-    rc.loop.writer.customers = CustomerStore(dead, settings.redis_prefix)
+    rc.loop.checkpoint.writer.customers = CustomerStore(dead, settings.redis_prefix)
     with _running(rc):
         m = rc.metrics
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from consumer.learner import Learner
+from consumer.model import ActiveModel
 from consumer.quality import MIN_NOVELTY_EVENTS, QualityTracker
 from consumer.reporting import Reporter
 from consumer.scoring import ScoredBatch, score_batch
-from consumer.watcher import ActiveModel
 from segmentation.bundle import ModelBundle
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback
@@ -103,7 +103,7 @@ def test_outliers_and_novel_events_are_counted_by_stable_segment_id() -> None:
     model = radii_model(segment_ids=(4, 9))
     metrics = ConsumerMetrics()
     batch = scored(model, [ORDINARY, NOVEL, NOVEL, FAR])
-    Reporter(Settings(), None, None, metrics).count(batch, model, 0.0)  # type: ignore[arg-type]
+    Reporter(Settings(), None, None, metrics).count(batch, (), model, 0.0)  # type: ignore[arg-type]
     assert sample(metrics, "segment_outlier_events_total", segment_id="9") == 1
     assert sample(metrics, "segment_outlier_events_total", segment_id="4") == 0
     assert sample(metrics, "segment_novel_events_total", segment_id="4") == 2

@@ -17,8 +17,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 
+from consumer.model import ActiveModel
 from consumer.scoring import score_batch
-from consumer.watcher import ActiveModel
 from quality.k_table import window_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.features import FeatureConfig, FeatureSpec, fit_numeric

@@ -312,8 +312,7 @@ def later_events(changes: SegmentChanges) -> list[dict[str, object]]:
     values = [event(customer_id="c-1", features={"a": 5, "b": 5}), event(customer_id="c-2", event_id="e-2"),
               event(customer_id="c-9", event_id="e-9")]
     batch = score_batch([Msg(v, i) for i, v in enumerate(values)], SMALL_MODEL, SMALL_RULES, NOW_MS)
-    changes.detect(batch, SMALL_MODEL, "now")
-    return [json.loads(r.value or b"") for r in batch.changes]
+    return [json.loads(r.value or b"") for r in changes.detect(batch, SMALL_MODEL, "now").records]
 
 
 def test_the_good_changes_topic_rebuilds_the_last_segment_of_each_customer(

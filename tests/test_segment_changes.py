@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from consumer.changes import ChangesUnavailable, Recorded, SegmentChanges, cause_of, change_value
+from consumer.changes import Changes, ChangesUnavailable, Recorded, SegmentChanges, cause_of, change_value
+from consumer.model import ActiveModel
 from consumer.scoring import score_batch
-from consumer.watcher import ActiveModel
 from demo.generator import another_profile
 from segmentation.bundle import ModelBundle
 from segmentation.events import CustomerEvent
@@ -53,9 +53,9 @@ def detect(
     changes: SegmentChanges, values: Sequence[bytes], model: ActiveModel = SMALL_MODEL,
 ) -> list[dict[str, object]]:
     batch = score_batch([Msg(v, i) for i, v in enumerate(values)], model, SMALL_RULES, NOW_MS)
-    changes.detect(batch, model, "now")
-    assert len(batch.changes) == len(batch.causes)
-    return [json.loads(r.value or b"") for r in batch.changes]
+    found = changes.detect(batch, model, "now")
+    assert len(found.records) == len(found.causes)
+    return [json.loads(r.value or b"") for r in found.records]
 
 
 def at(a: float, ms: int = NOW_MS, customer: str = "c-1") -> bytes:
@@ -102,7 +102,7 @@ def test_without_a_changes_topic_nothing_is_recorded_and_nothing_is_read() -> No
     changes = SegmentChanges(make_settings(changes_topic=None), ConsumerMetrics(), lambda v: None)
     messages = [Msg(at(0.1), 0)]
     batch = score_batch(messages, SMALL_MODEL, SMALL_RULES, NOW_MS)
-    assert changes.record(messages, batch, SMALL_MODEL) and batch.changes == [] and changes.state == {}
+    assert changes.record(messages, batch, SMALL_MODEL) == Changes() and changes.state == {}
 
 
 def test_a_model_that_moves_a_customer_whose_features_stayed_is_the_cause() -> None:

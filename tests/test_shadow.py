@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumer.watcher import ActiveModel
+from consumer.model import ActiveModel
 from segmentation.bundle import ModelBundle
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics
 from segmentation.settings import Settings

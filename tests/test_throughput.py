@@ -232,24 +232,24 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     try:
         for _ in range(200):  # joining the group, then the first batch is sent
             loop.step()
-            if loop._inflight is not None:  # noqa: SLF001
+            if loop.checkpoint.in_flight is not None:
                 break
-        flight = loop._inflight  # noqa: SLF001
+        flight = loop.checkpoint.in_flight
         assert flight is not None
         first: dict[int, int] = {}
-        for m in flight.messages:
+        for m in flight.batch.messages:
             p, o = int(m.partition() or 0), int(m.offset() or 0)
             first[p] = min(first.get(p, 1 << 62), o)
         commit_stored(loop.consumer)  # what a commit now would write
         assert all(committed(s).get(p, 0) <= offset for p, offset in first.items())
 
-        while loop._inflight is flight:  # noqa: SLF001 - the next step finishes it
+        while loop.checkpoint.in_flight is flight:  # the next step commits it
             loop.step()
         commit_stored(loop.consumer)
         after = committed(s)
-        for m in flight.messages:
+        for m in flight.batch.messages:
             assert after[int(m.partition() or 0)] > int(m.offset() or 0)
-        ids = {json.loads(m.value() or b"")["event_id"] for m in flight.messages}
+        ids = {json.loads(m.value() or b"")["event_id"] for m in flight.batch.messages}
         outputs = read_outputs(s, ids, timeout_s=30)  # acknowledged, hence readable
         written = CustomerStore.for_settings(s)
         assert all(written.get(outputs[i]["customer_id"]) for i in ids)

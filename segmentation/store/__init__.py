@@ -10,6 +10,7 @@
 * ``customers``: the latest segment per customer (one Redis or a Redis Cluster).
 """
 
+from segmentation.customer import CustomerAssignment
 from segmentation.store.client import (
     OUTAGE,
     RedisRefused,
@@ -18,7 +19,7 @@ from segmentation.store.client import (
     connect,
     connect_customers,
 )
-from segmentation.store.customers import CustomerAssignment, CustomerStore, PartialWrite
+from segmentation.store.customers import CustomerStore, PartialWrite
 from segmentation.store.keys import Keys
 from segmentation.store.models import ModelStore, PublishConflict
 from segmentation.store.replicas import ReplicaStates

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 from redis.cluster import RedisCluster
 
+from segmentation.customer import CustomerAssignment
 from segmentation.settings import Settings
 from segmentation.store.client import connect_customers
 from segmentation.store.keys import Keys
@@ -53,17 +53,6 @@ class PartialWrite(redis.RedisError):
         super().__init__(message)
         self.written = written
         self.failed = failed
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerAssignment:
-    customer_id: str
-    event_ms: int
-    offset: int
-    segment_id: int
-    segment: str
-    model_version: int
-    event_id: str
 
 
 class CustomerStore:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from consumer.watcher import ActiveModel
+from consumer.model import ActiveModel
 from demo.generator import FEATURES as DEMO_FEATURES
 from demo.generator import Customer
 from segmentation.cluster_metrics import nearest_two

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from consumer.model import ActiveModel
 from consumer.scoring import ScoringRules
-from consumer.watcher import ActiveModel
 from demo.generator import event_value, make_customers
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.events import CustomerEvent, InputContract
