@@ -139,6 +139,19 @@ def test_consumer_and_trainer_never_import_each_other() -> None:
                 assert not any(n.split(".")[0] == forbidden for n in names), f"{path} imports {forbidden}"
 
 
+def test_the_pure_stages_import_no_kafka_redis_or_metrics_client() -> None:
+    """Scoring, and the values it returns, can be changed and tested alone: importing them loads
+    no I/O client, directly or through what they import."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, consumer.scoring, consumer.model, segmentation.customer; print(sorted(m for m in "
+             "('confluent_kafka', 'redis', 'prometheus_client', 'pydantic_settings') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_wrong_setting_stops_the_consumer_with_a_readable_message() -> None:
     import os
     import subprocess
