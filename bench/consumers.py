@@ -28,10 +28,9 @@ from confluent_kafka import Consumer, Message, Producer
 
 from consumer.changes import ChangesUnavailable, SegmentChanges
 from consumer.delivery import Sent
-from consumer.loop import ConsumeLoop
 from consumer.partitions import next_offsets
 from consumer.scoring import OutRecord
-from consumer.service import build_delivery
+from consumer.service import build_delivery, build_loop
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import consumer_config, producer_config
 from segmentation.metrics import ConsumerMetrics
@@ -79,8 +78,8 @@ def _finish(delivery: Any, sent: Sent | None) -> None:
 def service(s: Settings, store: ModelStore, n: int, on_start: Callable[[], None] | None = None) -> float:
     metrics = ConsumerMetrics()
     consumer = Consumer(consumer_config(s, exactly_once=False))
-    loop = ConsumeLoop(s, consumer, build_delivery(s, consumer), store,
-                       CustomerStore(store.client, s.redis_prefix), metrics)
+    loop = build_loop(s, consumer, build_delivery(s, consumer), store,
+                      CustomerStore(store.client, s.redis_prefix), metrics)
     loop.subscribe()
     scored = metrics.events.labels("scored")
     started = 0.0

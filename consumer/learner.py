@@ -16,7 +16,6 @@ from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker
 from consumer.scoring import ScoredBatch
 from segmentation.metrics import ConsumerMetrics
-from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,9 @@ log = logging.getLogger(__name__)
 class Learner:
     """Owns the online model and the quality tracker of the model in use (none before the first)."""
 
-    def __init__(self, settings: Settings, metrics: ConsumerMetrics) -> None:
-        self.half_life_events = settings.half_life_events
-        self.random_state = settings.random_state
+    def __init__(self, half_life_events: float, random_state: int, metrics: ConsumerMetrics) -> None:
+        self.half_life_events = half_life_events  # the online centres forget at this half-life
+        self.random_state = random_state
         self.metrics = metrics
         self.online: OnlineKMeans | None = None
         self.quality: QualityTracker | None = None

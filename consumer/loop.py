@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -29,33 +30,49 @@ from consumer.scoring import Message, OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
 from consumer.watcher import ModelWatcher
 from segmentation.metrics import ConsumerMetrics
-from segmentation.readback import Readback
 from segmentation.settings import Settings
-from segmentation.store import CustomerStore, ModelStore
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class LoopConfig:
+    """What the loop itself reads of the settings."""
+
+    events_topic: str
+    batch_size: int
+    batch_timeout_s: float
+    exactly_once: bool
+    shutdown_timeout_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> LoopConfig:
+        return cls(settings.events_topic, settings.batch_size, settings.batch_timeout_s,
+                   settings.exactly_once, settings.shutdown_timeout_s)
+
+
 class ConsumeLoop:
+    """Built with its stages by the composition root (``consumer.service.build_loop``)."""
+
     def __init__(
-        self, settings: Settings, consumer: Consumer, delivery: Delivery, store: ModelStore,
-        customers: CustomerStore, metrics: ConsumerMetrics,
+        self, config: LoopConfig, consumer: Consumer, delivery: Delivery, rules: ScoringRules,
+        watcher: ModelWatcher, changes: SegmentChanges, learner: Learner, reporter: Reporter,
+        writer: CustomerWriter, metrics: ConsumerMetrics,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.consumer = consumer
         self.delivery = delivery
+        self.rules = rules
+        self.watcher = watcher
+        self.changes = changes
+        self.learner = learner
+        self.reporter = reporter
         self.metrics = metrics
-        store.readback = Readback.of(settings, metrics.readback_rejected)  # refusals counted here
-        self.rules = ScoringRules.from_settings(settings)
-        self.watcher = ModelWatcher(settings, store, metrics)
-        self.learner = Learner(settings, metrics)
-        self.reporter = Reporter(settings, consumer, store, metrics)
-        self.changes = SegmentChanges(settings, metrics, self.watcher.model_of)
         self.shadow = Shadow(metrics)
         self.checkpoint = Checkpoint(
-            consumer, delivery, CustomerWriter(customers, metrics), self.substitute, on_done=self._done,
-            on_failed=self.changes.forget_messages, failures=metrics.delivery_failures,
-            exactly_once=settings.exactly_once,
+            consumer, delivery, writer, self.substitute, on_done=self._done,
+            on_failed=changes.forget_messages, failures=metrics.delivery_failures,
+            exactly_once=config.exactly_once,
         )
         self.membership = Membership(consumer, revoke=self.checkpoint.revoke, forget=self._forget)
         self.paused = False
@@ -63,7 +80,7 @@ class ConsumeLoop:
 
     # --- group membership (partitions.Membership), told what the loop holds -------------------
     def subscribe(self) -> None:
-        self.membership.subscribe(self.settings.events_topic)
+        self.membership.subscribe(self.config.events_topic)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         self.checkpoint.forget(partitions)
@@ -106,11 +123,11 @@ class ConsumeLoop:
         """The next batch, sized by the load: whatever arrived while the last one was handled
         (at most ``batch_size``). Only when nothing is waiting does it finish the batch in flight
         (nothing to overlap it with) and wait up to ``batch_timeout_s`` for a first message."""
-        size = self.settings.batch_size
+        size = self.config.batch_size
         messages = consume(self.consumer, size, 0)
         if not messages:
             self.checkpoint.commit()
-            messages = consume(self.consumer, 1, self.settings.batch_timeout_s)
+            messages = consume(self.consumer, 1, self.config.batch_timeout_s)
             if messages and size > 1:
                 messages += consume(self.consumer, size - 1, 0)
         return self.checkpoint.begin(messages)
@@ -167,7 +184,7 @@ class ConsumeLoop:
     def close(self) -> None:
         """Commit what is acknowledged, leave the group. Never raises: a fenced or broken
         producer has nothing left to flush that could be committed."""
-        self.checkpoint.close(self.settings.shutdown_timeout_s)
+        self.checkpoint.close(self.config.shutdown_timeout_s)
         self.watcher.close()
         self.changes.close()
         try:

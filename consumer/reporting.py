@@ -29,7 +29,6 @@ from consumer.online import OnlineKMeans
 from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import ScoredBatch
 from segmentation.metrics import ChangeCause, ConsumerMetrics
-from segmentation.settings import Settings
 from segmentation.store import ModelStore, ReplicaStates, best_effort
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,9 @@ class Reporter:
     """The loop's metrics and replica state; ``report`` paces itself (cheap to call every step)."""
 
     def __init__(
-        self, settings: Settings, consumer: Consumer, store: ModelStore, metrics: ConsumerMetrics,
+        self, replica_id: str, consumer: Consumer, store: ModelStore, metrics: ConsumerMetrics,
     ) -> None:
-        self.replica_id = settings.replica_id
+        self.replica_id = replica_id
         self.consumer = consumer
         self.store = store
         self.metrics = metrics

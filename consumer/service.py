@@ -17,8 +17,14 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
+from consumer.changes import SegmentChanges
+from consumer.customer_writer import CustomerWriter
 from consumer.delivery import EXIT_STALLED, AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
-from consumer.loop import ConsumeLoop
+from consumer.learner import Learner
+from consumer.loop import ConsumeLoop, LoopConfig
+from consumer.reporting import Reporter
+from consumer.scoring import ScoringRules
+from consumer.watcher import ModelWatcher
 from segmentation import logs
 from segmentation.kafka import (
     NotCoPartitioned,
@@ -28,6 +34,7 @@ from segmentation.kafka import (
     producer_config,
 )
 from segmentation.metrics import ConsumerMetrics, serve
+from segmentation.readback import Readback
 from segmentation.settings import Settings, load_settings
 from segmentation.store import CustomerStore, ModelStore, RedisRefused, check_redis, connect
 
@@ -92,6 +99,21 @@ def watch_for_stalls(loop: ConsumeLoop, bound_s: float) -> None:
     threading.Thread(target=watch, name="stall-watchdog", daemon=True).start()
 
 
+def build_loop(
+    settings: Settings, consumer: Consumer, delivery: Delivery, store: ModelStore, customers: CustomerStore,
+    metrics: ConsumerMetrics,
+) -> ConsumeLoop:
+    """The consume loop and its stages, each given only the settings it reads."""
+    store.readback = Readback.of(settings, metrics.readback_rejected)  # refusals counted here
+    watcher = ModelWatcher(settings, store, metrics)
+    return ConsumeLoop(
+        LoopConfig.of(settings), consumer, delivery, ScoringRules.from_settings(settings), watcher,
+        SegmentChanges(settings, metrics, watcher.model_of),
+        Learner(settings.half_life_events, settings.random_state, metrics),
+        Reporter(settings.replica_id, consumer, store, metrics), CustomerWriter(customers, metrics), metrics,
+    )
+
+
 def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
     if settings.exactly_once:
         tid = f"{settings.transactional_id}-{settings.replica_id}"
@@ -126,7 +148,7 @@ def main() -> int:
     except KafkaException as exc:  # broker unreachable, not authorised, transactions refused
         log.error("cannot start: Kafka refused the setup", extra={"error": str(exc)})
         return EXIT_KAFKA_FATAL
-    loop = ConsumeLoop(
+    loop = build_loop(
         settings, consumer, delivery, ModelStore(redis_client, settings.redis_prefix),
         CustomerStore.for_settings(settings), metrics,
     )

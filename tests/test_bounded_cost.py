@@ -169,8 +169,8 @@ def series(metrics: ConsumerMetrics, name: str) -> set[str]:
 
 def test_a_hundred_versions_leave_the_series_of_the_model_in_use_only() -> None:
     metrics = ConsumerMetrics()
-    reporter = Reporter(SETTINGS, None, None, metrics)  # type: ignore[arg-type] # lag and state unused
-    learner = Learner(SETTINGS, metrics)
+    reporter = Reporter(SETTINGS.replica_id, None, None, metrics)  # type: ignore[arg-type] # lag and state unused
+    learner = Learner(SETTINGS.half_life_events, SETTINGS.random_state, metrics)
     for version in range(1, 101):
         m = model(version, [2 * version, 2 * version + 1])  # every retrain retires both ids
         reporter.report(m, learner, set())

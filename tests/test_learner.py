@@ -34,13 +34,13 @@ def test_a_batch_scored_by_the_old_model_finishing_after_a_swap_to_fewer_segment
     assert int(batch.indices.max()) == MODEL.bundle.k - 1  # the old model's last segment is used
     new = smaller(MODEL, MODEL.bundle.k - 1)
     metrics = ConsumerMetrics()
-    learner = Learner(Settings(), metrics)
+    learner = Learner(Settings().half_life_events, Settings().random_state, metrics)
     learner.reset(new)  # swapped in while the batch was in flight
     assert learner.online is not None and learner.quality is not None
     before = learner.online.centroids.copy()
 
     learner.learn(batch, scored_by=MODEL)
-    Reporter(Settings(), None, None, metrics).count(batch, (), MODEL, 0.0)  # type: ignore[arg-type]
+    Reporter("r", None, None, metrics).count(batch, (), MODEL, 0.0)  # type: ignore[arg-type]
 
     assert np.array_equal(learner.online.centroids, before) and learner.online.events_seen == 0
     assert learner.quality.shares().shape == (new.bundle.k,)
@@ -51,7 +51,7 @@ def test_a_batch_scored_by_the_old_model_finishing_after_a_swap_to_fewer_segment
 
 def test_a_batch_of_the_current_model_is_learned() -> None:
     batch = score_batch([Msg(v, i) for i, v in enumerate(demo_values(500))], MODEL, RULES)
-    learner = Learner(Settings(), ConsumerMetrics())
+    learner = Learner(Settings().half_life_events, Settings().random_state, ConsumerMetrics())
     learner.reset(MODEL)
     learner.learn(batch, scored_by=MODEL)
     assert learner.online is not None and learner.online.events_seen == batch.indices.shape[0]

@@ -74,7 +74,7 @@ def test_a_bundle_without_radii_flags_nothing_and_says_so_once_per_model(
     assert [r["outlier"] for r in outputs(batch)] == [False, False, False]
     assert not batch.novel.any() and not batch.outliers.any()
     metrics = ConsumerMetrics()
-    learner = Learner(Settings(), metrics)
+    learner = Learner(Settings().half_life_events, Settings().random_state, metrics)
     with caplog.at_level(logging.WARNING, logger="consumer.learner"):
         learner.reset(SMALL_MODEL)
         for _ in range(3):
@@ -88,7 +88,7 @@ def test_a_bundle_without_radii_flags_nothing_and_says_so_once_per_model(
 
 def test_the_online_model_never_learns_from_an_outlier() -> None:
     model = radii_model()
-    learner = Learner(Settings(), ConsumerMetrics())
+    learner = Learner(Settings().half_life_events, Settings().random_state, ConsumerMetrics())
     learner.reset(model)
     assert learner.online is not None
     before = learner.online.centroids.copy()
@@ -103,7 +103,7 @@ def test_outliers_and_novel_events_are_counted_by_stable_segment_id() -> None:
     model = radii_model(segment_ids=(4, 9))
     metrics = ConsumerMetrics()
     batch = scored(model, [ORDINARY, NOVEL, NOVEL, FAR])
-    Reporter(Settings(), None, None, metrics).count(batch, (), model, 0.0)  # type: ignore[arg-type]
+    Reporter("r", None, None, metrics).count(batch, (), model, 0.0)  # type: ignore[arg-type]
     assert sample(metrics, "segment_outlier_events_total", segment_id="9") == 1
     assert sample(metrics, "segment_outlier_events_total", segment_id="4") == 0
     assert sample(metrics, "segment_novel_events_total", segment_id="4") == 2
@@ -149,10 +149,10 @@ class FakeStore:
 def test_the_novelty_share_is_a_gauge_and_in_the_replica_state_the_trainer_reads() -> None:
     model = radii_model()
     metrics = ConsumerMetrics()
-    learner = Learner(Settings(), metrics)
+    learner = Learner(Settings().half_life_events, Settings().random_state, metrics)
     learner.reset(model)
     store = FakeStore()
-    reporter = Reporter(Settings(replica_id="r-1"), None, store, metrics)  # type: ignore[arg-type]
+    reporter = Reporter("r-1", None, store, metrics)  # type: ignore[arg-type]
     for _ in range(2):  # 1,000 events, 3% of them novel
         learner.learn(scored(model, [ORDINARY] * 485 + [NOVEL] * 15), scored_by=model)
     reporter.report(model, learner, set(), force=True)

@@ -211,9 +211,8 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
 ) -> None:
     from confluent_kafka import Consumer
 
-    from consumer.loop import ConsumeLoop
     from consumer.partitions import commit_stored
-    from consumer.service import build_delivery
+    from consumer.service import build_delivery, build_loop
     from segmentation.kafka import consumer_config
     from segmentation.metrics import ConsumerMetrics, TrainerMetrics
     from segmentation.store import CustomerStore, ModelStore, connect
@@ -226,8 +225,8 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     store = ModelStore(connect(s), s.redis_prefix)
     assert train_once(s, store, TrainerMetrics()).result == "published"
     consumer = Consumer(consumer_config(s, exactly_once=False))
-    loop = ConsumeLoop(s, consumer, build_delivery(s, consumer), store, CustomerStore.for_settings(s),
-                       ConsumerMetrics())
+    loop = build_loop(s, consumer, build_delivery(s, consumer), store, CustomerStore.for_settings(s),
+                      ConsumerMetrics())
     loop.subscribe()
     try:
         for _ in range(200):  # joining the group, then the first batch is sent

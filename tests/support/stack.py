@@ -23,8 +23,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from pydantic import SecretStr
 
-from consumer.loop import ConsumeLoop
-from consumer.service import build_delivery
+from consumer.service import build_delivery, build_loop
 from demo.generator import Customer, event_value, make_customers
 from segmentation.kafka import consumer_config, producer_config
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics
@@ -208,7 +207,7 @@ class RunningConsumer:
         self.metrics = ConsumerMetrics()
         client = connect(settings)
         consumer = Consumer(consumer_config(settings, settings.exactly_once))
-        self.loop = ConsumeLoop(
+        self.loop = build_loop(
             settings, consumer, build_delivery(settings, consumer),
             ModelStore(client, settings.redis_prefix),
             CustomerStore.for_settings(settings), self.metrics,
