@@ -37,6 +37,10 @@ class FakeRedis:
             raise redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
         return len(value or b"")
 
+    def set(self, key: str, value: str | bytes, ex: int | None = None) -> bool:
+        self.data[key] = value.encode() if isinstance(value, str) else value
+        return True
+
     def mget(self, keys: Sequence[str | bytes]) -> list[bytes | None]:
         return [self.get(k.decode() if isinstance(k, bytes) else k) for k in keys]
 
