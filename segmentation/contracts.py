@@ -50,7 +50,7 @@ EventId = Annotated[str | None, Field(description=(
 SegmentId = Annotated[int, Field(ge=0, lt=SEGMENT_ID_LIMIT)]
 SegmentName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 Version = Annotated[int, Field(ge=1)]
-Decimal = Annotated[str, Field(pattern=DECIMAL_PATTERN)]
+DecimalText = Annotated[str, Field(pattern=DECIMAL_PATTERN)]
 # Kafka headers hold bytes; the service writes every dlq.* value as UTF-8 text.
 HeaderText = Annotated[str, Field(max_length=1000)]
 
@@ -190,26 +190,26 @@ class DeadLetterHeaders(BaseModel):
         "for people, e.g. 'features.monetary_90d is required' (at most 1000 characters)"))
     source_topic: str = Field(alias="dlq.source.topic", min_length=1, max_length=255,
                               description="the topic the message was consumed from")
-    source_partition: Decimal = Field(alias="dlq.source.partition",
+    source_partition: DecimalText = Field(alias="dlq.source.partition",
                                       description="its partition (decimal)")
-    source_offset: Decimal = Field(alias="dlq.source.offset", description="its offset (decimal)")
+    source_offset: DecimalText = Field(alias="dlq.source.offset", description="its offset (decimal)")
     error: HeaderText | None = Field(None, alias="dlq.error", description=(
         "internal_error: the exception's class; output_rejected: the broker's error (at most 1000"
         " characters); absent otherwise"))
-    headers_dropped: Decimal | None = Field(None, alias="dlq.headers.dropped", description=(
+    headers_dropped: DecimalText | None = Field(None, alias="dlq.headers.dropped", description=(
         "how many of the original message's headers were not copied (over 16 KiB); absent when"
         " all were"))
     truncated: Literal["true"] | None = Field(None, alias="dlq.truncated", description=(
         "the original did not fit under SEG_MAX_RECORD_BYTES: the key (at most 1 KiB) and value"
         " are prefixes, the dlq.original.* headers give the sizes and hashes of the whole;"
         " absent otherwise"))
-    original_key_bytes: Decimal | None = Field(None, alias="dlq.original.key.bytes", description=(
+    original_key_bytes: DecimalText | None = Field(None, alias="dlq.original.key.bytes", description=(
         "the original key's size in bytes (with dlq.truncated, or when the dead letter is"
         " stripped of key and value); absent when the message had no key"))
     original_key_sha256: str | None = Field(
         None, alias="dlq.original.key.sha256", pattern=SHA256_PATTERN,
         description="the original key's SHA-256 (hex), with dlq.original.key.bytes")
-    original_value_bytes: Decimal | None = Field(None, alias="dlq.original.value.bytes", description=(
+    original_value_bytes: DecimalText | None = Field(None, alias="dlq.original.value.bytes", description=(
         "the original value's size in bytes (with dlq.truncated, or when the dead letter is"
         " stripped of key and value); absent when the message had no value"))
     original_value_sha256: str | None = Field(

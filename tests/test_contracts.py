@@ -59,11 +59,25 @@ from tests.support.messages import (
 )
 
 
+def committed(model: type[BaseModel]) -> dict[str, Any]:
+    """The committed JSON Schema of ``model``."""
+    (name,) = [n for n, m in SCHEMAS.items() if m is model]
+    schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8"))
+    return schema
+
+
+def within(schema: dict[str, Any], names: Sequence[str]) -> None:
+    """``names`` (a record's fields) are the committed schema's properties, the required ones
+    among them (without a JSON Schema validator in the environment, the structure is checked)."""
+    assert set(schema["required"]) <= set(names) <= set(schema["properties"]), names
+
+
 def strictly(model: type[BaseModel], value: bytes | None) -> Any:
     """``value`` validated as ``model`` (strict JSON), with exactly the model's fields."""
     assert value is not None
     record = model.model_validate_json(value, strict=True)
     assert list(json.loads(value)) == list(model.model_fields), value
+    within(committed(model), list(json.loads(value)))
     return record
 
 
@@ -151,6 +165,7 @@ def headers_of(record: OutRecord) -> DeadLetterHeaders:
         if name.startswith("dlq."):
             assert isinstance(value, bytes)
             value.decode("utf-8")  # every dlq.* value is UTF-8 text
+    within(committed(DeadLetterHeaders), [name for name, _ in record.headers if name.startswith("dlq.")])
     return DeadLetterHeaders.of(record.headers)
 
 
@@ -319,6 +334,7 @@ def test_every_models_topic_record_validates_as_its_key_s_kind() -> None:
         model = MODELS_TOPIC_RECORDS[kind]
         record = model.model_validate_json(value, strict=model is not ModelBundle)
         assert list(json.loads(value)) == list(model.model_fields)
+        within(committed(model), list(json.loads(value)))
         if kind == "v<N>":
             assert isinstance(record, ModelBundle) and key == f"v{record.version}"
     assert set(kinds) == set(MODELS_TOPIC_RECORDS)
