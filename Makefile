@@ -66,8 +66,10 @@ chaos: install system
 	SEG_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_hostile_input.py -k "fuzz or mutated"
 	$(PY) -m chaos
 
+# the input's schema and the outputs' (segmentation/schemas/: assignments, changes, dead letters, models topic)
 schema: install
 	$(PY) -m segmentation.events > segmentation/event.schema.json
+	$(PY) -m segmentation.contracts
 
 docs: install schema
 	$(PY) -m segmentation.settings_table > docs/settings.md

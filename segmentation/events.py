@@ -30,22 +30,24 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-REASONS = (
-    "not_json",  # the value is not JSON (or not UTF-8)
-    "not_object",  # JSON, but not an object
-    "missing_field",  # customer_id, event_time or features absent
-    "wrong_type",  # a field or feature has the wrong type (a string where a number is expected)
-    "bad_event_time",  # event_time neither an RFC 3339 string with its offset nor a whole number of ms
-    "key_mismatch",  # the Kafka key is missing or is not the customer_id (UTF-8); SEG_REQUIRE_KEY_MATCH
-    "missing_feature",  # a feature the model uses is absent
-    "non_finite",  # NaN or +/-Infinity in a feature the model uses
-    "out_of_range",  # a feature outside its configured bounds (absurd values poison the scaler)
-    "too_large",  # the message (key + value) is over SEG_MAX_MESSAGE_BYTES
-    "too_long",  # an id, attribute key or value over its length limit, or too many fields
-    "event_time_out_of_range",  # event_time older than SEG_MAX_EVENT_AGE_S or too far ahead
-    "internal_error",  # scoring this one message raised; the exception class is in a header
-    "output_rejected",  # the broker refused this message's output record; the error is in a header
-)
+# Why a message is dead-lettered (its ``dlq.reason`` header), and what each reason means.
+REASON_MEANINGS: dict[str, str] = {
+    "not_json": "the value is not JSON (or not UTF-8)",
+    "not_object": "JSON, but not an object",
+    "missing_field": "customer_id, event_time or features absent",
+    "wrong_type": "a field or feature has the wrong type (a string where a number is expected)",
+    "bad_event_time": "event_time neither an RFC 3339 string with its offset nor a whole number of ms",
+    "key_mismatch": "the Kafka key is missing or is not the customer_id (UTF-8); SEG_REQUIRE_KEY_MATCH",
+    "missing_feature": "a feature the model uses is absent",
+    "non_finite": "NaN or +/-Infinity in a feature the model uses",
+    "out_of_range": "a feature outside its configured bounds (absurd values poison the scaler)",
+    "too_large": "the message (key + value) is over SEG_MAX_MESSAGE_BYTES",
+    "too_long": "an id, attribute key or value over its length limit, or too many fields",
+    "event_time_out_of_range": "event_time older than SEG_MAX_EVENT_AGE_S or too far ahead",
+    "internal_error": "scoring this one message raised (a bug here); the exception class is in dlq.error",
+    "output_rejected": "the broker refused this message's output record for good; its error is in dlq.error",
+}
+REASONS = tuple(REASON_MEANINGS)
 
 # RFC 3339 section 5.6 ``date-time``: the offset is required. ASCII digits only (Python's ``\d``
 # would take any Unicode digit, the schema's ECMA-262 ``\d`` does not); the schema carries it too.

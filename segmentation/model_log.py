@@ -219,7 +219,7 @@ class ModelLog:
         """The bundle, then the pointer to it."""
         return self.append([
             (f"v{bundle.version}", self._bundle_value(bundle)),
-            (CURRENT, json.dumps({"version": bundle.version}).encode()),
+            pointer_record(CURRENT, bundle.version),
         ])
 
     def withdraw(self, version: int, current: int | None) -> int:
@@ -227,11 +227,11 @@ class ModelLog:
         into nothing) and the pointer set back to the version that won."""
         records: list[tuple[str, bytes | None]] = [(f"v{version}", None)]
         if current is not None:
-            records.append((CURRENT, json.dumps({"version": current}).encode()))
+            records.append(pointer_record(CURRENT, current))
         return self.append(records)
 
     def pin(self, version: int | None) -> int:
-        return self.append([(PINNED, json.dumps({"version": version}).encode())])
+        return self.append([pointer_record(PINNED, version)])
 
     def set_challenger(self, bundle: ModelBundle, reserved: Counters) -> int:
         """``bundle`` in the challenger slot (replacing any), with the counters as they stand."""
@@ -243,13 +243,23 @@ class ModelLog:
         return self._challenger(None, reserved)
 
     def _challenger(self, value: bytes | None, reserved: Counters) -> int:
-        return self.append([(CHALLENGER, value), _reserved_record(reserved)])
+        return self.append([(CHALLENGER, value), reserved_record(reserved)])
 
 
-def _reserved_record(counters: Counters) -> tuple[str, bytes]:
-    """The ``reserved`` record of ``counters``.
+def pointer_record(key: str, version: int | None) -> tuple[str, bytes]:
+    """A ``current`` or ``pinned`` record (``segmentation.contracts``: ``CurrentRecord``,
+    ``PinnedRecord``); ``None`` only for ``pinned``, which unpins.
 
-    >>> _reserved_record(Counters(3, 10))
+    >>> pointer_record(CURRENT, 3), pointer_record(PINNED, None)
+    (('current', b'{"version": 3}'), ('pinned', b'{"version": null}'))
+    """
+    return key, json.dumps({"version": version}).encode()
+
+
+def reserved_record(counters: Counters) -> tuple[str, bytes]:
+    """The ``reserved`` record of ``counters`` (``segmentation.contracts.ReservedRecord``).
+
+    >>> reserved_record(Counters(3, 10))
     ('reserved', b'{"version": 3, "next_segment_id": 10}')
     """
     value = {"version": counters.version, "next_segment_id": counters.next_segment_id}
@@ -305,13 +315,13 @@ def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
     current, counters = _held_pointers(store, registry)
     pinned = TrainerState.of(store).pinned()
     if current is not None and current > (registry.current or 0):
-        records.append((CURRENT, json.dumps({"version": current}).encode()))
+        records.append(pointer_record(CURRENT, current))
     if pinned is not None and registry.pinned is None:
-        records.append((PINNED, json.dumps({"version": pinned}).encode()))
+        records.append(pointer_record(PINNED, pinned))
     challenger = _held_challenger(store) if registry.challenger is None else None
     if challenger is not None:
         records.append((CHALLENGER, challenger.to_json().encode()))
-    records.append(_reserved_record(counters))
+    records.append(reserved_record(counters))
     ModelLog(settings).append(records)
     log.warning("models topic backfilled from Redis", extra={"records": len(records)})
     return True
