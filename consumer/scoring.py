@@ -211,13 +211,15 @@ def _fingerprint(name: str, data: bytes | None) -> Headers:
 def _bounded_headers(
     original: dict[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None,
 ) -> tuple[Headers, int]:
-    """The message's own headers, as many as fit in ``MAX_COPIED_HEADER_BYTES``."""
+    """The message's own headers, as many as fit in ``MAX_COPIED_HEADER_BYTES``, without any
+    ``dlq.*`` header (a message re-produced from the dead-letter topic): every ``dlq.*`` header of
+    a dead letter is the service's own, about this rejection. The number left out is returned."""
     items = list(original.items() if isinstance(original, dict) else original or [])
     kept: Headers = []
     used = 0
     for name, value in items:
         size = len(name) + len(value or b"")
-        if used + size > MAX_COPIED_HEADER_BYTES:
+        if used + size > MAX_COPIED_HEADER_BYTES or name.startswith("dlq."):
             continue
         kept.append((name, value))
         used += size

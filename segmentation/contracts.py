@@ -171,9 +171,10 @@ class DeadLetterHeaders(BaseModel):
     key and value are the original message's, byte for byte, unless `dlq.truncated` says they
     are prefixes; without key and value (a copy the broker refused, stripped) the
     `dlq.original.*` headers say what they were. The original message's own headers come first,
-    copied (as many as fit in 16 KiB), and are not described here: the service's headers follow
-    them, so read the last header of each `dlq.*` name. A header this service does not write for
-    a dead letter is absent (never empty or null)."""
+    copied (as many as fit in 16 KiB, without `dlq.*` ones: `dlq.headers.dropped` counts those left
+    out), and are not described here: the service's headers follow them, and every `dlq.*` header
+    is the service's own, about this rejection. A header this service does not write for a dead
+    letter is absent (never empty or null)."""
 
     model_config = ConfigDict(
         **_RECORD,
