@@ -81,11 +81,13 @@ def service(s: Settings, store: ModelStore, n: int, on_start: Callable[[], None]
     loop = build_loop(s, consumer, build_delivery(s, consumer), store,
                       CustomerStore(store.client, s.redis_prefix), metrics)
     loop.subscribe()
-    scored = metrics.events.labels("scored")
+    def scored() -> float:
+        return metrics.registry.get_sample_value("segment_events_total", {"outcome": "scored"}) or 0.0
+
     started = 0.0
-    while scored._value.get() < n:  # noqa: SLF001 - reading our own counter
+    while scored() < n:
         loop.step()
-        if not started and (loop.checkpoint.in_flight is not None or scored._value.get()):  # noqa: SLF001
+        if not started and (loop.checkpoint.in_flight is not None or scored()):
             started = time.perf_counter()
             if on_start is not None:
                 on_start()

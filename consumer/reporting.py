@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from consumer.learner import Learner
 from consumer.model import ActiveModel
@@ -65,7 +65,7 @@ class Reporter:
             count_by_segment(m.assignments, ids, batch.indices)
             count_by_segment(m.outliers, ids, batch.indices[batch.outliers])
             count_by_segment(m.novel_events, ids, batch.indices[batch.novel])
-            observe_all(m.event_lag, np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
+            m.event_lag.observe_all(np.maximum(time.time() - batch.event_ms / 1000.0, 0.0))
         for cause in causes:
             m.changes.labels(cause).inc()
         m.batch_duration.observe(time.monotonic() - started)
@@ -183,22 +183,3 @@ def count_by_segment(counter: Counter, segment_ids: list[int], indices: np.ndarr
     for i, n in enumerate(np.bincount(indices, minlength=len(segment_ids)).tolist()):
         if n:
             counter.labels(str(segment_ids[i])).inc(n)
-
-
-def observe_all(histogram: Histogram, values: np.ndarray) -> None:
-    """``histogram.observe`` of every value, one bucket increment per bucket instead of per value.
-
-    >>> from prometheus_client import CollectorRegistry
-    >>> h = Histogram("h", "h", buckets=(1.0, 2.0), registry=CollectorRegistry())
-    >>> observe_all(h, np.array([0.5, 1.0, 1.5, 9.0]))
-    >>> [s.value for s in h.collect()[0].samples if s.name == "h_bucket"]
-    [2.0, 3.0, 4.0]
-    """
-    if values.size == 0:
-        return
-    bounds = histogram._upper_bounds  # noqa: SLF001 - the client has no batch observe
-    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds))
-    for i, n in enumerate(counts[: len(bounds)].tolist()):
-        if n:
-            histogram._buckets[i].inc(n)  # noqa: SLF001
-    histogram._sum.inc(float(values.sum()))  # noqa: SLF001

@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry, Histogram
 from pydantic_core import to_json
 
 from consumer.online import OnlineKMeans
-from consumer.reporting import observe_all
 from consumer.scoring import (
     event_times_iso,
     json_number,
@@ -26,6 +25,7 @@ from consumer.scoring import (
 )
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent, Rejection, event_time_iso
+from segmentation.metrics import BatchHistogram
 from segmentation.settings import DEFAULT_FEATURES
 from tests.support.messages import (
     DEMO_CONTRACT,
@@ -163,36 +163,40 @@ def test_an_output_value_is_the_dict_of_its_fields_through_to_json() -> None:
 
 def test_a_batch_of_observations_fills_the_histogram_as_one_by_one() -> None:
     values = np.concatenate([np.random.default_rng(1).exponential(0.5, 1000), [0.0, 0.005, 1e9]])
-    one, many = (Histogram("lag", "l", buckets=(0.005, 0.1, 1.0, 10.0), registry=CollectorRegistry())
-                 for _ in range(2))
+    one = Histogram("lag", "l", buckets=(0.005, 0.1, 1.0, 10.0), registry=CollectorRegistry())
+    many = BatchHistogram("lag", "l", (0.005, 0.1, 1.0, 10.0), CollectorRegistry())
     for v in values.tolist():
         one.observe(v)
-    observe_all(many, values)
+    many.observe_all(values)
     samples = [[(s.name, s.labels, s.value) for s in next(iter(h.collect())).samples
                 if s.name != "lag_created"] for h in (one, many)]
     assert [s[:2] for s in samples[0]] == [s[:2] for s in samples[1]]
     np.testing.assert_allclose([s[2] for s in samples[0]], [s[2] for s in samples[1]], rtol=1e-12)
 
 
-@pytest.mark.parametrize("half_life", [5000.0, None])
-def test_the_online_step_is_scikit_learn_s_partial_fit_batch_after_batch(half_life: float | None) -> None:
-    from sklearn.cluster import MiniBatchKMeans
-
+@pytest.mark.parametrize("half_life", [5000.0, 100.0, None])
+def test_the_online_step_is_the_mini_batch_k_means_step_with_decayed_counts(half_life: float | None) -> None:
+    """The textbook step (Sculley 2010, as scikit-learn's ``_mini_batch_step`` does it) with the
+    absorbed weights decayed before each batch, written out in numpy: the public-API weighting
+    of ``OnlineKMeans`` gives the same centres and counts (a half-life of 100 events crosses
+    ``RESCALE_AT`` several times)."""
     rng = np.random.default_rng(5)
     start = np.asarray(DEMO_MODEL.centroids)
-    shares = np.full(5, 0.2)
-    ours = OnlineKMeans(start, shares, half_life_events=half_life)
-    plain = MiniBatchKMeans(n_clusters=5, init=start, n_init=1, reassignment_ratio=0.0, batch_size=256)
-    plain.partial_fit(start)  # leaves every centre where it was published
-    plain._counts[:] = ours.counts  # noqa: SLF001 - the same prior weight
-    for _ in range(40):
+    ours = OnlineKMeans(start, np.full(5, 0.2), half_life_events=half_life)
+    centres, counts = start.copy(), ours.counts.copy()
+    for _ in range(80 if half_life == 100.0 else 40):
         x = start[rng.integers(0, 5, 300)] + rng.normal(0.3, 1.0, (300, start.shape[1]))
         ours.learn(x)
         if half_life is not None:
-            plain._counts *= 0.5 ** (300 / half_life)  # noqa: SLF001 - the same forgetting
-        plain.partial_fit(x)
-    np.testing.assert_allclose(ours.centroids, plain.cluster_centers_, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(ours.counts, plain._counts, rtol=1e-10)  # noqa: SLF001
+            counts *= 0.5 ** (300 / half_life)
+        labels = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+        for j in range(5):
+            rows = x[labels == j]
+            if rows.shape[0]:
+                centres[j] = (centres[j] * counts[j] + rows.sum(axis=0)) / (counts[j] + rows.shape[0])
+                counts[j] += rows.shape[0]
+    np.testing.assert_allclose(ours.centroids, centres, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ours.counts, counts, rtol=1e-9, atol=1e-300)
     assert np.abs(ours.centroids - start).max() > 0.1  # it did move
 
 
