@@ -275,13 +275,26 @@ class ModelBundle(BaseModel):
         return np.asarray(self.centroids, dtype=np.float64)
 
     def check_compatible(self, numeric: tuple[str, ...], categorical: tuple[str, ...]) -> None:
-        """Raise ``BundleError`` unless the bundle uses exactly the configured features."""
-        if tuple(self.features.numeric) != numeric:
+        """Raise ``BundleError`` unless every feature and attribute the bundle uses is configured
+        (``numeric``: what the input contract requires of every event, so what a consumer can
+        score with). A bundle that uses fewer is compatible: while a feature is added, consumers
+        that require it already keep scoring with the model before it (docs/operations.md).
+
+        >>> from segmentation.features import FeatureSpec
+        >>> spec = FeatureSpec(numeric=["a", "b"], center=[0.0, 0.0], scale=[1.0, 1.0])
+        >>> bundle = ModelBundle(version=3, features=spec, centroids=[[0.0, 0.0]], segment_ids=[0],
+        ...     segment_names=["s"], quality=Quality(silhouette=0.3, davies_bouldin=1.0, inertia=1.0,
+        ...     shares=[1.0], sizes=[1]), lineage=Lineage(topic="t"))
+        >>> bundle.check_compatible(("a", "b", "c"), ())  # a feature added: still scorable
+        >>> bundle.check_compatible(("a",), ())
+        Traceback (most recent call last):
+        ...
+        segmentation.bundle.BundleError: bundle v3 uses features the input contract does not require: ['b']
+        """
+        missing = [f for f in self.features.numeric if f not in numeric]
+        if missing:
             raise BundleError(
-                f"bundle v{self.version} features {self.features.numeric} != settings {list(numeric)}"
-            )
-        if tuple(self.features.vocabulary) != categorical:
-            raise BundleError(
-                f"bundle v{self.version} attributes {list(self.features.vocabulary)} "
-                f"!= settings {list(categorical)}"
-            )
+                f"bundle v{self.version} uses features the input contract does not require: {missing}")
+        unknown = [a for a in self.features.vocabulary if a not in categorical]
+        if unknown:
+            raise BundleError(f"bundle v{self.version} uses attributes that are not configured: {unknown}")

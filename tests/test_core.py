@@ -49,11 +49,14 @@ def test_pickle_or_garbage_is_not_a_bundle() -> None:
         ModelBundle.from_json(b"\x80\x04\x95garbage")
 
 
-def test_a_bundle_with_other_features_is_incompatible() -> None:
+def test_a_bundle_is_compatible_when_the_contract_requires_every_feature_it_uses() -> None:
     bundle = ModelBundle.model_validate(small_bundle())
     with pytest.raises(BundleError, match="features"):
         bundle.check_compatible(("a", "c"), ("channel",))
+    with pytest.raises(BundleError, match="attributes"):
+        bundle.check_compatible(("a", "b"), ())
     bundle.check_compatible(("a", "b"), ("channel",))
+    bundle.check_compatible(("a", "b", "c"), ("channel", "country"))  # added: the old model still scores
 
 
 def test_the_committed_json_schema_is_the_generated_one() -> None:
