@@ -10,9 +10,17 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -42,6 +50,65 @@ DEFAULT_FEATURE_KINDS: dict[str, FeatureKind] = {
     "tenure_days": "tenure",
     "items_per_purchase": "ratio",
 }
+
+
+class FeatureDeclaration(BaseModel):
+    """One numeric feature, declared whole in ``SEG_FEATURES``: its name, its kind (the transform
+    follows from it), its valid range, and whether it is always logged. The input contract, the
+    fit, the bundle and ``trainer reproduce`` all derive from it (``Settings.features``,
+    ``feature_kinds``, ``feature_bounds``, ``log_features``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    kind: FeatureKind = "other"
+    bounds: tuple[float, float] | None = None
+    log: bool = False
+
+
+def _declared(data: Any) -> Any:
+    """``SEG_FEATURES`` entries that are declarations (objects), split into the settings they
+    stand for; an explicit entry in ``feature_kinds``/``feature_bounds`` that contradicts a
+    declaration is an error.
+
+    >>> out = _declared({"features": ["a", {"name": "b", "kind": "count", "bounds": [0, 9], "log": True}]})
+    >>> out["features"], out["feature_kinds"]["b"], out["feature_bounds"], out["log_features"]
+    (['a', 'b'], 'count', {'b': (0.0, 9.0)}, ['b'])
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("features"), list | tuple):
+        return data
+    entries = data["features"]
+    if all(isinstance(e, str) for e in entries):
+        return data
+    try:
+        declared = [e if isinstance(e, str) else _declaration(i, e) for i, e in enumerate(entries)]
+    except ValueError:
+        return data  # the features field says what is wrong (``Settings._features_named``)
+    out = dict(data)
+    kinds = dict(out.get("feature_kinds") or DEFAULT_FEATURE_KINDS)
+    bounds = dict(out.get("feature_bounds") or {})
+    logged = list(out.get("log_features") or ())
+    for d in declared:
+        if isinstance(d, str):
+            continue
+        if d.name in (out.get("feature_kinds") or {}) and kinds[d.name] != d.kind:
+            raise ValueError(f"feature {d.name}: kind {d.kind} declared, {kinds[d.name]} in feature_kinds")
+        kinds[d.name] = d.kind
+        if d.bounds is not None:
+            bounds[d.name] = (float(d.bounds[0]), float(d.bounds[1]))
+        if d.log and d.name not in logged:
+            logged.append(d.name)
+    out.update(features=[d if isinstance(d, str) else d.name for d in declared], feature_kinds=kinds,
+               feature_bounds=bounds, log_features=logged)
+    return out
+
+
+def _declaration(index: int, entry: Any) -> FeatureDeclaration:
+    try:
+        return FeatureDeclaration.model_validate(entry)
+    except ValidationError as exc:
+        why = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"features[{index}] is neither a name nor a declaration ({why})") from None
 
 
 class Settings(BaseSettings):
@@ -89,7 +156,11 @@ class Settings(BaseSettings):
     )
 
     # --- Features ------------------------------------------------------------------------
-    features: tuple[str, ...] = Field(DEFAULT_FEATURES, description="numeric features used")
+    features: tuple[str, ...] = Field(
+        DEFAULT_FEATURES,
+        description='numeric features used: names, or whole declarations {"name", "kind", "bounds": '
+        '[min, max], "log"} (one entry adds a feature: see docs/operations.md)',
+    )
     categorical: tuple[str, ...] = Field(("channel",), description="categorical attributes")
     scaler: Literal["standard", "robust"] = Field("standard", description="feature scaler")
     feature_bounds: dict[str, tuple[float, float]] = Field(
@@ -294,6 +365,20 @@ class Settings(BaseSettings):
     )
     log_json: bool = Field(False, description="JSON log lines")
     log_level: str = Field("INFO", description="log level")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _feature_declarations(cls, data: Any) -> Any:
+        return _declared(data)
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features_named(cls, v: Any) -> Any:
+        """A declaration left here could not be read: say why (as ``SEG_FEATURES``)."""
+        for i, entry in enumerate(v if isinstance(v, list | tuple) else ()):
+            if not isinstance(entry, str):
+                _declaration(i, entry)
+        return v
 
     @field_validator("features")
     @classmethod
