@@ -26,11 +26,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer
 
-from consumer.changes import ChangesUnavailable, SegmentChanges
+from consumer.changes import ChangesUnavailable
 from consumer.delivery import Sent
 from consumer.partitions import next_offsets
 from consumer.scoring import OutRecord
-from consumer.service import build_delivery, build_loop
+from consumer.service import build_changes, build_delivery, build_loop
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import consumer_config, producer_config
 from segmentation.metrics import ConsumerMetrics
@@ -237,7 +237,7 @@ def _rss_mib() -> float:
 def _rebuild_in_child(s: Settings, customers: int, out: Any) -> None:
     """In a fresh process (its peak RSS is the rebuild's own): ``SegmentChanges.prepare`` until
     the partition's state is rebuilt, each call within ``SEG_DELIVERY_TIMEOUT_S``."""
-    changes = SegmentChanges(s, ConsumerMetrics(), lambda _v: None)
+    changes = build_changes(s, ConsumerMetrics(), lambda _v: None)
     before = _rss_mib()
     started, calls = time.perf_counter(), 0
     while 0 not in changes.state:

@@ -51,7 +51,6 @@ from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import ReadIncomplete, ReadPosition, TopicReader, read_to_end
 from segmentation.metrics import ChangeCause, ConsumerMetrics
 from segmentation.readback import Readback, ReadbackError, decode_change, key_text
-from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,17 @@ class Changes:
 
     records: tuple[OutRecord, ...] = ()
     causes: tuple[ChangeCause, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesConfig:
+    """What the changes stage reads of the settings: its topic (None: no changes recorded), how
+    long one rebuild call may read (the delivery timeout: a held batch waits no longer), and the
+    longest customer id a record's key may be."""
+
+    topic: str | None
+    read_budget_s: float
+    max_id_chars: int
 
 
 class ChangesUnavailable(RuntimeError):
@@ -165,12 +175,14 @@ class SegmentChanges:
     change records of each batch (``record``). Without a changes topic (``SEG_CHANGES_TOPIC=null``)
     it does nothing."""
 
-    def __init__(self, settings: Settings, metrics: ConsumerMetrics, model_of: ModelOf) -> None:
-        self.settings = settings
-        self.topic = settings.changes_topic
+    def __init__(self, config: ChangesConfig, open_reader: Callable[[], TopicReader], readback: Readback,
+                 metrics: ConsumerMetrics, model_of: ModelOf) -> None:
+        self.config = config
+        self.topic = config.topic
+        self.open_reader = open_reader
         self.metrics = metrics
         self.model_of = model_of
-        self.readback = Readback.of(settings, metrics.readback_rejected)
+        self.readback = readback
         self.state: dict[int, dict[str, Recorded]] = {}
         # a rebuild cut off by its time budget: what it read so far, and where it goes on
         self._partial: dict[int, dict[str, Recorded]] = {}
@@ -226,13 +238,13 @@ class SegmentChanges:
         """Read ``partitions`` on from ``_positions`` into ``_partial`` (``read_to_end``)."""
         assert self.topic is not None  # noqa: S101 - prepare reads only with a topic
         if self._reader is None:
-            self._reader = TopicReader(self.settings, "changes-restore")
+            self._reader = self.open_reader()
         for p in partitions:
             self._partial.setdefault(p, {})
         latest = self.readback.latest_ms()
         invalid = 0
         try:
-            for msg in read_to_end(self._reader, self.topic, partitions, self.settings.delivery_timeout_s,
+            for msg in read_to_end(self._reader, self.topic, partitions, self.config.read_budget_s,
                                    self._positions):
                 partition = int(msg.partition() or 0)
                 try:
@@ -248,7 +260,7 @@ class SegmentChanges:
 
     def _decoded(self, msg: Message, latest_ms: float) -> tuple[str, Recorded]:
         """A record's customer (its key, as the outputs key it) and what it leaves them in."""
-        customer = key_text(msg.key(), self.settings.max_id_chars)
+        customer = key_text(msg.key(), self.config.max_id_chars)
         change = decode_change(msg.value(), latest_ms)
         return customer, Recorded(change.segment_id, change.segment, change.model_version, change.event_ms)
 

@@ -30,7 +30,6 @@ from consumer.scoring import Message, OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
 from consumer.watcher import ModelWatcher
 from segmentation.metrics import ConsumerMetrics
-from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +43,6 @@ class LoopConfig:
     batch_timeout_s: float
     exactly_once: bool
     shutdown_timeout_s: float
-
-    @classmethod
-    def of(cls, settings: Settings) -> LoopConfig:
-        return cls(settings.events_topic, settings.batch_size, settings.batch_timeout_s,
-                   settings.exactly_once, settings.shutdown_timeout_s)
 
 
 class ConsumeLoop:

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic_core import to_json
@@ -21,9 +21,6 @@ from segmentation.cluster_metrics import nearest_two
 from segmentation.customer import CustomerAssignment
 from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
 from segmentation.features import raw_numeric
-
-if TYPE_CHECKING:  # only for ScoringRules.from_settings, called by the composition root
-    from segmentation.settings import Settings
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -59,11 +56,6 @@ class ScoringRules:
     segments_topic: str
     dlq_topic: str
     max_record_bytes: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ScoringRules:
-        return cls(settings.input_contract(), settings.segments_topic, settings.dlq_topic,
-                   settings.max_record_bytes)
 
     def replacement(self, record: OutRecord, error: str) -> OutRecord | None:
         """What to write instead of a record the broker refused for good: a dead letter of the

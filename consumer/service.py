@@ -17,23 +17,25 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
-from consumer.changes import SegmentChanges
+from consumer.changes import ChangesConfig, ModelOf, SegmentChanges
 from consumer.customer_writer import CustomerWriter
 from consumer.delivery import EXIT_STALLED, AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
 from consumer.learner import Learner
 from consumer.loop import ConsumeLoop, LoopConfig
 from consumer.reporting import Reporter
 from consumer.scoring import ScoringRules
-from consumer.watcher import ModelWatcher
+from consumer.watcher import ModelsTopic, ModelWatcher, WatcherConfig
 from segmentation import logs
 from segmentation.kafka import (
     NotCoPartitioned,
+    TopicReader,
     check_co_partitioned,
     consumer_config,
     ensure_topics,
     producer_config,
 )
 from segmentation.metrics import ConsumerMetrics, serve
+from segmentation.model_log import read_registry, sync_store
 from segmentation.readback import Readback
 from segmentation.settings import Settings, load_settings
 from segmentation.store import CustomerStore, ModelStore, RedisRefused, check_redis, connect
@@ -99,19 +101,51 @@ def watch_for_stalls(loop: ConsumeLoop, bound_s: float) -> None:
     threading.Thread(target=watch, name="stall-watchdog", daemon=True).start()
 
 
+# --- what each component reads of the settings (only this module sees Settings) -------------
+def loop_config(settings: Settings) -> LoopConfig:
+    return LoopConfig(settings.events_topic, settings.batch_size, settings.batch_timeout_s,
+                      settings.exactly_once, settings.shutdown_timeout_s)
+
+
+def scoring_rules(settings: Settings) -> ScoringRules:
+    return ScoringRules(settings.input_contract(), settings.segments_topic, settings.dlq_topic,
+                        settings.max_record_bytes)
+
+
+def watcher_config(settings: Settings) -> WatcherConfig:
+    return WatcherConfig(tuple(settings.features), tuple(settings.categorical), settings.model_poll_s)
+
+
+def changes_config(settings: Settings) -> ChangesConfig:
+    return ChangesConfig(settings.changes_topic, settings.delivery_timeout_s, settings.max_id_chars)
+
+
 def build_loop(
     settings: Settings, consumer: Consumer, delivery: Delivery, store: ModelStore, customers: CustomerStore,
     metrics: ConsumerMetrics,
 ) -> ConsumeLoop:
     """The consume loop and its stages, each given only the settings it reads."""
     store.readback = Readback.of(settings, metrics.readback_rejected)  # refusals counted here
-    watcher = ModelWatcher(settings, store, metrics)
+    watcher = build_watcher(settings, store, metrics)
     return ConsumeLoop(
-        LoopConfig.of(settings), consumer, delivery, ScoringRules.from_settings(settings), watcher,
-        SegmentChanges(settings, metrics, watcher.model_of),
+        loop_config(settings), consumer, delivery, scoring_rules(settings), watcher,
+        build_changes(settings, metrics, watcher.model_of),
         Learner(settings.half_life_events, settings.random_state, metrics),
         Reporter(settings.replica_id, consumer, store, metrics), CustomerWriter(customers, metrics), metrics,
     )
+
+
+def build_watcher(settings: Settings, store: ModelStore, metrics: ConsumerMetrics) -> ModelWatcher:
+    """The model watcher, with the models topic bound to this process's Kafka connection."""
+    models_topic = ModelsTopic(read=lambda readback: read_registry(settings, readback=readback),
+                               sync=lambda store: sync_store(settings, store))
+    return ModelWatcher(watcher_config(settings), store, metrics, models_topic)
+
+
+def build_changes(settings: Settings, metrics: ConsumerMetrics, model_of: ModelOf) -> SegmentChanges:
+    """The segment-changes stage, reading the changes topic with this process's Kafka connection."""
+    return SegmentChanges(changes_config(settings), lambda: TopicReader(settings, "changes-restore"),
+                          Readback.of(settings, metrics.readback_rejected), metrics, model_of)
 
 
 def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:

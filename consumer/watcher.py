@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 from confluent_kafka import KafkaException
@@ -18,9 +20,8 @@ from consumer.model import ActiveModel
 from segmentation.baseline import baseline_of
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ConsumerMetrics
-from segmentation.model_log import ModelLogError, read_registry, sync_store
-from segmentation.readback import Recent
-from segmentation.settings import Settings
+from segmentation.model_log import ModelLogError, Registry
+from segmentation.readback import Readback, Recent
 from segmentation.store import OUTAGE, ModelStore
 from segmentation.store.models import StoredBundle
 
@@ -30,11 +31,32 @@ RECENT_MODELS = 8  # models kept in memory to tell why a customer's segment chan
 REMEMBERED_VERSIONS = 256  # refused or unloadable versions remembered (the least recent forgotten)
 
 
+@dataclass(frozen=True, slots=True)
+class WatcherConfig:
+    """What the watcher reads of the settings: what a model must be compatible with (the input
+    contract's features and the attributes), and how often to poll."""
+
+    features: tuple[str, ...]
+    categorical: tuple[str, ...]
+    poll_s: float
+
+
+@dataclass(frozen=True)
+class ModelsTopic:
+    """The models topic, the record of truth, bound to its Kafka connection by the composition
+    root: ``read`` folds it into a registry, ``sync`` brings the Redis cache into agreement."""
+
+    read: Callable[[Readback | None], Registry]
+    sync: Callable[[ModelStore], bool]
+
+
 class ModelWatcher:
     """Keeps the newest valid model. Rejects (and counts) invalid, incompatible or older ones."""
 
-    def __init__(self, settings: Settings, store: ModelStore, metrics: ConsumerMetrics) -> None:
-        self.settings = settings
+    def __init__(self, config: WatcherConfig, store: ModelStore, metrics: ConsumerMetrics,
+                 models_topic: ModelsTopic) -> None:
+        self.config = config
+        self.models_topic = models_topic
         self.store = store
         self.metrics = metrics
         self.active: ActiveModel | None = None
@@ -58,7 +80,7 @@ class ModelWatcher:
         now = time.monotonic()
         if not (notified or now >= self._next_poll or self.active is None):
             return False
-        self._next_poll = now + self.settings.model_poll_s
+        self._next_poll = now + self.config.poll_s
         changed = self._refresh_current()
         self._refresh_challenger()
         return changed
@@ -122,7 +144,7 @@ class ModelWatcher:
             return None, ""
         try:
             bundle = self.store.decode(stored)
-            bundle.check_compatible(self.settings.features, self.settings.categorical)
+            bundle.check_compatible(self.config.features, self.config.categorical)
         except BundleError as exc:
             return None, f"challenger rejected: {exc}"
         if bundle.previous_version != active.version or bundle.version <= active.version:
@@ -171,9 +193,9 @@ class ModelWatcher:
         now = time.monotonic()
         if now < self._next_restore:
             return False
-        self._next_restore = now + self.settings.model_poll_s
+        self._next_restore = now + self.config.poll_s
         try:
-            registry = read_registry(self.settings, readback=self.store.readback)
+            registry = self.models_topic.read(self.store.readback)
         except (ModelLogError, KafkaException) as exc:
             log.warning("models topic unreadable; waiting for a model", extra={"error": str(exc)})
             return False
@@ -181,14 +203,14 @@ class ModelWatcher:
         if bundle is None:
             return False
         try:
-            sync_store(self.settings, self.store)
+            self.models_topic.sync(self.store)
         except (ModelLogError, KafkaException, BundleError, redis.RedisError) as exc:
             log.warning("model cache not rebuilt from the models topic", extra={"error": str(exc)})
         return self._activate(bundle)
 
     def _activate(self, bundle: ModelBundle) -> bool:
         try:
-            bundle.check_compatible(self.settings.features, self.settings.categorical)
+            bundle.check_compatible(self.config.features, self.config.categorical)
         except BundleError as exc:
             self._reject(bundle.version, str(exc))
             return False

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from consumer.learner import Learner
 from consumer.model import ActiveModel
 from consumer.reporting import Reporter, count_by_segment
+from consumer.service import build_watcher
 from consumer.watcher import REMEMBERED_VERSIONS, ModelWatcher
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import CustomerEvent
@@ -78,7 +79,7 @@ def watching(**values: bytes) -> Iterator[tuple[FakeRedis, ModelWatcher, Consume
         return decode(stored)
 
     store.decode = counting  # type: ignore[method-assign]
-    watcher = ModelWatcher(SETTINGS, store, metrics)
+    watcher = build_watcher(SETTINGS, store, metrics)
     yield client, watcher, metrics, parsed
     watcher.close()
 

@@ -13,6 +13,7 @@ import pytest
 
 from consumer.model import ActiveModel
 from consumer.scoring import ScoringRules, score_batch
+from consumer.service import scoring_rules
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.events import CustomerEvent
 from segmentation.features import FeatureConfig, fit_spec
@@ -47,7 +48,7 @@ def bundle_of(settings: Settings, values: list[bytes], version: int) -> ModelBun
 
 
 def rules(settings: Settings) -> ScoringRules:
-    return ScoringRules.from_settings(settings.model_copy(update={"max_event_age_s": 10 * 365 * 86400}))
+    return scoring_rules(settings.model_copy(update={"max_event_age_s": 10 * 365 * 86400}))
 
 
 def test_one_declaration_adds_a_feature_to_the_contract_the_fit_and_the_bundle() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import TopicPartition
 
-from consumer.changes import Changes, SegmentChanges
+from consumer.changes import Changes, ChangesConfig, SegmentChanges
 from consumer.customer_writer import CustomerWriter
 from consumer.delivery import AtLeastOnce, ExactlyOnce
 from consumer.learner import Learner
@@ -22,11 +22,13 @@ from consumer.loop import ConsumeLoop, LoopConfig
 from consumer.model import ActiveModel
 from consumer.reporting import Reporter
 from consumer.scoring import Message, ScoredBatch
+from segmentation.kafka import TopicReader
 from segmentation.metrics import ConsumerMetrics
+from segmentation.readback import Readback
 from segmentation.store import ModelStore
 from tests.support.fake_redis import FakeRedis
 from tests.support.messages import SMALL_MODEL, SMALL_RULES, event
-from tests.support.stack import make_settings, sample
+from tests.support.stack import sample
 from tests.test_checkpoint import TIMEOUT_S, FakeConsumer, FakeCustomers, FakeProducer, World, failing
 
 
@@ -136,6 +138,10 @@ class HeldChanges:
         pass
 
 
+def no_reader() -> TopicReader:
+    raise AssertionError("without a changes topic nothing is read")
+
+
 def events_log(partitions: int = 2, per_partition: int = 30) -> dict[int, list[Record]]:
     return {p: [Record(p, o, event(customer_id=f"c-{p}-{o % 7}", event_id=f"e-{p}-{o}"))
                 for o in range(per_partition)] for p in range(partitions)}
@@ -158,12 +164,12 @@ def loop_on(log: dict[int, list[Record]], model: ActiveModel | None = SMALL_MODE
     delivery = (ExactlyOnce(producer, consumer, TIMEOUT_S) if exactly_once  # type: ignore[arg-type]
                 else AtLeastOnce(producer, consumer, TIMEOUT_S))  # type: ignore[arg-type]
     metrics = ConsumerMetrics()
-    settings = make_settings(changes_topic=None)
     store = ModelStore(FakeRedis(), "t")  # type: ignore[arg-type]
     loop = ConsumeLoop(
         LoopConfig("in", batch_size, 0.0, exactly_once, 1.0), consumer, delivery,  # type: ignore[arg-type]
         SMALL_RULES, FixedWatcher(model),  # type: ignore[arg-type]
-        changes or SegmentChanges(settings, metrics, lambda v: None),
+        changes or SegmentChanges(ChangesConfig(None, 1.0, 200), no_reader, Readback(), metrics,
+                                  lambda v: None),
         Learner(5000.0, 0, metrics), Reporter("r", consumer, store, metrics),  # type: ignore[arg-type]
         CustomerWriter(FakeCustomers(world), metrics), metrics,  # type: ignore[arg-type]
     )

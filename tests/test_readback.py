@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import consumer.changes
 from consumer.changes import Recorded, SegmentChanges, change_value
 from consumer.scoring import score_batch
+from consumer.service import build_changes
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.metrics import READBACK_REASONS, READBACK_SOURCES, ConsumerMetrics, TrainerMetrics
@@ -301,7 +302,7 @@ def rebuilt(records: Sequence[tuple[bytes | None, bytes | None]], monkeypatch: p
         return iter(msgs)
 
     monkeypatch.setattr(consumer.changes, "read_to_end", read_to_end)
-    changes = SegmentChanges(settings or make_settings(), ConsumerMetrics(), lambda v: None)
+    changes = build_changes(settings or make_settings(), ConsumerMetrics(), lambda v: None)
     changes._reader = object()  # type: ignore[assignment]  # no broker: read_to_end is the stand-in
     changes.prepare([Msg(b"", 0)])
     return changes

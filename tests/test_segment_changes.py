@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 from consumer.changes import Changes, ChangesUnavailable, Recorded, SegmentChanges, cause_of, change_value
 from consumer.model import ActiveModel
 from consumer.scoring import score_batch
+from consumer.service import build_changes
 from demo.generator import another_profile
 from segmentation.bundle import ModelBundle
 from segmentation.events import CustomerEvent
@@ -44,7 +45,7 @@ from trainer.pipeline import publish
 # --- fast: detection against a given state --------------------------------------------------
 def changes_of(settings: Settings | None = None,
                model_of: Callable[[int], ActiveModel | None] = lambda v: None) -> SegmentChanges:
-    changes = SegmentChanges(settings or make_settings(), ConsumerMetrics(), model_of)
+    changes = build_changes(settings or make_settings(), ConsumerMetrics(), model_of)
     changes.state[0] = {}  # partition 0 held: nothing recorded yet, no topic to read
     return changes
 
@@ -99,7 +100,7 @@ def moved_model(version: int, centroids: list[list[float]]) -> ActiveModel:
 
 
 def test_without_a_changes_topic_nothing_is_recorded_and_nothing_is_read() -> None:
-    changes = SegmentChanges(make_settings(changes_topic=None), ConsumerMetrics(), lambda v: None)
+    changes = build_changes(make_settings(changes_topic=None), ConsumerMetrics(), lambda v: None)
     messages = [Msg(at(0.1), 0)]
     batch = score_batch(messages, SMALL_MODEL, SMALL_RULES, NOW_MS)
     assert changes.record(messages, batch, SMALL_MODEL) == Changes() and changes.state == {}
@@ -349,7 +350,7 @@ def test_a_rebuild_cut_off_by_its_time_budget_goes_on_where_it_stopped(settings:
         producer.produce(settings.changes_topic, key=f"r-{i % 4000}".encode(), partition=0,
                          value=change_value(e, NOW_MS + i, None, i % 7, "s", 1, "initial", "T"))
     assert producer.flush(30) == 0
-    changes = SegmentChanges(settings.model_copy(update={"delivery_timeout_s": 1e-6}),
+    changes = build_changes(settings.model_copy(update={"delivery_timeout_s": 1e-6}),
                              ConsumerMetrics(), lambda v: None)
     batch = [Msg(at(0.1), 0)]
     calls, progress = 0, []
@@ -365,7 +366,7 @@ def test_a_rebuild_cut_off_by_its_time_budget_goes_on_where_it_stopped(settings:
     assert changes.state[0]["r-3"] == Recorded(4003 % 7, "s", 1, NOW_MS + 4003)
     assert changes.state[0]["r-3999"] == Recorded(3999 % 7, "s", 1, NOW_MS + 3999)
 
-    whole = SegmentChanges(settings, ConsumerMetrics(), lambda v: None)
+    whole = build_changes(settings, ConsumerMetrics(), lambda v: None)
     whole.prepare(batch)
     assert whole.state == changes.state
     changes.forget([0])  # revoked: nothing kept, the next rebuild starts from the first record
