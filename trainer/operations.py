@@ -41,10 +41,10 @@ class PromotionConfig:
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """What `reproduce` takes from the configuration, the rest coming from the version's
-    lineage: how the window is read, the fitting options and, where the lineage records none,
-    ``n_init``, ``max_rows``, ``silhouette_sample`` and ``clip_margin``; the kind of each
-    feature (``feature_kinds``: every configured kind, the version may have other features)."""
+    """What `reproduce` takes from the configuration rather than the version's lineage: how the
+    window is read, the K options (``n_init``, ``max_rows``, ``silhouette_sample`` and
+    ``clip_margin`` only where the lineage records none) and every configured feature kind (the
+    version may have other features than those configured)."""
 
     window: WindowConfig
     k: KConfig
