@@ -31,6 +31,7 @@ from bench.stage import cleanup, fresh_settings, make_values, prepare, produce, 
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics
 from segmentation.store import ModelStore, connect
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,7 +162,7 @@ def window(plan: Plan, results: dict[str, Any]) -> None:
         produce(settings, make_values(plan.window_events, seed=11, customers=customers),
                 customers=customers)
         started = time.perf_counter()
-        result = train_once(settings, store, TrainerMetrics())
+        result = train_once(train_config(settings), store, TrainerMetrics())
         seconds = time.perf_counter() - started
     finally:
         cleanup(settings, store)

@@ -19,6 +19,7 @@ from segmentation.kafka import ensure_topics, producer_config
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 
@@ -108,7 +109,7 @@ def scale_out(settings: Settings, n: int, processes: int) -> float:
     with consumer_processes(s, processes):
         time.sleep(8.0)  # every process started and joined; partitions paused without a model
         store = ModelStore(connect(s), s.redis_prefix)
-        if train_once(s, store, TrainerMetrics()).result != "published":
+        if train_once(train_config(s), store, TrainerMetrics()).result != "published":
             raise SystemExit("scale-out: model not published")
         records = read_records(s, s.segments_topic, n, timeout_s=300)
     stamps = [t for _, t in records]

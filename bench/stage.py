@@ -22,6 +22,7 @@ from segmentation.kafka import delete_topics, ensure_topics, producer_config, re
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
@@ -81,7 +82,7 @@ def prepare(n: int) -> tuple[Settings, ModelStore]:
     ensure_topics(settings)
     produce(settings, make_values(n))
     store = ModelStore(connect(settings), settings.redis_prefix)
-    result = train_once(settings, store, TrainerMetrics())
+    result = train_once(train_config(settings), store, TrainerMetrics())
     if result.result != "published":
         raise SystemExit(f"benchmark model not published: {result.detail}")
     return settings, store

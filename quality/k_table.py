@@ -29,8 +29,9 @@ from sklearn.preprocessing import StandardScaler
 from quality.datasets import Dataset
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
-from segmentation.features import FeatureSpec, log_transform
+from segmentation.features import FeatureConfig, FeatureSpec, log_transform
 from segmentation.settings import Settings
+from trainer.__main__ import k_config
 from trainer.fit import MIN_STABILITY, Fit, plausible
 from trainer.pipeline import encode_window, fit_encoded, inside_envelope
 from trainer.window import Window
@@ -117,9 +118,9 @@ def run_pipeline(dataset: Dataset, settings: Settings) -> PipelineRun:
     """The trainer's path on one window: preprocessing, the rows inside the envelope, the fit."""
     window = window_of(dataset.rows, dataset.features)
     started = time.monotonic()
-    spec, x = encode_window(settings, window)
+    spec, x = encode_window(FeatureConfig.of(settings), window)
     events, inside = inside_envelope(spec, window.events, x)
-    fit, fits = fit_encoded(settings, inside)
+    fit, fits = fit_encoded(k_config(settings), inside)
     seconds = time.monotonic() - started
     labels, _, _ = nearest_two(x, fit.centroids)
     return PipelineRun(spec, fit, fits, labels, len(window.events) - len(events), seconds)

@@ -21,8 +21,9 @@ from segmentation.bundle import Lineage, ModelBundle
 from segmentation.cluster_metrics import nearest_two
 from segmentation.features import FeatureConfig, FeatureSpec, fit_numeric
 from segmentation.settings import Settings
-from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
-from trainer.gate import GateFailure, GateLimits
+from trainer.__main__ import gate_limits, k_config
+from trainer.fit import K_SELECTION, Fit, fit_model
+from trainer.gate import GateFailure
 from trainer.refit import Matching, Refit, assess, build_bundle, label, previous_rows
 
 
@@ -76,16 +77,16 @@ def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, se
     raw = raw[inside]
     x = spec.encode_numeric(raw)
     x_previous = current.features.encode_numeric(raw) if current is not None else None
-    fit, fits = fit_model(x, KConfig.of(settings), current.k if current is not None else None,
+    fit, fits = fit_model(x, k_config(settings), current.k if current is not None else None,
                           previous_rows(current, x_previous)[0])
     baseline = recorded_baseline(current) if current is not None else None
     if current is not None and baseline is None:
         baseline = baseline_of(current)
     refit = assess(
         spec, x, fit, fits, current, x_previous, baseline,
-        GateLimits.of(settings), Matching(settings.match_threshold, settings.match_max_spread, {}),
+        gate_limits(settings), Matching(settings.match_threshold, settings.match_max_spread, {}),
         silhouette_sample=settings.silhouette_sample, random_state=settings.random_state,
-        k_config=KConfig.of(settings), force=force,
+        k_config=k_config(settings), force=force,
     )
     if refit.no_structure or (refit.failures and not force):
         return Published(None, refit.failures, refit.fit, refit)

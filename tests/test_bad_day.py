@@ -35,6 +35,7 @@ from tests.support.stack import (
     sample,
     wait_until,
 )
+from trainer.__main__ import train_config, window_config
 from trainer.pipeline import train_once
 from trainer.window import CustomerSample, read_window
 
@@ -87,7 +88,7 @@ def test_hostile_messages_become_bounded_dead_letters_and_the_partition_goes_on(
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     produce_events(settings, customers(600))
-    assert train_once(settings, store, trainer_metrics).result == "published"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "published"
     hostile = hostile_messages()
     values: list[bytes] = []
     for i, value in enumerate(hostile.values()):
@@ -121,7 +122,7 @@ def test_an_output_the_broker_refuses_is_dead_lettered_and_the_batch_goes_on(
     settings = settings_factory(kafka_extra={"batch.num.messages": "1"})
     store = ModelStore(connect(settings), settings.redis_prefix)
     produce_events(settings, customers(600))
-    assert train_once(settings, store, trainer_metrics).result == "published"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "published"
     resource = ConfigResource("topic", settings.segments_topic, incremental_configs=[
         ConfigEntry("max.message.bytes", "900", incremental_operation=AlterConfigOpType.SET)])
     admin = AdminClient(settings.kafka_common())
@@ -152,7 +153,7 @@ def test_a_deleted_output_topic_stops_the_consumer_with_the_batch_uncommitted_an
     settings = settings_factory(delivery_timeout_s=20.0, delivery=delivery)
     store = ModelStore(connect(settings), settings.redis_prefix)
     produce_events(settings, customers(300))
-    assert train_once(settings, store, trainer_metrics).result == "published"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "published"
     rc = RunningConsumer(settings).start()
     try:
         wait_until(lambda: sample(rc.metrics, "segment_events_total", outcome="scored") >= 300, 60,
@@ -259,9 +260,9 @@ def test_hostile_rows_in_the_window_never_fail_a_training_run(
 ) -> None:
     produce_events(settings, customers(600))
     produce(settings, list(hostile_messages().values()))
-    result = train_once(settings, store, trainer_metrics)
+    result = train_once(train_config(settings), store, trainer_metrics)
     assert result.result == "published", result.detail
-    window = read_window(settings)
+    window = read_window(window_config(settings))
     assert window.rows_invalid == len(hostile_messages())
     assert sum(window.invalid_reasons.values()) == window.rows_invalid
 

@@ -34,6 +34,7 @@ from tests.support.stack import (
     settings_env,
     wait_until,
 )
+from trainer.__main__ import model_topic, schedule_config, train_config
 from trainer.challenger import SILHOUETTE_TOLERANCE, Tally, promotion_verdict, store_challenger, tally
 from trainer.pipeline import RunResult, train_once
 from trainer.schedule import Schedule, Signals
@@ -93,11 +94,11 @@ def with_challenger(settings: Settings, store: ModelStore, shift: Callable[[Cust
     """v1 published from one window, then a challenger trained on a second one: (v1, challenger)."""
     people = customers(1500)
     produce_events(settings, people, seed=1)
-    first = train_once(settings, store, TrainerMetrics())
+    first = train_once(train_config(settings), store, TrainerMetrics())
     assert first.result == "published" and first.bundle is not None, first.detail
     produce_events(settings, people, seed=2, prefix="later", shift=shift)
     # a challenger is scored in the shadow, so a structural change needs no accept to be tried
-    second = train_once(settings.model_copy(update={"gate_max_structural_share": None}), store,
+    second = train_once(train_config(settings.model_copy(update={"gate_max_structural_share": None})), store,
                         TrainerMetrics(), challenger=True)
     assert second.result == "challenger" and second.bundle is not None, second.detail
     return first.bundle, second.bundle
@@ -174,7 +175,7 @@ def test_after_compaction_the_reserved_record_keeps_a_discarded_challenger_s_ver
 
 
 def test_a_pending_challenger_holds_drift_retrains_but_not_the_interval() -> None:
-    schedule = Schedule(Settings(train_interval_s=600, drift_retrain_after_s=60))
+    schedule = Schedule(schedule_config(Settings(train_interval_s=600, drift_retrain_after_s=60)))
     schedule.ran("challenger", now=1000.0)
     drift = Signals(pinned=False, has_model=True, worst_drift=-0.5, challenger_pending=True)
     assert [schedule.decide(drift, now=t) for t in (1010.0, 1100.0, 1500.0)] == [None, None, None]
@@ -191,7 +192,7 @@ def test_once_challenger_leaves_the_current_model_and_sets_the_challenger_in_red
 ) -> None:
     people = customers(1500)
     produce_events(settings, people, seed=1)
-    assert train_once(settings, store, TrainerMetrics()).version == 1
+    assert train_once(train_config(settings), store, TrainerMetrics()).version == 1
     produce_events(settings, people, seed=2, prefix="later")
     notices = connect(settings).pubsub(ignore_subscribe_messages=True)
     notices.subscribe(store.keys.models_channel)
@@ -231,7 +232,7 @@ def test_promote_makes_the_challenger_current_with_its_own_version_and_clears_th
     assert registry.challenger is None and registry.current == 2 and registry.bundles[2] == challenger
     again = trainer_cli(settings, "promote")
     assert again.returncode == 1 and "there is no challenger to promote" in again.stderr
-    assert train_once(settings, store, TrainerMetrics(), force=True).version == 3
+    assert train_once(train_config(settings), store, TrainerMetrics(), force=True).version == 3
 
 
 @pytest.mark.integration
@@ -241,11 +242,11 @@ def test_a_publish_clears_a_stale_challenger_and_promote_refuses_one(
     _, challenger = with_challenger(settings, store)
     metrics = TrainerMetrics()
 
-    assert train_once(settings, store, metrics, force=True).version == 3  # a normal retrain
+    assert train_once(train_config(settings), store, metrics, force=True).version == 3  # a normal retrain
     assert store.challenger() is None and read_registry(settings).challenger is None
     assert sample(metrics, "segment_trainer_challenger_total", action="stale") == 1
 
-    store_challenger(settings, store, challenger)  # as if clearing it had failed
+    store_challenger(model_topic(settings), store, challenger)  # as if clearing it had failed
     out = trainer_cli(settings, "promote")
     assert out.returncode == 1, out.stdout
     assert "challenger v2 was trained against v1 but v3 is current; discard it" in out.stderr
@@ -356,6 +357,6 @@ def test_a_challenger_run_without_a_current_model_publishes_the_first_model(
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1000), seed=1)
-    result: RunResult = train_once(settings, store, TrainerMetrics(), challenger=True)
+    result: RunResult = train_once(train_config(settings), store, TrainerMetrics(), challenger=True)
     assert result.result == "published" and store.current_version() == 1
     assert store.challenger() is None

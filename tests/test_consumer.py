@@ -35,6 +35,7 @@ from tests.support.stack import (
     start_service,
     wait_until,
 )
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 pytestmark = pytest.mark.integration  # every test here runs against the local stack
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.integration  # every test here runs against the local s
 
 def published(settings: Settings) -> ModelStore:
     store = ModelStore(connect(settings), settings.redis_prefix)
-    assert train_once(settings, store, TrainerMetrics()).result == "published"
+    assert train_once(train_config(settings), store, TrainerMetrics()).result == "published"
     return store
 
 
@@ -136,7 +137,7 @@ def test_outputs_carry_non_decreasing_model_versions_per_partition(settings: Set
         producer.start()
         for expected in (2, 3):
             time.sleep(1.5)
-            assert train_once(settings, store, TrainerMetrics()).version == expected
+            assert train_once(train_config(settings), store, TrainerMetrics()).version == expected
             def on_version(v: int = expected) -> bool:
                 return active_version(rc) == v
 

@@ -16,8 +16,9 @@ from segmentation.events import CustomerEvent, json_schema
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
 from tests.support.messages import small_bundle
+from trainer.__main__ import gate_limits
 from trainer.fit import KConfig, fit_model
-from trainer.gate import GateLimits, run_gate
+from trainer.gate import run_gate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,10 +92,10 @@ def test_quality_gate_refuses_a_collapsed_model() -> None:
     rng = np.random.default_rng(0)
     three = np.vstack([rng.normal(c, 0.3, size=(300, 2)) for c in ((0, 0), (10, 0), (0, 10))])
     fit, _ = fit_model(three, KConfig(5, 2, 8, 4, 0, 2000))  # five segments on three real clusters
-    failures = run_gate(fit, three, GateLimits.of(Settings()))
+    failures = run_gate(fit, three, gate_limits(Settings()))
     assert "separation" in {f.check for f in failures}
     good, _ = fit_model(three, KConfig(3, 2, 8, 4, 0, 2000))
-    assert run_gate(good, three, GateLimits.of(Settings())) == []
+    assert run_gate(good, three, gate_limits(Settings())) == []
 
 
 @pytest.mark.parametrize("true_k", [3, 4, 5, 6, 7, 8])

@@ -76,6 +76,7 @@ from tests.support.stack import (
     sample,
     wait_until,
 )
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 PROM_COMPOSE = MONITORING / "prometheus-compose.yml"
@@ -427,7 +428,7 @@ def test_trainer_metrics_move_on_publish_retrain_forced_publish_and_refusal(
     metrics = TrainerMetrics()
     produce_events(settings, customers(600))
     before = time.time()
-    assert train_once(settings, store, metrics).result == "published"
+    assert train_once(train_config(settings), store, metrics).result == "published"
     first = samples(scrape_registry(metrics.registry))
     assert value(first, "segment_trainer_runs_total", result="published") == 1
     assert value(first, "segment_trainer_label_changes_total", kind="new") == 5
@@ -441,14 +442,15 @@ def test_trainer_metrics_move_on_publish_retrain_forced_publish_and_refusal(
     assert value(first, "segment_trainer_window_rows", kind="used") >= 500
 
     # the same distribution again: every id is matched
-    assert train_once(settings, store, metrics).result == "published"
+    assert train_once(train_config(settings), store, metrics).result == "published"
     second = samples(scrape_registry(metrics.registry))
     assert value(second, "segment_trainer_label_changes_total", kind="matched") == 5
     assert value(second, "segment_trainer_label_changes_total", kind="retired") == 0
     # K=4 against 5 published segments, forced past the gate: at least one id is retired
-    assert train_once(settings.model_copy(update={"k": 4}), store, metrics, force=True).result == "published"
+    forced = train_once(train_config(settings.model_copy(update={"k": 4})), store, metrics, force=True)
+    assert forced.result == "published"
     # a floor no segment of five can reach: the gate refuses
-    refused = train_once(settings.model_copy(update={"gate_min_share": 0.5}), store, metrics)
+    refused = train_once(train_config(settings.model_copy(update={"gate_min_share": 0.5})), store, metrics)
     assert refused.result == "rejected", refused.detail
 
     after = samples(scrape_registry(metrics.registry))
@@ -465,7 +467,7 @@ def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1000))
-    assert train_once(settings, store, TrainerMetrics()).result == "published"
+    assert train_once(train_config(settings), store, TrainerMetrics()).result == "published"
     v1_ids = {str(i) for i in store.load(1).segment_ids}
     rc = RunningConsumer(settings)
     # Per-customer state goes to a Redis that does not answer: every write fails after retries.
@@ -502,7 +504,8 @@ def test_consumer_rare_metrics_move_and_a_retired_segment_leaves_the_gauges(
         store.client.set(f"{settings.redis_prefix}:current", "1")
 
         # v2 with K=4 retires at least one id: its share and centroid drift gauges go away.
-        result = train_once(settings.model_copy(update={"k": 4}), store, TrainerMetrics(), force=True)
+        result = train_once(train_config(settings.model_copy(update={"k": 4})), store, TrainerMetrics(),
+                            force=True)
         assert result.result == "published" and result.bundle is not None
         v2_ids = {str(i) for i in result.bundle.segment_ids}
         assert v1_ids - v2_ids, "K=4 retired nothing?"

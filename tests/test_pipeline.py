@@ -25,6 +25,7 @@ from tests.support.stack import (
     sample,
     wait_until,
 )
+from trainer.__main__ import train_config, window_config
 from trainer.pipeline import train_once
 from trainer.window import read_window
 
@@ -35,7 +36,7 @@ def test_every_event_gets_an_output_and_segments_recover_the_known_clusters(
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     sent = produce_events(settings, customers(1500))
-    result = train_once(settings, store, trainer_metrics)
+    result = train_once(train_config(settings), store, trainer_metrics)
     assert result.result == "published", result.detail
     assert result.version == 1 and store.current_version() == 1
 
@@ -58,7 +59,7 @@ def test_each_malformed_kind_is_dead_lettered_with_its_reason_while_neighbours_a
     settings: Settings, store: ModelStore, trainer_metrics: TrainerMetrics
 ) -> None:
     produce_events(settings, customers(600))
-    assert train_once(settings, store, trainer_metrics).result == "published"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "published"
     good = json.loads(json.dumps({
         "customer_id": "n-1", "event_time": "2026-11-29T10:15:00Z", "event_id": "good-1",
         "features": {"recency_days": 3, "frequency_90d": 14, "monetary_90d": 812.5,
@@ -115,15 +116,15 @@ def test_a_retrain_on_the_same_distribution_keeps_customers_on_their_segment_ids
 ) -> None:
     population = customers(2000)
     produce_events(settings, population, seed=1)
-    first = train_once(settings, store, trainer_metrics)
+    first = train_once(train_config(settings), store, trainer_metrics)
     produce_events(settings, population, seed=2, prefix="f")  # a fresh event per customer
-    second = train_once(settings, store, trainer_metrics)
+    second = train_once(train_config(settings), store, trainer_metrics)
     assert first.bundle is not None and second.bundle is not None
     assert second.bundle.previous_version == first.version
     assert len(second.bundle.label_mapping.matched) == 5
     assert not second.bundle.label_mapping.new and not second.bundle.label_mapping.retired
 
-    window = read_window(settings)  # latest event per customer
+    window = read_window(window_config(settings))  # latest event per customer
     ids = []
     for bundle in (first.bundle, second.bundle):
         x, _ = bundle.features.encode(window.events)
@@ -137,11 +138,11 @@ def test_a_model_published_mid_stream_is_used_without_restarting_the_consumer(
 ) -> None:
     population = customers(1000)
     first_batch = produce_events(settings, population, seed=1, prefix="a")
-    assert train_once(settings, store, trainer_metrics).result == "published"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "published"
     with running_consumer(settings) as rc:
         outputs = read_outputs(settings, set(first_batch))
         assert {o["model_version"] for o in outputs.values()} == {1}
-        assert train_once(settings, store, trainer_metrics).version == 2
+        assert train_once(train_config(settings), store, trainer_metrics).version == 2
         wait_until(lambda: rc.loop.watcher.active is not None
                    and rc.loop.watcher.active.version == 2, 15, "the consumer to swap to v2")
         second_batch = produce_events(settings, population, seed=2, prefix="b")
@@ -161,7 +162,7 @@ def test_without_a_model_the_consumer_commits_nothing_then_scores_everything(
         time.sleep(2.0)  # > auto.commit.interval.ms: a commit would have happened by now
         assert committed_offsets(admin, settings) == {}
         assert sample(rc.metrics, "segment_events_total", outcome="scored") == 0
-        assert train_once(settings, store, trainer_metrics).result == "published"
+        assert train_once(train_config(settings), store, trainer_metrics).result == "published"
         outputs = read_outputs(settings, set(sent))
     assert set(outputs) == set(sent)
     assert sum(committed_offsets(admin, settings).values()) == len(sent)

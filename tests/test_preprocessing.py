@@ -123,7 +123,7 @@ def test_the_consumer_assigns_every_event_as_the_trainer_did_through_a_bundle_ro
     settings = SETTINGS.model_copy(
         update={"features": tuple(names), "categorical": (), "log_features": ("b",)})
     window = window_of(raw, names)
-    spec, x = encode_window(settings, window)
+    spec, x = encode_window(FeatureConfig.of(settings), window)
     assert spec.log_features == ["b"] and spec.clip_low is not None
     fit = fit_kmeans(x, K, 3, 0, 1000)
     bundle = ModelBundle(

@@ -50,6 +50,7 @@ from tests.support.prometheus import (
     tails,
 )
 from tests.support.stack import free_port, produce_events
+from trainer.__main__ import train_config
 from trainer.gate import silhouette_allowance
 from trainer.pipeline import train_once
 
@@ -293,16 +294,16 @@ def test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_pro
     store = ModelStore(connect(settings), settings.redis_prefix)
     rng = np.random.default_rng(1)
     produce_events(settings, make_customers(1500, rng))
-    first = train_once(settings, store, TrainerMetrics())
+    first = train_once(train_config(settings), store, TrainerMetrics())
     assert first.result == "published" and first.bundle is not None, first.detail
 
     # The same customers later, their five profiles pulled towards each other.
     collapsed = make_customers(1500, rng, profiles=collapsed_profiles())
     produce_events(settings, collapsed, seed=2, prefix="k")
-    refusal = train_once(settings, store, TrainerMetrics())
+    refusal = train_once(train_config(settings), store, TrainerMetrics())
     assert refusal.result == "rejected", refusal.detail
     assert "silhouette_drop" in {f.check for f in refusal.failures}, refusal.detail
-    forced = train_once(settings, store, TrainerMetrics(), force=True)
+    forced = train_once(train_config(settings), store, TrainerMetrics(), force=True)
     assert forced.result == "published" and forced.bundle is not None and forced.bundle.forced
     assert baseline_of(forced.bundle).version == first.bundle.version
     print(f"\nreal stack: v1 silhouette {first.bundle.quality.silhouette:.3f} / DB "

@@ -47,7 +47,7 @@ from segmentation.store.trainer_state import UNREADABLE_PIN
 from tests.support.fake_redis import FakeRedis
 from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
 from tests.support.stack import make_settings
-from trainer.__main__ import cmd_history, cmd_show
+from trainer.__main__ import cmd_history, cmd_show, schedule_config
 from trainer.challenger import tally
 from trainer.report import refusal_table
 from trainer.schedule import Schedule, highest_novelty, worst_drift
@@ -426,7 +426,8 @@ def test_a_current_pointer_that_is_not_a_version_is_refused_and_nothing_is_due(n
     with pytest.raises(BundleError):
         store.current_version()
     assert not store.pointers_readable()
-    assert Schedule(Settings()).due(store, now=10**9) is None  # `trainer run` goes on: no exit
+    # `trainer run` goes on: no exit
+    assert Schedule(schedule_config(Settings())).due(store, now=10**9) is None
     assert rejected(metrics, "redis_pointer", reason) == 3
 
 
@@ -491,8 +492,8 @@ HOSTILE_STATES: dict[str, tuple[bytes, str]] = {
 
 def decisions(store: ModelStore) -> list[str | None]:
     """What ``Schedule.due`` decides over a drift that lasts (the signals read from ``store``)."""
-    schedule = Schedule(Settings(train_interval_s=600, drift_retrain_after_s=60,
-                                 drift_retrain_threshold=0.1, novelty_retrain_share=0.03))
+    schedule = Schedule(schedule_config(Settings(train_interval_s=600, drift_retrain_after_s=60,
+                                 drift_retrain_threshold=0.1, novelty_retrain_share=0.03)))
     schedule.ran("published", now=0.0)
     return [schedule.due(store, now=t) for t in (100.0, 170.0, 700.0)]
 

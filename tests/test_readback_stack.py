@@ -36,7 +36,7 @@ from tests.support.stack import (
     start_service,
     wait_until,
 )
-from trainer.__main__ import catch_up
+from trainer.__main__ import catch_up, model_topic, train_config
 from trainer.pipeline import train_once
 
 pytestmark = pytest.mark.integration  # every test here runs against the local stack
@@ -129,9 +129,10 @@ def test_hostile_models_topic_records_never_stop_the_consumer_s_fallback_or_a_tr
     assert len(outputs) == len(people) and {o["model_version"] for o in outputs.values()} == {v1.version}
     assert bad_keys >= 5
 
-    catch_up(settings, store)  # what `trainer run` does every 5 s: no exception escapes
+    catch_up(model_topic(settings), store)  # what `trainer run` does every 5 s: no exception escapes
     assert store.current_version() == v1.version
-    result = train_once(settings, store, TrainerMetrics(), force=True)  # `trainer once` publishes again
+    # `trainer once` publishes again
+    result = train_once(train_config(settings), store, TrainerMetrics(), force=True)
     assert (result.result, result.version) == ("published", v1.version + 1), result.detail
 
 

@@ -12,7 +12,8 @@ from quality.realistic import BLOB_SHAPES, FEATURES, KINDS, blob, realistic
 from segmentation.bundle import BundleError, Lineage, ModelBundle, Quality
 from segmentation.features import FeatureConfig, fit_numeric
 from segmentation.settings import Settings
-from trainer.fit import KConfig, fit_model
+from trainer.__main__ import k_config
+from trainer.fit import fit_model
 
 pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
 
@@ -68,7 +69,7 @@ def test_automatic_k_finds_segments_on_realistic_data_within_one_of_the_truth() 
 def test_the_current_k_is_kept_while_it_still_qualifies() -> None:
     dataset, spec = realistic_spec(4)
     x = spec.encode_numeric(dataset.rows[~spec.outside_envelope(dataset.rows)])
-    config = KConfig.of(SETTINGS.model_copy(update={"k": None}))
+    config = k_config(SETTINGS.model_copy(update={"k": None}))
     fit, fits = fit_model(x, config)
     others = [f.k for f in fits if f.k != fit.k and f.reason == ""]
     kept, _ = fit_model(x, config, current_k=fit.k)

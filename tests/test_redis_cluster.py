@@ -20,6 +20,7 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import CustomerAssignment, CustomerStore
 from tests.support.stack import customers, produce_events, read_outputs, running_consumer, sample, wait_until
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 pytestmark = pytest.mark.integration  # every test here runs against the local stack
@@ -107,7 +108,7 @@ def test_a_cluster_node_restarted_mid_stream_loses_no_output_and_state_catches_u
 
     population = customers(600)
     produce_events(settings, population, prefix="seed")
-    assert train_once(settings, ModelStore(connect(settings), settings.redis_prefix),
+    assert train_once(train_config(settings), ModelStore(connect(settings), settings.redis_prefix),
                       _metrics()).result == "published"
     victim = cluster.ports[1]
     with running_consumer(settings) as rc:

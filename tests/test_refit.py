@@ -13,8 +13,8 @@ from quality.offline import Registry, fit_features, retrain
 from segmentation.baseline import recorded_baseline
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
+from trainer.__main__ import gate_limits
 from trainer.fit import fit_kmeans
-from trainer.gate import GateLimits
 from trainer.refit import Matching, Refit, assess
 
 pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
@@ -41,7 +41,7 @@ def test_a_first_model_that_fails_the_gate_falls_back_to_the_nearest_k_that_pass
     # three populations and a handful of stray rows far away: K=4 gives the strays a segment
     x = blobs(rng, [[0, 0], [12, 0], [0, 12], [40, 40]], [600, 600, 600, 6])
     four, three = (fit_kmeans(x, k, 3, 0, 1000) for k in (4, 3))
-    refit = assess(four_spec(), x, four, [three, four], None, None, None, GateLimits.of(SETTINGS),
+    refit = assess(four_spec(), x, four, [three, four], None, None, None, gate_limits(SETTINGS),
                    Matching(0.5, 3.0, {}), silhouette_sample=1000, random_state=0)
     assert refit.fallback_from == 4 and refit.fit.k == 3 and not refit.failures
 
@@ -87,7 +87,7 @@ def test_a_structural_change_at_another_k_is_held_and_the_current_k_is_published
 
     def judged(force: bool) -> Refit:
         return assess(spec, x, two, [two, three], first.bundle, x_previous, baseline,
-                      GateLimits.of(settings), Matching(0.5, 3.0, {}), silhouette_sample=1000,
+                      gate_limits(settings), Matching(0.5, 3.0, {}), silhouette_sample=1000,
                       random_state=0, force=force)
 
     held = judged(force=False)

@@ -17,6 +17,7 @@ from demo.generator import Customer, event_value
 from segmentation.bundle import ModelBundle
 from segmentation.cluster_metrics import nearest_two
 from segmentation.events import CustomerEvent
+from segmentation.features import FeatureConfig
 from segmentation.kafka import delete_topics, ensure_topics
 from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLog, read_registry, sync_store
@@ -33,6 +34,7 @@ from tests.support.stack import (
     start_redis,
     wait_until,
 )
+from trainer.__main__ import model_topic, train_config
 from trainer.operations import pin, rollback
 from trainer.pipeline import train_once
 
@@ -58,13 +60,13 @@ def test_emptying_redis_keeps_every_population_s_segment_id_and_name_and_the_nex
     """Regression: a second run once published v1 again with new ids."""
     population = customers(2000)
     produce_events(settings, population, seed=1)
-    first = train_once(settings, store, TrainerMetrics())
+    first = train_once(train_config(settings), store, TrainerMetrics())
     assert first.result == "published" and first.version == 1
     before = segments_of(store.load(1), population)
 
     empty_redis(settings)
     produce_events(settings, population, seed=2, prefix="later")
-    second = train_once(settings, store, TrainerMetrics())
+    second = train_once(train_config(settings), store, TrainerMetrics())
 
     assert second.result == "published" and second.version == 2, second.detail
     assert segments_of(store.load(2), population) == before
@@ -76,8 +78,8 @@ def test_a_trainer_against_an_empty_redis_continues_the_version_and_id_sequences
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1500), seed=1)
-    assert train_once(settings, store, TrainerMetrics()).version == 1
-    assert train_once(settings, store, TrainerMetrics(), force=True).version == 2
+    assert train_once(train_config(settings), store, TrainerMetrics()).version == 1
+    assert train_once(train_config(settings), store, TrainerMetrics(), force=True).version == 2
     empty_redis(settings)
     assert sync_store(settings, store)
     assert store.current_version() == 2
@@ -91,7 +93,7 @@ def test_a_consumer_started_against_an_empty_redis_scores_at_once(
 ) -> None:
     population = customers(600)
     produce_events(settings, population, prefix="seed")
-    assert train_once(settings, store, TrainerMetrics()).version == 1
+    assert train_once(train_config(settings), store, TrainerMetrics()).version == 1
     empty_redis(settings)
     started = time.monotonic()
     with running_consumer(settings) as rc:
@@ -106,13 +108,13 @@ def test_a_consumer_started_against_an_empty_redis_scores_at_once(
 
 def test_a_pin_survives_losing_redis(settings: Settings, store: ModelStore) -> None:
     produce_events(settings, customers(1500), seed=1)
-    train_once(settings, store, TrainerMetrics())
-    train_once(settings, store, TrainerMetrics(), force=True)
-    version = rollback(settings, store, 1)
+    train_once(train_config(settings), store, TrainerMetrics())
+    train_once(train_config(settings), store, TrainerMetrics(), force=True)
+    version = rollback(model_topic(settings), FeatureConfig.of(settings), store, 1)
     empty_redis(settings)
     sync_store(settings, store)
     assert TrainerState.of(store).pinned() == version and store.current_version() == version
-    pin(settings, store, None)
+    pin(model_topic(settings), store, None)
     empty_redis(settings)
     sync_store(settings, store)
     assert TrainerState.of(store).pinned() is None
@@ -122,10 +124,10 @@ def test_an_older_redis_snapshot_is_brought_forward_and_never_moves_a_version_ba
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1500), seed=1)
-    train_once(settings, store, TrainerMetrics())
+    train_once(train_config(settings), store, TrainerMetrics())
     client = connect(settings)
     snapshot = {k: client.dump(k) for k in client.scan_iter(f"{settings.redis_prefix}:*")}
-    train_once(settings, store, TrainerMetrics(), force=True)
+    train_once(train_config(settings), store, TrainerMetrics(), force=True)
     empty_redis(settings)
     for key, value in snapshot.items():
         client.restore(key, 0, value or b"")
@@ -138,7 +140,7 @@ def test_a_poisoned_record_on_the_models_topic_is_skipped_never_used(
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1500), seed=1)
-    train_once(settings, store, TrainerMetrics())
+    train_once(train_config(settings), store, TrainerMetrics())
     ModelLog(settings).append([("v9", b'{"version": 9, "garbage": true}'), ("v7", b"\xff")])
     registry = read_registry(settings)
     assert set(registry.bundles) == {1} and registry.invalid_records == 2
@@ -170,7 +172,7 @@ def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids
     try:
         store = ModelStore(connect(settings), settings.redis_prefix)
         produce_events(settings, population, seed=1, prefix="seed")
-        assert train_once(settings, store, TrainerMetrics()).version == 1
+        assert train_once(train_config(settings), store, TrainerMetrics()).version == 1
         before = segments_of(store.load(1), population)
         paused_seen = []
         replica_b = settings.model_copy(update={"replica_id": settings.replica_id + "-b"})
@@ -186,7 +188,7 @@ def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids
                 for _ in range(20):
                     paused_seen.append(first.loop.paused or second.loop.paused)
                     time.sleep(0.25)
-                retrain = train_once(settings, store, TrainerMetrics())
+                retrain = train_once(train_config(settings), store, TrainerMetrics())
                 wait_until(lambda: active_version(first) == active_version(second) == 2, 20,
                            "both replicas on v2")
             finally:
@@ -207,8 +209,8 @@ def test_a_lost_models_topic_is_backfilled_from_redis_before_redis_can_be_lost_t
     settings: Settings, store: ModelStore
 ) -> None:
     produce_events(settings, customers(1500), seed=1)
-    train_once(settings, store, TrainerMetrics())
-    train_once(settings, store, TrainerMetrics(), force=True)
+    train_once(train_config(settings), store, TrainerMetrics())
+    train_once(train_config(settings), store, TrainerMetrics(), force=True)
     delete_topics(settings, [settings.models_topic])
     wait_until(lambda: _recreated(settings), 30, "the models topic recreated")
     assert sync_store(settings, store)  # what the trainer's catch-up does every few seconds
@@ -232,7 +234,7 @@ def test_a_consumer_started_while_redis_is_unreachable_scores_with_the_model_fro
 ) -> None:
     population = customers(600)
     produce_events(settings, population, prefix="seed")
-    assert train_once(settings, store, TrainerMetrics()).version == 1
+    assert train_once(train_config(settings), store, TrainerMetrics()).version == 1
     no_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
                                            "redis_timeout_s": 0.2, "redis_retries": 0})
     with running_consumer(no_redis) as rc:

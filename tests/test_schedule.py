@@ -3,26 +3,29 @@ and an unreachable Redis means nothing is due."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.support.stack import free_port
+from trainer.__main__ import schedule_config
 from trainer.schedule import COLD_RETRY_S, Schedule, Signals, highest_novelty, read_signals
 
 SETTINGS = Settings(train_interval_s=600, drift_retrain_after_s=60, drift_retrain_threshold=0.1)
+CONFIG = schedule_config(SETTINGS)
 CALM = Signals(pinned=False, has_model=True, worst_drift=0.0)
 DRIFTING = Signals(pinned=False, has_model=True, worst_drift=-0.2)
 
 
 def published_at(t: float) -> Schedule:
-    schedule = Schedule(SETTINGS)
+    schedule = Schedule(CONFIG)
     schedule.ran("published", now=t)
     return schedule
 
 
 def test_without_a_model_it_retries_every_few_seconds() -> None:
-    schedule = Schedule(SETTINGS)
+    schedule = Schedule(CONFIG)
     empty = Signals(pinned=False, has_model=False, worst_drift=0.0)
     assert schedule.decide(empty, now=1000.0) == "no model yet"
     schedule.ran("skipped", now=1000.0)
@@ -61,7 +64,7 @@ def test_a_publish_resets_the_drift_clock() -> None:
 
 
 def test_a_pin_holds_every_reason() -> None:
-    schedule = Schedule(SETTINGS)
+    schedule = Schedule(CONFIG)
     for signals in (Signals(True, False, 0.0), Signals(True, True, 0.0), Signals(True, True, -0.5)):
         assert schedule.decide(signals, now=10_000.0) is None
 
@@ -71,7 +74,7 @@ def test_an_unreachable_redis_makes_nothing_due() -> None:
         "redis_url": f"redis://127.0.0.1:{free_port()}/0", "redis_retries": 0, "redis_timeout_s": 0.2})
     store = ModelStore(connect(nowhere), "nowhere")
     assert read_signals(store) is None
-    assert Schedule(SETTINGS).due(store) is None
+    assert Schedule(CONFIG).due(store) is None
 
 
 NOVEL = Signals(pinned=False, has_model=True, worst_drift=0.0, novelty_share=0.08)
@@ -114,7 +117,7 @@ def test_a_publish_resets_the_novelty_clock_and_a_pin_holds_it() -> None:
 
 
 def test_novelty_retraining_can_be_switched_off() -> None:
-    schedule = Schedule(SETTINGS.model_copy(update={"novelty_retrain_share": None}))
+    schedule = Schedule(replace(CONFIG, novelty_retrain_share=None))
     schedule.ran("published", now=0.0)
     assert all(schedule.decide(NOVEL, now=t) is None for t in range(10, 590, 10))
 

@@ -39,6 +39,7 @@ from tests.support.stack import (
     start_service,
     wait_until,
 )
+from trainer.__main__ import model_topic
 from trainer.pipeline import publish
 
 
@@ -224,7 +225,7 @@ def test_a_new_model_that_moves_a_segment_shows_as_model_caused_changes(settings
                                       "previous_version": v1.version})
     with running_consumer(settings) as rc:
         send(settings, first)
-        publish(settings, store, v2, v1.version)
+        publish(model_topic(settings), store, v2, v1.version)
         wait_until(lambda: active_version(rc) == v2.version, 30, "the consumer to swap v2 in")
         again = fixed_events(people, "again")
         send(settings, again)

@@ -27,6 +27,7 @@ from tests.support.stack import (
     start_service,
     wait_until,
 )
+from trainer.__main__ import model_topic, promotion_config
 from trainer.challenger import store_challenger
 from trainer.operations import discard, promote
 
@@ -60,14 +61,14 @@ def test_the_migration_matrix_of_a_challenger_is_the_changes_its_promotion_makes
     who = {c.customer_id for c in people}
     with running_consumer(settings) as rc:
         send(settings, fixed_events(people, "first"))
-        store_challenger(settings, store, challenger)
+        store_challenger(model_topic(settings), store, challenger)
         wait_until(lambda: rc.loop.watcher.challenger is not None, 30, "the consumer to see the challenger")
         shadow = fixed_events(people, "shadow")
         outputs = send(settings, shadow)
         wait_until(lambda: rc.loop.shadow.events >= len(people), 30, "every shadow event counted")
         matrix = migrations(rc.metrics)
         agreement = rc.metrics.registry.get_sample_value("segment_challenger_agreement_ratio")
-        promote(settings, store, TrainerMetrics())
+        promote(promotion_config(settings), store, TrainerMetrics())
         wait_until(lambda: active_version(rc) == challenger.version, 30, "the promoted model in use")
         send(settings, fixed_events(people, "after"))
 
@@ -109,13 +110,13 @@ def test_promotion_and_discard_under_load_lose_nothing_and_leak_nothing(
     try:
         producer.start()
         wait_until(lambda: len(sent) > 1000, 60, "load")
-        store_challenger(settings, store, discarded)
+        store_challenger(model_topic(settings), store, discarded)
         wait_until(lambda: len(sent) > 3000, 60, "more load")
-        assert discard(settings, store, TrainerMetrics())["discarded"] == discarded.version
+        assert discard(model_topic(settings), store, TrainerMetrics())["discarded"] == discarded.version
         promoted = challenger_of(store, champion)
-        store_challenger(settings, store, promoted)
+        store_challenger(model_topic(settings), store, promoted)
         wait_until(lambda: len(sent) > 5000, 60, "more load")
-        promote(settings, store, TrainerMetrics())
+        promote(promotion_config(settings), store, TrainerMetrics())
         wait_until(lambda: len(sent) > 8000, 90, "load after the promotion")
         stop.set()
         producer.join(60)
@@ -150,7 +151,7 @@ def test_trainer_run_promotes_a_challenger_on_what_real_consumers_report(
                             SEG_CHALLENGER_PROMOTE_AFTER="500", SEG_MIN_ROWS="10000000")
     try:
         with running_consumer(settings) as rc:
-            store_challenger(settings, store, challenger)
+            store_challenger(model_topic(settings), store, challenger)
             wait_until(lambda: rc.loop.watcher.challenger is not None, 30, "the challenger seen")
             send(settings, fixed_events(people, "one"))
             assert store.current_version() == champion.version  # 300 events: not enough

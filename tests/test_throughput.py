@@ -36,6 +36,7 @@ from tests.support.messages import (
     Msg,
     demo_values,
 )
+from trainer.__main__ import train_config
 
 
 def hostile(values: list[bytes]) -> list[bytes | None]:
@@ -227,7 +228,7 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     s = settings_factory(batch_size=50)
     sent = produce_events(s, customers(400))
     store = ModelStore(connect(s), s.redis_prefix)
-    assert train_once(s, store, TrainerMetrics()).result == "published"
+    assert train_once(train_config(s), store, TrainerMetrics()).result == "published"
     consumer = Consumer(consumer_config(s, exactly_once=False))
     loop = build_loop(s, consumer, build_delivery(s, consumer), store, CustomerStore.for_settings(s),
                       ConsumerMetrics())

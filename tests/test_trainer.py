@@ -51,6 +51,7 @@ from tests.support.stack import (
     start_redis,
     wait_until,
 )
+from trainer.__main__ import reproduce_config, schedule_config, train_config, window_config
 from trainer.operations import reproduce
 from trainer.pipeline import RunResult, train_once
 from trainer.report import write_report
@@ -82,7 +83,7 @@ def store_for(settings: Settings) -> ModelStore:
 
 
 def published(settings: Settings, store: ModelStore, metrics: TrainerMetrics, **kwargs: Any) -> ModelBundle:
-    result = train_once(settings, store, metrics, **kwargs)
+    result = train_once(train_config(settings), store, metrics, **kwargs)
     assert result.result == "published", result.detail
     assert result.bundle is not None
     return result.bundle
@@ -97,7 +98,7 @@ def segment_ids(bundle: ModelBundle, events: Sequence[CustomerEvent]) -> np.ndar
 
 def latest_events(settings: Settings, people: Sequence[Customer]) -> list[CustomerEvent]:
     """The latest event of each of ``people`` in the topic, in ``people`` order."""
-    by_id = {e.customer_id: e for e in read_window(settings).events}
+    by_id = {e.customer_id: e for e in read_window(window_config(settings)).events}
     return [by_id[c.customer_id] for c in people]
 
 
@@ -166,7 +167,7 @@ def test_a_segment_below_the_share_floor_is_refused_and_force_publishes_it_marke
                           (AT_RISK, 8)], seed=2)
     produce_events(settings, drained, seed=2, prefix="d")
 
-    result = train_once(settings, store, trainer_metrics)
+    result = train_once(train_config(settings), store, trainer_metrics)
 
     assert_refused(result, "min_share", store, first.version, trainer_metrics)
     assert result.failures[0].value == pytest.approx(8 / 1000)
@@ -215,11 +216,11 @@ def test_force_keeps_the_accepted_baseline_and_accept_moves_it(
     first = published(settings, store, trainer_metrics)
     produce_events(settings, population([(p, 200) for p in pulled(ONE_CHANNEL, 0.3)], seed=2), seed=2)
 
-    assert train_once(settings, store, trainer_metrics).result == "rejected"
+    assert train_once(train_config(settings), store, trainer_metrics).result == "rejected"
     assert trainer_cli(settings, "once", "--force").returncode == 0
     forced = store.load_current()
     assert forced is not None and forced.forced and forced.quality.gate["baseline_version"] == first.version
-    again = train_once(settings, store, trainer_metrics)
+    again = train_once(train_config(settings), store, trainer_metrics)
     assert again.result == "rejected" and "silhouette_drop" in [f.check for f in again.failures]
 
     accepted = trainer_cli(settings, "once", "--accept")
@@ -251,7 +252,7 @@ def test_two_near_identical_centroids_are_refused(
                          (BARGAIN, 200)], seed=3)
     produce_events(settings, merged, seed=3, prefix="m")
 
-    result = train_once(settings, store, trainer_metrics)
+    result = train_once(train_config(settings), store, trainer_metrics)
 
     assert_refused(result, "separation", store, first.version, trainer_metrics)
     failure = result.failures[0]
@@ -269,7 +270,7 @@ def test_the_same_window_comparison_is_made_at_equal_k_and_a_merge_is_a_structur
     # different K says nothing about which is better (it favours fewer segments), so the
     # same-window comparison is not made; the merge moves two fifths of the customers to a new
     # id, which the structure check refuses without an accept.
-    result = train_once(settings.model_copy(update={"k": 4}), store, trainer_metrics)
+    result = train_once(train_config(settings.model_copy(update={"k": 4})), store, trainer_metrics)
 
     assert result.result == "rejected", result.detail
     checks = {f.check for f in result.failures}
@@ -314,7 +315,7 @@ def test_a_window_that_overflows_the_scaler_is_refused_as_non_finite_even_when_f
     produce_absurd_spenders(settings)
 
     for force in (False, True):
-        result = train_once(settings, store, trainer_metrics, force=force)
+        result = train_once(train_config(settings), store, trainer_metrics, force=force)
         assert result.result == "rejected" and [f.check for f in result.failures] == ["finite"]
     assert "cannot be forced" in result.detail
     assert store.current_version() == first.version
@@ -327,7 +328,7 @@ def test_out_of_range_values_are_skipped_by_the_window_with_default_bounds(
 ) -> None:
     produce_events(settings, customers(800))
     produce_absurd_spenders(settings)
-    result = train_once(settings, store, trainer_metrics)
+    result = train_once(train_config(settings), store, trainer_metrics)
     assert result.result == "published", result.detail
     assert result.bundle is not None and result.bundle.lineage.rows_invalid == 3
     assert sample(trainer_metrics, "segment_trainer_window_rows", kind="invalid") == 3
@@ -379,7 +380,7 @@ def test_a_cluster_that_moves_within_the_threshold_keeps_its_id_and_one_that_jum
     # Then they jump: far beyond the threshold, the cluster is another segment (a population
     # replaced: a structural change moving a fifth of the customers, so the operator accepts it).
     produce_events(settings, people, seed=3, prefix="j", shift=champions_jump)
-    refused = train_once(settings, store, trainer_metrics)
+    refused = train_once(train_config(settings), store, trainer_metrics)
     assert refused.result == "rejected" and [f.check for f in refused.failures] == ["structure"]
     jumped = published(settings, store, trainer_metrics, accept=True)
     m = jumped.label_mapping
@@ -433,7 +434,7 @@ def test_a_new_cluster_gets_a_fresh_id_named_by_default_and_leaves_the_others_un
     assert (segment_ids(grown, latest_events(settings, newcomers)) == 5).mean() >= 0.99
 
     # A K-chosen version reproduces from its lineage, and reports from its stored K scores.
-    outcome = reproduce(settings, store, grown.version, 1e-6)
+    outcome = reproduce(reproduce_config(settings), store, grown.version, 1e-6)
     assert outcome["reproduced"], outcome
     page = write_report(store, tmp_path / "report").read_text()
     assert "K=6 was chosen by the largest K with silhouette" in page
@@ -472,7 +473,7 @@ def test_sustained_silhouette_drift_reported_by_consumers_triggers_an_early_retr
     settings = settings_factory(train_interval_s=600, drift_retrain_threshold=0.1,
                                 drift_retrain_after_s=60)
     store = store_for(settings)
-    schedule = Schedule(settings)
+    schedule = Schedule(schedule_config(settings))
     assert schedule.due(store, now=1000.0) == "no model yet"
     store.publish(tiny_bundle(1), None)
     schedule.ran("published", now=1000.0)
@@ -566,13 +567,14 @@ def test_without_the_lease_the_compare_and_set_still_lets_one_trainer_publish_pe
 ) -> None:
     monkeypatch.setattr(TrainerState, "lease", always_held)
     produce_events(settings, customers(800))
+    config = train_config(settings)
     base: int | None = None
     for _round in range(2):
         barrier = threading.Barrier(3)
         results: list[RunResult] = []
 
         def trainer(barrier: threading.Barrier = barrier, results: list[RunResult] = results) -> None:
-            results.append(train_once(settings, ContendingStore(settings, barrier), TrainerMetrics()))
+            results.append(train_once(config, ContendingStore(settings, barrier), TrainerMetrics()))
 
         threads = [threading.Thread(target=trainer) for _ in range(3)]
         for t in threads:
@@ -598,6 +600,7 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.model_log import ModelLog
 from segmentation.store import ModelStore, connect
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 moment = sys.argv[1]
@@ -639,7 +642,7 @@ AbstractConnection.send_packed_command = send_packed_command
 ModelLog.publish = killed_log_publish
 ModelStore.publish = killed_publish
 settings = Settings()
-train_once(settings, ModelStore(connect(settings), settings.redis_prefix), TrainerMetrics())
+train_once(train_config(settings), ModelStore(connect(settings), settings.redis_prefix), TrainerMetrics())
 sys.exit("not killed")
 """
 
@@ -732,7 +735,7 @@ def test_rollback_republishes_an_earlier_model_as_a_new_version_that_consumers_f
     assert store.current_version() == 3
 
     # the rollback holds: the schedule does not retrain over it until an operator unpins
-    schedule = Schedule(settings)
+    schedule = Schedule(schedule_config(settings))
     assert TrainerState.of(store).pinned() == 3 and schedule.due(store) is None
     assert "pinned by a rollback" in trainer_cli(settings, "show").stdout
     unpin = trainer_cli(settings, "unpin")
@@ -778,9 +781,9 @@ def test_a_sampled_window_reproduces_with_the_deployment_s_salt_and_not_with_ano
     assert sample["sampled"] and sample["salt"] == "deployment" and len(sample["salt_sha256"]) == 64
     assert secret not in v1.to_json()
 
-    assert reproduce(keyed, store, v1.version, 1e-6)["reproduced"]
+    assert reproduce(reproduce_config(keyed), store, v1.version, 1e-6)["reproduced"]
     other = keyed.model_copy(update={"sample_salt": None})  # a fresh key: other customers
-    outcome = reproduce(other, store, v1.version, 1e-6)
+    outcome = reproduce(reproduce_config(other), store, v1.version, 1e-6)
     assert not outcome["reproduced"] and "SEG_SAMPLE_SALT other than this one" in outcome["detail"]
 
 
@@ -819,7 +822,7 @@ def test_a_run_that_cannot_read_its_window_is_counted_as_failed_and_the_trainer_
     broken = settings.model_copy(update={"events_topic": settings.events_topic + "-missing"})
     metrics = TrainerMetrics()
     store = ModelStore(connect(settings), settings.redis_prefix)
-    result = train_once(broken, store, metrics)
+    result = train_once(train_config(broken), store, metrics)
     assert result.result == "failed" and "missing" in result.detail
     assert sample(metrics, "segment_trainer_runs_total", result="failed") == 1
     assert TrainerState.of(store).runs()[0]["result"] == "failed"
@@ -844,11 +847,11 @@ def test_poisoned_trainer_state_in_redis_never_crashes_the_schedule_or_history(
     store.client.set(f"{p}:online:x", b"[1, 2]")  # a replica state that is not an object
     store.client.lpush(f"{p}:runs", b"{oops")
     store.client.zadd(f"{p}:versions", {"garbage": 2})
-    assert Schedule(settings).due(store) == "interval"
+    assert Schedule(schedule_config(settings)).due(store) == "interval"
     assert TrainerState.of(store).runs() == [] and store.versions() == [1]
     store.client.set(f"{p}:pinned", b"not a version")
     assert TrainerState.of(store).pinned() == UNREADABLE_PIN  # held, conservatively
-    assert Schedule(settings).due(store) is None
+    assert Schedule(schedule_config(settings)).due(store) is None
     history = trainer_cli(settings, "history")
     assert history.returncode == 0, history.stderr
 
@@ -864,12 +867,12 @@ def test_trainer_keys_of_the_wrong_type_are_logged_counted_and_never_stop_a_run(
     store.client.rpush(keys.pinned, "x")  # a list where the pin (a string) belongs
     store.client.hset(keys.runs, "a", "b")  # a hash where the run log (a list) belongs
     store.client.hset(keys.online("x"), "a", "b")  # a hash where a replica state belongs
-    schedule = Schedule(settings, trainer_metrics.redis_errors)
+    schedule = Schedule(schedule_config(settings), trainer_metrics.redis_errors)
     assert schedule.due(store) is None  # an unreadable pin holds retrains, as a garbage one does
     assert errors_counted(trainer_metrics, "pinned") == 1
     state = TrainerState.of(store, trainer_metrics.redis_errors)
     assert state.runs() == []
-    result = train_once(settings, store, trainer_metrics)  # no window yet: skipped, and recorded
+    result = train_once(train_config(settings), store, trainer_metrics)  # no window yet: skipped, recorded
     assert result.result == "skipped"
     assert errors_counted(trainer_metrics, "run_log") == 2  # the read above and the run's record
     history = trainer_cli(settings, "history")
@@ -892,7 +895,7 @@ def test_a_full_redis_refusing_the_lease_skips_the_run_instead_of_killing_the_tr
         with pytest.raises(redis.ResponseError, match="maxmemory"):
             store.client.set(store.keys.lock, "even a small write")
         metrics = TrainerMetrics()
-        result = train_once(settings, store, metrics)
+        result = train_once(train_config(settings), store, metrics)
         assert result.result == "skipped" and "lock" in result.detail
         assert errors_counted(metrics, "lease") == 1 and errors_counted(metrics, "run_log") == 1
     finally:

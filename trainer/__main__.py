@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from confluent_kafka import KafkaException
@@ -17,9 +18,10 @@ from confluent_kafka import KafkaException
 from segmentation import logs
 from segmentation.baseline import baseline_of
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.kafka import ensure_topics
+from segmentation.features import FeatureConfig
+from segmentation.kafka import ensure_topics, reader_config
 from segmentation.metrics import TrainerMetrics, serve
-from segmentation.model_log import ModelLogError, sync_store
+from segmentation.model_log import ModelLog, ModelLogError, sync_store
 from segmentation.readback import Readback
 from segmentation.settings import Settings, load_settings
 from segmentation.store import (
@@ -31,15 +33,104 @@ from segmentation.store import (
     check_redis,
     connect,
 )
-from trainer.challenger import ChallengerRefused, tally
+from trainer.challenger import ChallengerRefused, PromotionRule, tally
+from trainer.fit import KConfig
+from trainer.gate import GateLimits
 from trainer.labels import load_names
-from trainer.operations import auto_promote, discard, pin, promote, reproduce, rollback
-from trainer.pipeline import train_once
-from trainer.schedule import Schedule
+from trainer.models_topic import ModelTopic
+from trainer.operations import (
+    PromotionConfig,
+    ReproduceConfig,
+    auto_promote,
+    discard,
+    pin,
+    promote,
+    reproduce,
+    rollback,
+)
+from trainer.pipeline import MatchConfig, TrainConfig, train_once
+from trainer.schedule import Schedule, ScheduleConfig
+from trainer.window import WindowConfig
+
+if TYPE_CHECKING:
+    from trainer.report import ReportConfig
 
 log = logging.getLogger("trainer")
 
 CATCH_UP_EVERY_S = 5.0
+
+
+# --- each component's configuration, from the settings (only here and in the tools) -------------
+def model_topic(settings: Settings) -> ModelTopic:
+    """The models topic; segmentation's ``ModelLog`` and ``sync_store`` take the settings."""
+    return ModelTopic(log=functools.partial(ModelLog, settings), sync=functools.partial(sync_store, settings))
+
+
+def window_config(settings: Settings) -> WindowConfig:
+    return WindowConfig(
+        topic=settings.events_topic, window_s=settings.window_s, max_rows=settings.max_rows,
+        contract=settings.input_contract(), max_abs_feature=settings.max_abs_feature,
+        sample_salt=settings.sample_salt, reader=reader_config(settings, "trainer"),
+        probe=reader_config(settings, "trainer-probe"),
+    )
+
+
+def k_config(settings: Settings) -> KConfig:
+    return KConfig(k=settings.k, k_min=settings.k_min, k_max=settings.k_max, n_init=settings.n_init,
+                   random_state=settings.random_state, silhouette_sample=settings.silhouette_sample,
+                   stability_sample=settings.stability_sample, numeric_columns=len(settings.features))
+
+
+def gate_limits(settings: Settings) -> GateLimits:
+    return GateLimits(
+        min_share=settings.gate_min_share,
+        min_separation=settings.gate_min_separation,
+        silhouette_margin=settings.gate_silhouette_margin,
+        min_spread_separation=settings.gate_min_spread_separation,
+        min_silhouette=settings.gate_min_silhouette,
+        max_davies_bouldin=settings.gate_max_davies_bouldin,
+        max_silhouette_drop=settings.gate_max_silhouette_drop,
+        max_davies_bouldin_rise=settings.gate_max_davies_bouldin_rise,
+        silhouette_budget=settings.gate_silhouette_budget,
+        max_structural_share=settings.gate_max_structural_share,
+    )
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    return TrainConfig(
+        window=window_config(settings), features=FeatureConfig.of(settings), k=k_config(settings),
+        gate=gate_limits(settings),
+        matching=MatchConfig(settings.match_threshold, settings.match_max_spread, settings.names_file),
+        min_rows=settings.min_rows, lock_ttl_s=settings.lock_ttl_s, models=model_topic(settings),
+    )
+
+
+def schedule_config(settings: Settings) -> ScheduleConfig:
+    return ScheduleConfig(
+        train_interval_s=settings.train_interval_s, drift_retrain_after_s=settings.drift_retrain_after_s,
+        drift_retrain_threshold=settings.drift_retrain_threshold,
+        novelty_retrain_share=settings.novelty_retrain_share,
+    )
+
+
+def promotion_config(settings: Settings) -> PromotionConfig:
+    return PromotionConfig(models=model_topic(settings), lock_ttl_s=settings.lock_ttl_s,
+                           features=FeatureConfig.of(settings))
+
+
+def promotion_rule(settings: Settings) -> PromotionRule:
+    return PromotionRule(settings.challenger_promote_after, settings.challenger_min_agreement)
+
+
+def reproduce_config(settings: Settings) -> ReproduceConfig:
+    return ReproduceConfig(window=window_config(settings), k=k_config(settings),
+                           feature_kinds=dict(settings.feature_kinds), clip_margin=settings.clip_margin)
+
+
+def report_config(settings: Settings) -> ReportConfig:
+    from trainer.report import ReportConfig  # matplotlib: only for the report
+
+    return ReportConfig(window=window_config(settings), k_min=settings.k_min, k_max=settings.k_max)
 
 
 def bundle_summary(bundle: ModelBundle) -> dict[str, Any]:
@@ -257,11 +348,11 @@ def cmd_history(store: ModelStore, as_json: bool) -> int:
     return 0
 
 
-def catch_up(settings: Settings, store: ModelStore) -> None:
+def catch_up(models: ModelTopic, store: ModelStore) -> None:
     """Rebuild the Redis cache from the models topic if Redis lost it (the pin included, so a
     rolled-back model is not replaced by a retrain because Redis restarted)."""
     try:
-        sync_store(settings, store)
+        models.sync(store)
     except (ModelLogError, KafkaException, redis.RedisError) as exc:
         log.warning("model cache not checked against the models topic", extra={"error": str(exc)})
 
@@ -276,20 +367,22 @@ def cmd_run(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> i
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    schedule = Schedule(settings, metrics.redis_errors)
+    schedule = Schedule(schedule_config(settings), metrics.redis_errors)
+    models, config = model_topic(settings), train_config(settings)
+    promotion, rule = promotion_config(settings), promotion_rule(settings)
     metrics.up.set(1)
     log.info("trainer running", extra={"interval_s": settings.train_interval_s})
     next_check = 0.0
     while not stop["flag"]:
         if time.monotonic() >= next_check:
-            catch_up(settings, store)
-            if auto_promote(settings, store, metrics) is not None:
+            catch_up(models, store)
+            if auto_promote(promotion, rule, store, metrics) is not None:
                 schedule.ran("published")
             next_check = time.monotonic() + CATCH_UP_EVERY_S
         reason = schedule.due(store)
         if reason:
             log.info("training", extra={"reason": reason})
-            result = train_once(settings, store, metrics, challenger=settings.challenger)
+            result = train_once(config, store, metrics, challenger=settings.challenger)
             schedule.ran(result.result)
         time.sleep(0.5)
     metrics.up.set(0)
@@ -335,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.command in ("rollback", "unpin"):  # once and run catch up themselves; reads never write
-        catch_up(settings, store)
+        catch_up(model_topic(settings), store)
     try:
         return run_command(args, settings, store)
     except (BundleError, PublishConflict, ChallengerRefused) as exc:
@@ -351,27 +444,28 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
     if args.command == "history":
         return cmd_history(store, args.json)
     if args.command == "rollback":
-        version = rollback(settings, store, args.version)
+        version = rollback(model_topic(settings), FeatureConfig.of(settings), store, args.version)
         print(f"v{args.version} is current again as v{version}; scheduled retrains are held "
               f"until `python -m trainer unpin`")
         return 0
     if args.command == "unpin":
-        print("scheduled retrains resume" if pin(settings, store, None) else "nothing was pinned")
+        was_pinned = pin(model_topic(settings), store, None)
+        print("scheduled retrains resume" if was_pinned else "nothing was pinned")
         return 0
     if args.command == "promote":
-        print(json.dumps(promote(settings, store, TrainerMetrics())))
+        print(json.dumps(promote(promotion_config(settings), store, TrainerMetrics())))
         return 0
     if args.command == "discard":
-        print(json.dumps(discard(settings, store, TrainerMetrics())))
+        print(json.dumps(discard(model_topic(settings), store, TrainerMetrics())))
         return 0
     if args.command == "reproduce":
-        outcome = reproduce(settings, store, args.version, args.tolerance)
+        outcome = reproduce(reproduce_config(settings), store, args.version, args.tolerance)
         print(json.dumps(outcome, indent=2))
         return 0 if outcome["reproduced"] else 1
     if args.command == "report":
         from trainer.report import write_report
 
-        path = write_report(store, args.out, settings)
+        path = write_report(store, args.out, report_config(settings))
         print(f"report written to {path}")
         return 0
 
@@ -390,7 +484,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
     if settings.metrics_port:
         serve(metrics.registry, settings.metrics_port, host=settings.metrics_host)
     if args.command == "once":
-        result = train_once(settings, store, metrics, force=args.force, accept=args.accept,
+        result = train_once(train_config(settings), store, metrics, force=args.force, accept=args.accept,
                             challenger=args.challenger)
         print(json.dumps({"result": result.result, "version": result.version,
                           "forced": result.forced, "detail": result.detail}))

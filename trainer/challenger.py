@@ -23,9 +23,9 @@ from confluent_kafka import KafkaException
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.metrics import ChallengerAction, TrainerMetrics
-from segmentation.model_log import ModelLog, ModelLogError
-from segmentation.settings import Settings
+from segmentation.model_log import ModelLogError
 from segmentation.store import ModelStore
+from trainer.models_topic import ModelTopic
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class ChallengerRefused(RuntimeError):
     """A challenger command that cannot be carried out, with the reason for the operator."""
 
 
-def store_challenger(settings: Settings, store: ModelStore, bundle: ModelBundle,
+def store_challenger(models: ModelTopic, store: ModelStore, bundle: ModelBundle,
                      metrics: TrainerMetrics | None = None) -> None:
     """``bundle`` in the challenger slot, replacing any: the models topic first, then Redis and
     the notice to the consumers."""
-    end = ModelLog(settings).set_challenger(bundle, store.counters())
+    end = models.log().set_challenger(bundle, store.counters())
     store.set_challenger(bundle)
     store.set_registry_offset(end)
     _count(metrics, "published")
@@ -50,18 +50,18 @@ def store_challenger(settings: Settings, store: ModelStore, bundle: ModelBundle,
                                             "k": bundle.k, "silhouette": round(bundle.quality.silhouette, 4)})
 
 
-def clear_challenger(settings: Settings, store: ModelStore, action: ChallengerAction,
+def clear_challenger(models: ModelTopic, store: ModelStore, action: ChallengerAction,
                      metrics: TrainerMetrics | None = None) -> None:
     """Empty the challenger slot (``action`` says why): a tombstone on the models topic with the
     counters as they stand (its version and ids are never handed out again), then Redis and the
     notice to the consumers."""
-    end = ModelLog(settings).clear_challenger(store.counters())
+    end = models.log().clear_challenger(store.counters())
     store.set_challenger(None)
     store.set_registry_offset(end)
     _count(metrics, action)
 
 
-def clear_stale_challenger(settings: Settings, store: ModelStore, current: int,
+def clear_stale_challenger(models: ModelTopic, store: ModelStore, current: int,
                            metrics: TrainerMetrics | None = None) -> bool:
     """After ``current`` became the current model: clear a challenger trained against another
     model (it can no longer be promoted) or one that is not a valid bundle; True if cleared.
@@ -79,7 +79,7 @@ def clear_stale_challenger(settings: Settings, store: ModelStore, current: int,
         if challenger is None:
             return False
     try:
-        clear_challenger(settings, store, "stale", metrics)
+        clear_challenger(models, store, "stale", metrics)
     except (ModelLogError, KafkaException, redis.RedisError) as exc:
         log.warning("stale challenger not cleared", extra={"current": current, "error": str(exc)})
         return False
@@ -111,6 +111,15 @@ class Tally:
     @property
     def agreement(self) -> float:
         return self.agreed / self.events if self.events else 0.0
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """When `trainer run` promotes the challenger by itself (``promotion_verdict``): after
+    ``promote_after`` events scored with it (0: never), with at least ``min_agreement``."""
+
+    promote_after: int
+    min_agreement: float
 
 
 @dataclass(frozen=True)

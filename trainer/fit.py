@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -53,9 +52,6 @@ from sklearn.metrics import adjusted_rand_score
 
 from segmentation.cluster_metrics import calinski_harabasz, davies_bouldin, sampled_silhouette, shares
 from segmentation.matching import cluster_residuals, customer_flows, pair_separation, significant_flows
-
-if TYPE_CHECKING:
-    from segmentation.settings import Settings
 
 # A K stays a candidate while its silhouette is within this fraction of the best K's. Sampling
 # noise of the silhouette on 5000 rows is about 0.005, far inside the band. Tuned on the
@@ -127,7 +123,7 @@ class Fit:
 
 @dataclass(frozen=True)
 class KConfig:
-    """What fitting and choosing K depend on (``KConfig.of(settings)``)."""
+    """What fitting and choosing K depend on."""
 
     k: int | None = None  # fixed K; None chooses
     k_min: int = 2
@@ -141,12 +137,6 @@ class KConfig:
     # one-hot columns, so any cut there would measure as far apart as one likes (the demo's
     # channel: 65 pooled deviations); categories shape segments, they do not prove a split.
     numeric_columns: int | None = None
-
-    @classmethod
-    def of(cls, settings: Settings) -> KConfig:
-        return cls(k=settings.k, k_min=settings.k_min, k_max=settings.k_max, n_init=settings.n_init,
-                   random_state=settings.random_state, silhouette_sample=settings.silhouette_sample,
-                   stability_sample=settings.stability_sample, numeric_columns=len(settings.features))
 
 
 def fit_kmeans(

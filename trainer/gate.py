@@ -32,7 +32,6 @@ from scipy.spatial.distance import pdist
 from segmentation.baseline import QualityBaseline
 from segmentation.matching import cluster_residuals, pair_separation
 from segmentation.metrics import GateCheck
-from segmentation.settings import Settings
 from trainer.fit import Fit
 
 # A drop within this many standard deviations of the silhouette's sampling noise is noise.
@@ -62,21 +61,6 @@ class GateLimits:
     max_davies_bouldin_rise: float | None
     silhouette_budget: float | None = None
     max_structural_share: float | None = None
-
-    @classmethod
-    def of(cls, settings: Settings) -> GateLimits:
-        return cls(
-            min_share=settings.gate_min_share,
-            min_separation=settings.gate_min_separation,
-            silhouette_margin=settings.gate_silhouette_margin,
-            min_spread_separation=settings.gate_min_spread_separation,
-            min_silhouette=settings.gate_min_silhouette,
-            max_davies_bouldin=settings.gate_max_davies_bouldin,
-            max_silhouette_drop=settings.gate_max_silhouette_drop,
-            max_davies_bouldin_rise=settings.gate_max_davies_bouldin_rise,
-            silhouette_budget=settings.gate_silhouette_budget,
-            max_structural_share=settings.gate_max_structural_share,
-        )
 
 
 def check_finite(centroids: np.ndarray, silhouette: float) -> GateFailure | None:

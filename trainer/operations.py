@@ -4,6 +4,8 @@ promote and discard (with the automatic promotion `trainer run` applies)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,29 +14,54 @@ import redis
 from confluent_kafka import KafkaException
 
 from segmentation.bundle import BundleError, ModelBundle
+from segmentation.features import FeatureConfig, FeatureKind
 from segmentation.matching import match_centroids
 from segmentation.metrics import TrainerMetrics
-from segmentation.model_log import ModelLog, ModelLogError, sync_store
-from segmentation.settings import Settings
+from segmentation.model_log import ModelLogError
 from segmentation.store import OUTAGE, ModelStore, PublishConflict, ReplicaStates, TrainerState
-from trainer.challenger import ChallengerRefused, clear_challenger, promotion_verdict, tally
+from trainer.challenger import ChallengerRefused, PromotionRule, clear_challenger, promotion_verdict, tally
+from trainer.fit import KConfig
 from trainer.labels import rollback_mapping
+from trainer.models_topic import ModelTopic
 from trainer.pipeline import accepted_baseline, data_hash, fit_window, load_base, publish, report_publish
-from trainer.window import SampleKey, Window, read_window
+from trainer.window import Window, WindowConfig, read_window
 
 log = logging.getLogger(__name__)
 
 
-def rollback(settings: Settings, store: ModelStore, version: int) -> int:
+@dataclass(frozen=True)
+class PromotionConfig:
+    """What making the challenger current depends on: the models topic, the trainer lease
+    (``lock_ttl_s``) and the configured ``features`` a challenger must have."""
+
+    models: ModelTopic
+    lock_ttl_s: int
+    features: FeatureConfig
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What `reproduce` takes from the configuration rather than the version's lineage: how the
+    window is read, the K options (``n_init``, ``max_rows``, ``silhouette_sample`` and
+    ``clip_margin`` only where the lineage records none) and every configured feature kind (the
+    version may have other features than those configured)."""
+
+    window: WindowConfig
+    k: KConfig
+    feature_kinds: Mapping[str, FeatureKind]
+    clip_margin: float
+
+
+def rollback(models: ModelTopic, features: FeatureConfig, store: ModelStore, version: int) -> int:
     """Republish ``version``'s model as a new version (versions only ever rise, so consumers
     that refuse to go back to an older version still follow a rollback).
 
     The model (scaler, centroids, segment ids and names, quality, lineage) is the old one's;
     the label mapping is recomputed against the version it replaces. Compare-and-set against
     the current version: a trainer publishing at the same moment makes one of the two fail."""
-    sync_store(settings, store)
+    models.sync(store)
     target = store.load(version)  # validated; raises BundleError if unusable
-    target.check_compatible(settings.features, settings.categorical)
+    target.check_compatible(features.numeric, features.categorical)
     base, current = load_base(store)
     if base == version:
         raise BundleError(f"v{version} is already current")
@@ -45,15 +72,15 @@ def rollback(settings: Settings, store: ModelStore, version: int) -> int:
         "label_mapping": rollback_mapping(current, target),
         "rolled_back_from": version,
     })
-    publish(settings, store, bundle, base)
-    pin(settings, store, bundle.version)
+    publish(models, store, bundle, base)
+    pin(models, store, bundle.version)
     return bundle.version
 
 
-def pin(settings: Settings, store: ModelStore, version: int | None) -> bool:
+def pin(models: ModelTopic, store: ModelStore, version: int | None) -> bool:
     """Hold (a version) or release (None) scheduled retrains: in the models topic first, then in
     Redis. Returns whether something was pinned before."""
-    ModelLog(settings).pin(version)
+    models.log().pin(version)
     state = TrainerState.of(store)
     if version is None:
         return state.unpin()
@@ -67,6 +94,7 @@ def sample_not_redrawn(window: Window, params: dict[str, Any]) -> str | None:
     or None when it does: it had no more customers than ``max_rows`` (every one is kept, whatever
     the key), or its key is the one the run recorded the hash of.
 
+    >>> from trainer.window import SampleKey
     >>> key = SampleKey.of_secret("a deployment secret")
     >>> window = Window([], [], 0, 0, sampled=True, key=key)
     >>> sample_not_redrawn(window, {"sample": {"salt": "deployment", "salt_sha256": key.fingerprint}})
@@ -88,35 +116,39 @@ def sample_not_redrawn(window: Window, params: dict[str, Any]) -> str | None:
             "customers cannot be drawn again")
 
 
-def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: float) -> dict[str, Any]:
+def reproduce(config: ReproduceConfig, store: ModelStore, version: int, tolerance: float) -> dict[str, Any]:
     """Refit from the offsets recorded in ``version``'s lineage with its recorded parameters, and
     compare with the published centroids (matched up to a permutation). A window sampled with a
     key this process does not hold (``sample_not_redrawn``) is not reproduced, and says so."""
     bundle = store.load(version)
     params = bundle.lineage.params
-    fit_settings = settings.model_copy(update={
-        "k": params.get("k", bundle.k),
-        "n_init": params.get("n_init", settings.n_init),
-        "max_rows": params.get("max_rows", settings.max_rows),
-        "scaler": params.get("scaler", bundle.features.scaler),
-        "categorical_weight": params.get("categorical_weight", bundle.features.categorical_weight),
+    numeric = tuple(bundle.features.numeric)
+    features = FeatureConfig(
+        numeric=numeric,
+        categorical=tuple(bundle.features.vocabulary),
+        kinds={n: k for n, k in config.feature_kinds.items() if n in numeric},
+        scaler=params.get("scaler", bundle.features.scaler),
         # the features the run chose to log (configured, skewed, or kept from its predecessor)
-        "log_features": tuple(bundle.features.log_features),
-        "log_skewness": None,
+        log_features=tuple(bundle.features.log_features),
+        log_skewness=None,
         # bundles from before clipping had none
-        "clip_quantile": params.get("clip_quantile", 0.0),
-        "clip_margin": params.get("clip_margin", settings.clip_margin),
-        "features": tuple(bundle.features.numeric),
-        "categorical": tuple(bundle.features.vocabulary),
-        "silhouette_sample": params.get("silhouette_sample", settings.silhouette_sample),
+        clip_quantile=params.get("clip_quantile", 0.0),
+        clip_margin=params.get("clip_margin", config.clip_margin),
+        categorical_weight=params.get("categorical_weight", bundle.features.categorical_weight),
         # bundles from before the vocabulary cap kept every value seen once
-        "vocabulary_max": params.get("vocabulary_max", 1000),
-        "vocabulary_min_count": params.get("vocabulary_min_count", 1),
-        "random_state": bundle.lineage.random_state,
-        "events_topic": bundle.lineage.topic,
-    })
-    window = read_window(fit_settings, now_ms=bundle.lineage.window_end_ms,
-                         ranges=bundle.lineage.partitions, key=SampleKey.of(settings))
+        vocabulary_min_count=params.get("vocabulary_min_count", 1),
+        vocabulary_max=params.get("vocabulary_max", 1000),
+    )
+    k_config = replace(
+        config.k, k=params.get("k", bundle.k), n_init=params.get("n_init", config.k.n_init),
+        random_state=bundle.lineage.random_state,
+        silhouette_sample=params.get("silhouette_sample", config.k.silhouette_sample),
+        numeric_columns=len(numeric),
+    )
+    window_config = config.window.for_run(bundle.lineage.topic, numeric,
+                                          params.get("max_rows", config.window.max_rows))
+    window = read_window(window_config, now_ms=bundle.lineage.window_end_ms,
+                         ranges=bundle.lineage.partitions)
     if window.rows_read != bundle.lineage.rows_read:
         return {"version": version, "reproduced": False,
                 "rows_read": window.rows_read, "rows_recorded": bundle.lineage.rows_read,
@@ -125,7 +157,7 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
     if not_redrawn is not None:
         return {"version": version, "reproduced": False, "rows_read": window.rows_read,
                 "detail": not_redrawn}
-    _, x, fit, _ = fit_window(fit_settings, window)
+    _, x, fit, _ = fit_window(features, k_config, window)
     published = bundle.centroid_array()
     pairs = match_centroids(published, fit.centroids, np.inf)
     max_diff = max((d for _, _, d in pairs), default=float("inf"))
@@ -140,29 +172,30 @@ def reproduce(settings: Settings, store: ModelStore, version: int, tolerance: fl
     }
 
 
-def promote(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
+def promote(config: PromotionConfig, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
     """Make the challenger current: a normal publish of its bundle, with its own version, as a
     compare-and-set on the version it was trained against, under the trainer lease; then the
     slot is cleared. ``ChallengerRefused`` when there is none, or another model became current
     since it was trained (it would undo that model: discard it)."""
-    with TrainerState.of(store, metrics.redis_errors).lease(settings.lock_ttl_s) as held:
+    models = config.models
+    with TrainerState.of(store, metrics.redis_errors).lease(config.lock_ttl_s) as held:
         if not held:
             raise ChallengerRefused("the trainer lock is held by another trainer (or Redis could "
                                     "not give it); try again")
-        sync_store(settings, store)
+        models.sync(store)
         challenger = store.challenger()  # validated; an invalid one raises BundleError
         if challenger is None:
             raise ChallengerRefused("there is no challenger to promote")
         base, current = challenger.previous_version, store.current_version()
         if current == challenger.version:  # a promotion interrupted before the slot was cleared
-            clear_challenger(settings, store, "promoted", metrics)
+            clear_challenger(models, store, "promoted", metrics)
             return _promotion(challenger, "was already current; the challenger slot is cleared")
         if current != base:
             raise ChallengerRefused(f"challenger v{challenger.version} was trained against v{base} "
                                     f"but v{current} is current; discard it")
-        challenger.check_compatible(settings.features, settings.categorical)
-        publish(settings, store, challenger, base, metrics)
-        clear_challenger(settings, store, "promoted", metrics)
+        challenger.check_compatible(config.features.numeric, config.features.categorical)
+        publish(models, store, challenger, base, metrics)
+        clear_challenger(models, store, "promoted", metrics)
         report_publish(metrics, challenger, accepted_baseline(store, challenger))
     log.info("challenger promoted", extra={"version": challenger.version, "base": base})
     return _promotion(challenger, f"v{challenger.version} is current (it replaced v{base})")
@@ -173,29 +206,30 @@ def _promotion(challenger: ModelBundle, detail: str) -> dict[str, Any]:
             "k": challenger.k, "segment_ids": challenger.segment_ids, "detail": detail}
 
 
-def discard(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
+def discard(models: ModelTopic, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any]:
     """Drop the challenger: ``{"discarded": its version or None, "detail": ...}``. An empty slot
     is not an error; a slot holding something that is not a valid bundle is cleared too."""
-    sync_store(settings, store)
+    models.sync(store)
     try:
         challenger = store.challenger()
     except BundleError as exc:
         log.error("challenger slot invalid; cleared", extra={"error": str(exc)})
-        clear_challenger(settings, store, "discarded", metrics)
+        clear_challenger(models, store, "discarded", metrics)
         return {"discarded": None, "detail": f"an invalid challenger was cleared ({exc})"}
     if challenger is None:
         return {"discarded": None, "detail": "there was no challenger"}
-    clear_challenger(settings, store, "discarded", metrics)
+    clear_challenger(models, store, "discarded", metrics)
     log.info("challenger discarded", extra={"version": challenger.version})
     return {"discarded": challenger.version, "detail": f"challenger v{challenger.version} discarded"}
 
 
-def auto_promote(settings: Settings, store: ModelStore, metrics: TrainerMetrics) -> dict[str, Any] | None:
-    """The automatic rule `trainer run` applies (``SEG_CHALLENGER_PROMOTE_AFTER`` > 0): promote the
+def auto_promote(config: PromotionConfig, rule: PromotionRule, store: ModelStore,
+                 metrics: TrainerMetrics) -> dict[str, Any] | None:
+    """The automatic ``rule`` `trainer run` applies (``promote_after`` > 0): promote the
     challenger once the replicas' reports about it pass ``promotion_verdict``; never while a
     rollback pins the current model. Returns what ``promote`` did, or None. Never raises: a
     failure is logged and the rule is checked again later."""
-    if settings.challenger_promote_after <= 0:
+    if rule.promote_after <= 0:
         return None
     try:
         if TrainerState.of(store, metrics.redis_errors).pinned() is not None:
@@ -207,14 +241,13 @@ def auto_promote(settings: Settings, store: ModelStore, metrics: TrainerMetrics)
     if challenger is None or challenger.previous_version != current:
         return None
     states = ReplicaStates.of(store, metrics.redis_errors).all()
-    verdict = promotion_verdict(tally(states, challenger.version), settings.challenger_promote_after,
-                                settings.challenger_min_agreement)
+    verdict = promotion_verdict(tally(states, challenger.version), rule.promote_after, rule.min_agreement)
     if not verdict.promote:
         return None
     log.info("promoting the challenger automatically", extra={"version": challenger.version,
                                                              "reason": verdict.reason})
     try:
-        return {**promote(settings, store, metrics), "reason": verdict.reason}
+        return {**promote(config, store, metrics), "reason": verdict.reason}
     except (ChallengerRefused, PublishConflict, BundleError, ModelLogError, KafkaException,
             redis.RedisError) as exc:
         log.warning("automatic promotion failed", extra={"version": challenger.version, "error": str(exc)})

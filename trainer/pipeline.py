@@ -17,17 +17,45 @@ from segmentation.bundle import BundleError, Lineage, ModelBundle
 from segmentation.events import CustomerEvent
 from segmentation.features import FeatureConfig, FeatureSpec, fit_spec, raw_numeric
 from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
-from segmentation.model_log import ModelLog, sync_store
-from segmentation.settings import Settings
 from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.challenger import clear_stale_challenger, store_challenger
 from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
 from trainer.gate import GateFailure, GateLimits, check_finite_window
 from trainer.labels import load_names
+from trainer.models_topic import ModelTopic
 from trainer.refit import Matching, assess, build_bundle, label, previous_rows
-from trainer.window import Window, read_window
+from trainer.window import Window, WindowConfig, read_window
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How segment ids are matched (``Matching``), the names read from ``names_file`` at every
+    run."""
+
+    threshold: float
+    max_spread: float
+    names_file: str | None = None
+
+    def matching(self) -> Matching:
+        return Matching(self.threshold, self.max_spread, load_names(self.names_file))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a training run depends on: the window it reads, the preprocessing, K, the gate and
+    the matching; at least ``min_rows`` customers; the trainer lease of ``lock_ttl_s``; the
+    models topic it publishes to."""
+
+    window: WindowConfig
+    features: FeatureConfig
+    k: KConfig
+    gate: GateLimits
+    matching: MatchConfig
+    min_rows: int
+    lock_ttl_s: int
+    models: ModelTopic
 
 
 @dataclass
@@ -53,48 +81,51 @@ def library_versions() -> dict[str, str]:
     return {p: package_version(p) for p in ("scikit-learn", "numpy", "scipy")}
 
 
-def fit_params(settings: Settings, k: int) -> dict[str, object]:
-    """The settings a fit depends on, recorded so that `reproduce` can repeat it."""
+def fit_params(config: TrainConfig, k: int) -> dict[str, object]:
+    """The parameters a fit depends on, recorded so that `reproduce` can repeat it."""
+    features, k_config, window = config.features, config.k, config.window
     return {
-        "k": k, "n_init": settings.n_init, "max_rows": settings.max_rows,
-        "scaler": settings.scaler, "log_features": list(settings.log_features),
-        "log_skewness": settings.log_skewness, "clip_quantile": settings.clip_quantile,
-        "clip_margin": settings.clip_margin,
-        "feature_kinds": {n: k for n, k in settings.feature_kinds.items() if n in settings.features},
-        "categorical_weight": settings.categorical_weight,
-        "features": list(settings.features), "categorical": list(settings.categorical),
-        "silhouette_sample": settings.silhouette_sample, "stability_sample": settings.stability_sample,
-        "window_s": settings.window_s,
-        "vocabulary_max": settings.vocabulary_max,
-        "vocabulary_min_count": settings.vocabulary_min_count,
+        "k": k, "n_init": k_config.n_init, "max_rows": window.max_rows,
+        "scaler": features.scaler, "log_features": list(features.log_features),
+        "log_skewness": features.log_skewness, "clip_quantile": features.clip_quantile,
+        "clip_margin": features.clip_margin,
+        "feature_kinds": {n: k for n, k in features.kinds.items() if n in features.numeric},
+        "categorical_weight": features.categorical_weight,
+        "features": list(features.numeric), "categorical": list(features.categorical),
+        "silhouette_sample": k_config.silhouette_sample, "stability_sample": k_config.stability_sample,
+        "window_s": window.window_s,
+        "vocabulary_max": features.vocabulary_max,
+        "vocabulary_min_count": features.vocabulary_min_count,
     }
 
 
 def encode_window(
-    settings: Settings, window: Window, current: ModelBundle | None = None
+    features: FeatureConfig, window: Window, current: ModelBundle | None = None
 ) -> tuple[FeatureSpec, np.ndarray]:
     """Fit the vocabulary and the preprocessing on a window and encode it with them; features
     the ``current`` model logs keep their log unless clearly no longer skewed."""
-    spec = fit_spec(window.events, FeatureConfig.of(settings),
+    spec = fit_spec(window.events, features,
                     current.features.log_features if current is not None else ())
     x, _ = spec.encode(window.events)
     return spec, x
 
 
-def fit_window(settings: Settings, window: Window) -> tuple[FeatureSpec, np.ndarray, Fit, list[Fit]]:
+def fit_window(
+    features: FeatureConfig, k_config: KConfig, window: Window
+) -> tuple[FeatureSpec, np.ndarray, Fit, list[Fit]]:
     """Fit scaler + vocabulary and K-Means on a window (also used by `reproduce`)."""
-    spec, x = encode_window(settings, window)
-    fit, fits = fit_encoded(settings, x)
+    spec, x = encode_window(features, window)
+    fit, fits = fit_encoded(k_config, x)
     return spec, x, fit, fits
 
 
-def fit_encoded(settings: Settings, x: np.ndarray, current_k: int | None = None,
+def fit_encoded(k_config: KConfig, x: np.ndarray, current_k: int | None = None,
                 current_labels: np.ndarray | None = None) -> tuple[Fit, list[Fit]]:
     """K-Means on an encoded window (the rows inside the training envelope): K fixed, or chosen
     over ``k_min..k_max``, one segment when none is stable; ``current_k`` (the published model's)
     is kept while still plausible and stable, or while its refit partitions the rows as the
     current model does (``current_labels``, ``trainer.fit.choose_k``)."""
-    return fit_model(x, KConfig.of(settings), current_k, current_labels)
+    return fit_model(x, k_config, current_k, current_labels)
 
 
 def inside_envelope(
@@ -118,11 +149,6 @@ def previous_encoding(current: ModelBundle | None, events: Sequence[CustomerEven
                     "matched on centroids")
         return None
     return x_current
-
-
-def matching(settings: Settings) -> Matching:
-    return Matching(settings.match_threshold, settings.match_max_spread,
-                    load_names(settings.names_file))
 
 
 # How far back `accepted_baseline` looks for an accepted model behind forced bundles that
@@ -194,7 +220,7 @@ def load_base(store: ModelStore) -> tuple[int | None, ModelBundle | None]:
 
 
 def train_once(
-    settings: Settings,
+    config: TrainConfig,
     store: ModelStore,
     metrics: TrainerMetrics,
     force: bool = False,
@@ -208,13 +234,13 @@ def train_once(
     model as the challenger instead of making it current (the first model is made current: there
     is nothing to challenge)."""
     started = time.monotonic()
-    with TrainerState.of(store, metrics.redis_errors).lease(settings.lock_ttl_s) as held:
+    with TrainerState.of(store, metrics.redis_errors).lease(config.lock_ttl_s) as held:
         if not held:
             return _finish(metrics, store, RunResult(
                 "skipped", "the trainer lock is held by another trainer (or Redis could not give it)"))
         try:
-            sync_store(settings, store)  # versions and ids continue from the topic, whatever Redis lost
-            result = _train(settings, store, metrics, force or accept, now_ms, accept, challenger)
+            config.models.sync(store)  # versions and ids continue from the topic, whatever Redis lost
+            result = _train(config, store, metrics, force or accept, now_ms, accept, challenger)
         except PublishConflict as exc:
             result = RunResult("skipped", f"publish lost the race: {exc}")
         except Exception as exc:  # a failed run must not kill the periodic trainer
@@ -225,21 +251,21 @@ def train_once(
 
 
 def _train(
-    settings: Settings, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None,
+    config: TrainConfig, store: ModelStore, metrics: TrainerMetrics, force: bool, now_ms: int | None,
     accept: bool = False, challenger: bool = False,
 ) -> RunResult:
     base, current = load_base(store)
     baseline = accepted_baseline(store, current)
     report_model_quality(metrics, current, baseline)
-    window = read_window(settings, now_ms)
+    window = read_window(config.window, now_ms)
     metrics.rows.labels("read").set(window.rows_read)
     metrics.rows.labels("invalid").set(window.rows_invalid)
     metrics.rows.labels("used").set(len(window.events))
-    needed = max(settings.min_rows, (settings.k or settings.k_max) + 1)
+    needed = max(config.min_rows, (config.k.k or config.k.k_max) + 1)
     if len(window.events) < needed:
         return RunResult("skipped", f"{len(window.events)} customers in window, need {needed}")
 
-    spec, x = encode_window(settings, window, current)
+    spec, x = encode_window(config.features, window, current)
     not_finite = check_finite_window(x, spec.center, spec.scale)
     if not_finite is not None:
         # Nothing can be fitted on NaN, and the bundle format refuses non-finite numbers, so
@@ -249,16 +275,16 @@ def _train(
     events, x = inside_envelope(spec, window.events, x)
     metrics.rows.labels("outside_envelope").set(len(window.events) - len(events))
     x_previous = previous_encoding(current, events)
-    fit, fits = fit_encoded(settings, x, current.k if current is not None else None,
+    fit, fits = fit_encoded(config.k, x, current.k if current is not None else None,
                             previous_rows(current, x_previous)[0])
     metrics.silhouette.set(fit.silhouette)
     metrics.davies_bouldin.set(fit.davies_bouldin)
     metrics.k.set(fit.k)
     refit = assess(
         spec, x, fit, fits, current, x_previous, baseline,
-        GateLimits.of(settings), matching(settings), silhouette_sample=settings.silhouette_sample,
-        random_state=settings.random_state,
-        k_config=KConfig.of(settings), force=force,
+        config.gate, config.matching.matching(), silhouette_sample=config.k.silhouette_sample,
+        random_state=config.k.random_state,
+        k_config=config.k, force=force,
     )
     if refit.no_structure:
         report_gate(metrics, [])
@@ -277,20 +303,20 @@ def _train(
                     "the refit)", extra={"k": refit.fit.k, "chosen_k": refit.fallback_from,
                                          "continued": refit.continued})
 
-    labelled = label(refit, current, store.allocate_segment_ids, matching(settings))
+    labelled = label(refit, current, store.allocate_segment_ids, config.matching.matching())
     version = store.allocate_version()
     fit = refit.fit
     bundle = build_bundle(
         refit, version, labelled, base, baseline,
         Lineage(
-            topic=settings.events_topic, partitions=window.ranges,
+            topic=config.window.topic, partitions=window.ranges,
             window_start_ms=window.start_ms, window_end_ms=window.end_ms,
             rows_read=window.rows_read, rows_invalid=window.rows_invalid,
             rows_used=len(events), data_sha256=data_hash(x),
-            random_state=settings.random_state, libraries=library_versions(),
-            params={**fit_params(settings, fit.k), "sample": window.sample_record()},
+            random_state=config.k.random_state, libraries=library_versions(),
+            params={**fit_params(config, fit.k), "sample": window.sample_record()},
         ),
-        "fixed" if settings.k is not None else K_SELECTION, operator_accepted=accept,
+        "fixed" if config.k.k is not None else K_SELECTION, operator_accepted=accept,
     )
     accepted = recorded_baseline(bundle)
     detail = "forced past the gate: " + "; ".join(f.detail for f in failures) if failures else ""
@@ -299,12 +325,12 @@ def _train(
                   + f"); K={fit.k} keeping the current structure was published instead")
     if challenger and base is not None:
         # matched, gated and numbered like a publish, but the current model stays
-        store_challenger(settings, store, bundle, metrics)
+        store_challenger(config.models, store, bundle, metrics)
         return RunResult("challenger", detail, version=bundle.version, bundle=bundle,
                          failures=failures, forced=bundle.forced)
     if challenger:
         log.info("no current model to challenge: the first model is published as current")
-    publish(settings, store, bundle, base, metrics)
+    publish(config.models, store, bundle, base, metrics)
     report_publish(metrics, bundle, accepted)
     log.info("model published", extra={"version": bundle.version, "k": fit.k,
                                        "silhouette": round(fit.silhouette, 4), "forced": bundle.forced})
@@ -323,7 +349,7 @@ def _refuse(metrics: TrainerMetrics, failures: list[GateFailure], force: bool) -
     return RunResult("rejected", detail, failures=failures)
 
 
-def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: int | None,
+def publish(models: ModelTopic, store: ModelStore, bundle: ModelBundle, base: int | None,
             metrics: TrainerMetrics | None = None) -> None:
     """The models topic first (the record of truth: the bundle, then the pointer, acknowledged
     by every replica), then the Redis pointer (compare-and-set on ``base``). If the topic write
@@ -331,15 +357,15 @@ def publish(settings: Settings, store: ModelStore, bundle: ModelBundle, base: in
     from the topic and its pointer set back to the winner, so that a cache rebuilt from the topic
     agrees with Redis. A challenger trained against another model than ``bundle`` is stale once
     ``bundle`` is current, and cleared."""
-    models = ModelLog(settings)
-    end = models.publish(bundle)
+    writer = models.log()
+    end = writer.publish(bundle)
     try:
         store.publish(bundle, base)
     except PublishConflict:
-        models.withdraw(bundle.version, store.current_version())
+        writer.withdraw(bundle.version, store.current_version())
         raise
     store.set_registry_offset(end)
-    clear_stale_challenger(settings, store, bundle.version, metrics)
+    clear_stale_challenger(models, store, bundle.version, metrics)
 
 
 def _finish(metrics: TrainerMetrics, store: ModelStore, result: RunResult) -> RunResult:

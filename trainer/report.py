@@ -29,9 +29,8 @@ from segmentation.bundle import BundleError, ModelBundle
 from segmentation.cluster_metrics import davies_bouldin, nearest_two, stratified_sample
 from segmentation.events import CustomerEvent
 from segmentation.features import raw_numeric
-from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
-from trainer.window import read_window
+from trainer.window import WindowConfig, read_window
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,16 @@ def segment_colour(segment_id: int) -> str:
     return PALETTE[segment_id % len(PALETTE)]
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report reads the training window with, and the K range a sweep covers when the
+    bundle has no K curves of its own."""
+
+    window: WindowConfig
+    k_min: int
+    k_max: int
+
+
 @dataclass
 class Sample:
     """Customers of the current model's training window, assigned by the current model."""
@@ -64,20 +73,14 @@ class Sample:
     segment_ids: np.ndarray
 
 
-def read_sample(settings: Settings, bundle: ModelBundle) -> tuple[Sample | None, str]:
+def read_sample(config: WindowConfig, bundle: ModelBundle) -> tuple[Sample | None, str]:
     """Up to ``REPORT_ROWS`` customers of ``bundle``'s training window, or None and why not."""
     lineage = bundle.lineage
     if not lineage.partitions:
         return None, "the bundle records no offsets"
-    sample_settings = settings.model_copy(update={
-        "events_topic": lineage.topic,
-        "features": tuple(bundle.features.numeric),
-        "categorical": tuple(bundle.features.vocabulary),
-        "max_rows": REPORT_ROWS,
-        "random_state": lineage.random_state,
-    })
+    sample_config = config.for_run(lineage.topic, bundle.features.numeric, REPORT_ROWS)
     try:
-        window = read_window(sample_settings, ranges=lineage.partitions)
+        window = read_window(sample_config, ranges=lineage.partitions)
     except Exception as exc:  # noqa: BLE001 - the report still shows everything that needs no data
         log.warning("training window unreadable", extra={"error": str(exc)})
         return None, f"the training window could not be read ({type(exc).__name__}: {exc})"
@@ -437,9 +440,9 @@ def refusal_table(runs: list[dict[str, Any]]) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def write_report(store: ModelStore, out_dir: str | Path, settings: Settings | None = None) -> Path:
+def write_report(store: ModelStore, out_dir: str | Path, config: ReportConfig | None = None) -> Path:
     """Write ``index.html`` (figures embedded) and the figures as PNG files into ``out_dir``;
-    returns the path of ``index.html``. Without ``settings`` (no Kafka to read the training
+    returns the path of ``index.html``. Without ``config`` (no Kafka to read the training
     window from) the figures and columns that need customers are left out, with a note."""
     bundle = store.load_current()
     if bundle is None:
@@ -453,7 +456,7 @@ def write_report(store: ModelStore, out_dir: str | Path, settings: Settings | No
         except BundleError as exc:
             log.warning("version skipped in the report", extra={"version": version, "error": str(exc)})
     sample, sample_note = (
-        (None, "no Kafka settings given") if settings is None else read_sample(settings, bundle)
+        (None, "no Kafka settings given") if config is None else read_sample(config.window, bundle)
     )
 
     figures: dict[str, bytes] = {}
@@ -463,7 +466,7 @@ def write_report(store: ModelStore, out_dir: str | Path, settings: Settings | No
     scores = bundle.quality.k_scores
     computed_here = False
     if len(scores) < 2 and sample is not None:
-        lo, hi = (settings.k_min, settings.k_max) if settings is not None else (2, 10)
+        lo, hi = (config.k_min, config.k_max) if config is not None else (2, 10)
         scores = k_sweep(sample.encoded, range(lo, hi + 1), bundle.lineage.random_state)
         computed_here = True
     if len(scores) >= 2:

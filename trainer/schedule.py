@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from segmentation.bundle import BundleError
-from segmentation.settings import Settings
 from segmentation.store import OUTAGE, ModelStore, ReplicaStates, TrainerState
 from segmentation.store.client import ErrorCounter
 
@@ -96,9 +95,21 @@ def reported(states: list[dict[str, Any]], current: int | None, name: str) -> li
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)]
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When runs are due: every ``train_interval_s``; early once the worst replica's silhouette
+    drift stays below ``-drift_retrain_threshold``, or the novelty share above
+    ``novelty_retrain_share`` (None: off), for ``drift_retrain_after_s``."""
+
+    train_interval_s: float
+    drift_retrain_after_s: float
+    drift_retrain_threshold: float
+    novelty_retrain_share: float | None
+
+
 class Schedule:
-    def __init__(self, settings: Settings, errors: ErrorCounter | None = None) -> None:
-        self.settings = settings
+    def __init__(self, config: ScheduleConfig, errors: ErrorCounter | None = None) -> None:
+        self.config = config
         self.errors = errors  # Redis failures that do not stop the schedule, counted
         self.last_run = 0.0
         self.drift_since: float | None = None
@@ -112,7 +123,8 @@ class Schedule:
     def decide(self, signals: Signals, now: float) -> str | None:
         """Why a run is due at ``now`` given ``signals``, or None.
 
-        >>> s = Schedule(Settings(train_interval_s=600, drift_retrain_after_s=60))
+        >>> s = Schedule(ScheduleConfig(train_interval_s=600, drift_retrain_after_s=60,
+        ...                             drift_retrain_threshold=0.1, novelty_retrain_share=0.03))
         >>> s.decide(Signals(pinned=False, has_model=False, worst_drift=0.0), now=100.0)
         'no model yet'
         >>> s.ran("published", now=100.0)
@@ -133,9 +145,9 @@ class Schedule:
         novel = self.novel(signals.novelty_share, now)
         if not signals.has_model:
             return "no model yet" if now - self.last_run >= COLD_RETRY_S else None
-        if now - self.last_run >= self.settings.train_interval_s:
+        if now - self.last_run >= self.config.train_interval_s:
             return "interval"
-        if signals.challenger_pending or now - self.last_run < self.settings.drift_retrain_after_s:
+        if signals.challenger_pending or now - self.last_run < self.config.drift_retrain_after_s:
             return None
         if drifting:
             return "sustained silhouette drift"
@@ -146,23 +158,23 @@ class Schedule:
     def drifting(self, worst_drift: float, now: float) -> bool:
         """True once the worst replica's silhouette drift has stayed below -threshold for
         ``drift_retrain_after_s`` seconds."""
-        if worst_drift > -self.settings.drift_retrain_threshold:
+        if worst_drift > -self.config.drift_retrain_threshold:
             self.drift_since = None
             return False
         if self.drift_since is None:
             self.drift_since = now
-        return now - self.drift_since >= self.settings.drift_retrain_after_s
+        return now - self.drift_since >= self.config.drift_retrain_after_s
 
     def novel(self, share: float, now: float) -> bool:
         """True once the highest replica novelty share has stayed above
         ``novelty_retrain_share`` for ``drift_retrain_after_s`` seconds (never when it is off)."""
-        limit = self.settings.novelty_retrain_share
+        limit = self.config.novelty_retrain_share
         if limit is None or share <= limit:
             self.novelty_since = None
             return False
         if self.novelty_since is None:
             self.novelty_since = now
-        return now - self.novelty_since >= self.settings.drift_retrain_after_s
+        return now - self.novelty_since >= self.config.drift_retrain_after_s
 
     def ran(self, result: str, now: float | None = None) -> None:
         self.last_run = time.time() if now is None else now

@@ -14,16 +14,16 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPartition
+from pydantic import SecretStr
 
 from segmentation.bundle import PartitionRange
-from segmentation.events import CustomerEvent, Rejection
-from segmentation.kafka import is_transient, reader_config, retrying
-from segmentation.settings import Settings
+from segmentation.events import CustomerEvent, InputContract, Rejection
+from segmentation.kafka import is_transient, retrying
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,50 @@ class SampleKey:
         return cls(hashlib.sha256(secret.encode()).digest(), "deployment")
 
     @classmethod
-    def of(cls, settings: Settings) -> SampleKey:
-        """The deployment's key if ``SEG_SAMPLE_SALT`` is set, else a fresh one."""
-        salt = settings.sample_salt
+    def of(cls, salt: SecretStr | None) -> SampleKey:
+        """The deployment's key if ``salt`` (``SEG_SAMPLE_SALT``) is set, else a fresh one."""
         return cls.per_run() if salt is None else cls.of_secret(salt.get_secret_value())
 
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the key: tells which key a run used without telling the key."""
         return hashlib.sha256(self.key).hexdigest()
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """What reading a training window depends on: the input ``topic``, how far back
+    (``window_s``), the customer cap (``max_rows``), the input ``contract`` rows are validated
+    with, the sample's secret ``sample_salt`` (None: a fresh key per read), and the consumer
+    configurations of the ``reader`` and of the ``probe`` that finds the offsets.
+    ``max_abs_feature`` bounds a feature the contract has no bounds for (``for_run``)."""
+
+    topic: str
+    window_s: int
+    max_rows: int
+    contract: InputContract
+    max_abs_feature: float
+    sample_salt: SecretStr | None = None
+    reader: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    probe: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def sample_key(self) -> SampleKey:
+        return SampleKey.of(self.sample_salt)
+
+    def for_run(self, topic: str, features: Sequence[str], max_rows: int) -> WindowConfig:
+        """This configuration reading a recorded run's window again: its ``topic`` and numeric
+        ``features`` (the configured bounds of those configured, +/-``max_abs_feature`` for the
+        others), at most ``max_rows`` customers.
+
+        >>> config = WindowConfig("events", 60, 10, InputContract(("x",), {"x": (0.0, 1.0)}), 5.0)
+        >>> run = config.for_run("old-events", ["x", "y"], 3)
+        >>> run.topic, run.max_rows, run.contract.features, dict(run.contract.bounds)
+        ('old-events', 3, ('x', 'y'), {'x': (0.0, 1.0), 'y': (-5.0, 5.0)})
+        """
+        default = (-self.max_abs_feature, self.max_abs_feature)
+        bounds = {name: self.contract.bounds.get(name, default) for name in features}
+        contract = replace(self.contract, features=tuple(features), bounds=bounds)
+        return replace(self, topic=topic, max_rows=max_rows, contract=contract)
 
 
 @dataclass
@@ -117,17 +152,17 @@ Position = tuple[int, int]  # partition, offset
 
 
 def iter_ranges(
-    settings: Settings, ranges: list[PartitionRange], timeout_s: float = 120.0
+    config: WindowConfig, ranges: list[PartitionRange], timeout_s: float = 120.0
 ) -> Iterator[tuple[Position, Message]]:
     """Every message in the given offset ranges with its position, streamed (memory does not
     grow with the window). Transient errors are retried by the client; others fail the read."""
     todo = {r.partition: r for r in ranges if r.end > r.start}
     if not todo:
         return
-    consumer = Consumer(reader_config(settings, "trainer"))
+    consumer = Consumer(dict(config.reader))
     try:
         consumer.assign(
-            [TopicPartition(settings.events_topic, r.partition, r.start) for r in todo.values()]
+            [TopicPartition(config.topic, r.partition, r.start) for r in todo.values()]
         )
         deadline = time.monotonic() + timeout_s
         while todo:
@@ -217,29 +252,29 @@ class CustomerSample:
 
 
 def read_window(
-    settings: Settings,
+    config: WindowConfig,
     now_ms: int | None = None,
     ranges: list[PartitionRange] | None = None,
     key: SampleKey | None = None,
 ) -> Window:
     """Read, validate (the consumer's own input contract), keep each sampled customer's latest
     event. With ``ranges`` (from a bundle's lineage) the exact same messages are read again; the
-    same customers are kept if ``key`` (default ``SampleKey.of(settings)``) is the run's, or if
+    same customers are kept if ``key`` (default ``config.sample_key()``) is the run's, or if
     the window was not ``sampled``."""
-    key = key or SampleKey.of(settings)
+    key = key or config.sample_key()
     end_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-    start_ms = end_ms - settings.window_s * 1000
+    start_ms = end_ms - config.window_s * 1000
     if ranges is None:
-        probe = Consumer(reader_config(settings, "trainer-probe"))
+        probe = Consumer(dict(config.probe))
         try:
-            ranges = window_ranges(probe, settings.events_topic, start_ms)
+            ranges = window_ranges(probe, config.topic, start_ms)
         finally:
             probe.close()
-    contract = settings.input_contract()
-    sample = CustomerSample(settings.max_rows, key.key)
+    contract = config.contract
+    sample = CustomerSample(config.max_rows, key.key)
     reasons: dict[str, int] = {}
     rows_read = 0
-    for position, msg in iter_ranges(settings, ranges):
+    for position, msg in iter_ranges(config, ranges):
         rows_read += 1
         try:
             decoded = contract.decode_message(msg, now_ms=end_ms)

@@ -20,6 +20,7 @@ from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.support.stack import Received, customers, produce_events, produce_raw, read_outputs, read_topic
+from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 
@@ -65,7 +66,7 @@ def changes_for(
 def trained(settings: Settings) -> tuple[ModelStore, ActiveModel]:
     produce_events(settings, customers(600), prefix="seed")
     store = ModelStore(connect(settings), settings.redis_prefix)
-    assert train_once(settings, store, TrainerMetrics()).result == "published"
+    assert train_once(train_config(settings), store, TrainerMetrics()).result == "published"
     bundle = store.load_current()
     assert bundle is not None
     return store, ActiveModel.of(bundle)
