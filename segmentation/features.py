@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,9 +36,6 @@ from scipy.stats import skew
 from sklearn.preprocessing import RobustScaler, StandardScaler
 
 from segmentation.events import CustomerEvent
-
-if TYPE_CHECKING:
-    from segmentation.settings import Settings
 
 OTHER = "other"
 
@@ -363,6 +360,33 @@ def zero_weight(zero_share: float) -> float:
     return 1.0 - min(max(zero_share, 0.0), MAX_ZERO_DOWNWEIGHT)
 
 
+class FeatureSettings(Protocol):
+    """What the preprocessing is configured by (``Settings`` provides it)."""
+
+    @property
+    def features(self) -> tuple[str, ...]: ...
+    @property
+    def categorical(self) -> tuple[str, ...]: ...
+    @property
+    def feature_kinds(self) -> dict[str, FeatureKind]: ...
+    @property
+    def scaler(self) -> Literal["standard", "robust"]: ...
+    @property
+    def log_features(self) -> tuple[str, ...]: ...
+    @property
+    def log_skewness(self) -> float | None: ...
+    @property
+    def clip_quantile(self) -> float: ...
+    @property
+    def clip_margin(self) -> float: ...
+    @property
+    def categorical_weight(self) -> float: ...
+    @property
+    def vocabulary_min_count(self) -> int: ...
+    @property
+    def vocabulary_max(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class FeatureConfig:
     """What the preprocessing is fitted from: the features, their kinds and the fitting options
@@ -381,7 +405,7 @@ class FeatureConfig:
     vocabulary_max: int | None = None
 
     @classmethod
-    def of(cls, settings: Settings) -> FeatureConfig:
+    def of(cls, settings: FeatureSettings) -> FeatureConfig:
         return cls(
             numeric=tuple(settings.features), categorical=tuple(settings.categorical),
             kinds={n: k for n, k in settings.feature_kinds.items() if n in settings.features},

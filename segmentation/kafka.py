@@ -6,17 +6,44 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-
-from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 T = TypeVar("T")
+
+
+class KafkaClientSettings(Protocol):
+    """What building a Kafka client reads (``Settings`` provides it)."""
+
+    @property
+    def consumer_group(self) -> str: ...
+    @property
+    def commit_interval_ms(self) -> int: ...
+    @property
+    def max_record_bytes(self) -> int: ...
+    def kafka_common(self) -> dict[str, str | int | float | bool]: ...
+
+
+class TopicSettings(KafkaClientSettings, Protocol):
+    """What creating, checking and deleting the project's topics reads (``Settings`` provides it)."""
+
+    @property
+    def events_topic(self) -> str: ...
+    @property
+    def events_partitions(self) -> int: ...
+    @property
+    def segments_topic(self) -> str: ...
+    @property
+    def dlq_topic(self) -> str: ...
+    @property
+    def models_topic(self) -> str: ...
+    @property
+    def changes_topic(self) -> str | None: ...
 
 TRANSIENT_ERRORS = frozenset({
     KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
@@ -82,7 +109,7 @@ class TopicReader:
     killed mid-transaction holds it until the transaction is aborted or times out): records that
     other producers committed after it would be cut off, not waited for."""
 
-    def __init__(self, settings: Settings, purpose: str) -> None:
+    def __init__(self, settings: KafkaClientSettings, purpose: str) -> None:
         self.records = Consumer(reader_config(settings, purpose))
         self.ends = Consumer({**reader_config(settings, f"{purpose}-ends"),
                               "isolation.level": "read_uncommitted"})
@@ -166,13 +193,13 @@ def _watermarks(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> tup
     return int(low), int(high)
 
 
-def client_common(settings: Settings) -> dict[str, Any]:
+def client_common(settings: KafkaClientSettings) -> dict[str, Any]:
     """What every client gets: the shared options, and librdkafka's own log lines routed through
     the project's logger (so ``SEG_LOG_JSON=true`` output stays one JSON object per line)."""
     return {**settings.kafka_common(), "logger": LIBRDKAFKA_LOG}
 
 
-def consumer_config(settings: Settings, exactly_once: bool) -> dict[str, Any]:
+def consumer_config(settings: KafkaClientSettings, exactly_once: bool) -> dict[str, Any]:
     """At-least-once: offsets are *stored* by the loop only after outputs are acknowledged and
     auto-committed on an interval. Exactly-once: offsets go through the producer transaction."""
     conf: dict[str, Any] = {
@@ -191,7 +218,7 @@ def consumer_config(settings: Settings, exactly_once: bool) -> dict[str, Any]:
     return conf
 
 
-def producer_config(settings: Settings, transactional_id: str | None = None) -> dict[str, Any]:
+def producer_config(settings: KafkaClientSettings, transactional_id: str | None = None) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "enable.idempotence": True,
         "acks": "all",
@@ -208,7 +235,7 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
     return conf
 
 
-def reader_config(settings: Settings, purpose: str) -> dict[str, Any]:
+def reader_config(settings: KafkaClientSettings, purpose: str) -> dict[str, Any]:
     """A consumer that only reads by explicit assignment and never commits (trainer window)."""
     conf: dict[str, Any] = {
         "group.id": f"{settings.consumer_group}-{purpose}",
@@ -222,7 +249,7 @@ def reader_config(settings: Settings, purpose: str) -> dict[str, Any]:
     return conf
 
 
-def topic_specs(settings: Settings, changes_partitions: int | None = None) -> list[NewTopic]:
+def topic_specs(settings: TopicSettings, changes_partitions: int | None = None) -> list[NewTopic]:
     """The topics this project owns, with explicit settings (the changes topic gets
     ``changes_partitions``, the input topic's count when it exists already)."""
     week = str(7 * 24 * 3600 * 1000)
@@ -245,7 +272,7 @@ def topic_specs(settings: Settings, changes_partitions: int | None = None) -> li
     return topics
 
 
-def project_topics(settings: Settings) -> list[str]:
+def project_topics(settings: TopicSettings) -> list[str]:
     """The names of the topics this project owns (``topic_specs``)."""
     return [t.topic for t in topic_specs(settings)]
 
@@ -254,7 +281,7 @@ class NotCoPartitioned(ValueError):
     """The changes topic does not have the input topic's partition count."""
 
 
-def check_co_partitioned(settings: Settings, timeout_s: float = 30.0) -> None:
+def check_co_partitioned(settings: TopicSettings, timeout_s: float = 30.0) -> None:
     """``NotCoPartitioned`` unless the changes topic has exactly as many partitions as the input
     (each input partition's changes live in the partition of the same number)."""
     if settings.changes_topic is None:
@@ -272,7 +299,7 @@ def check_co_partitioned(settings: Settings, timeout_s: float = 30.0) -> None:
         )
 
 
-def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+def ensure_topics(settings: TopicSettings, timeout_s: float = 30.0) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are."""
     admin = AdminClient(client_common(settings))
     # a broker still starting (compose, a restart) answers with transient errors for a while
@@ -310,7 +337,7 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float) -
     raise TimeoutError(f"topics {topics} have no leader after {timeout_s}s")
 
 
-def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
+def delete_topics(settings: TopicSettings, names: list[str], timeout_s: float = 30.0) -> None:
     admin = AdminClient(client_common(settings))
     for future in admin.delete_topics(names, request_timeout=timeout_s).values():
         try:

@@ -25,26 +25,34 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.kafka import ReadIncomplete, TopicReader, producer_config, read_to_end
+from segmentation.kafka import KafkaClientSettings, ReadIncomplete, TopicReader, producer_config, read_to_end
 from segmentation.readback import (
     MAX_KEY_CHARS,
     Readback,
     ReadbackError,
+    ReadbackSettings,
     check_bundle_size,
     decode_pointer,
     decode_reserved,
     key_text,
     version_key,
 )
-from segmentation.settings import Settings
 from segmentation.store import ModelStore, TrainerState
 from segmentation.store.models import Counters
 
 log = logging.getLogger(__name__)
+
+
+class ModelsTopicSettings(KafkaClientSettings, ReadbackSettings, Protocol):
+    """What reading and writing the models topic reads (``Settings`` provides it)."""
+
+    @property
+    def models_topic(self) -> str: ...
 
 MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION)
 CURRENT = "current"
@@ -140,7 +148,7 @@ class Registry:
         self.bundles[version] = bundle
 
 
-def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
+def end_offset(settings: ModelsTopicSettings, timeout_s: float = 10.0) -> int:
     """The models topic's high watermark: where the next record will go."""
     reader = TopicReader(settings, "models-probe")
     try:
@@ -154,7 +162,9 @@ def end_offset(settings: Settings, timeout_s: float = 10.0) -> int:
         reader.close()
 
 
-def read_registry(settings: Settings, timeout_s: float = 60.0, readback: Readback | None = None) -> Registry:
+def read_registry(
+    settings: ModelsTopicSettings, timeout_s: float = 60.0, readback: Readback | None = None,
+) -> Registry:
     """Read the whole models topic (it is compacted: one record per key, plus what the cleaner
     has not reached yet) and fold it into a ``Registry``; ``readback`` counts and reports the
     records skipped."""
@@ -179,7 +189,7 @@ class ModelLog:
     """Appends to the models topic with an idempotent producer and ``acks=all``; ``append``
     returns only once the broker has every record, or raises ``ModelLogError``."""
 
-    def __init__(self, settings: Settings, timeout_s: float = 30.0) -> None:
+    def __init__(self, settings: ModelsTopicSettings, timeout_s: float = 30.0) -> None:
         self.topic = settings.models_topic
         self.timeout_s = timeout_s
         self.max_bundle_bytes = settings.max_bundle_bytes
@@ -266,7 +276,7 @@ def reserved_record(counters: Counters) -> tuple[str, bytes]:
     return RESERVED, json.dumps(value).encode()
 
 
-def sync_store(settings: Settings, store: ModelStore) -> bool:
+def sync_store(settings: ModelsTopicSettings, store: ModelStore) -> bool:
     """Bring the Redis cache and the models topic into agreement; True if anything was written.
 
     * Redis behind the topic (emptied, restarted without its data, restored from an old
@@ -298,7 +308,7 @@ def sync_store(settings: Settings, store: ModelStore) -> bool:
     return True
 
 
-def backfill(settings: Settings, store: ModelStore, registry: Registry) -> bool:
+def backfill(settings: ModelsTopicSettings, store: ModelStore, registry: Registry) -> bool:
     """Append to the models topic the valid versions Redis holds and the topic lacks, then the
     pointer, the pin and the challenger; True if anything was appended."""
     records: list[tuple[str, bytes | None]] = []

@@ -448,6 +448,15 @@ class Recent(Generic[K, V]):
         return list(self._items)
 
 
+class ReadbackSettings(Protocol):
+    """What reading records back is bounded by (``Settings`` provides it)."""
+
+    @property
+    def max_event_skew_s(self) -> float: ...
+    @property
+    def max_bundle_bytes(self) -> int: ...
+
+
 class Readback:
     """How one process reads records back: the latest time a record may carry (the input
     contract's skew), the largest bundle it parses (``max_bundle_bytes``), and where refusals go:
@@ -463,7 +472,7 @@ class Readback:
         self._lock = threading.Lock()
 
     @classmethod
-    def of(cls, settings: Settings, counter: RejectionCounter | None = None) -> Readback:
+    def of(cls, settings: ReadbackSettings, counter: RejectionCounter | None = None) -> Readback:
         return cls(counter, settings.max_event_skew_s, max_bundle_bytes=settings.max_bundle_bytes)
 
     def bundle(self, raw: bytes) -> ModelBundle:

@@ -143,6 +143,30 @@ def test_consumer_and_trainer_never_import_each_other() -> None:
                 assert not any(n.split(".")[0] == forbidden for n in names), f"{path} imports {forbidden}"
 
 
+# The composition roots: the processes' entry points, which map the settings to what each component
+# reads. The tools (demo, bench, chaos, quality) are entry points of their own.
+ROOTS = {"consumer/service.py", "trainer/__main__.py", "segmentation/admin.py", "segmentation/settings.py"}
+
+
+def test_no_function_outside_the_composition_roots_takes_the_settings() -> None:
+    """Components get a small frozen config, or a Protocol of the few settings they read
+    (the Kafka and Redis client factories): never the whole ``Settings``."""
+    offenders = []
+    for package in ("segmentation", "consumer", "trainer"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = str(path.relative_to(ROOT))
+            if name in ROOTS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    annotations = [a.annotation for a in [*node.args.args, *node.args.kwonlyargs]]
+                    names = {n.id for a in annotations if a is not None for n in ast.walk(a)
+                             if isinstance(n, ast.Name)}
+                    if "Settings" in names:
+                        offenders.append(f"{name}: {node.name}")
+    assert offenders == []
+
+
 def test_the_pure_stages_import_no_kafka_redis_or_metrics_client() -> None:
     """Scoring, and the values it returns, can be changed and tested alone: importing them loads
     no I/O client, directly or through what they import."""

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import redis
+from pydantic import SecretStr
 from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from segmentation.metrics import RedisOperation
-from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,31 @@ def best_effort(
         return default
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client that retries connection errors with exponential backoff, a bounded number
-    of times, and never blocks longer than the configured socket timeout per attempt."""
+class RedisSettings(Protocol):
+    """What connecting to Redis reads (``Settings`` provides it)."""
+
+    @property
+    def redis_url(self) -> str: ...
+    @property
+    def redis_timeout_s(self) -> float: ...
+    @property
+    def redis_retries(self) -> int: ...
+    @property
+    def redis_username(self) -> str | None: ...
+    @property
+    def redis_password(self) -> SecretStr | None: ...
+    @property
+    def customer_redis_url(self) -> str | None: ...
+    @property
+    def customer_redis_cluster(self) -> bool: ...
+
+
+def connect(settings: RedisSettings, url: str | None = None) -> redis.Redis:
+    """A client (of ``url``, ``SEG_REDIS_URL`` by default) that retries connection errors with
+    exponential backoff, a bounded number of times, and never blocks longer than the configured
+    socket timeout per attempt."""
     return redis.Redis.from_url(
-        settings.redis_url,
+        url or settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=10,
@@ -68,13 +88,12 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
-def connect_customers(settings: Settings) -> redis.Redis | RedisCluster:
+def connect_customers(settings: RedisSettings) -> redis.Redis | RedisCluster:
     """The client for per-customer state: the model store's Redis, another one, or a Redis
     Cluster when one node cannot hold every customer."""
     url = settings.customer_redis_url or settings.redis_url
     if not settings.customer_redis_cluster:
-        return connect(settings) if url == settings.redis_url else connect(
-            settings.model_copy(update={"redis_url": url}))
+        return connect(settings, url)
     return RedisCluster.from_url(
         url,
         socket_timeout=settings.redis_timeout_s,
@@ -83,7 +102,7 @@ def connect_customers(settings: Settings) -> redis.Redis | RedisCluster:
     )
 
 
-def _resilience(settings: Settings) -> dict[str, Any]:
+def _resilience(settings: RedisSettings) -> dict[str, Any]:
     """redis-py's own retry (exponential backoff, ``SEG_REDIS_RETRIES`` attempts) and the
     credentials, shared by the single-node and the cluster client.
     Username and password come from their own settings (the password is a secret, never in a

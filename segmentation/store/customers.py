@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import redis
 from redis.cluster import RedisCluster
 
 from segmentation.customer import CustomerAssignment
-from segmentation.settings import Settings
-from segmentation.store.client import connect_customers
+from segmentation.store.client import RedisSettings, connect_customers
 from segmentation.store.keys import Keys
 
 # An older event (event time, then offset) never overwrites a newer assignment. One call per
@@ -55,6 +54,17 @@ class PartialWrite(redis.RedisError):
         self.failed = failed
 
 
+class CustomerStoreSettings(RedisSettings, Protocol):
+    """What the customer store reads (``Settings`` provides it)."""
+
+    @property
+    def redis_prefix(self) -> str: ...
+    @property
+    def customer_ttl_s(self) -> int: ...
+    @property
+    def max_event_skew_s(self) -> float: ...
+
+
 class CustomerStore:
     """Latest segment per customer. Writes are idempotent under replay, and work on a single
     Redis (one script call per batch) or a Redis Cluster (per node, one pipeline of script
@@ -69,7 +79,7 @@ class CustomerStore:
         self._write = client.register_script(_WRITE_CUSTOMERS)
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> CustomerStore:
+    def for_settings(cls, settings: CustomerStoreSettings) -> CustomerStore:
         return cls(connect_customers(settings), settings.redis_prefix, settings.customer_ttl_s,
                    settings.max_event_skew_s)
 
