@@ -270,7 +270,7 @@ def main(argv: list[str]) -> int:
     # a quick run never overwrites the full run that docs/benchmarks.md records
     name = "quick.json" if plan.quick else "latest.json"
     (RESULTS / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    from bench.report import table
+    from bench.docs_table import table
 
     print()
     print(table(results))

@@ -170,7 +170,7 @@ STAGES = {  # where the consume loop's time goes, stage by stage (wall time, mai
     "segment changes: rebuild state (prepare)": ("consumer.changes", "SegmentChanges", "prepare"),
     "segment changes: detect": ("consumer.changes", "SegmentChanges", "detect"),
     "learn online": ("consumer.learner", "Learner", "learn"),
-    "metrics (Reporter.count)": ("consumer.reporting", "Reporter", "count"),
+    "metrics (Reporter.count)": ("consumer.telemetry", "Reporter", "count"),
     "Redis customer write (writer thread)": ("consumer.customer_writer", "CustomerWriter", "write"),
 }
 

@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from chaos import report
+from chaos import docs_page
 from chaos.measure import ScenarioResult
 from chaos.procs import ROOT
 from chaos.scenarios import FULL, QUICK, SCENARIOS, run_scenario
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"chaos: {scenario.name} ({mode}) ...", flush=True)
                 result = run_scenario(scenario, mode, stack, params, log_root / f"{scenario.name}-{mode}")
                 results.append(result)
-                print("  " + report.table([result])[-1], flush=True)
-                info = report.RunInfo(started_utc, time.monotonic() - started, args.quick, params, log_root)
-                report.write(out, results, info)
+                print("  " + docs_page.table([result])[-1], flush=True)
+                info = docs_page.RunInfo(started_utc, time.monotonic() - started, args.quick, params,
+                                         log_root)
+                docs_page.write(out, results, info)
     finally:
         stack.down()
     print(f"chaos: {len(results)} runs in {(time.monotonic() - started) / 60:.1f} min; wrote {out}")

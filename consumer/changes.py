@@ -47,9 +47,10 @@ from consumer.model import ActiveModel
 from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
+from segmentation.domain import ChangeCause
 from segmentation.events import CustomerEvent, event_time_iso
 from segmentation.kafka import ReadIncomplete, ReadPosition, TopicReader, read_to_end
-from segmentation.metrics import ChangeCause, ConsumerMetrics
+from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback, ReadbackError, decode_change, key_text
 
 log = logging.getLogger(__name__)

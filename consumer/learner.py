@@ -1,4 +1,4 @@
-"""The online model's lifecycle: a fresh ``OnlineKMeans`` and ``QualityTracker`` for each model
+"""The online model's lifecycle: a fresh ``OnlineKMeans`` and ``DriftTracker`` for each model
 the consumer swaps in (``Learner.reset``), then every finished batch learned (``Learner.learn``).
 
 The online centres never score: they follow drift between retrains and are reported (centroid
@@ -11,9 +11,9 @@ import logging
 
 import numpy as np
 
+from consumer.drift import DriftTracker
 from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
-from consumer.quality import QualityTracker
 from consumer.scoring import ScoredBatch
 from segmentation.metrics import ConsumerMetrics
 
@@ -28,7 +28,7 @@ class Learner:
         self.random_state = random_state
         self.metrics = metrics
         self.online: OnlineKMeans | None = None
-        self.quality: QualityTracker | None = None
+        self.quality: DriftTracker | None = None
         self.version: int | None = None  # the model the online centres started from
 
     def reset(self, model: ActiveModel) -> None:
@@ -37,7 +37,7 @@ class Learner:
             model.centroids, np.asarray(model.bundle.quality.shares),
             self.half_life_events, self.random_state,
         )
-        self.quality = QualityTracker(model)
+        self.quality = DriftTracker(model)
         self.version = model.version
         if model.radius_p99 is None or model.radius_outlier is None:
             # Said once per model: every batch would repeat it.

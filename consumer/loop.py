@@ -4,7 +4,7 @@ batch before, record this one's segment changes, add it to the checkpoint; learn
 Thin on purpose: each stage is a named piece elsewhere, and returns a value (``scoring.score_batch``,
 ``shadow.shadow_score``, ``changes.SegmentChanges.record``); ``checkpoint.Checkpoint`` owns the
 order of delivery, customer writes and offsets and the replay of failed batches; ``partitions``
-keeps the group membership; ``learner.Learner``, ``shadow.Shadow`` and ``reporting.Reporter``
+keeps the group membership; ``learner.Learner``, ``shadow.Shadow`` and ``telemetry.Reporter``
 take each finished batch. Batches overlap: one is scored while the one before is acknowledged
 and written.
 """
@@ -25,9 +25,9 @@ from consumer.delivery import Delivery
 from consumer.learner import Learner
 from consumer.model import ActiveModel
 from consumer.partitions import Membership, consume, rewind
-from consumer.reporting import Reporter
 from consumer.scoring import Message, OutRecord, ScoringRules, score_batch
 from consumer.shadow import Shadow, shadow_score
+from consumer.telemetry import Reporter
 from consumer.watcher import ModelWatcher
 from segmentation.metrics import ConsumerMetrics
 

@@ -19,23 +19,19 @@ from pydantic_core import to_json
 from consumer.model import ActiveModel
 from segmentation.cluster_metrics import nearest_two
 from segmentation.customer import CustomerAssignment
-from segmentation.events import CustomerEvent, InputContract, Rejection, event_time_iso
+from segmentation.events import CustomerEvent, InputContract, KafkaMessage, Rejection, event_time_iso
 from segmentation.features import raw_numeric
 
 Headers = list[tuple[str, str | bytes | None]]
 
 
-class Message(Protocol):
-    """What the loop needs of a confluent_kafka.Message (tests may hand in their own)."""
+class Message(KafkaMessage, Protocol):
+    """What the loop needs of a consumed message (a confluent_kafka.Message, or a test's own):
+    what decoding needs (``segmentation.events.KafkaMessage``) and where it was read."""
 
     def topic(self) -> str | None: ...
     def partition(self) -> int | None: ...
     def offset(self) -> int | None: ...
-    def key(self) -> str | bytes | None: ...
-    def value(self) -> str | bytes | None: ...
-    def headers(
-        self,
-    ) -> dict[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ from consumer.customer_writer import CustomerWriter
 from consumer.delivery import EXIT_STALLED, AtLeastOnce, Delivery, DeliveryStopped, ExactlyOnce
 from consumer.learner import Learner
 from consumer.loop import ConsumeLoop, LoopConfig
-from consumer.reporting import Reporter
 from consumer.scoring import ScoringRules
+from consumer.telemetry import Reporter
 from consumer.watcher import ModelsTopic, ModelWatcher, WatcherConfig
 from segmentation import logs
 from segmentation.kafka import (

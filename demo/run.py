@@ -29,8 +29,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from demo.producer import DemoProducer
 from segmentation.admin import SUBSCRIBER_GROUP_PREFIX, login, login_env, password_of
+from segmentation.domain import CHANGE_CAUSES
 from segmentation.kafka import client_common, ensure_topics, retrying
-from segmentation.metrics import CHANGE_CAUSES
 from segmentation.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,10 +11,7 @@ from pathlib import Path
 
 from quality.cost import scoring_cost
 from quality.datasets import bundled_sets, synthetic_sets
-from quality.drift import FRESH_SEEDS, drift_markdown, drift_section, drift_table
-from quality.k_table import k_table, realistic_table
-from quality.realistic import HELD_OUT_SEEDS, no_structure_sets, realistic_sets
-from quality.report import (
+from quality.docs_page import (
     ROOT,
     document,
     environment,
@@ -24,6 +21,9 @@ from quality.report import (
     realistic_summary,
     scenario_markdown,
 )
+from quality.drift import FRESH_SEEDS, drift_markdown, drift_section, drift_table
+from quality.k_table import k_table, realistic_table
+from quality.realistic import HELD_OUT_SEEDS, no_structure_sets, realistic_sets
 from quality.scenarios import scenario_table
 from segmentation.settings import load_settings
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quality.layouts import PER_POPULATION, Layout, random_layout, random_means, rows_of
-from quality.offline import Published, Registry, retrain, segment_ids
+from quality.offline import IdSequences, Published, retrain, segment_ids
 from quality.realistic import FEATURES, HELD_OUT_SEEDS, KINDS, realistic
 from segmentation.bundle import ModelBundle, SegmentDiff
 from segmentation.settings import Settings
@@ -93,7 +93,7 @@ def ageing_cohort(seed: int, settings: Settings) -> AgeingRun:
     """Quarterly retrains of one ageing customer base; ids are followed from each published model
     to the next."""
     data = realistic(seed)
-    registry = Registry()
+    registry = IdSequences()
     first = retrain(data.rows, None, registry, settings)
     if first.bundle is None:
         return AgeingRun(0, QUARTERS - 1, 0.0)
@@ -135,7 +135,7 @@ def stationary(seed: int, settings: Settings) -> StationaryRun:
     """Two windows of the same segments (different customers): the retrain must change nothing."""
     data = realistic(seed, n=12_000)
     half = data.rows.shape[0] // 2
-    registry = Registry()
+    registry = IdSequences()
     first = retrain(data.rows[:half], None, registry, settings)
     if first.bundle is None:
         return StationaryRun(False, 0.0, 0, 0, first_model=False)
@@ -148,10 +148,12 @@ def stationary(seed: int, settings: Settings) -> StationaryRun:
                          run.bundle.k if run.bundle is not None else v1.k)
 
 
-def first_layout_model(rng: np.random.Generator, settings: Settings) -> tuple[Layout, Registry, ModelBundle]:
+def first_layout_model(
+    rng: np.random.Generator, settings: Settings,
+) -> tuple[Layout, IdSequences, ModelBundle]:
     while True:
         layout = random_layout(rng)
-        registry = Registry()
+        registry = IdSequences()
         first = retrain(layout.window(rng), None, registry, settings)
         if first.bundle is not None and first.bundle.k == layout.means.shape[0]:
             return layout, registry, first.bundle

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from quality.drift import FRESH_SEEDS, realistic_settings
-from quality.offline import Registry, retrain
+from quality.offline import IdSequences, retrain
 from quality.realistic import HELD_OUT_SEEDS, realistic_sets
 
 
@@ -16,7 +16,7 @@ def first_models(seeds: range) -> list[tuple[str, str]]:
     settings = realistic_settings()
     rows = []
     for dataset in realistic_sets(seeds):
-        run = retrain(dataset.rows, None, Registry(), settings)
+        run = retrain(dataset.rows, None, IdSequences(), settings)
         outcome = "published" if run.bundle is not None else "refused: " + ", ".join(
             f.check for f in run.failures)
         rows.append((dataset.name, outcome))

@@ -4,7 +4,7 @@
 ``fit_model``, and ``trainer.refit``'s ``assess``, ``label`` and ``build_bundle``) in the order
 ``trainer.pipeline`` calls them, on a raw window of the demo's six features; versions and
 segment ids come from in-memory counters. ``tracked_drift`` is the consumer's
-``QualityTracker`` fed with the events a model scores.
+``DriftTracker`` fed with the events a model scores.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from consumer.drift import DriftTracker
 from consumer.model import ActiveModel
-from consumer.quality import QualityTracker
 from segmentation.baseline import baseline_of, recorded_baseline
 from segmentation.bundle import Lineage, ModelBundle
 from segmentation.cluster_metrics import nearest_two
@@ -43,7 +43,7 @@ class Published:
 
 
 @dataclass
-class Registry:
+class IdSequences:
     """Stands in for Redis' counters: versions and segment ids, never reused."""
 
     versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -67,7 +67,7 @@ def segment_ids(bundle: ModelBundle, raw: np.ndarray) -> np.ndarray:
     return np.asarray(bundle.segment_ids)[index]
 
 
-def retrain(raw: np.ndarray, current: ModelBundle | None, registry: Registry, settings: Settings,
+def retrain(raw: np.ndarray, current: ModelBundle | None, registry: IdSequences, settings: Settings,
             force: bool = False, accept: bool = False) -> Published:
     """One run of ``trainer.pipeline._train`` on the window ``raw`` (``trainer.refit``'s
     functions, in its order); ``accept``: the operator's ``--accept`` (implies ``force``)."""
@@ -117,7 +117,7 @@ def tracked_drift(bundle: ModelBundle, rows: np.ndarray) -> float:
     """The consumer's silhouette drift after scoring ``rows`` with ``bundle``: the sampled
     silhouette of recent events minus the accepted baseline the bundle carries."""
     model = ActiveModel.of(bundle)
-    tracker = QualityTracker(model, window_events=rows.shape[0], sample=1000)
+    tracker = DriftTracker(model, window_events=rows.shape[0], sample=1000)
     x = bundle.features.encode_numeric(rows)
     index, d1, d2 = nearest_two(x, model.centroids)
     tracker.update(index, d1, d2, x)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from quality.layouts import Layout, random_layout
-from quality.offline import Published, Registry, failed_checks, retrain, segment_ids, tracked_drift
+from quality.offline import IdSequences, Published, failed_checks, retrain, segment_ids, tracked_drift
 from segmentation.bundle import ModelBundle
 from segmentation.settings import Settings
 
@@ -34,11 +34,11 @@ WINDOWS: dict[str, Callable[[Layout, np.random.Generator], np.ndarray]] = {
 }
 
 
-def first_model(rng: np.random.Generator, settings: Settings) -> tuple[Layout, Registry, ModelBundle]:
+def first_model(rng: np.random.Generator, settings: Settings) -> tuple[Layout, IdSequences, ModelBundle]:
     """A random layout of five well separated populations and its first, accepted, model."""
     while True:
         layout = random_layout(rng)
-        registry = Registry()
+        registry = IdSequences()
         first = retrain(layout.window(rng), None, registry, settings)
         if first.bundle is not None and first.fit.silhouette >= FIRST_SILHOUETTE:
             return layout, registry, first.bundle
@@ -54,7 +54,7 @@ class Outcome:
     ids_kept: float  # share of events keeping their segment id across the forced publish
 
 
-def outcome(layout: Layout, v1: ModelBundle, registry: Registry, window: np.ndarray,
+def outcome(layout: Layout, v1: ModelBundle, registry: IdSequences, window: np.ndarray,
             events: np.ndarray, settings: Settings) -> Outcome:
     run = retrain(window, v1, registry, settings, force=True)
     if run.bundle is None:

@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from segmentation.bundle import MAX_NAME_CHARS, SEGMENT_ID_LIMIT, ModelBundle
+from segmentation.domain import ChangeCause
 from segmentation.events import REASON_MEANINGS
-from segmentation.metrics import ChangeCause
 from segmentation.model_log import CHALLENGER, CURRENT, PINNED, RESERVED
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"

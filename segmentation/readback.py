@@ -34,8 +34,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from segmentation.bundle import MAX_NAME_CHARS, SEGMENT_ID_LIMIT, ModelBundle
+from segmentation.domain import ReadbackReason, ReadbackSource
 from segmentation.events import EPOCH_MS_MIN, InputContract
-from segmentation.metrics import ReadbackReason, ReadbackSource
 from segmentation.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -310,7 +310,7 @@ def test_the_report_escapes_every_value_it_did_not_write_itself(
 ) -> None:
     from segmentation.bundle import Lineage, ModelBundle, Quality
     from segmentation.features import FeatureSpec
-    from trainer.report import write_report
+    from trainer.html_report import write_report
 
     evil = "<script>alert(1)</script>"
     spec = FeatureSpec(numeric=[evil, "b"], log_features=[evil], vocabulary={"ch": [evil, "other"]},

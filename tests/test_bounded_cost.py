@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry
 
 from consumer.learner import Learner
 from consumer.model import ActiveModel
-from consumer.reporting import Reporter, count_by_segment
 from consumer.service import build_watcher
+from consumer.telemetry import Reporter, count_by_segment
 from consumer.watcher import REMEMBERED_VERSIONS, ModelWatcher
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.events import CustomerEvent

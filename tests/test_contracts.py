@@ -41,8 +41,8 @@ from segmentation.contracts import (
     SegmentChange,
     schema_text,
 )
+from segmentation.domain import CHANGE_CAUSES
 from segmentation.events import REASONS, CustomerEvent, InputContract, Rejection
-from segmentation.metrics import CHANGE_CAUSES
 from segmentation.model_log import CHALLENGER, CURRENT, PINNED, RESERVED, ModelLog
 from segmentation.store.models import Counters
 from tests.support.messages import (

@@ -9,8 +9,8 @@ import numpy as np
 
 from consumer.learner import Learner
 from consumer.model import ActiveModel
-from consumer.reporting import Reporter
 from consumer.scoring import score_batch
+from consumer.telemetry import Reporter
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.support.messages import DEMO_MODEL as MODEL

@@ -20,8 +20,8 @@ from consumer.delivery import AtLeastOnce, ExactlyOnce
 from consumer.learner import Learner
 from consumer.loop import ConsumeLoop, LoopConfig
 from consumer.model import ActiveModel
-from consumer.reporting import Reporter
 from consumer.scoring import Message, ScoredBatch
+from consumer.telemetry import Reporter
 from segmentation.kafka import TopicReader
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback

@@ -43,6 +43,7 @@ from sklearn.cluster import KMeans
 
 from demo.generator import Customer, Profile, event_value, make_customers
 from demo.producer import DemoProducer
+from segmentation import domain
 from segmentation import metrics as metrics_module
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.cluster_metrics import nearest_two
@@ -391,16 +392,16 @@ def test_label_values_exported_up_front_cover_every_value_the_code_uses() -> Non
         return set(re.findall(pattern, code))
 
     m = metrics_module
-    assert used(r'redis_errors\.labels\("(\w+)"\)') <= set(m.REDIS_OPERATIONS)
-    assert used(r'GateFailure\(\s*"(\w+)"') <= set(m.GATE_CHECKS)
-    assert used(r'RunResult\(\s*"(\w+)"') <= set(m.RUN_RESULTS)
-    assert used(r'label_changes\.labels\("(\w+)"\)') == set(m.LABEL_CHANGE_KINDS)
+    assert used(r'redis_errors\.labels\("(\w+)"\)') <= set(domain.REDIS_OPERATIONS)
+    assert used(r'GateFailure\(\s*"(\w+)"') <= set(domain.GATE_CHECKS)
+    assert used(r'RunResult\(\s*"(\w+)"') <= set(domain.RUN_RESULTS)
+    assert used(r'label_changes\.labels\("(\w+)"\)') == set(domain.LABEL_CHANGE_KINDS)
     assert used(r'events\.labels\("(\w+)"\)') == set(m.OUTCOMES)
     exported = samples(scrape_registry(ConsumerMetrics().registry))
     for reason in REASONS:
         assert value(exported, "segment_dead_letters_total", reason=reason) == 0
     trainer = samples(scrape_registry(TrainerMetrics().registry))
-    for check in metrics_module.GATE_CHECKS:
+    for check in domain.GATE_CHECKS:
         assert value(trainer, "segment_trainer_gate_refusals_total", check=check) == 0
 
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from consumer.drift import MIN_NOVELTY_EVENTS, DriftTracker
 from consumer.learner import Learner
 from consumer.model import ActiveModel
-from consumer.quality import MIN_NOVELTY_EVENTS, QualityTracker
-from consumer.reporting import Reporter
 from consumer.scoring import ScoredBatch, score_batch
+from consumer.telemetry import Reporter
 from segmentation.bundle import ModelBundle
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback
@@ -111,7 +111,7 @@ def test_outliers_and_novel_events_are_counted_by_stable_segment_id() -> None:
 
 
 def test_the_novelty_share_covers_the_recent_window_once_it_holds_enough_events() -> None:
-    tracker = QualityTracker(radii_model(), window_events=1000)
+    tracker = DriftTracker(radii_model(), window_events=1000)
     d = np.ones(100)
 
     def add(novel: int) -> None:

@@ -15,7 +15,7 @@ window of:
   population): a fresh id, not the vanished segment's.
 
 The consumer's drift signal after a forced publish of a collapse is checked with its own
-``QualityTracker``; the alert expression against a real Prometheus is in
+``DriftTracker``; the alert expression against a real Prometheus is in
 ``test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_prometheus``.
 """
 
@@ -34,7 +34,7 @@ from demo.generator import PROFILES, Customer, Profile, make_customers
 from demo.producer import DemoProducer
 from quality.datasets import TYPICAL
 from quality.layouts import RELATIVE_SPREAD, Layout, rows_of
-from quality.offline import Published, Registry, failed_checks, retrain, segment_ids, tracked_drift
+from quality.offline import IdSequences, Published, failed_checks, retrain, segment_ids, tracked_drift
 from quality.scenarios import first_model
 from segmentation.baseline import QualityBaseline, baseline_of
 from segmentation.bundle import Lineage, ModelBundle, Quality
@@ -70,7 +70,7 @@ class Scenario:
     v1: ModelBundle
     runs: dict[str, Published]
     test_rows: dict[str, np.ndarray]
-    registry: Registry
+    registry: IdSequences
 
 
 def scenario(seed: int) -> Scenario:
@@ -188,11 +188,11 @@ def test_the_floors_refuse_a_first_model_on_data_without_segments() -> None:
     # spread-separation floor: that check is for two segments merged into one, ~2.65.)
     rng = np.random.default_rng(5)
     one_population = rng.normal(TYPICAL, RELATIVE_SPREAD * TYPICAL, size=(3000, 6))
-    run = retrain(one_population, None, Registry(), SETTINGS)
+    run = retrain(one_population, None, IdSequences(), SETTINGS)
     assert {"min_silhouette", "max_davies_bouldin"} <= {f.check for f in run.failures}
     assert run.fit.silhouette < 0.15
     # Choosing K (the default), the same window is reported as having no segment structure.
-    chosen = retrain(one_population, None, Registry(), Settings())
+    chosen = retrain(one_population, None, IdSequences(), Settings())
     assert chosen.refit is not None and chosen.refit.no_structure and chosen.bundle is None
 
 

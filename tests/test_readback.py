@@ -27,8 +27,9 @@ from consumer.changes import Recorded, SegmentChanges, change_value
 from consumer.scoring import score_batch
 from consumer.service import build_changes
 from segmentation.bundle import BundleError, ModelBundle
+from segmentation.domain import READBACK_REASONS, READBACK_SOURCES
 from segmentation.events import CustomerEvent, event_time_iso
-from segmentation.metrics import READBACK_REASONS, READBACK_SOURCES, ConsumerMetrics, TrainerMetrics
+from segmentation.metrics import ConsumerMetrics, TrainerMetrics
 from segmentation.model_log import Registry
 from segmentation.readback import (
     Limits,
@@ -49,7 +50,7 @@ from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event,
 from tests.support.stack import make_settings
 from trainer.__main__ import cmd_history, cmd_show, schedule_config
 from trainer.challenger import tally
-from trainer.report import refusal_table
+from trainer.html_report import refusal_table
 from trainer.schedule import Schedule, highest_novelty, worst_drift
 
 DEEP = 50_000

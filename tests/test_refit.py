@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from quality.offline import Registry, fit_features, retrain
+from quality.offline import IdSequences, fit_features, retrain
 from segmentation.baseline import recorded_baseline
 from segmentation.features import FeatureSpec
 from segmentation.settings import Settings
@@ -50,13 +50,13 @@ def test_a_refit_that_moves_many_customers_to_new_segments_needs_an_accept() -> 
     rng = np.random.default_rng(1)
     layout: list[list[float]] = [[0, 0], [10, 0], [0, 10]]
     settings = settings_for(2)
-    first = retrain(blobs(rng, layout, [500, 500, 500]), None, Registry(), settings)
+    first = retrain(blobs(rng, layout, [500, 500, 500]), None, IdSequences(), settings)
     assert first.bundle is not None
     # a fourth population of 25% of the customers, far from the others: a birth
     grown = blobs(rng, [*layout, [14, 14]], [500, 500, 500, 500])
-    run = retrain(grown, first.bundle, Registry(), settings)
+    run = retrain(grown, first.bundle, IdSequences(), settings)
     assert run.bundle is None and {f.check for f in run.failures} == {"structure"}
-    accepted = retrain(grown, first.bundle, Registry(ids=itertools.count(100)), settings, accept=True)
+    accepted = retrain(grown, first.bundle, IdSequences(ids=itertools.count(100)), settings, accept=True)
     assert accepted.bundle is not None
     born = [d for d in accepted.bundle.label_mapping.diff if d.status == "born"]
     assert len(born) == 1 and born[0].segment_id >= 100
@@ -67,7 +67,7 @@ def test_a_refit_that_moves_many_customers_to_new_segments_needs_an_accept() -> 
 def test_a_window_without_segments_is_reported_as_such_and_publishes_nothing() -> None:
     rng = np.random.default_rng(3)
     one_population = rng.lognormal(3.0, 0.5, size=(3000, 6))
-    run = retrain(one_population, None, Registry(), settings_for(6))
+    run = retrain(one_population, None, IdSequences(), settings_for(6))
     assert run.refit is not None and run.refit.no_structure
     assert run.bundle is None and run.fit.k == 1
 
@@ -76,7 +76,7 @@ def test_a_structural_change_at_another_k_is_held_and_the_current_k_is_published
     rng = np.random.default_rng(4)
     layout: list[list[float]] = [[0, 0], [10, 0], [0, 10]]
     settings = settings_for(2).model_copy(update={"k": 3})
-    first = retrain(blobs(rng, layout, [500, 500, 500]), None, Registry(), settings)
+    first = retrain(blobs(rng, layout, [500, 500, 500]), None, IdSequences(), settings)
     assert first.bundle is not None and first.bundle.k == 3
     raw = blobs(rng, layout, [500, 500, 500])  # the same customers' segments, another window
     spec = fit_features(raw, settings, first.bundle)
@@ -103,7 +103,7 @@ def test_a_segment_whose_customers_all_moved_on_retires_and_the_others_keep_thei
     id. A K pinned by the operator (SEG_K) is never changed this way: there the refit is refused."""
     rng = np.random.default_rng(5)
     settings = settings_for(2)
-    registry = Registry()
+    registry = IdSequences()
     first = retrain(blobs(rng, [[0, 0], [10, 0], [0, 10], [10, 10]], [500] * 4), None, registry, settings)
     assert first.bundle is not None and first.bundle.k == 4
     window = blobs(rng, [[0, 0], [10, 0], [0, 10], [10, 10]], [500, 500, 1000, 3])

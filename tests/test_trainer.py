@@ -52,9 +52,9 @@ from tests.support.stack import (
     wait_until,
 )
 from trainer.__main__ import reproduce_config, schedule_config, train_config, window_config
+from trainer.html_report import write_report
 from trainer.operations import reproduce
 from trainer.pipeline import RunResult, train_once
-from trainer.report import write_report
 from trainer.schedule import Schedule
 from trainer.window import read_window
 

@@ -36,7 +36,6 @@ from segmentation.store import (
 from trainer.challenger import ChallengerRefused, PromotionRule, tally
 from trainer.fit import KConfig
 from trainer.gate import GateLimits
-from trainer.labels import load_names
 from trainer.models_topic import ModelTopic
 from trainer.operations import (
     PromotionConfig,
@@ -50,10 +49,11 @@ from trainer.operations import (
 )
 from trainer.pipeline import MatchConfig, TrainConfig, train_once
 from trainer.schedule import Schedule, ScheduleConfig
+from trainer.segment_ids import load_names
 from trainer.window import WindowConfig
 
 if TYPE_CHECKING:
-    from trainer.report import ReportConfig
+    from trainer.html_report import ReportConfig
 
 log = logging.getLogger("trainer")
 
@@ -128,7 +128,7 @@ def reproduce_config(settings: Settings) -> ReproduceConfig:
 
 
 def report_config(settings: Settings) -> ReportConfig:
-    from trainer.report import ReportConfig  # matplotlib: only for the report
+    from trainer.html_report import ReportConfig  # matplotlib: only for the report
 
     return ReportConfig(window=window_config(settings), k_min=settings.k_min, k_max=settings.k_max)
 
@@ -463,7 +463,7 @@ def run_command(args: argparse.Namespace, settings: Settings, store: ModelStore)
         print(json.dumps(outcome, indent=2))
         return 0 if outcome["reproduced"] else 1
     if args.command == "report":
-        from trainer.report import write_report
+        from trainer.html_report import write_report
 
         path = write_report(store, args.out, report_config(settings))
         print(f"report written to {path}")

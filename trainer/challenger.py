@@ -22,7 +22,8 @@ import redis
 from confluent_kafka import KafkaException
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.metrics import ChallengerAction, TrainerMetrics
+from segmentation.domain import ChallengerAction
+from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLogError
 from segmentation.store import ModelStore
 from trainer.models_topic import ModelTopic

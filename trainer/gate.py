@@ -30,8 +30,8 @@ import numpy as np
 from scipy.spatial.distance import pdist
 
 from segmentation.baseline import QualityBaseline
+from segmentation.domain import GateCheck
 from segmentation.matching import cluster_residuals, pair_separation
-from segmentation.metrics import GateCheck
 from trainer.fit import Fit
 
 # A drop within this many standard deviations of the silhouette's sampling noise is noise.

@@ -21,9 +21,9 @@ from segmentation.model_log import ModelLogError
 from segmentation.store import OUTAGE, ModelStore, PublishConflict, ReplicaStates, TrainerState
 from trainer.challenger import ChallengerRefused, PromotionRule, clear_challenger, promotion_verdict, tally
 from trainer.fit import KConfig
-from trainer.labels import rollback_mapping
 from trainer.models_topic import ModelTopic
 from trainer.pipeline import accepted_baseline, data_hash, fit_window, load_base, publish, report_publish
+from trainer.segment_ids import rollback_mapping
 from trainer.window import Window, WindowConfig, read_window
 
 log = logging.getLogger(__name__)

@@ -14,16 +14,17 @@ import numpy as np
 
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle
+from segmentation.domain import GATE_CHECKS, RunOutcome
 from segmentation.events import CustomerEvent
 from segmentation.features import FeatureConfig, FeatureSpec, fit_spec, raw_numeric
-from segmentation.metrics import GATE_CHECKS, RunOutcome, TrainerMetrics
+from segmentation.metrics import TrainerMetrics
 from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.challenger import clear_stale_challenger, store_challenger
 from trainer.fit import K_SELECTION, Fit, KConfig, fit_model
 from trainer.gate import GateFailure, GateLimits, check_finite_window
-from trainer.labels import load_names
 from trainer.models_topic import ModelTopic
 from trainer.refit import Matching, assess, build_bundle, label, previous_rows
+from trainer.segment_ids import load_names
 from trainer.window import Window, WindowConfig, read_window
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from segmentation.cluster_metrics import (
 from segmentation.features import FeatureSpec
 from trainer.fit import Fit, KConfig, continued, fit_model, recentred
 from trainer.gate import GateFailure, GateLimits, accepted_quality, gate_record, run_gate
-from trainer.labels import centroids_in, label_segments, previous_assignment
+from trainer.segment_ids import centroids_in, label_segments, previous_assignment
 
 # Rows in each of the samples the silhouette's sampling noise is measured on.
 NOISE_SAMPLE = 2000

@@ -19,7 +19,7 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from segmentation.metrics import RedisOperation
+from segmentation.domain import RedisOperation
 
 log = logging.getLogger(__name__)
 

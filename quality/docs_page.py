@@ -253,7 +253,7 @@ def document(environment_rows: list[tuple[str, str]], k_rows: list[KRow], scenar
         "window per row with the trainer's own preprocessing, fit ("
         f"{'K fixed at ' + str(settings.k) if settings.k is not None else 'K chosen'}), gate and "
         "matching (`quality/offline.py`), forced so that the refit can be "
-        "examined. *Drift* is the consumer's `segment_silhouette_drift` (its `QualityTracker` on "
+        "examined. *Drift* is the consumer's `segment_silhouette_drift` (its `DriftTracker` on "
         "fresh events of the window: sampled silhouette minus the accepted baseline; the "
         "`SegmentSilhouetteDrift` alert fires below -0.1): first with the current model kept (what "
         "happens after a refusal), then after a forced publish of the refit.",

@@ -67,7 +67,7 @@ class RecentSample:
 MIN_NOVELTY_EVENTS = 500
 
 
-class QualityTracker:
+class DriftTracker:
     """Per model version: reset whenever the model is swapped (the space changes)."""
 
     def __init__(

@@ -23,12 +23,13 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter
 
+from consumer.drift import DriftTracker, centroid_drift, crossed_centroids
 from consumer.learner import Learner
 from consumer.model import ActiveModel
 from consumer.online import OnlineKMeans
-from consumer.quality import QualityTracker, centroid_drift, crossed_centroids
 from consumer.scoring import ScoredBatch
-from segmentation.metrics import ChangeCause, ConsumerMetrics
+from segmentation.domain import ChangeCause
+from segmentation.metrics import ConsumerMetrics
 from segmentation.store import ModelStore, ReplicaStates, best_effort
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class Reporter:
                 self.metrics.consumer_lag.remove(str(tp.partition))
 
     def _report_quality(
-        self, model: ActiveModel, quality: QualityTracker,
+        self, model: ActiveModel, quality: DriftTracker,
     ) -> tuple[float | None, float | None, float | None]:
         """Silhouettes, shares and PSI; returns (simplified, sampled, drift) for the replica state."""
         m = self.metrics
