@@ -8,7 +8,8 @@ moves the yardstick: the gate compares later refits with it, and the consumers m
 silhouette drift against it. Were each model its own yardstick, a collapsed model, once live,
 would read a drift of about 0 and the gate would compare the next collapse with the last one.
 
-Bundles from before baselines were recorded have none; their own figures stand in.
+A schema-1 bundle gets its own figures by migration (``segmentation.bundle.migrate``) unless it was
+forced; a forced one has none, and the trainer looks behind it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from segmentation.bundle import BASELINE_DAVIES_BOULDIN as DAVIES_BOULDIN
+from segmentation.bundle import BASELINE_SILHOUETTE as SILHOUETTE
+from segmentation.bundle import BASELINE_VERSION as VERSION
 from segmentation.bundle import ModelBundle
-
-SILHOUETTE = "baseline_silhouette"
-DAVIES_BOULDIN = "baseline_davies_bouldin"
-VERSION = "baseline_version"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ it against the consumer's settings.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -16,7 +17,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from segmentation.features import OTHER, FeatureSpec
 
-SCHEMA_VERSION = 1
+# The bundle schema. A reader brings an older bundle up to it with ``migrate`` (one explicit step
+# per version, ``MIGRATIONS``) before validating it, so no code path falls back on its own; a
+# bundle of a newer schema is refused (upgrade the readers, the consumers, before the trainer).
+# 2: every bundle records its fit parameters (``lineage.params``) and the accepted quality
+#    baseline (``quality.gate``).
+SCHEMA_VERSION = 2
 
 # Bounds on what a bundle may hold. A bundle is untrusted input: whatever passes these scores
 # every event to a finite distance, in bounded time and memory.
@@ -205,6 +211,72 @@ def _check_clip(spec: FeatureSpec) -> None:
         raise ValueError(f"clip bounds must be within +/-{MAX_CENTER_ABS:g} with clip_low <= clip_high")
 
 
+# Fit parameters as the code that wrote schema-1 bundles used them when it did not record them:
+# no clipping before ``clip_quantile``, every value seen once before the vocabulary cap.
+V1_PARAM_DEFAULTS: dict[str, Any] = {"clip_quantile": 0.0, "vocabulary_max": 1000, "vocabulary_min_count": 1}
+# The accepted quality baseline's entries in ``quality.gate`` (``segmentation.baseline``).
+BASELINE_SILHOUETTE, BASELINE_DAVIES_BOULDIN, BASELINE_VERSION = (
+    "baseline_silhouette", "baseline_davies_bouldin", "baseline_version")
+
+
+def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 -> 2. The parameters a schema-1 bundle did not record get what the code of the
+    time used (``V1_PARAM_DEFAULTS``; the scaler, categorical weight and kinds are its feature
+    spec's own). A bundle without a recorded baseline that was not forced was the accepted
+    model: its own figures are the baseline. A forced one without it keeps none (only the
+    versions before it can tell: ``trainer.pipeline.accepted_baseline`` looks)."""
+    out = dict(raw)
+    spec = out.get("features")
+    features: dict[str, Any] = spec if isinstance(spec, dict) else {}
+    lineage = dict(out.get("lineage") or {})
+    params = dict(lineage.get("params") or {})
+    known = {**V1_PARAM_DEFAULTS, "k": len(out.get("centroids") or []),
+             "scaler": features.get("scaler", "standard"),
+             "categorical_weight": features.get("categorical_weight", 1.0),
+             "feature_kinds": dict(features.get("kinds") or {})}
+    lineage["params"] = {**known, **params}
+    out["lineage"] = lineage
+    quality = dict(out.get("quality") or {})
+    gate = dict(quality.get("gate") or {})
+    if BASELINE_SILHOUETTE not in gate and not out.get("forced", False):
+        gate.update({BASELINE_SILHOUETTE: quality.get("silhouette"),
+                     BASELINE_DAVIES_BOULDIN: quality.get("davies_bouldin"),
+                     BASELINE_VERSION: out.get("version")})
+    quality["gate"] = gate
+    out["quality"] = quality
+    out["schema_version"] = 2
+    return out
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(raw: Any) -> Any:
+    """``raw`` (a bundle's JSON object) brought up to ``SCHEMA_VERSION``; anything else as it
+    is, for validation to refuse. One without ``schema_version`` is a bundle built by this code.
+
+    >>> migrate({"schema_version": 1, "version": 3, "centroids": [[0.0]], "features": {},
+    ...          "quality": {"silhouette": 0.5, "davies_bouldin": 0.7}})["quality"]["gate"]
+    {'baseline_silhouette': 0.5, 'baseline_davies_bouldin': 0.7, 'baseline_version': 3}
+    >>> migrate({"schema_version": 9})
+    Traceback (most recent call last):
+    ...
+    ValueError: schema_version 9 is newer than this reader's 2: upgrade the consumers and tools first
+    """
+    if not isinstance(raw, dict):
+        return raw
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"schema_version must be a positive integer, not {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"schema_version {version} is newer than this reader's {SCHEMA_VERSION}: "
+                         "upgrade the consumers and tools first")
+    while version < SCHEMA_VERSION:
+        raw = MIGRATIONS[version](raw)
+        version += 1
+    return raw
+
+
 class ModelBundle(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -223,6 +295,11 @@ class ModelBundle(BaseModel):
     rolled_back_from: int | None = Field(
         None, description="set by `trainer rollback`: the version whose model this republishes"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrated(cls, data: Any) -> Any:
+        return migrate(data)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelBundle:

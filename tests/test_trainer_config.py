@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segmentation.settings import Settings
-from trainer.__main__ import reproduce_config, train_config, window_config
+from trainer.__main__ import train_config, window_config
 from trainer.pipeline import fit_params
 
 TRAINER = Path(__file__).resolve().parent.parent / "trainer"
@@ -50,8 +50,3 @@ def test_fit_params_record_the_configured_fit() -> None:
         "stability_sample": s.stability_sample, "window_s": 900,
         "vocabulary_max": s.vocabulary_max, "vocabulary_min_count": s.vocabulary_min_count,
     }
-
-
-def test_reproduce_keeps_every_configured_feature_kind() -> None:
-    # a reproduced version may have features the settings no longer list
-    assert reproduce_config(SETTINGS).feature_kinds["frequency_365d"] == "count"

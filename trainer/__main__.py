@@ -124,7 +124,7 @@ def promotion_rule(settings: Settings) -> PromotionRule:
 
 def reproduce_config(settings: Settings) -> ReproduceConfig:
     return ReproduceConfig(window=window_config(settings), k=k_config(settings),
-                           feature_kinds=dict(settings.feature_kinds), clip_margin=settings.clip_margin)
+                           clip_margin=settings.clip_margin)
 
 
 def report_config(settings: Settings) -> ReportConfig:

@@ -4,7 +4,6 @@ promote and discard (with the automatic promotion `trainer run` applies)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +13,7 @@ import redis
 from confluent_kafka import KafkaException
 
 from segmentation.bundle import BundleError, ModelBundle
-from segmentation.features import FeatureConfig, FeatureKind
+from segmentation.features import FeatureConfig
 from segmentation.matching import match_centroids
 from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import ModelLogError
@@ -42,13 +41,11 @@ class PromotionConfig:
 @dataclass(frozen=True)
 class ReproduceConfig:
     """What `reproduce` takes from the configuration rather than the version's lineage: how the
-    window is read, the K options (``n_init``, ``max_rows``, ``silhouette_sample`` and
-    ``clip_margin`` only where the lineage records none) and every configured feature kind (the
-    version may have other features than those configured)."""
+    window is read, and the K options and ``clip_margin`` a version from before they were recorded
+    (schema 1, migrated) does not name. The feature kinds are the version's own."""
 
     window: WindowConfig
     k: KConfig
-    feature_kinds: Mapping[str, FeatureKind]
     clip_margin: float
 
 
@@ -121,26 +118,29 @@ def reproduce(config: ReproduceConfig, store: ModelStore, version: int, toleranc
     compare with the published centroids (matched up to a permutation). A window sampled with a
     key this process does not hold (``sample_not_redrawn``) is not reproduced, and says so."""
     bundle = store.load(version)
-    params = bundle.lineage.params
+    params = bundle.lineage.params  # every one the schema requires (older bundles migrated)
+    missing = sorted({"scaler", "clip_quantile", "categorical_weight", "feature_kinds", "vocabulary_max",
+                      "vocabulary_min_count", "k"} - set(params))
+    if missing:
+        raise BundleError(f"v{version} does not record the fit parameters {missing}: it cannot be reproduced")
     numeric = tuple(bundle.features.numeric)
     features = FeatureConfig(
         numeric=numeric,
         categorical=tuple(bundle.features.vocabulary),
-        kinds={n: k for n, k in config.feature_kinds.items() if n in numeric},
-        scaler=params.get("scaler", bundle.features.scaler),
+        kinds={n: k for n, k in params["feature_kinds"].items() if n in numeric},
+        scaler=params["scaler"],
         # the features the run chose to log (configured, skewed, or kept from its predecessor)
         log_features=tuple(bundle.features.log_features),
         log_skewness=None,
-        # bundles from before clipping had none
-        clip_quantile=params.get("clip_quantile", 0.0),
+        clip_quantile=params["clip_quantile"],
+        # recorded since clipping was; a bundle from before has clip_quantile 0 and no use for it
         clip_margin=params.get("clip_margin", config.clip_margin),
-        categorical_weight=params.get("categorical_weight", bundle.features.categorical_weight),
-        # bundles from before the vocabulary cap kept every value seen once
-        vocabulary_min_count=params.get("vocabulary_min_count", 1),
-        vocabulary_max=params.get("vocabulary_max", 1000),
+        categorical_weight=params["categorical_weight"],
+        vocabulary_min_count=params["vocabulary_min_count"],
+        vocabulary_max=params["vocabulary_max"],
     )
     k_config = replace(
-        config.k, k=params.get("k", bundle.k), n_init=params.get("n_init", config.k.n_init),
+        config.k, k=params["k"], n_init=params.get("n_init", config.k.n_init),
         random_state=bundle.lineage.random_state,
         silhouette_sample=params.get("silhouette_sample", config.k.silhouette_sample),
         numeric_columns=len(numeric),

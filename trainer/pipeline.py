@@ -152,16 +152,17 @@ def previous_encoding(current: ModelBundle | None, events: Sequence[CustomerEven
     return x_current
 
 
-# How far back `accepted_baseline` looks for an accepted model behind forced bundles that
-# predate recorded baselines.
+# How far back `accepted_baseline` looks for an accepted model behind forced schema-1 bundles,
+# the only ones without a recorded baseline (``segmentation.bundle.migrate``).
 BASELINE_LOOKBACK = 50
 
 
 def accepted_baseline(store: ModelStore, current: ModelBundle | None) -> QualityBaseline | None:
     """The training quality of the last model the gate accepted, which refits are judged
-    against (``segmentation.baseline``): the one the current bundle carries; for a bundle from
-    before baselines, its own figures, or (if it was forced) those of the last version before it
-    that was not. None when no accepted model is known (then only the floors apply)."""
+    against (``segmentation.baseline``): the one the current bundle carries (every bundle since
+    schema 2, and schema-1 bundles migrated, except forced ones); behind a forced schema-1 bundle,
+    that of the last version before it that was not forced. None when no accepted model is known
+    (then only the floors apply)."""
     bundle, seen = current, 0
     while bundle is not None and seen < BASELINE_LOOKBACK:
         recorded = recorded_baseline(bundle)
