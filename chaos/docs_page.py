@@ -25,6 +25,10 @@ class RunInfo:
     log_dir: Path
 
 
+# The broker-free test of each scenario's ordering (kept in Markdown: it is a table).
+FAST_TWINS = Path(__file__).with_name("fast_twins.md")
+
+
 def _git(*args: str) -> str:
     done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
     return done.stdout.strip()
@@ -215,6 +219,8 @@ def write(path: Path, results: list[ScenarioResult], info: RunInfo) -> None:
         "## Hostile messages, outcome per kind",
         "",
         *hostile_table(results),
+        "",
+        *FAST_TWINS.read_text().rstrip().split("\n"),
         "",
         "## Notes",
         "",

@@ -376,3 +376,12 @@ def test_exactly_once_a_revoke_commits_nothing_more_than_the_transactions_did() 
     r.checkpoint.add(batch([0]))
     r.checkpoint.revoke()
     assert r.world.steps("commit") == [] and r.world.steps("store") == [] and len(r.done) == 1
+
+
+def test_a_deleted_output_topic_stops_the_consumer_with_nothing_stored() -> None:
+    """The chaos table's ``permanent-error``: the broker says the topic does not exist."""
+    r = rig(fail=failing(b"c-0-1", error=KafkaError.UNKNOWN_TOPIC_OR_PART))
+    r.checkpoint.add(batch([0, 1, 2]))
+    with pytest.raises(DeliveryStopped, match="cannot write"):
+        r.checkpoint.commit()
+    assert r.world.steps("store") == [] and r.done == []

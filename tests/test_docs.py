@@ -119,3 +119,18 @@ def test_the_documented_models_topic_records_are_the_code_s() -> None:
     readme = re.search(r"^\* \*\*Models\*\* `segment-models`(.*?)^\*", (ROOT / "README.md").read_text(),
                        re.MULTILINE | re.DOTALL)
     assert readme and set(re.findall(r"`(v<N>|[a-z]+)`", readme.group(1))) >= kinds, "README.md"
+
+
+def test_every_fast_twin_of_the_chaos_table_names_a_test_that_exists() -> None:
+    text = (ROOT / "chaos" / "fast_twins.md").read_text()
+    assert text.rstrip() in (ROOT / "docs" / "reliability.md").read_text()
+    for row in [line for line in text.splitlines() if line.startswith("| `")]:
+        file = None
+        for ref in re.findall(r"`([^`]+)`", row.split("|")[2]):
+            if ref.startswith("tests/"):
+                assert (ROOT / ref).exists(), ref
+                continue
+            path, _, name = ref.partition("::")
+            file = path or file
+            assert file is not None and name, ref
+            assert f"def {name}(" in (ROOT / "tests" / file).read_text(), ref
