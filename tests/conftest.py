@@ -20,12 +20,21 @@ from tests.support.stack import STACK_HINT, empty_redis, make_settings
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The ``integration`` marker is written on each test or module that needs the local stack
     (``make unit`` deselects them). A test that asks for the stack without it would fail `make
-    unit` on a machine without the stack: refuse to run instead."""
+    unit` on a machine without the stack: refuse to run instead.
+
+    Under pytest-xdist (``--dist loadgroup``) the tests sharing a module-scoped fixture (a private
+    SASL broker, the quality sweeps' scenarios) go to one worker, which builds it once."""
     unmarked = [item.nodeid for item in items if "stack" in getattr(item, "fixturenames", ())
                 and item.get_closest_marker("integration") is None]
     if unmarked:
         raise pytest.UsageError(
             "mark these @pytest.mark.integration (they use the stack): " + ", ".join(unmarked))
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = info is not None and any(
+            d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs)
+        if shared and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")

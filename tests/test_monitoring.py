@@ -642,7 +642,8 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         # goes on (a consumer that keeps up reports 0 at every scrape, so lag cannot be left to luck)
         consumer = processes[1].proc
         consumer.send_signal(signal.SIGSTOP)
-        time.sleep(4)
+        backlog_from = producer._seq
+        wait_until(lambda: producer._seq >= backlog_from + 1000, 30, "a backlog of 1,000 events")
         consumer.send_signal(signal.SIGCONT)
         wait_until(lambda: prometheus.scalar("max_over_time(sum(segment_consumer_lag_messages)[1m:1s])") > 0,
                    30, "the backlog as consumer lag")

@@ -30,6 +30,7 @@ from tests.support.stack import (
     produce_events,
     read_outputs,
     running_consumer,
+    sample,
     start_redis,
     wait_until,
 )
@@ -181,7 +182,9 @@ def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids
                 wait_until(lambda: len(sent) > 1000, 30, "the stream")
                 server.kill()
                 server.wait(10)
-                time.sleep(3)
+                wait_until(lambda: sum(sample(rc.metrics, "segment_redis_errors_total",
+                                              operation="customer_write") for rc in (first, second)) > 0,
+                           30, "the replicas meeting the outage")
                 server = start_redis(tmp_path, port)  # empty: no persistence
                 for _ in range(20):
                     paused_seen.append(first.loop.paused or second.loop.paused)

@@ -216,7 +216,7 @@ def test_force_keeps_the_accepted_baseline_and_accept_moves_it(
     produce_events(settings, population([(p, 200) for p in pulled(ONE_CHANNEL, 0.3)], seed=2), seed=2)
 
     assert train_once(settings, store, trainer_metrics).result == "rejected"
-    assert trainer_cli(settings, "once", "--force").returncode == 0
+    assert train_once(settings, store, trainer_metrics, force=True).result == "published"
     forced = store.load_current()
     assert forced is not None and forced.forced and forced.quality.gate["baseline_version"] == first.version
     again = train_once(settings, store, trainer_metrics)
