@@ -60,6 +60,7 @@ def members(settings: Settings) -> dict[str, set[int]]:
     return {m.member_id: {tp.partition for tp in m.assignment.topic_partitions} for m in group.members}
 
 
+@pytest.mark.system  # kills a consumer process: the system tier (make system)
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_consumer_killed_mid_stream_and_restarted_loses_nothing(
     settings_factory: Callable[..., Settings], tmp_path: Path, delivery: str
@@ -180,6 +181,7 @@ def test_a_poisoned_bundle_is_rejected_and_scoring_continues(settings: Settings,
     assert {outputs[e]["model_version"] for e in sent} == {1}
 
 
+@pytest.mark.system  # kills a private Redis: the system tier (make system)
 def test_scoring_continues_through_a_redis_outage_and_customer_state_catches_up(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -362,6 +364,7 @@ def test_an_older_event_never_overwrites_a_newer_customer_assignment(settings: S
     assert store.get("c-1")["segment_id"] == "7"
 
 
+@pytest.mark.system  # kills a private broker: the system tier (make system)
 def test_a_broker_killed_mid_stream_loses_nothing_and_duplicates_at_most_what_was_in_flight(
     tmp_path: Path,
 ) -> None:

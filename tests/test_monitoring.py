@@ -161,7 +161,7 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.system  # one promtool run per mutation: make test, not make unit
+@pytest.mark.system  # one promtool run per mutation: make system, not make test
 @pytest.mark.parametrize(("alert", "old", "new"), MUTATIONS, ids=[f"{a}:{n}" for a, _, n in MUTATIONS])
 def test_the_rule_unit_tests_catch_a_changed_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
     need("promtool")
@@ -564,6 +564,7 @@ def selectors(expr: str) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.system  # a real Prometheus: the system tier (make system)
 def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_returns_data(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -748,6 +749,7 @@ def model_with_radii(settings: Settings, events: list[CustomerEvent], k: int = 5
 
 
 @pytest.mark.integration
+@pytest.mark.system  # a real Prometheus: the system tier (make system)
 def test_a_birth_makes_the_novelty_alert_s_expression_true_in_a_real_prometheus(
     settings: Settings, store: ModelStore, tmp_path: Path
 ) -> None:

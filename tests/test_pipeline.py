@@ -177,6 +177,7 @@ def committed_offsets(admin: AdminClient, settings: Settings) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in result.topic_partitions if tp.offset >= 0}
 
 
+@pytest.mark.system  # a private broker and the whole demo: the system tier (make system)
 def test_make_run_demo_on_a_freshly_formatted_broker_scores_every_event_with_two_versions(
     stack: None, tmp_path: Path
 ) -> None:

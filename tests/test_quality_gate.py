@@ -53,7 +53,7 @@ from tests.support.stack import free_port, produce_events, wait_until
 from trainer.gate import silhouette_allowance
 from trainer.pipeline import train_once
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 # The defaults a deployment gets, with K fixed at the five populations of these layouts: the
 # gate and the matching are what is tested here (choosing K: tests/test_drift_scenarios.py).

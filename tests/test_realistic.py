@@ -14,7 +14,7 @@ from segmentation.features import FeatureConfig, fit_numeric
 from segmentation.settings import Settings
 from trainer.fit import KConfig, fit_model
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 SETTINGS = Settings()
 

@@ -148,6 +148,7 @@ def test_a_poisoned_record_on_the_models_topic_is_skipped_never_used(
     assert store.current_version() == 1 and store.allocate_version() == 2
 
 
+@pytest.mark.system  # kills a private Redis: the system tier (make system)
 def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:

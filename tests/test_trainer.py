@@ -644,6 +644,7 @@ sys.exit("not killed")
 """
 
 
+@pytest.mark.system  # kills a trainer process: the system tier (make system)
 def test_a_trainer_killed_during_publish_leaves_a_valid_current_model(
     settings_factory: Callable[..., Settings],
 ) -> None:
