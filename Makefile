@@ -44,8 +44,9 @@ TEST_WORKERS ?= 3
 test: install stack
 	time $(PY) -m pytest -q -m "not quality and not system" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
+UNIT_WORKERS ?= 2
 unit: install
-	time $(PY) -m pytest -q -m "not integration and not quality and not system" --durations=10
+	time $(PY) -m pytest -q -m "not integration and not quality and not system" -n $(UNIT_WORKERS) --durations=10
 
 SYSTEM_WORKERS ?= 2
 system: install stack
