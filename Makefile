@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs quality topics
+.PHONY: install packages system stack stack-down run test unit lint bench schema clean prometheus prometheus-down rules chaos docs quality topics
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-system:
+# the Debian packages the stack, promtool and the image test need (as root)
+packages:
 	bash scripts/install-system.sh
 
-stack: system
+stack: packages
 	bash scripts/stack.sh up
 
 stack-down:
@@ -36,13 +37,20 @@ endif
 run: install stack $(if $(filter 1,$(KAFKA_SASL)),topics)
 	$(PY) -m demo.run
 
-# --durations: the slowest tests are in every CI log
+# Three tiers, each timed (`time` and --durations in every CI log): unit (no stack), unit +
+# integration (make test, on TEST_WORKERS pytest-xdist workers: each test has its own topics,
+# consumer group and Redis prefix), system (kills, real Prometheus, image, quality sweeps).
+TEST_WORKERS ?= 3
 test: install stack
-	$(PY) -m pytest -q --durations=15
+	time $(PY) -m pytest -q -m "not quality and not system" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
-# the fast tier: no stack, no model-quality sweeps, no external builds (make test runs those too)
+UNIT_WORKERS ?= 2
 unit: install
-	$(PY) -m pytest -q -m "not integration and not quality and not system" --durations=10
+	time $(PY) -m pytest -q -m "not integration and not quality and not system" -n $(UNIT_WORKERS) --durations=10
+
+SYSTEM_WORKERS ?= 2
+system: install stack
+	time $(PY) -m pytest -q -m "system or quality" -n $(SYSTEM_WORKERS) --dist loadgroup --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -62,7 +70,7 @@ quality: install
 	$(PY) -m quality
 
 # 10,000 property-based cases of the per-message path, then the chaos table on a private stack
-chaos: install system
+chaos: install packages
 	SEG_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_hostile_input.py -k "fuzz or mutated"
 	$(PY) -m chaos
 

@@ -16,16 +16,47 @@ from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
 from tests.support.stack import STACK_HINT, empty_redis, make_settings
 
+# Modules whose tests share a module-scoped fixture (a private SASL broker; the quality sweeps'
+# scenarios, a minute of fits) and may depend on their order: under pytest-xdist each runs whole
+# on one worker, which builds the fixture once. Every other test is scheduled on its own.
+SHARED_MODULES = ("tests/test_sasl_acls.py", "tests/test_quality_gate.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with SHARED_MODULES as groups. pytest-xdist 3.8 groups by renaming
+    node ids, which pytest 9 no longer allows (its xdist_group marks are silently ignored), so the
+    scope of a test is decided here, from its node id."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroups(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if module in SHARED_MODULES else super()._split_scope(nodeid)
+
+    return ModuleGroups(config, log)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The ``integration`` marker is written on each test or module that needs the local stack
     (``make unit`` deselects them). A test that asks for the stack without it would fail `make
-    unit` on a machine without the stack: refuse to run instead."""
+    unit` on a machine without the stack: refuse to run instead; and so would a module-scoped
+    fixture outside SHARED_MODULES (built again on each pytest-xdist worker)."""
     unmarked = [item.nodeid for item in items if "stack" in getattr(item, "fixturenames", ())
                 and item.get_closest_marker("integration") is None]
     if unmarked:
         raise pytest.UsageError(
             "mark these @pytest.mark.integration (they use the stack): " + ", ".join(unmarked))
+    shared = set()
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope in ("module", "package") for ds in defs for d in ds):
+            shared.add(item.nodeid.split("::")[0])
+    if shared - set(SHARED_MODULES):
+        raise pytest.UsageError("add to SHARED_MODULES in tests/conftest.py (module-scoped fixtures): "
+                                + ", ".join(sorted(shared - set(SHARED_MODULES))))
 
 
 @pytest.fixture(scope="session")

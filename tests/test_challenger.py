@@ -6,6 +6,7 @@ reports hold. The rule itself and the registry's folding are tested without the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -333,7 +334,10 @@ def test_trainer_run_promotes_the_challenger_when_the_replicas_reports_hold(
     with trainer_run(settings, log_path, SEG_CHALLENGER_PROMOTE_AFTER="1000", SEG_MIN_ROWS="10000000",
                      SEG_METRICS_PORT=str(port)) as proc:
         wait_until(lambda: "segment_trainer_up 1.0" in _scrape_or_empty(port), 60, "trainer run up")
-        time.sleep(6)  # one check of the rule at least: 600 events are not enough
+        # one check of the rule at least (600 events are not enough): `trainer run` checks it on
+        # its first pass, before the first scheduled run, which SEG_MIN_ROWS makes a skip
+        wait_until(lambda: re.search(r'segment_trainer_runs_total\{result="skipped"\} [1-9]', scrape(port))
+                   is not None, 60, "the first pass of trainer run")
         assert store.current_version() == 1 and proc.poll() is None, log_path.read_text()[-3000:]
         replicas.put("b", report(version=2, events=500, agreed=480), 120)
         wait_until(lambda: store.current_version() == 2, 30, "the automatic promotion")

@@ -14,7 +14,7 @@ import pytest
 from quality import drift
 from segmentation.settings import Settings
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 REALISTIC = drift.realistic_settings(Settings())
 LAYOUTS = drift.layout_settings(Settings())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.system  # builds the package from the Dockerfile's files: make test, not make unit
+pytestmark = pytest.mark.system  # builds the package from the Dockerfile's files: make system, not make test
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from quality.k_table import choosing_settings, plain_kmeans_ari, run_pipeline
 from segmentation.settings import Settings
 from trainer.fit import Fit, choose_k
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 SETTINGS = Settings()
 

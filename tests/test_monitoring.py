@@ -163,7 +163,7 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.system  # one promtool run per mutation: make test, not make unit
+@pytest.mark.system  # one promtool run per mutation: make system, not make test
 @pytest.mark.parametrize(("alert", "old", "new"), MUTATIONS, ids=[f"{a}:{n}" for a, _, n in MUTATIONS])
 def test_the_rule_unit_tests_catch_a_changed_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
     need("promtool")
@@ -568,6 +568,7 @@ def selectors(expr: str) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.system  # a real Prometheus: the system tier (make system)
 def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_returns_data(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -646,7 +647,8 @@ def test_a_real_prometheus_scrapes_a_consumer_and_a_trainer_and_every_query_retu
         # goes on (a consumer that keeps up reports 0 at every scrape, so lag cannot be left to luck)
         consumer = processes[1].proc
         consumer.send_signal(signal.SIGSTOP)
-        time.sleep(4)
+        backlog_from = producer._seq
+        wait_until(lambda: producer._seq >= backlog_from + 1000, 30, "a backlog of 1,000 events")
         consumer.send_signal(signal.SIGCONT)
         wait_until(lambda: prometheus.scalar("max_over_time(sum(segment_consumer_lag_messages)[1m:1s])") > 0,
                    30, "the backlog as consumer lag")
@@ -751,6 +753,7 @@ def model_with_radii(settings: Settings, events: list[CustomerEvent], k: int = 5
 
 
 @pytest.mark.integration
+@pytest.mark.system  # a real Prometheus: the system tier (make system)
 def test_a_birth_makes_the_novelty_alert_s_expression_true_in_a_real_prometheus(
     settings: Settings, store: ModelStore, tmp_path: Path
 ) -> None:

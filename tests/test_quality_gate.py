@@ -49,12 +49,12 @@ from tests.support.prometheus import (
     start_trainer_and_consumer,
     tails,
 )
-from tests.support.stack import free_port, produce_events
+from tests.support.stack import free_port, produce_events, wait_until
 from trainer.__main__ import train_config
 from trainer.gate import silhouette_allowance
 from trainer.pipeline import train_once
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 # The defaults a deployment gets, with K fixed at the five populations of these layouts: the
 # gate and the matching are what is tested here (choosing K: tests/test_drift_scenarios.py).
@@ -336,10 +336,21 @@ def test_a_forced_collapse_keeps_the_drift_and_quality_alerts_true_in_a_real_pro
             time.sleep(1)
         all_true = time.monotonic() - started
         assert prometheus.scalar('segment_model_version{job="consumer"}') == forced.version
-        # ... and the drift stays there: every scrape over the next 30 s (two recomputations of
-        # the sampled silhouette), whatever the consumer's model says of itself.
-        time.sleep(32)
-        drift = prometheus.scalar("max_over_time(segment_silhouette_drift[30s])")
+        # ... and the drift stays there: every scrape over the next two recomputations of the
+        # sampled silhouette (every 15 s in the consumer), whatever its model says of itself.
+        # Waited for as two new values scraped (at most 32 s, the two recomputations' bound).
+        seen = [prometheus.scalar("segment_silhouette_drift")]
+        held_from = time.monotonic()
+
+        def recomputed_twice() -> bool:
+            now = prometheus.query("segment_silhouette_drift")
+            if len(now) == 1 and float(now[0]["value"][1]) != seen[-1]:
+                seen.append(float(now[0]["value"][1]))
+            return len(seen) >= 3 or time.monotonic() - held_from >= 32
+
+        wait_until(recomputed_twice, 60, "two recomputations of the sampled silhouette")
+        held = max(2, round(time.monotonic() - held_from))
+        drift = prometheus.scalar(f"max_over_time(segment_silhouette_drift[{held}s])")
         assert drift < -0.1, drift
         assert prometheus.query(rules["SegmentSilhouetteDrift"]["query"]), "drift expression no longer true"
         print(f"real Prometheus: {', '.join(wanted)} true {all_true:.0f}s after start; "

@@ -15,7 +15,7 @@ from segmentation.settings import Settings
 from trainer.__main__ import k_config
 from trainer.fit import fit_model
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 SETTINGS = Settings()
 

@@ -99,6 +99,7 @@ def test_customer_writes_spread_over_every_node_and_stay_idempotent(
     assert store.client.ttl(store.key("c7")) > 0  # evictable under volatile-lru
 
 
+@pytest.mark.system  # kills a node of a private Redis cluster: the system tier (make system)
 def test_a_cluster_node_restarted_mid_stream_loses_no_output_and_state_catches_up(
     cluster: Cluster, settings_factory: Callable[..., Settings]
 ) -> None:

@@ -17,7 +17,7 @@ from trainer.__main__ import gate_limits
 from trainer.fit import fit_kmeans
 from trainer.refit import Matching, Refit, assess
 
-pytestmark = pytest.mark.quality  # model quality over many fits: make test, not make unit
+pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 SETTINGS = Settings()
 

@@ -31,6 +31,7 @@ from tests.support.stack import (
     produce_events,
     read_outputs,
     running_consumer,
+    sample,
     start_redis,
     wait_until,
 )
@@ -149,6 +150,7 @@ def test_a_poisoned_record_on_the_models_topic_is_skipped_never_used(
     assert store.current_version() == 1 and store.allocate_version() == 2
 
 
+@pytest.mark.system  # kills a private Redis: the system tier (make system)
 def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids(
     settings_factory: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -183,7 +185,9 @@ def test_redis_killed_and_restarted_empty_mid_stream_loses_nothing_and_keeps_ids
                 wait_until(lambda: len(sent) > 1000, 30, "the stream")
                 server.kill()
                 server.wait(10)
-                time.sleep(3)
+                wait_until(lambda: sum(sample(rc.metrics, "segment_redis_errors_total",
+                                              operation="customer_write") for rc in (first, second)) > 0,
+                           30, "the replicas meeting the outage")
                 server = start_redis(tmp_path, port)  # empty: no persistence
                 for _ in range(20):
                     paused_seen.append(first.loop.paused or second.loop.paused)

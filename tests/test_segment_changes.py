@@ -241,6 +241,7 @@ def test_a_new_model_that_moves_a_segment_shows_as_model_caused_changes(settings
 
 
 @pytest.mark.integration
+@pytest.mark.system  # kills a consumer process: the system tier (make system)
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_consumer_killed_mid_stream_never_invents_a_change(
     settings_factory: Callable[..., Settings], tmp_path: Path, delivery: str,

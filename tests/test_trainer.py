@@ -217,7 +217,7 @@ def test_force_keeps_the_accepted_baseline_and_accept_moves_it(
     produce_events(settings, population([(p, 200) for p in pulled(ONE_CHANNEL, 0.3)], seed=2), seed=2)
 
     assert train_once(train_config(settings), store, trainer_metrics).result == "rejected"
-    assert trainer_cli(settings, "once", "--force").returncode == 0
+    assert train_once(train_config(settings), store, trainer_metrics, force=True).result == "published"
     forced = store.load_current()
     assert forced is not None and forced.forced and forced.quality.gate["baseline_version"] == first.version
     again = train_once(train_config(settings), store, trainer_metrics)
@@ -647,6 +647,7 @@ sys.exit("not killed")
 """
 
 
+@pytest.mark.system  # kills a trainer process: the system tier (make system)
 def test_a_trainer_killed_during_publish_leaves_a_valid_current_model(
     settings_factory: Callable[..., Settings],
 ) -> None:
