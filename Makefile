@@ -72,7 +72,7 @@ quality: install
 
 # 10,000 property-based cases of the per-message path, then the chaos table on a private stack
 chaos: install packages
-	SEG_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_hostile_input.py -k "fuzz or mutated"
+	SEG_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/consumer/test_hostile_input.py -k "fuzz or mutated"
 	$(PY) -m chaos
 
 # the input's schema and the outputs' (segmentation/schemas/: assignments, changes, dead letters, models topic)

@@ -19,7 +19,7 @@ from tests.support.stack import STACK_HINT, empty_redis, make_settings
 # Modules whose tests share a module-scoped fixture (a private SASL broker; the quality sweeps'
 # scenarios, a minute of fits) and may depend on their order: under pytest-xdist each runs whole
 # on one worker, which builds the fixture once. Every other test is scheduled on its own.
-SHARED_MODULES = ("tests/test_sasl_acls.py", "tests/test_quality_gate.py")
+SHARED_MODULES = ("tests/segmentation/test_sasl_acls.py", "tests/trainer/test_quality_gate.py")
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

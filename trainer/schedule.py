@@ -6,7 +6,7 @@ being scored (it is the answer to that drift, waiting to be promoted or discarde
 rollback pins the current model.
 
 Reading Redis (``read_signals``) is kept apart from deciding (``Schedule.decide``), so that the
-decision is tested without Redis (``tests/test_schedule.py``)."""
+decision is tested without Redis (``tests/trainer/test_schedule.py``)."""
 
 from __future__ import annotations
 

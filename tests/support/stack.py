@@ -54,7 +54,7 @@ def make_settings(**overrides: Any) -> Settings:
         "min_rows": 50,
         "n_init": 4,
         # The scenarios on the stack are built around a known number of profiles; choosing K
-        # (the default) is measured offline: tests/test_k_selection.py, test_realistic.py and
+        # (the default) is measured offline: tests/trainer/test_k_selection.py, test_realistic.py and
         # test_drift_scenarios.py.
         "k": 5,
         "replica_id": f"r{tag}",

@@ -20,7 +20,7 @@ from trainer.__main__ import gate_limits
 from trainer.fit import KConfig, fit_model
 from trainer.gate import run_gate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_valid_bundle_round_trips_through_json() -> None:

@@ -351,7 +351,7 @@ def test_the_local_stack_s_acl_user_reaches_only_the_project_s_keys() -> None:
 
     import redis
 
-    password = (Path(__file__).resolve().parent.parent / ".stack" / "redis" / "password").read_text()
+    password = (Path(__file__).resolve().parents[2] / ".stack" / "redis" / "password").read_text()
     client = redis.Redis(username="seg", password=password.strip())
     assert client.ping()
     client.get("seg:current")  # allowed: the project's prefix

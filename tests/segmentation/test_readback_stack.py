@@ -2,7 +2,7 @@
 records written to the changes topic, the models topic and the Redis keys with the project's own
 clients, then the consumer, `trainer run`, `trainer once` and the CLI keep working and derive from
 the good records what they would have without the bad ones. The corpus itself, record kind by
-record kind, is ``tests/test_readback.py`` (no stack)."""
+record kind, is ``tests/segmentation/test_readback.py`` (no stack)."""
 
 from __future__ import annotations
 

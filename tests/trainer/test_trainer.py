@@ -240,7 +240,7 @@ def test_two_near_identical_centroids_are_refused(
 ) -> None:
     # This model also scores worse than the current one on the same window and than the last
     # accepted model on its own, and two of its segments are one population cut in two
-    # (tests/test_quality_gate.py); those checks are switched off so that the refusal is
+    # (tests/trainer/test_quality_gate.py); those checks are switched off so that the refusal is
     # provably the separation check's alone.
     settings = settings_factory(gate_silhouette_margin=1.0, **NEWER_CHECKS_OFF)
     store = store_for(settings)

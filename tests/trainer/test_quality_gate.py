@@ -57,7 +57,7 @@ from trainer.pipeline import train_once
 pytestmark = pytest.mark.quality  # model quality over many fits: make system, not make test
 
 # The defaults a deployment gets, with K fixed at the five populations of these layouts: the
-# gate and the matching are what is tested here (choosing K: tests/test_drift_scenarios.py).
+# gate and the matching are what is tested here (choosing K: tests/trainer/test_drift_scenarios.py).
 SETTINGS = Settings(k=5)
 LAYOUTS = 20
 

@@ -1,6 +1,6 @@
 """A refit judged without I/O (``trainer.refit``): the first model's fallback to another K, the
 structure check, a structural change held at the current K, and "no segment structure" as an
-outcome. Ids across an ageing customer base: ``tests/test_drift_scenarios.py``."""
+outcome. Ids across an ageing customer base: ``tests/trainer/test_drift_scenarios.py``."""
 
 from __future__ import annotations
 

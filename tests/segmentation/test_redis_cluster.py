@@ -25,7 +25,7 @@ from trainer.pipeline import train_once
 
 pytestmark = pytest.mark.integration  # every test here runs against the local stack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cluster_port() -> int:

@@ -221,8 +221,8 @@ def test_a_batch_s_offsets_are_committed_only_once_its_outputs_are_acknowledged_
     from segmentation.kafka import consumer_config
     from segmentation.metrics import ConsumerMetrics, TrainerMetrics
     from segmentation.store import CustomerStore, ModelStore, connect
+    from tests.consumer.test_consumer import committed
     from tests.support.stack import customers, produce_events, read_outputs
-    from tests.test_consumer import committed
     from trainer.pipeline import train_once
 
     s = settings_factory(batch_size=50)

@@ -6,7 +6,7 @@ states, run-log entries): garbage, nesting 50,000 deep, huge sizes, far-future a
 wrong types and odd keys. Each is refused with its reason, and what the readers derive from the
 records (the models-topic fold, the change-state rebuild, ``Schedule.due``, `show`, `history` and
 the report's refusal table) is the same as without it. No broker and no Redis: a dict stands in
-for Redis; ``tests/test_readback_stack.py`` writes the same records to the real stack.
+for Redis; ``tests/segmentation/test_readback_stack.py`` writes the same records to the real stack.
 """
 
 from __future__ import annotations

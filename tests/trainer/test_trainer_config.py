@@ -9,7 +9,7 @@ from segmentation.settings import Settings
 from trainer.__main__ import train_config, window_config
 from trainer.pipeline import fit_params
 
-TRAINER = Path(__file__).resolve().parent.parent / "trainer"
+TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 
 SETTINGS = Settings(
     features=("recency_days", "monetary_90d", "sessions_30d"),

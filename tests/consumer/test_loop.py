@@ -1,6 +1,6 @@
 """The consume loop (``consumer.loop``) without a broker or Redis: a fake consumer over an
 in-memory partitioned log (consume, seek, store and commit as librdkafka does them), the fake
-producer and customer store of ``tests/test_checkpoint.py``, and a watcher that serves a fixed
+producer and customer store of ``tests/consumer/test_checkpoint.py``, and a watcher that serves a fixed
 model. What is asserted is what the chaos table counts with real processes: nothing lost, every
 offset stored stands for acknowledged outputs, a failed batch replayed."""
 
@@ -26,10 +26,17 @@ from segmentation.kafka import TopicReader
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback
 from segmentation.store import ModelStore
+from tests.consumer.test_checkpoint import (
+    TIMEOUT_S,
+    FakeConsumer,
+    FakeCustomers,
+    FakeProducer,
+    World,
+    failing,
+)
 from tests.support.fake_redis import FakeRedis
 from tests.support.messages import SMALL_MODEL, SMALL_RULES, event
 from tests.support.stack import sample
-from tests.test_checkpoint import TIMEOUT_S, FakeConsumer, FakeCustomers, FakeProducer, World, failing
 
 
 @dataclass(frozen=True)
