@@ -219,6 +219,14 @@ BASELINE_SILHOUETTE, BASELINE_DAVIES_BOULDIN, BASELINE_VERSION = (
     "baseline_silhouette", "baseline_davies_bouldin", "baseline_version")
 
 
+def _object(value: Any) -> dict[str, Any] | None:
+    """A copy of a JSON object (an absent one: empty); None for anything else, which a migration
+    leaves as it is for validation to refuse (a bundle is untrusted input)."""
+    if value is None:
+        return {}
+    return dict(value) if isinstance(value, dict) else None
+
+
 def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
     """Schema 1 -> 2. The parameters a schema-1 bundle did not record get what the code of the
     time used (``V1_PARAM_DEFAULTS``; the scaler, categorical weight and kinds are its feature
@@ -226,24 +234,27 @@ def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
     model: its own figures are the baseline. A forced one without it keeps none (only the
     versions before it can tell: ``trainer.pipeline.accepted_baseline`` looks)."""
     out = dict(raw)
-    spec = out.get("features")
-    features: dict[str, Any] = spec if isinstance(spec, dict) else {}
-    lineage = dict(out.get("lineage") or {})
-    params = dict(lineage.get("params") or {})
-    known = {**V1_PARAM_DEFAULTS, "k": len(out.get("centroids") or []),
-             "scaler": features.get("scaler", "standard"),
-             "categorical_weight": features.get("categorical_weight", 1.0),
-             "feature_kinds": dict(features.get("kinds") or {})}
-    lineage["params"] = {**known, **params}
-    out["lineage"] = lineage
-    quality = dict(out.get("quality") or {})
-    gate = dict(quality.get("gate") or {})
-    if BASELINE_SILHOUETTE not in gate and not out.get("forced", False):
-        gate.update({BASELINE_SILHOUETTE: quality.get("silhouette"),
-                     BASELINE_DAVIES_BOULDIN: quality.get("davies_bouldin"),
-                     BASELINE_VERSION: out.get("version")})
-    quality["gate"] = gate
-    out["quality"] = quality
+    features, lineage, quality = (_object(out.get(name)) for name in ("features", "lineage", "quality"))
+    params = _object(lineage.get("params")) if lineage is not None else None
+    if lineage is not None and params is not None:  # a part of another shape is left to validation
+        known: dict[str, Any] = {**V1_PARAM_DEFAULTS}
+        if isinstance(out.get("centroids"), list):
+            known["k"] = len(out["centroids"])
+        if features is not None:
+            kinds = features.get("kinds")
+            known.update(scaler=features.get("scaler", "standard"),
+                         categorical_weight=features.get("categorical_weight", 1.0),
+                         feature_kinds=dict(kinds) if isinstance(kinds, dict) else {})
+        lineage["params"] = {**known, **params}
+        out["lineage"] = lineage
+    gate = _object(quality.get("gate")) if quality is not None else None
+    if quality is not None and gate is not None:
+        if BASELINE_SILHOUETTE not in gate and not out.get("forced", False):
+            gate.update({BASELINE_SILHOUETTE: quality.get("silhouette"),
+                         BASELINE_DAVIES_BOULDIN: quality.get("davies_bouldin"),
+                         BASELINE_VERSION: out.get("version")})
+        quality["gate"] = gate
+        out["quality"] = quality
     out["schema_version"] = 2
     return out
 

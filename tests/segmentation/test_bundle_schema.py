@@ -55,3 +55,14 @@ def test_a_recorded_baseline_survives_the_migration() -> None:
 def test_a_newer_or_malformed_schema_version_is_refused(version: object) -> None:
     with pytest.raises(BundleError, match="schema_version"):
         ModelBundle.from_json(schema_1(schema_version=version))
+
+
+@pytest.mark.parametrize("hostile", [
+    {"lineage": [1, 2, 3]}, {"lineage": {"params": [1, 2]}}, {"centroids": 5}, {"quality": "x"},
+    {"quality": {"gate": [1]}}, {"features": {"kinds": [1]}}, {"lineage": {"params": "x" * 10}},
+])
+def test_a_schema_1_bundle_of_another_shape_is_refused_never_a_crash(hostile: dict[str, Any]) -> None:
+    """A bundle is read back from Redis and the models topic: untrusted. The migration leaves any
+    part that is not the object it expects to validation, which refuses it with a reason."""
+    with pytest.raises(BundleError, match="invalid bundle"):
+        ModelBundle.from_json(schema_1(**hostile))
