@@ -48,7 +48,7 @@ from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.domain import ChangeCause
-from segmentation.events import CustomerEvent, event_time_iso
+from segmentation.events import Event, event_time_iso
 from segmentation.kafka import ReadIncomplete, ReadPosition, TopicReader, read_to_end
 from segmentation.metrics import ConsumerMetrics
 from segmentation.readback import Readback, ReadbackError, decode_change, key_text
@@ -93,13 +93,14 @@ class ChangesUnavailable(RuntimeError):
 
 
 def change_value(
-    event: CustomerEvent, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
+    event: Event, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
     version: int, cause: ChangeCause, changed_at: str, outlier: bool = False,
     lineage: SegmentDiff | None = None,
 ) -> bytes:
     """The wire contract of a segment change (compact JSON, UTF-8); ``lineage``: the diff entry
     of the segment the change leads into, named only for a ``model`` change.
 
+    >>> from segmentation.events import CustomerEvent
     >>> e = CustomerEvent(customer_id="c-1", event_time=1000, event_id="e-9", features={})
     >>> change_value(e, 1000, Recorded(2, "loyal", 4, 0), 3, "lapsed", 5, "model", "T")
     b'{"customer_id":"c-1","event_id":"e-9","event_time":"1970-01-01T00:00:01.000Z","cause":"model","from_segment_id":2,"from_segment":"loyal","from_model_version":4,"to_segment_id":3,"to_segment":"lapsed","to_model_version":5,"to_status":null,"to_parents":null,"outlier":false,"changed_at":"T"}'
@@ -155,7 +156,7 @@ def recorded_of(value: bytes | None, latest_ms: float | None = None) -> Recorded
     return Recorded(change.segment_id, change.segment, change.model_version, change.event_ms)
 
 
-def cause_of(event: CustomerEvent, before: Recorded, version: int, model_of: ModelOf) -> ChangeCause:
+def cause_of(event: Event, before: Recorded, version: int, model_of: ModelOf) -> ChangeCause:
     """Why ``event``'s customer left ``before``: whether the model that recorded it would
     still put them there (``model``) or not (``behaviour``)."""
     if before.model_version == version:

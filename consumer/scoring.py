@@ -19,7 +19,7 @@ from pydantic_core import to_json
 from consumer.model import ActiveModel
 from segmentation.cluster_metrics import nearest_two
 from segmentation.customer import CustomerAssignment
-from segmentation.events import CustomerEvent, InputContract, KafkaMessage, Rejection, event_time_iso
+from segmentation.events import DecodedEvent, Event, InputContract, KafkaMessage, Rejection, event_time_iso
 from segmentation.features import raw_numeric
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -77,7 +77,7 @@ class ScoredBatch:
     dead_letters: tuple[OutRecord, ...] = ()
     reasons: tuple[str, ...] = ()
     customers: tuple[CustomerAssignment, ...] = ()
-    events: tuple[CustomerEvent, ...] = ()
+    events: tuple[Event, ...] = ()
     encoded: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))
     indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.intp))
     nearest: np.ndarray = field(default_factory=lambda: np.empty(0))
@@ -215,7 +215,7 @@ def _bounded_headers(
 
 
 def output_value(
-    event: CustomerEvent, event_ms: int, segment_id: int, segment: str, distance: float,
+    event: Event, event_ms: int, segment_id: int, segment: str, distance: float,
     version: int, scored_at: str, event_time: str | None = None, outlier: bool = False,
 ) -> bytes:
     """The output contract on ``customer-segments``: compact JSON, byte for byte what
@@ -245,7 +245,7 @@ def score_batch(
     exception while handling one message dead-letters that message (``internal_error``)."""
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     rejected: list[tuple[OutRecord, str]] = []
-    events: list[CustomerEvent] = []
+    events: list[Event] = []
     sources: list[Message] = []
     for msg, decoded in zip(messages, decode_batch(messages, rules.contract, now_ms), strict=True):
         if isinstance(decoded, Rejection):
@@ -268,7 +268,7 @@ def score_batch(
 
 def decode_batch(
     messages: Sequence[Message], contract: InputContract, now_ms: int
-) -> list[CustomerEvent | Rejection]:
+) -> list[DecodedEvent | Rejection]:
     """``InputContract.decode_batch``; should anything raise, message by message, where an
     exception dead-letters its one message."""
     try:
@@ -277,7 +277,7 @@ def decode_batch(
         return [_decode_one(msg, contract, now_ms) for msg in messages]
 
 
-def _decode_one(msg: Message, contract: InputContract, now_ms: int) -> CustomerEvent | Rejection:
+def _decode_one(msg: Message, contract: InputContract, now_ms: int) -> DecodedEvent | Rejection:
     try:
         return contract.decode_message(msg, now_ms)
     except Exception as exc:  # noqa: BLE001 - the safety net: one message, never the batch
@@ -285,7 +285,7 @@ def _decode_one(msg: Message, contract: InputContract, now_ms: int) -> CustomerE
 
 
 def assign_events(
-    events: Sequence[CustomerEvent], sources: Sequence[Message], model: ActiveModel,
+    events: Sequence[Event], sources: Sequence[Message], model: ActiveModel,
     rules: ScoringRules, now_ms: int,
 ) -> ScoredBatch:
     """Encode, assign the nearest segment, flag outliers and novel events, and build the output
@@ -315,7 +315,7 @@ def assign_events(
 
 
 def output_values(
-    events: Sequence[CustomerEvent], event_ms: Sequence[int], indices: np.ndarray,
+    events: Sequence[Event], event_ms: Sequence[int], indices: np.ndarray,
     distances: np.ndarray, model: ActiveModel, scored_at: str, outliers: np.ndarray | None = None,
 ) -> list[bytes]:
     """``output_value`` of a whole batch, the event times formatted together."""
@@ -342,7 +342,7 @@ def beyond(distances: np.ndarray, indices: np.ndarray, radii: np.ndarray | None)
 
 
 def outliers_of(
-    events: Sequence[CustomerEvent], model: ActiveModel, indices: np.ndarray, distances: np.ndarray,
+    events: Sequence[Event], model: ActiveModel, indices: np.ndarray, distances: np.ndarray,
 ) -> np.ndarray:
     """Per event, whether it is an outlier: farther from its nearest centroid than that
     segment's outlier radius, or with a raw feature outside the training envelope. Both limits

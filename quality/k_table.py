@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from quality.datasets import Dataset
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import CustomerEvent
+from segmentation.events import DecodedEvent, Event
 from segmentation.features import FeatureConfig, FeatureSpec, log_transform
 from segmentation.settings import Settings
 from trainer.__main__ import k_config
@@ -76,8 +76,8 @@ def window_of(rows: np.ndarray, names: tuple[str, ...]) -> Window:
     >>> w.events[0].features
     {'a': 1.0, 'b': 2.5}
     """
-    events = [CustomerEvent(customer_id=f"c-{i}", event_time=0,
-                            features=dict(zip(names, row, strict=True)))
+    events: list[Event] = [DecodedEvent(customer_id=f"c-{i}", event_ms=0,
+                                        features=dict(zip(names, row, strict=True)))
               for i, row in enumerate(rows.tolist())]
     return Window(events=events, ranges=[], start_ms=0, end_ms=0)
 

@@ -1,7 +1,13 @@
 """The input contract: a customer event on ``customer-events``, and the decision to dead-letter it.
 
-``decode`` never raises on bad input: it returns either a ``CustomerEvent`` or a ``Rejection``
+``decode`` never raises on bad input: it returns either a ``DecodedEvent`` or a ``Rejection``
 whose ``reason`` is one of ``REASONS`` and whose ``detail`` tells a human what was wrong.
+
+``CustomerEvent`` (pydantic) is the contract: its JSON Schema is what producers validate against,
+and it is the exact validator whose errors become the rejection reasons. ``DecodedEvent`` (a
+msgspec struct) is what decoding hands on; a batch is decoded with msgspec first, about five
+times cheaper per message than pydantic, and any message that fast path is not sure of goes
+through ``CustomerEvent``. Code that reads events takes the ``Event`` protocol, which both meet.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Annotated, Any, Protocol
 
+import msgspec
 import numpy as np
 from pydantic import (
     AwareDatetime,
@@ -154,6 +161,92 @@ class CustomerEvent(BaseModel):
         return int(self.event_time.timestamp() * 1000)
 
 
+class Event(Protocol):
+    """What is read of an event once it is decoded (a ``DecodedEvent``, or a ``CustomerEvent``)."""
+
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def event_id(self) -> str | None: ...
+    @property
+    def event_ms(self) -> int: ...
+    @property
+    def features(self) -> dict[str, int | float]: ...
+    @property
+    def attributes(self) -> dict[str, str]: ...
+
+
+class DecodedEvent(msgspec.Struct, frozen=True):
+    """An accepted event: ``CustomerEvent``'s fields with the event time in epoch ms.
+
+    >>> wire = CustomerEvent(customer_id="c", event_time="1970-01-01T00:00:01Z", features={"x": 1})
+    >>> e = DecodedEvent.of(wire)
+    >>> e.event_ms, e.features, e.attributes, e.event_id
+    (1000, {'x': 1}, {}, None)
+    """
+
+    customer_id: str
+    event_ms: int
+    features: dict[str, int | float]
+    attributes: dict[str, str] = {}
+    event_id: str | None = None
+
+    @classmethod
+    def of(cls, event: Event) -> DecodedEvent:
+        return cls(event.customer_id, event.event_ms, event.features, event.attributes, event.event_id)
+
+
+class _Wire(msgspec.Struct):
+    """The fast path's view of a message (the lengths are the contract's, see ``_wire_decoder``)."""
+
+    customer_id: str
+    event_time: int | str
+    features: dict[str, int | float]
+    event_id: str | None = None
+    attributes: dict[str, str] = {}
+
+
+@cache
+def _wire_decoder(max_id_chars: int, max_attribute_chars: int, max_fields: int) -> msgspec.json.Decoder[Any]:
+    """A msgspec decoder that accepts only what fits the contract's lengths (checked in C)."""
+    ident = Annotated[str, msgspec.Meta(max_length=max_id_chars)]
+    text = Annotated[str, msgspec.Meta(max_length=max_attribute_chars)]
+    wire = msgspec.defstruct("Wire", [
+        ("customer_id", Annotated[str, msgspec.Meta(min_length=1, max_length=max_id_chars)]),
+        ("event_time", int | str),
+        ("features", Annotated[dict[str, int | float], msgspec.Meta(max_length=max_fields)]),
+        ("event_id", ident | None, None),
+        ("attributes", Annotated[dict[text, text], msgspec.Meta(max_length=max_fields)], {}),
+    ])
+    return msgspec.json.Decoder(wire)
+
+
+# The RFC 3339 strings the fast path converts itself: seconds, at most microseconds, an offset.
+# Anything else a producer may send (more digits, a lower-case ``t``) goes to the exact path.
+_PLAIN_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def plain_event_ms(event_time: int | str) -> int | None:
+    """Epoch ms of an ``event_time`` the fast path is sure of, else ``None``: ``CustomerEvent``
+    decides (a string outside the plain form, a date Python refuses).
+
+    >>> plain_event_ms(1000), plain_event_ms("1970-01-01T00:00:01.5+00:00")
+    (1000, 1500)
+    >>> plain_event_ms("1970-01-01t00:00:01Z"), plain_event_ms("1970-01-01T00:00:01.1234567Z")
+    (None, None)
+    """
+    if isinstance(event_time, int):
+        return event_time
+    if not _PLAIN_RFC3339.fullmatch(event_time):
+        return None
+    try:
+        return int(datetime.fromisoformat(event_time).timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why a message cannot be scored: a reason code for machines, a detail for humans."""
@@ -208,13 +301,13 @@ class InputContract:
     max_skew_s: float | None = None
     require_key_match: bool = False
 
-    def decode_message(self, msg: KafkaMessage, now_ms: int | None = None) -> CustomerEvent | Rejection:
+    def decode_message(self, msg: KafkaMessage, now_ms: int | None = None) -> DecodedEvent | Rejection:
         """``decode`` of a consumed message: its key and headers count towards its size."""
         return self.decode(_as_bytes(msg.value()), _as_bytes(msg.key()), now_ms, _header_bytes(msg))
 
     def decode_batch(
         self, messages: Sequence[KafkaMessage], now_ms: int | None = None
-    ) -> list[CustomerEvent | Rejection]:
+    ) -> list[DecodedEvent | Rejection]:
         """``decode_message`` of every message, the common case checked per batch.
 
         A fast path only *accepts*: a message it is not sure of (any check that fails, a number
@@ -240,20 +333,26 @@ class InputContract:
             del parsed[positions[j]]
         return [parsed[i] if i in parsed else self.decode_message(m, now) for i, m in enumerate(messages)]
 
-    def _parse(self, msg: KafkaMessage) -> CustomerEvent | None:
-        """The event when its size, its JSON and its ids and attributes pass; ``None``: in doubt."""
+    def _parse(self, msg: KafkaMessage) -> DecodedEvent | None:
+        """The event when its size, its JSON, its ids and attributes and its key pass, decoded
+        by msgspec; ``None``: in doubt. A value with a ``\\u`` escape is in doubt (msgspec takes
+        a lone surrogate that the exact path refuses)."""
         value, key = msg.value(), _as_bytes(msg.key())
-        if not isinstance(value, bytes):
+        if not isinstance(value, bytes) or b"\\u" in value:
             return None
         if len(value) + (len(key) if key else 0) + _header_bytes(msg) > self.max_message_bytes:
             return None
         try:
-            event = CustomerEvent.model_validate_json(value)
-        except ValidationError:
+            wire = _wire_decoder(self.max_id_chars, self.max_attribute_chars, self.max_fields).decode(value)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             return None
-        return event if self._check_sizes(event) is None and self._check_key(event, key) is None else None
+        ms = plain_event_ms(wire.event_time)
+        if ms is None:
+            return None
+        event = DecodedEvent(wire.customer_id, ms, wire.features, wire.attributes, wire.event_id)
+        return event if self._check_key(event, key) is None else None
 
-    def _times_in_doubt(self, events: Sequence[CustomerEvent], now_ms: int) -> list[int]:
+    def _times_in_doubt(self, events: Sequence[DecodedEvent], now_ms: int) -> list[int]:
         """Positions of the events whose ``event_time`` may be out of range (all of them when one
         cannot be represented)."""
         if not events:
@@ -279,7 +378,7 @@ class InputContract:
             high = min(high, float(now_ms + self.max_skew_s * 1000))
         return low, high
 
-    def _features_in_doubt(self, events: Sequence[CustomerEvent]) -> list[int]:
+    def _features_in_doubt(self, events: Sequence[DecodedEvent]) -> list[int]:
         """Positions of the events whose features may fail a check (all of them when the batch
         cannot be put in one float matrix, e.g. a missing feature or a huge integer)."""
         if not events:
@@ -297,7 +396,7 @@ class InputContract:
     def decode(
         self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None,
         header_bytes: int = 0,
-    ) -> CustomerEvent | Rejection:
+    ) -> DecodedEvent | Rejection:
         """Parse and validate one message; never raises on bad input.
 
         >>> InputContract(("x",)).decode(b'{"customer_id":"c","event_time":1,"features":{"x":1.5}}').features
@@ -335,7 +434,7 @@ class InputContract:
             or self._check_key(event, key)
             or self._check_event_time(event, now_ms)
             or self._check_features(event)
-            or event
+            or DecodedEvent.of(event)
         )
 
     def _check_sizes(self, event: CustomerEvent) -> Rejection | None:
@@ -355,7 +454,7 @@ class InputContract:
                 )
         return None
 
-    def _check_key(self, event: CustomerEvent, key: bytes | None) -> Rejection | None:
+    def _check_key(self, event: Event, key: bytes | None) -> Rejection | None:
         if not self.require_key_match:
             return None
         return key_mismatch(key, event.customer_id)

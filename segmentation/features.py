@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import skew
 from sklearn.preprocessing import RobustScaler, StandardScaler
 
-from segmentation.events import CustomerEvent
+from segmentation.events import Event
 
 OTHER = "other"
 
@@ -112,7 +112,7 @@ class FeatureSpec(BaseModel):
     def n_numeric(self) -> int:
         return len(self.numeric)
 
-    def encode(self, events: Sequence[CustomerEvent]) -> tuple[np.ndarray, int]:
+    def encode(self, events: Sequence[Event]) -> tuple[np.ndarray, int]:
         """Encode events; returns the matrix and how many category values were unknown."""
         scaled = self.encode_numeric(raw_numeric(events, self.numeric))
         onehot, unknown = one_hot(events, self.vocabulary, self.categorical_weight)
@@ -176,9 +176,10 @@ class FeatureSpec(BaseModel):
         return np.hstack([scaled, onehot])
 
 
-def raw_numeric(events: Sequence[CustomerEvent], names: Sequence[str]) -> np.ndarray:
+def raw_numeric(events: Sequence[Event], names: Sequence[str]) -> np.ndarray:
     """Numeric features as a float matrix, one row per event, columns in ``names`` order.
 
+    >>> from segmentation.events import CustomerEvent
     >>> e = CustomerEvent(customer_id="c", event_time=0, features={"a": 1, "b": 2.5})
     >>> raw_numeric([e, e], ["b", "a"]).tolist()
     [[2.5, 1.0], [2.5, 1.0]]
@@ -289,13 +290,14 @@ def scale(x: np.ndarray, center: Sequence[float], scale_: Sequence[float]) -> np
 
 
 def fit_vocabulary(
-    events: Iterable[CustomerEvent], attributes: Sequence[str], min_count: int = 1,
+    events: Iterable[Event], attributes: Sequence[str], min_count: int = 1,
     max_values: int | None = None,
 ) -> dict[str, list[str]]:
     """Per attribute, the ``max_values`` most frequent values seen at least ``min_count`` times
     (sorted), plus ``other`` for everything else: a high-cardinality attribute cannot widen
     the model without bound.
 
+    >>> from segmentation.events import CustomerEvent
     >>> e = [CustomerEvent(customer_id="c", event_time=0, features={}, attributes={"ch": v})
     ...      for v in ("web", "app", "web", "tv", "tv", "tv")]
     >>> fit_vocabulary(e, ["ch"])
@@ -318,11 +320,12 @@ def fit_vocabulary(
 
 
 def one_hot(
-    events: Sequence[CustomerEvent], vocabulary: dict[str, list[str]], weight: float = 1.0
+    events: Sequence[Event], vocabulary: dict[str, list[str]], weight: float = 1.0
 ) -> tuple[np.ndarray, int]:
     """One-hot columns for each attribute; unknown or absent values go to ``other``. A set
     column holds ``weight``: categories should shape segments, not split every segment.
 
+    >>> from segmentation.events import CustomerEvent
     >>> e = CustomerEvent(customer_id="c", event_time=0, features={}, attributes={"ch": "tv"})
     >>> m, unknown = one_hot([e], {"ch": ["app", "other"]})
     >>> m.tolist(), unknown
@@ -420,7 +423,7 @@ class FeatureConfig:
 
 
 def fit_spec(
-    events: Sequence[CustomerEvent], config: FeatureConfig, keep_logged: Sequence[str] = ()
+    events: Sequence[Event], config: FeatureConfig, keep_logged: Sequence[str] = ()
 ) -> FeatureSpec:
     """Fit the vocabulary and the numeric preprocessing on a training window (``keep_logged``:
     the features the current model logs, see ``skewed_features``)."""

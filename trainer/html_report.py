@@ -27,7 +27,7 @@ from sklearn.metrics import silhouette_samples
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.cluster_metrics import davies_bouldin, nearest_two, stratified_sample
-from segmentation.events import CustomerEvent
+from segmentation.events import Event
 from segmentation.features import raw_numeric
 from segmentation.store import ModelStore, TrainerState
 from trainer.window import WindowConfig, read_window
@@ -66,7 +66,7 @@ class ReportConfig:
 class Sample:
     """Customers of the current model's training window, assigned by the current model."""
 
-    events: list[CustomerEvent]
+    events: list[Event]
     encoded: np.ndarray
     raw: np.ndarray  # numeric features in the events' own units
     index: np.ndarray  # centroid index per customer
@@ -336,7 +336,7 @@ def profile_table(bundle: ModelBundle, sample: Sample | None) -> str:
             + "".join(rows) + "</tbody></table>")
 
 
-def channel_mix(events: list[CustomerEvent], vocabulary: dict[str, list[str]]) -> str:
+def channel_mix(events: list[Event], vocabulary: dict[str, list[str]]) -> str:
     """The two most common values of each categorical attribute, e.g. ``channel: app 70%, web 30%``."""
     parts = []
     for attribute in vocabulary:

@@ -15,7 +15,7 @@ import numpy as np
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle
 from segmentation.domain import GATE_CHECKS, RunOutcome
-from segmentation.events import CustomerEvent
+from segmentation.events import Event
 from segmentation.features import FeatureConfig, FeatureSpec, fit_spec, raw_numeric
 from segmentation.metrics import TrainerMetrics
 from segmentation.store import ModelStore, PublishConflict, TrainerState
@@ -130,15 +130,15 @@ def fit_encoded(k_config: KConfig, x: np.ndarray, current_k: int | None = None,
 
 
 def inside_envelope(
-    spec: FeatureSpec, events: Sequence[CustomerEvent], x: np.ndarray
-) -> tuple[list[CustomerEvent], np.ndarray]:
+    spec: FeatureSpec, events: Sequence[Event], x: np.ndarray
+) -> tuple[list[Event], np.ndarray]:
     """The window without its rows outside the training envelope: absurd rows never form a
     segment, stretch a centroid or count in the quality figures."""
     outside = spec.outside_envelope(raw_numeric(events, spec.numeric))
     return [e for e, out in zip(events, outside, strict=True) if not out], x[~outside]
 
 
-def previous_encoding(current: ModelBundle | None, events: Sequence[CustomerEvent]) -> np.ndarray | None:
+def previous_encoding(current: ModelBundle | None, events: Sequence[Event]) -> np.ndarray | None:
     """The window encoded by the current model's own spec, as the consumers score it; None when
     there is no current model or its features are not in the events."""
     if current is None:

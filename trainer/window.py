@@ -22,7 +22,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPart
 from pydantic import SecretStr
 
 from segmentation.bundle import PartitionRange
-from segmentation.events import CustomerEvent, InputContract, Rejection
+from segmentation.events import Event, InputContract, Rejection
 from segmentation.kafka import is_transient, retrying
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class WindowConfig:
 
 @dataclass
 class Window:
-    events: list[CustomerEvent]
+    events: list[Event]
     ranges: list[PartitionRange]
     start_ms: int
     end_ms: int
@@ -198,9 +198,10 @@ class CustomerSample:
     the same ranges and key give the same training matrix, and an evicted customer can never
     come back. With at most ``cap`` customers every one is kept, whatever the key.
 
+    >>> from segmentation.events import DecodedEvent
     >>> s = CustomerSample(cap=2, key=b"k" * 32)
     >>> for i, cid in enumerate("abcab"):
-    ...     s.offer(CustomerEvent(customer_id=cid, event_time=i, features={"x": i}), (0, i))
+    ...     s.offer(DecodedEvent(customer_id=cid, event_ms=i, features={"x": i}), (0, i))
     >>> sorted((e.customer_id, e.features["x"]) for e in s.events()), s.customers_seen, s.sampled
     ([('a', 3), ('c', 2)], 3, True)
     """
@@ -208,7 +209,7 @@ class CustomerSample:
     def __init__(self, cap: int, key: bytes) -> None:
         self.cap = cap
         self._key = key
-        self._kept: dict[str, tuple[tuple[int, int, int], CustomerEvent]] = {}
+        self._kept: dict[str, tuple[tuple[int, int, int], Event]] = {}
         self._largest: list[tuple[int, str]] = []  # max-heap (negated) of the kept hashes
         self._seen: set[int] = set()  # only to report how many customers there were
         self._rows = 0
@@ -217,7 +218,7 @@ class CustomerSample:
         digest = hashlib.blake2b(customer_id.encode(), digest_size=8, key=self._key).digest()
         return int.from_bytes(digest, "little")
 
-    def offer(self, event: CustomerEvent, position: Position) -> None:
+    def offer(self, event: Event, position: Position) -> None:
         cid = event.customer_id
         order = (event.event_ms, *position)  # latest event wins; ties by position
         kept = self._kept.get(cid)
@@ -246,7 +247,7 @@ class CustomerSample:
         """Whether some customer was left out (more than ``cap`` were offered)."""
         return self.customers_seen > self.cap
 
-    def events(self) -> list[CustomerEvent]:
+    def events(self) -> list[Event]:
         """The kept events in (partition, offset) order."""
         return [event for _, event in sorted(self._kept.values(), key=lambda kv: kv[0][1:])]
 
@@ -281,7 +282,7 @@ def read_window(
         except Exception as exc:  # noqa: BLE001 - one message never fails a training run
             log.warning("window row could not be decoded", extra={"error": repr(exc)[:200]})
             decoded = Rejection("internal_error", type(exc).__name__)
-        if isinstance(decoded, CustomerEvent):
+        if not isinstance(decoded, Rejection):
             sample.offer(decoded, position)
         else:
             reasons[decoded.reason] = reasons.get(decoded.reason, 0) + 1

@@ -24,7 +24,7 @@ from consumer.scoring import (
     score_batch,
 )
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import CustomerEvent, Rejection, event_time_iso
+from segmentation.events import CustomerEvent, Event, Rejection, event_time_iso
 from segmentation.metrics import BatchHistogram
 from segmentation.settings import DEFAULT_FEATURES
 from tests.support.messages import (
@@ -61,7 +61,7 @@ def hostile(values: list[bytes]) -> list[bytes | None]:
     return mixed
 
 
-def plain_output(event: CustomerEvent, segment: int, distance: float, scored_at: str) -> bytes:
+def plain_output(event: Event, segment: int, distance: float, scored_at: str) -> bytes:
     """The output contract as it was built before the fast path: a dict through ``to_json``."""
     return to_json({
         "customer_id": event.customer_id, "event_id": event.event_id,
@@ -107,17 +107,27 @@ def test_the_fast_path_gives_the_same_encoding_as_encoding_one_by_one() -> None:
     assert batch.indices.tolist() == nearest_two(one_by_one, DEMO_MODEL.centroids)[0].tolist()
 
 
+# event times in and around the RFC 3339 forms: the fast path converts only the plain ones itself
+RFC3339_LIKE = st.builds(
+    lambda date, sep, time, fraction, offset: f"{date}{sep}{time}{fraction}{offset}",
+    st.sampled_from(["2026-11-29", "2024-02-29", "2025-02-29", "0001-01-01", "9999-12-31", "2026-13-01"]),
+    st.sampled_from(["T", "t", " "]),
+    st.sampled_from(["10:15:00", "23:59:60", "24:00:00", "00:00:00", "10:15"]),
+    st.sampled_from(["", ".5", ".123456", ".1234567", "."]),
+    st.sampled_from(["Z", "z", "+00:00", "-23:59", "+24:00", "+05:30", "", "+0530", "-00:00"]),
+)
 NUMBER = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.sampled_from([1e12, -1e12, 1e12 + 1, 10**12, 10**12 + 1, 2**53, 2**53 + 1, 0, -0.0]),
+    st.sampled_from([1e12, -1e12, 1e12 + 1, 10**12, 10**12 + 1, 2**53, 2**53 + 1, 0, -0.0, True, "1"]),
 )
 EVENT = st.fixed_dictionaries(
     {
-        "customer_id": st.text(max_size=300),
+        "customer_id": st.one_of(st.text(max_size=300), st.sampled_from(["\ud800", "c-\udfff", "", "é"])),
         "event_time": st.one_of(st.integers(min_value=-(2**64), max_value=2**64),
-                                st.sampled_from([NOW_MS, NOW_MS + 3600_000, NOW_MS + 3600_001,
-                                                 "2026-11-29T10:15:00Z", "2026-11-29T10:15:00"])),
+                                st.sampled_from([NOW_MS, NOW_MS + 3600_000, NOW_MS + 3600_001, float(NOW_MS),
+                                                 NOW_MS + 0.5, True, "1764410100000"]),
+                                RFC3339_LIKE),
         "features": st.fixed_dictionaries({f: NUMBER for f in DEFAULT_FEATURES}),
     },
     optional={"event_id": st.one_of(st.none(), st.text(max_size=300)),

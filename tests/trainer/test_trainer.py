@@ -31,7 +31,7 @@ from confluent_kafka.admin import AdminClient
 from demo.generator import PROFILES, Customer, Profile, make_customers
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import CustomerEvent
+from segmentation.events import Event
 from segmentation.features import FeatureSpec
 from segmentation.metrics import TrainerMetrics
 from segmentation.model_log import sync_store
@@ -89,20 +89,20 @@ def published(settings: Settings, store: ModelStore, metrics: TrainerMetrics, **
     return result.bundle
 
 
-def segment_ids(bundle: ModelBundle, events: Sequence[CustomerEvent]) -> np.ndarray:
+def segment_ids(bundle: ModelBundle, events: Sequence[Event]) -> np.ndarray:
     """The segment id ``bundle`` gives each event (as the consumer computes it)."""
     x, _ = bundle.features.encode(events)
     index, _, _ = nearest_two(x, bundle.centroid_array())
     return np.asarray(bundle.segment_ids)[index]
 
 
-def latest_events(settings: Settings, people: Sequence[Customer]) -> list[CustomerEvent]:
+def latest_events(settings: Settings, people: Sequence[Customer]) -> list[Event]:
     """The latest event of each of ``people`` in the topic, in ``people`` order."""
     by_id = {e.customer_id: e for e in read_window(window_config(settings)).events}
     return [by_id[c.customer_id] for c in people]
 
 
-def segment_of_group(bundle: ModelBundle, events: Sequence[CustomerEvent], people: Sequence[Customer],
+def segment_of_group(bundle: ModelBundle, events: Sequence[Event], people: Sequence[Customer],
                      group: int) -> int:
     ids = segment_ids(bundle, events)
     mine = Counter(int(s) for s, c in zip(ids, people, strict=True) if c.segment == group)
