@@ -35,16 +35,16 @@ give.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 from confluent_kafka import KafkaException
 
 from consumer.model import ActiveModel
-from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates
+from consumer.scoring import Message, OutRecord, ScoredBatch, coordinates, event_times_iso, json_string
 from segmentation.bundle import SegmentDiff
 from segmentation.cluster_metrics import nearest_two
 from segmentation.domain import ChangeCause
@@ -58,10 +58,9 @@ log = logging.getLogger(__name__)
 ModelOf = Callable[[int], "ActiveModel | None"]
 
 
-@dataclass(slots=True)
-class Recorded:
+class Recorded(msgspec.Struct):
     """A customer's last recorded segment, and the newest event time seen for them (moved on in
-    place: most events change nothing but it)."""
+    place: most events change nothing but it). One per customer held, so a msgspec struct."""
 
     segment_id: int
     segment: str
@@ -95,33 +94,43 @@ class ChangesUnavailable(RuntimeError):
 def change_value(
     event: Event, event_ms: int, before: Recorded | None, segment_id: int, segment: str,
     version: int, cause: ChangeCause, changed_at: str, outlier: bool = False,
-    lineage: SegmentDiff | None = None,
+    lineage: SegmentDiff | None = None, event_time: str | None = None,
 ) -> bytes:
-    """The wire contract of a segment change (compact JSON, UTF-8); ``lineage``: the diff entry
-    of the segment the change leads into, named only for a ``model`` change.
+    """The wire contract of a segment change (compact JSON, UTF-8), built as one string like
+    ``scoring.output_value`` (a test holds it to ``json.dumps`` of the dict); ``lineage``: the
+    diff entry of the segment the change leads into, named only for a ``model`` change;
+    ``event_time``: ``event_time_iso(event_ms)`` when the caller formatted it already.
 
     >>> from segmentation.events import CustomerEvent
     >>> e = CustomerEvent(customer_id="c-1", event_time=1000, event_id="e-9", features={})
     >>> change_value(e, 1000, Recorded(2, "loyal", 4, 0), 3, "lapsed", 5, "model", "T")
     b'{"customer_id":"c-1","event_id":"e-9","event_time":"1970-01-01T00:00:01.000Z","cause":"model","from_segment_id":2,"from_segment":"loyal","from_model_version":4,"to_segment_id":3,"to_segment":"lapsed","to_model_version":5,"to_status":null,"to_parents":null,"outlier":false,"changed_at":"T"}'
     >>> split = SegmentDiff(segment_id=7, status="split", parents=[2])
+    >>> import json
     >>> record = json.loads(change_value(e, 1000, Recorded(2, "loyal", 4, 0), 7, "loyal (b)", 5,
     ...                                  "model", "T", outlier=True, lineage=split))
     >>> record["to_status"], record["to_parents"], record["outlier"]
     ('split', [2], True)
     """
     named = lineage if cause == "model" else None
-    return json.dumps({
-        "customer_id": event.customer_id, "event_id": event.event_id,
-        "event_time": event_time_iso(event_ms), "cause": cause,
-        "from_segment_id": before.segment_id if before else None,
-        "from_segment": before.segment if before else None,
-        "from_model_version": before.model_version if before else None,
-        "to_segment_id": segment_id, "to_segment": segment, "to_model_version": version,
-        "to_status": named.status if named else None,
-        "to_parents": list(named.parents) if named else None,
-        "outlier": outlier, "changed_at": changed_at,
-    }, ensure_ascii=False, separators=(",", ":")).encode()
+    if before is None:
+        came_from = '"from_segment_id":null,"from_segment":null,"from_model_version":null'
+    else:
+        came_from = (f'"from_segment_id":{int(before.segment_id)},'
+                     f'"from_segment":{json_string(before.segment)},'
+                     f'"from_model_version":{int(before.model_version)}')
+    if named is None:
+        lineage_fields = '"to_status":null,"to_parents":null'
+    else:
+        parents = ",".join(str(int(p)) for p in named.parents)
+        lineage_fields = f'"to_status":{json_string(named.status)},"to_parents":[{parents}]'
+    return (
+        f'{{"customer_id":{json_string(event.customer_id)},"event_id":{json_string(event.event_id)},'
+        f'"event_time":"{event_time or event_time_iso(event_ms)}","cause":"{cause}",{came_from},'
+        f'"to_segment_id":{int(segment_id)},"to_segment":{json_string(segment)},'
+        f'"to_model_version":{int(version)},{lineage_fields},'
+        f'"outlier":{"true" if outlier else "false"},"changed_at":{json_string(changed_at)}}}'
+    ).encode()
 
 
 def recorded_of(value: bytes | None, latest_ms: float | None = None) -> Recorded | None:
@@ -287,11 +296,9 @@ class SegmentChanges:
         differs from the one recorded. Call ``prepare`` first for the batch's partitions."""
         version = model.version
         late = 0
-        records: list[OutRecord] = []
-        causes: list[ChangeCause] = []
-        outliers = batch.outliers.tolist() if batch.outliers.shape[0] else [False] * len(batch.outputs)
-        rows = zip(batch.outputs, batch.customers, batch.events, outliers, strict=True)
-        for output, customer, event, outlier in rows:
+        changed: list[tuple[int, int, Recorded | None, ChangeCause]] = []  # row, partition, before, cause
+        rows = zip(batch.outputs, batch.customers, batch.events, strict=True)
+        for row, (output, customer, event) in enumerate(rows):
             partition = int(output.source.partition() or 0) if output.source is not None else 0
             state = self.state[partition]
             before = state.get(customer.customer_id)
@@ -306,16 +313,28 @@ class SegmentChanges:
                                   else cause_of(event, before, version, self.model_of))
             state[customer.customer_id] = Recorded(customer.segment_id, customer.segment, version,
                                                    customer.event_ms)
-            value = change_value(event, customer.event_ms, before, customer.segment_id,
-                                 customer.segment, version, cause, changed_at, outlier,
-                                 model.lineage.get(customer.segment_id))
-            records.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
-            causes.append(cause)
+            changed.append((row, partition, before, cause))
         if late:
             self.metrics.change_late_events.inc(late)
-        if records:
-            self._count_customers()
-        return Changes(tuple(records), tuple(causes))
+        if not changed:
+            return Changes()
+        self._count_customers()
+        return Changes(self._records(batch, model, changed, changed_at), tuple(c[3] for c in changed))
+
+    def _records(self, batch: ScoredBatch, model: ActiveModel,
+                 changed: list[tuple[int, int, Recorded | None, ChangeCause]], changed_at: str,
+                 ) -> tuple[OutRecord, ...]:
+        """The change records of the ``changed`` rows (their event times formatted together)."""
+        outliers = batch.outliers.tolist() if batch.outliers.shape[0] else [False] * len(batch.outputs)
+        times = event_times_iso([batch.customers[row].event_ms for row, _, _, _ in changed])
+        records = []
+        for (row, partition, before, cause), event_time in zip(changed, times, strict=True):
+            output, customer = batch.outputs[row], batch.customers[row]
+            value = change_value(batch.events[row], customer.event_ms, before, customer.segment_id,
+                                 customer.segment, model.version, cause, changed_at, outliers[row],
+                                 model.lineage.get(customer.segment_id), event_time)
+            records.append(OutRecord(str(self.topic), output.key, value, [], output.source, partition))
+        return tuple(records)
 
     def close(self) -> None:
         if self._reader is not None:

@@ -13,14 +13,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 from pydantic_core import to_json
 
 from consumer.model import ActiveModel
 from segmentation.cluster_metrics import nearest_two
 from segmentation.customer import CustomerAssignment
-from segmentation.events import DecodedEvent, Event, InputContract, KafkaMessage, Rejection, event_time_iso
-from segmentation.features import raw_numeric
+from segmentation.events import (
+    DecodedEvent,
+    Event,
+    InputContract,
+    KafkaMessage,
+    Rejection,
+    event_time_iso,
+    raw_numeric,
+)
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -34,8 +42,9 @@ class Message(KafkaMessage, Protocol):
     def offset(self) -> int | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
+class OutRecord(msgspec.Struct, frozen=True):
+    """A record to produce (one or two per scored event, so a msgspec struct: cheap to build)."""
+
     topic: str
     key: bytes | None
     value: bytes | None
@@ -292,9 +301,10 @@ def assign_events(
     records (vectorised)."""
     if not events:
         return ScoredBatch()
-    x, unknown = model.bundle.features.encode(events)
+    raw = raw_numeric(events, model.bundle.features.numeric)
+    x, unknown = model.bundle.features.encode(events, raw)
     idx, d1, d2 = nearest_two(x, model.centroids)
-    outliers = outliers_of(events, model, idx, d1)
+    outliers = outliers_of(raw, model, idx, d1)
     event_ms = [e.event_ms for e in events]
     values = output_values(events, event_ms, idx, d1, model, event_time_iso(now_ms), outliers)
     topic, names, version = rules.segments_topic, model.bundle.segment_names, model.version
@@ -342,18 +352,18 @@ def beyond(distances: np.ndarray, indices: np.ndarray, radii: np.ndarray | None)
 
 
 def outliers_of(
-    events: Sequence[Event], model: ActiveModel, indices: np.ndarray, distances: np.ndarray,
+    raw: np.ndarray, model: ActiveModel, indices: np.ndarray, distances: np.ndarray,
 ) -> np.ndarray:
     """Per event, whether it is an outlier: farther from its nearest centroid than that
     segment's outlier radius, or with a raw feature outside the training envelope. Both limits
     come from the trainer that fills the radii: a bundle without them flags none."""
     if model.radius_outlier is None:
-        return np.zeros(len(events), dtype=bool)
+        return np.zeros(raw.shape[0], dtype=bool)
     far = beyond(distances, indices, model.radius_outlier)
     spec = model.bundle.features
     if spec.clip_low is None or spec.clip_high is None:  # no envelope: the raw matrix is not needed
         return far
-    return far | spec.outside_envelope(raw_numeric(events, spec.numeric))
+    return far | spec.outside_envelope(raw)
 
 
 def json_string(text: str | None) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerAssignment:
+class CustomerAssignment(msgspec.Struct, frozen=True):
     """A customer's segment after one event (``event_ms``, at input ``offset``): an older one
-    never overwrites a newer one in the customer store."""
+    never overwrites a newer one in the customer store. One per scored event, so a msgspec
+    struct: a tenth of a frozen dataclass's construction cost."""
 
     customer_id: str
     event_ms: int

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, cached_property
+from operator import itemgetter
 from typing import Annotated, Any, Protocol
 
 import msgspec
@@ -384,7 +385,7 @@ class InputContract:
         if not events:
             return []
         try:
-            raw = np.array([[e.features[n] for n in self.features] for e in events], dtype=np.float64)
+            raw = raw_numeric(events, self.features)
         except (KeyError, OverflowError, TypeError, ValueError):
             return list(range(len(events)))
         low = np.array([self.bounds.get(n, (-np.inf, np.inf))[0] for n in self.features])
@@ -496,6 +497,23 @@ class InputContract:
                     detail = f"features.{name} is {number:.6g}, outside [{low:g}, {high:g}]"
                     return Rejection("out_of_range", detail)
         return None
+
+
+def raw_numeric(events: Sequence[Event], names: Sequence[str]) -> np.ndarray:
+    """Numeric features as a float matrix, one row per event, columns in ``names`` order (a
+    ``KeyError`` for a missing one).
+
+    >>> e = CustomerEvent(customer_id="c", event_time=0, features={"a": 1, "b": 2.5})
+    >>> raw_numeric([e, e], ["b", "a"]).tolist(), raw_numeric([e], ["a"]).tolist()
+    ([[2.5, 1.0], [2.5, 1.0]], [[1.0]])
+    >>> raw_numeric([], ["a"]).shape
+    (0, 1)
+    """
+    if not names:
+        return np.empty((len(events), 0), dtype=np.float64)
+    row = itemgetter(*names)  # in C: a tuple of the values (the value itself for one name)
+    rows = [row(e.features) for e in events]
+    return np.array(rows, dtype=np.float64).reshape(len(events), len(names))
 
 
 def key_mismatch(key: bytes | None, customer_id: str) -> Rejection | None:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import skew
 from sklearn.preprocessing import RobustScaler, StandardScaler
 
-from segmentation.events import Event
+from segmentation.events import Event, raw_numeric
 
 OTHER = "other"
 
@@ -112,9 +112,11 @@ class FeatureSpec(BaseModel):
     def n_numeric(self) -> int:
         return len(self.numeric)
 
-    def encode(self, events: Sequence[Event]) -> tuple[np.ndarray, int]:
-        """Encode events; returns the matrix and how many category values were unknown."""
-        scaled = self.encode_numeric(raw_numeric(events, self.numeric))
+    def encode(self, events: Sequence[Event], raw: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Encode events; returns the matrix and how many category values were unknown
+        (``raw``: their ``raw_numeric`` matrix when the caller has it)."""
+        raw = raw_numeric(events, self.numeric) if raw is None else raw
+        scaled = self.encode_numeric(raw)
         onehot, unknown = one_hot(events, self.vocabulary, self.categorical_weight)
         return np.hstack([scaled, onehot]), unknown
 
@@ -174,21 +176,6 @@ class FeatureSpec(BaseModel):
                 onehot[:, j] = encoded[:, src_cols[col]] / source.categorical_weight
         onehot *= self.categorical_weight
         return np.hstack([scaled, onehot])
-
-
-def raw_numeric(events: Sequence[Event], names: Sequence[str]) -> np.ndarray:
-    """Numeric features as a float matrix, one row per event, columns in ``names`` order.
-
-    >>> from segmentation.events import CustomerEvent
-    >>> e = CustomerEvent(customer_id="c", event_time=0, features={"a": 1, "b": 2.5})
-    >>> raw_numeric([e, e], ["b", "a"]).tolist()
-    [[2.5, 1.0], [2.5, 1.0]]
-    """
-    out = np.empty((len(events), len(names)), dtype=np.float64)
-    for i, event in enumerate(events):
-        f = event.features
-        out[i] = [f[n] for n in names]
-    return out
 
 
 def log_transform(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -47,8 +47,8 @@ from segmentation import domain
 from segmentation import metrics as metrics_module
 from segmentation.bundle import Lineage, ModelBundle, Quality
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import REASONS, CustomerEvent
-from segmentation.features import FeatureSpec, raw_numeric
+from segmentation.events import REASONS, CustomerEvent, raw_numeric
+from segmentation.features import FeatureSpec
 from segmentation.metrics import ConsumerMetrics, TrainerMetrics, serve
 from segmentation.settings import Settings
 from segmentation.store import CustomerStore, ModelStore

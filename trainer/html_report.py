@@ -27,8 +27,7 @@ from sklearn.metrics import silhouette_samples
 
 from segmentation.bundle import BundleError, ModelBundle
 from segmentation.cluster_metrics import davies_bouldin, nearest_two, stratified_sample
-from segmentation.events import Event
-from segmentation.features import raw_numeric
+from segmentation.events import Event, raw_numeric
 from segmentation.store import ModelStore, TrainerState
 from trainer.window import WindowConfig, read_window
 

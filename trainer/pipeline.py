@@ -15,8 +15,8 @@ import numpy as np
 from segmentation.baseline import QualityBaseline, own_baseline, recorded_baseline
 from segmentation.bundle import BundleError, Lineage, ModelBundle
 from segmentation.domain import GATE_CHECKS, RunOutcome
-from segmentation.events import Event
-from segmentation.features import FeatureConfig, FeatureSpec, fit_spec, raw_numeric
+from segmentation.events import Event, raw_numeric
+from segmentation.features import FeatureConfig, FeatureSpec, fit_spec
 from segmentation.metrics import TrainerMetrics
 from segmentation.store import ModelStore, PublishConflict, TrainerState
 from trainer.challenger import clear_stale_challenger, store_challenger

@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.changes import Changes, ChangesUnavailable, Recorded, SegmentChanges, cause_of, change_value
 from consumer.model import ActiveModel
 from consumer.scoring import score_batch
 from consumer.service import build_changes
 from demo.generator import another_profile
-from segmentation.bundle import ModelBundle
+from segmentation.bundle import ModelBundle, SegmentDiff
 from segmentation.events import CustomerEvent
 from segmentation.kafka import ReadIncomplete, TopicReader, producer_config, read_to_end
 from segmentation.metrics import ConsumerMetrics
 from segmentation.settings import Settings
 from tests.support.fixed import changes_for, fixed_events, segments, send, trained
-from tests.support.messages import NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
+from tests.support.messages import FUZZ_EXAMPLES, NOW_MS, SMALL_MODEL, SMALL_RULES, Msg, event, small_bundle
 from tests.support.stack import (
     active_version,
     customers,
@@ -178,6 +180,36 @@ def test_a_change_made_by_an_outlier_event_says_so() -> None:
     records = detect(changes, [at(0.1, customer="a"), at(40.0, customer="b")], model)
     assert [(r["customer_id"], r["to_segment_id"], r["outlier"]) for r in records] == [
         ("a", 0, False), ("b", 1, True)]
+
+
+TEXT = st.text(max_size=40) | st.sampled_from(["", "é \"q\" \\", "\x00\x1f\x7f", "c-1"])
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(customer=TEXT, event_id=st.none() | TEXT, segment=TEXT, before=st.none() | TEXT,
+       status=st.none() | st.sampled_from(["split", "merged", "born", "kept"]),
+       parents=st.lists(st.integers(0, 10**6), max_size=3), outlier=st.booleans(),
+       cause=st.sampled_from(["initial", "behaviour", "model", "unknown"]))
+def test_a_change_record_is_the_json_of_its_fields(customer: str, event_id: str | None, segment: str,
+                                                   before: str | None, status: str | None,
+                                                   parents: list[int], outlier: bool, cause: str) -> None:
+    """``change_value`` builds its JSON as one string: it must parse to the record's fields, and
+    be ``json.dumps``' bytes wherever no string needs escaping."""
+    e = CustomerEvent(customer_id=customer or "c", event_time=1000, event_id=event_id, features={})
+    recorded = None if before is None else Recorded(3, before, 4, 0)
+    lineage = None if status is None else SegmentDiff(segment_id=7, status=status, parents=parents)
+    value = change_value(e, 1000, recorded, 7, segment, 5, cause, "T", outlier, lineage)  # type: ignore[arg-type]
+    named = lineage if cause == "model" else None
+    fields = {
+        "customer_id": e.customer_id, "event_id": event_id, "event_time": "1970-01-01T00:00:01.000Z",
+        "cause": cause, "from_segment_id": 3 if recorded else None, "from_segment": before,
+        "from_model_version": 4 if recorded else None, "to_segment_id": 7, "to_segment": segment,
+        "to_model_version": 5, "to_status": named.status if named else None,
+        "to_parents": list(named.parents) if named else None, "outlier": outlier, "changed_at": "T",
+    }
+    assert json.loads(value) == fields
+    if all(t is None or (t.isascii() and t.isprintable()) for t in (customer, event_id, segment, before)):
+        assert value == json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 # --- the real stack -------------------------------------------------------------------------
