@@ -3,6 +3,11 @@ a ratio of two contenders measured in the same run on the same generated events 
 shared and noisy; absolute numbers are printed for context). Prints one table, writes
 ``bench/results/latest.json``, and exits 1 when a target is missed.
 
+Two workloads (``bench/workloads.py``): ``returning`` (5,000 customers cycled, ``BENCH_EVENTS``
+events) and ``arriving`` (``BENCH_ARRIVING_EVENTS`` events, half of them a new customer's first,
+5% of the rest a change of behaviour: 100,000 customers in the full run). Throughput, the stage
+table and the latencies run on both.
+
 ``BENCH_QUICK=1`` (or ``--quick``): about a minute, small sizes, no targets, written to
 ``bench/results/quick.json`` (CI runs it to check that every
 measure still runs). ``BENCH_EVENTS`` and ``BENCH_ROUNDS`` override the throughput sizes.
@@ -27,7 +32,17 @@ from typing import Any
 import confluent_kafka
 
 from bench import consumers, latency, model_step, trainer_cost
-from bench.stage import cleanup, fresh_settings, make_values, prepare, produce, with_output
+from bench.stage import (
+    cleanup,
+    cpu_meter,
+    fresh_settings,
+    make_values,
+    prepare,
+    produce,
+    topic_bytes,
+    with_output,
+)
+from bench.workloads import Workload, arriving, returning
 from segmentation.kafka import ensure_topics
 from segmentation.metrics import TrainerMetrics
 from segmentation.store import ModelStore, connect
@@ -51,6 +66,8 @@ class Plan:
     scale_events: int
     window_events: int
     rebuild_customers: list[int]
+    arriving_events: int
+    arriving_customers: int
     skip: set[str] = field(default_factory=set)
 
     @classmethod
@@ -59,17 +76,23 @@ class Plan:
         skip = {s for s in os.environ.get("BENCH_SKIP", "").split(",") if s}
         events = int(os.environ.get("BENCH_EVENTS", "8000" if quick else "30000"))
         rounds = int(os.environ.get("BENCH_ROUNDS", "1" if quick else "3"))
+        arriving_events = int(os.environ.get("BENCH_ARRIVING_EVENTS", "16000" if quick else "200000"))
         if quick:
             return cls(True, events, rounds, 3.0, [2000, 5000], [], [20_000], 5_000, 50_000, 8000,
-                       20_000, [20_000], skip)
+                       20_000, [20_000], arriving_events, arriving_events // 2, skip)
         return cls(False, events, rounds, 10.0, [2000, 5000], [10_000, 20_000, 40_000],
                    [100_000, 300_000, 1_000_000], 100_000, 1_000_000, 60_000, 1_000_000,
-                   [1_000_000, 10_000_000], skip)
+                   [1_000_000, 10_000_000], arriving_events, arriving_events // 2, skip)
 
 
 TARGETS: dict[str, tuple[str, Callable[[float], bool]]] = {
     "e2e_vs_pipe": ("consumer end to end >= 0.5x the pipe limit", lambda r: r >= 0.5),
     "e2e_vs_naive": ("end to end >= 4x the naive River consumer", lambda r: r >= 4.0),
+    "arriving_e2e_vs_pipe": ("arriving customers: end to end >= 0.4x the pipe limit", lambda r: r >= 0.4),
+    "arriving_e2e_vs_naive_fast": ("arriving customers: end to end >= 3x the orjson + River consumer",
+                                   lambda r: r >= 3.0),
+    "arriving_p99_5000": ("arriving customers: p99 <= 50 ms at 5,000 events/s", lambda r: r <= 50.0),
+    "after_start_p99": ("p99 <= 250 ms over 10 s from 5 s after a consumer start", lambda r: r <= 250.0),
     "model_vs_river": ("model step >= 30x River's", lambda r: r >= 30.0),
     "p99_2000": ("p99 <= 50 ms at 2,000 events/s", lambda r: r <= 50.0),
     "p99_5000": ("p99 <= 50 ms at 5,000 events/s", lambda r: r <= 50.0),
@@ -86,30 +109,74 @@ def has_river() -> bool:
     return True
 
 
-def throughput(plan: Plan, results: dict[str, Any], settings: Any, store: Any) -> None:
-    runs: dict[str, list[float]] = {"pipe": [], "service": [], "naive": []}
+CONTENDERS = ("pipe", "service", "naive", "naive_fast")
+
+
+def run_contender(name: str, s: Any, store: Any, n: int) -> float:
+    if name == "pipe":
+        return consumers.pipe(s, n)
+    if name == "service":
+        return consumers.service(s, store, n)
+    if name == "naive":
+        return consumers.naive(s, store, n)
+    return consumers.naive_fast(s, store, n)
+
+
+def throughput(plan: Plan, results: dict[str, Any], workload: Workload, settings: Any, store: Any) -> None:
+    """Every contender on the workload's topic, ``plan.rounds`` times in turn: events/s, and
+    the CPU each one cost the consumer process, Redis and the broker per event. Then the
+    service's Redis commands and broker bytes per event, and one more run timed stage by stage."""
+    n = len(workload)
+    names = [c for c in CONTENDERS if has_river() or not c.startswith("naive")]
     if not has_river():
-        del runs["naive"]
-        results["not_done"]["naive River consumer"] = "River not installed: pip install -e '.[bench]'"
+        results["not_done"]["naive River consumers"] = "River not installed: pip install -e '.[bench]'"
+    runs: dict[str, list[float]] = {c: [] for c in names}
+    cpu: dict[str, list[dict[str, float]]] = {c: [] for c in names}
+    redis_commands: list[float] = []
     for r in range(plan.rounds):
-        for name in runs:
-            s = with_output(settings, f"{name}{r}")
-            if name == "pipe":
-                took = consumers.pipe(s, plan.events)
-            elif name == "service":
-                took = consumers.service(s, store, plan.events)
-            else:
-                took = consumers.naive(s, store, plan.events)
-            runs[name].append(plan.events / took)
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in runs.items()), flush=True)
+        for name in names:
+            s = with_output(settings, f"{workload.name}-{name}{r}")
+            commands = store.client.info("stats")["total_commands_processed"]
+            with cpu_meter() as used:
+                took = run_contender(name, s, store, n)
+            if name == "service":
+                redis_commands.append((store.client.info("stats")["total_commands_processed"] - commands) / n)
+            runs[name].append(n / took)
+            cpu[name].append({k: v / n * 1e6 for k, v in used.items()})
+        rates = ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in runs.items())
+        print(f"  {workload.name} round {r + 1}: {rates}", flush=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    results["throughput"] = {"events": plan.events, "rounds": plan.rounds, "per_round": runs, "median": med}
-    results["ratios"]["e2e_vs_pipe"] = med["service"] / med["pipe"]
-    if "naive" in med:
-        results["ratios"]["e2e_vs_naive"] = med["service"] / med["naive"]
-    stages = consumers.service_stages(with_output(settings, "stages"), store, plan.events)
-    results["consumer_stages_us_per_event"] = stages
+    cpu_med = {k: {part: statistics.median(run[part] for run in v) for part in v[0]} for k, v in cpu.items()}
+    out = with_output(settings, f"{workload.name}-service0")
+    outputs = {topic: topic_bytes(out, topic) for topic in (out.segments_topic, out.changes_topic) if topic}
+    results["throughput"][workload.name] = {
+        "events": n, "customers": workload.customers, "first_seen": workload.first_seen,
+        "input_bytes_per_event": sum(map(len, workload.values)) / n + sum(map(len, workload.keys)) / n,
+        "output_bytes_per_event": sum(b for _, b in outputs.values()) / n,
+        "change_records_per_event": outputs.get(out.changes_topic or "", (0, 0))[0] / n,
+        "redis_commands_per_event": statistics.median(redis_commands),
+        "rounds": plan.rounds, "per_round": runs, "median": med, "cpu_us_per_event": cpu_med,
+    }
+    prefix = "" if workload.name == "returning" else f"{workload.name}_"
+    results["ratios"][f"{prefix}e2e_vs_pipe"] = med["service"] / med["pipe"]
+    for naive in ("naive", "naive_fast"):
+        if naive in med:
+            results["ratios"][f"{prefix}e2e_vs_{naive}"] = med["service"] / med[naive]
+    stages = consumers.service_stages(with_output(settings, f"{workload.name}-stages"), store, n)
+    results["consumer_stages_us_per_event"][workload.name] = stages
     print("  stages, us/event: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
+
+
+def arriving_throughput(plan: Plan, results: dict[str, Any]) -> None:
+    """The throughput measures on arriving customers, on a topic and model of their own."""
+    workload = arriving(plan.arriving_events, plan.arriving_customers)
+    print(f"  arriving: {len(workload):,} events, {workload.customers:,} customers "
+          f"({workload.first_seen:.0%} of events a customer's first)", flush=True)
+    settings, store = prepare(workload)
+    try:
+        throughput(plan, results, workload, settings, store)
+    finally:
+        cleanup(settings, store)
 
 
 def model(plan: Plan, results: dict[str, Any], store: Any) -> None:
@@ -124,13 +191,25 @@ def model(plan: Plan, results: dict[str, Any], store: Any) -> None:
 
 
 def latencies(plan: Plan, results: dict[str, Any], settings: Any) -> None:
-    rates = latency.latency(settings, plan.rates, plan.ramp, plan.rate_seconds)
-    results["latency"] = [{**asdict(r), "sustained": r.sustained} for r in rates]
-    for r in rates:
-        if r.target_per_s in plan.rates:
-            results["ratios"][f"p99_{r.target_per_s}"] = r.p99_ms
-    sustained = [r.target_per_s for r in rates if r.sustained]
-    results["latency_highest_sustained"] = max(sustained) if sustained else None
+    """Both workloads at the fixed rates (the returning one then up the ramp), and the latency
+    after a consumer's start at 5,000 events/s of arriving customers."""
+    for workload in ("returning", "arriving"):
+        rates = latency.latency(settings, plan.rates, plan.ramp if workload == "returning" else [],
+                                plan.rate_seconds, workload)
+        results["latency"] += [{**asdict(r), "sustained": r.sustained} for r in rates]
+        prefix = "" if workload == "returning" else f"{workload}_"
+        for r in rates:
+            if r.target_per_s in plan.rates:
+                results["ratios"][f"{prefix}p99_{r.target_per_s}"] = r.p99_ms
+        if workload == "returning":
+            sustained = [r.target_per_s for r in rates if r.sustained]
+            results["latency_highest_sustained"] = max(sustained) if sustained else None
+    start = latency.after_start(settings, 5000, "arriving", seconds=8.0 if plan.quick else 20.0,
+                                after_s=1.0 if plan.quick else 5.0)
+    results["after_start"] = asdict(start)
+    results["ratios"]["after_start_p99"] = start.p99_after_ms
+    print(f"  after a start at 5,000/s: p99 {start.p99_after_ms:,.0f} ms over 10 s from {start.after_s:.0f} s"
+          f", steady (p99 <= 50 ms each second) from {start.steady_after_s} s", flush=True)
 
 
 def trainer(plan: Plan, results: dict[str, Any]) -> None:
@@ -197,7 +276,7 @@ def changes(plan: Plan, results: dict[str, Any]) -> None:
 
 
 def scaleout(plan: Plan, results: dict[str, Any]) -> None:
-    settings, store = prepare(plan.scale_events)
+    settings, store = prepare(returning(plan.scale_events))
     try:
         one = latency.scale_out(settings, plan.scale_events, 1)
         two = latency.scale_out(settings, plan.scale_events, 2)
@@ -228,10 +307,11 @@ def main(argv: list[str]) -> int:
     started = time.time()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                "quick": plan.quick, "machine": machine(), "ratios": {}, "not_done": {}}
+    results.update({"throughput": {}, "consumer_stages_us_per_event": {}, "latency": []})
     sections = ["throughput", "model", "latency", "trainer", "window", "changes", "scaleout"]
     print(f"preparing {plan.events:,} events on a fresh topic ({'quick' if plan.quick else 'full'} run) ...",
           flush=True)
-    settings, store = prepare(plan.events)
+    settings, store = prepare(returning(plan.events))
     try:
         for name in sections:
             if name in plan.skip:
@@ -241,7 +321,8 @@ def main(argv: list[str]) -> int:
             t = time.time()
             try:
                 if name == "throughput":
-                    throughput(plan, results, settings, store)
+                    throughput(plan, results, returning(plan.events), settings, store)
+                    arriving_throughput(plan, results)
                 elif name == "model":
                     model(plan, results, store)
                 elif name == "latency":

@@ -51,12 +51,24 @@ def take(consumer: Consumer, size: int, timeout_s: float) -> list[Message]:
     return [m for m in messages if m.error() is None]
 
 
+def deadline_for(n: int) -> float:
+    """When a contender still short of ``n`` events is stuck (a wedged group, a lost message)
+    and fails instead of hanging the benchmark: a minute, plus 2 ms per event."""
+    return time.monotonic() + 60.0 + n / 500
+
+
+def on_time(deadline: float, name: str, done: float, n: int) -> None:
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"{name}: {done:,.0f} of {n:,} events by its deadline")
+
+
 def pipe(s: Settings, n: int) -> float:
     consumer = Consumer(consumer_config(s, exactly_once=False))
     delivery = build_delivery(s, consumer)
     consumer.subscribe([s.events_topic])
-    done, started, inflight = 0, 0.0, None
+    done, started, inflight, deadline = 0, 0.0, None, deadline_for(n)
     while done < n:
+        on_time(deadline, "pipe", done, n)
         messages = take(consumer, s.batch_size, s.batch_timeout_s)
         if not messages:
             continue
@@ -88,8 +100,9 @@ def service(s: Settings, store: ModelStore, n: int, on_start: Callable[[], None]
     def scored() -> float:
         return metrics.registry.get_sample_value("segment_events_total", {"outcome": "scored"}) or 0.0
 
-    started = 0.0
+    started, deadline = 0.0, deadline_for(n)
     while scored() < n:
+        on_time(deadline, "service", scored(), n)
         loop.step()
         if not started and (loop.checkpoint.in_flight is not None or scored()):
             started = time.perf_counter()
@@ -138,8 +151,9 @@ def naive(s: Settings, store: ModelStore, n: int) -> float:
     consumer = Consumer(consumer_config(s, exactly_once=False))
     delivery = build_delivery(s, consumer)
     consumer.subscribe([s.events_topic])
-    done, started = 0, 0.0
+    done, started, deadline = 0, 0.0, deadline_for(n)
     while done < n:
+        on_time(deadline, "naive", done, n)
         messages = [m for m in consumer.consume(s.batch_size, s.batch_timeout_s) if m.error() is None]
         if not messages:
             continue
@@ -177,10 +191,11 @@ def naive_fast(s: Settings, store: ModelStore, n: int, commit_every: int = 500) 
     consumer = Consumer(consumer_config(s, exactly_once=False))
     producer = Producer(producer_config(s))
     consumer.subscribe([s.events_topic])
-    done, started, since_commit, msg = 0, 0.0, 0, None
+    done, started, since_commit, msg, deadline = 0, 0.0, 0, None, deadline_for(n)
     while done < n:
         msg = consumer.poll(s.batch_timeout_s)
         if msg is None or msg.error() is not None:
+            on_time(deadline, "naive_fast", done, n)
             continue
         started = started or time.perf_counter()
         done += 1

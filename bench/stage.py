@@ -14,10 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from demo.generator import event_value, make_customers
+from bench.workloads import Workload, returning
 from segmentation.kafka import delete_topics, ensure_topics, producer_config, reader_config
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
@@ -26,14 +25,13 @@ from trainer.__main__ import train_config
 from trainer.pipeline import train_once
 
 LOGS = Path(__file__).resolve().parent / "results" / "logs"
+STACK = Path(__file__).resolve().parent.parent / ".stack"  # make stack's pid files
 
 
 def make_values(n: int, seed: int = 0, tag: str = "b", customers: int = 5000) -> list[bytes]:
-    """``n`` demo events (five behavioural segments, ``customers`` customers), as producers send
-    them."""
-    rng = np.random.default_rng(seed)
-    people = make_customers(min(n, customers), rng)
-    return [json.dumps(event_value(people[i % len(people)], rng, f"{tag}-{i}")).encode() for i in range(n)]
+    """``n`` demo events (five behavioural segments, ``customers`` customers in turn), as
+    producers send them."""
+    return returning(n, seed, tag, customers).values
 
 
 def fresh_settings(**overrides: Any) -> Settings:
@@ -62,12 +60,15 @@ def with_output(settings: Settings, name: str) -> Settings:
     return s
 
 
-def produce(settings: Settings, values: list[bytes], tag: str = "c", customers: int = 5000) -> None:
+def produce(settings: Settings, values: list[bytes], tag: str = "c", customers: int = 5000,
+            keys: list[bytes] | None = None) -> None:
+    """``values`` on the events topic, keyed ``keys`` (else ``<tag>-<i mod customers>``)."""
     producer = Producer(producer_config(settings))
     for i, value in enumerate(values):
+        key = keys[i] if keys is not None else f"{tag}-{i % customers}"
         while True:
             try:
-                producer.produce(settings.events_topic, key=f"{tag}-{i % customers}", value=value)
+                producer.produce(settings.events_topic, key=key, value=value)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -76,11 +77,12 @@ def produce(settings: Settings, values: list[bytes], tag: str = "c", customers: 
     producer.flush(60)
 
 
-def prepare(n: int) -> tuple[Settings, ModelStore]:
-    """A fresh input topic holding ``n`` events, and a model trained on them by the trainer."""
+def prepare(workload: Workload) -> tuple[Settings, ModelStore]:
+    """A fresh input topic holding the workload's events, and a model trained on them by the
+    trainer."""
     settings = fresh_settings()
     ensure_topics(settings)
-    produce(settings, make_values(n))
+    produce(settings, workload.values, keys=workload.keys)
     store = ModelStore(connect(settings), settings.redis_prefix)
     result = train_once(train_config(settings), store, TrainerMetrics())
     if result.result != "published":
@@ -147,3 +149,65 @@ def read_records(settings: Settings, topic: str, expected: int, timeout_s: float
                 records.append((value, msg.timestamp()[1]))
     reader.close()
     return records
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (``/proc/<pid>/stat``, all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, from field 3 on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids() -> dict[str, int]:
+    """The Redis server and the Kafka broker that ``make stack`` started (none when the stack
+    runs elsewhere)."""
+    pids = {}
+    for name, file in (("redis", "redis.pid"), ("broker", "kafka.pid")):
+        try:
+            pids[name] = int((STACK / file).read_text().split()[0])
+            _cpu_seconds(pids[name])
+        except (OSError, ValueError, IndexError):
+            pids.pop(name, None)
+    return pids
+
+
+@contextmanager
+def cpu_meter() -> Iterator[dict[str, float]]:
+    """CPU seconds used while the block runs, by this process (the contender: every contender
+    runs in the benchmark's process) and by the stack's Redis and broker; filled on exit."""
+    pids = stack_pids()
+    before = {"consumer": time.process_time(), **{n: _cpu_seconds(p) for n, p in pids.items()}}
+    used: dict[str, float] = {}
+    yield used
+    after = {"consumer": time.process_time()}
+    for name, pid in pids.items():
+        try:
+            after[name] = _cpu_seconds(pid)
+        except OSError:  # the process went away during the run: no figure rather than a wrong one
+            continue
+    used.update({name: after[name] - before[name] for name in after})
+
+
+def topic_bytes(settings: Settings, topic: str) -> tuple[int, int]:
+    """(records, key + value bytes) of everything ``topic`` holds now."""
+    reader = Consumer(reader_config(settings, f"sizer-{uuid.uuid4().hex[:6]}"))
+    metadata = reader.list_topics(topic, timeout=10).topics[topic]
+    ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in metadata.partitions}
+    reader.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
+    remaining = {p for p, end in ends.items() if end > 0}
+    count = size = 0
+    deadline = time.monotonic() + 120
+    while remaining and time.monotonic() < deadline:
+        for msg in reader.consume(5000, 0.5):
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(msg.partition())
+                continue
+            count += 1
+            size += len(msg.key() or b"") + len(msg.value() or b"")
+            if (msg.offset() or 0) + 1 >= ends[msg.partition()]:
+                remaining.discard(msg.partition())
+    reader.close()
+    return count, size
