@@ -80,7 +80,7 @@ def table(r: dict[str, Any]) -> str:
             f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms",
             ("sustained" if lat["sustained"] else "not sustained") + " (p99 <= 50 ms)",
             mark(f"{prefix}p99_{lat['target_per_s']}")))
-    if "latency" in r:
+    if r.get("latency"):
         best = r.get("latency_highest_sustained")
         rows.append(_row("highest producer rate sustained (all scored, p99 < 500 ms)", "-",
                          f"{best:,} events/s" if best else "none", "-", "-"))

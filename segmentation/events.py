@@ -278,6 +278,9 @@ def _header_bytes(msg: KafkaMessage) -> int:
     return sum(len(name) + len(_as_bytes(v) or b"") for name, v in items)
 
 
+_JOINED_BYTES = 4096  # values up to this size are scanned for escapes as one string per batch
+
+
 @dataclass(frozen=True, slots=True)
 class InputContract:
     """The bounds of the input contract: what a message may be before it is scored or trained on.
@@ -327,24 +330,31 @@ class InputContract:
         ['event', 'missing_field', 'out_of_range']
         """
         now = now_ms if now_ms is not None else int(time.time() * 1000)
-        parsed = {i: e for i, m in enumerate(messages) if (e := self._parse(m)) is not None}
+        decoder = _wire_decoder(self.max_id_chars, self.max_attribute_chars, self.max_fields)
+        values = [m.value() for m in messages]
+        # one scan of the batch: no value has a \u escape unless their concatenation has one
+        escapes = b"\\u" in b"".join(v for v in values if isinstance(v, bytes))
+        parsed = {i: e for i, (m, v) in enumerate(zip(messages, values, strict=True))
+                  if (e := self._parse(m, v, decoder, escapes)) is not None}
         positions = list(parsed)
         events = list(parsed.values())
         for j in set(self._times_in_doubt(events, now)) | set(self._features_in_doubt(events)):
             del parsed[positions[j]]
         return [parsed[i] if i in parsed else self.decode_message(m, now) for i, m in enumerate(messages)]
 
-    def _parse(self, msg: KafkaMessage) -> DecodedEvent | None:
-        """The event when its size, its JSON, its ids and attributes and its key pass, decoded
-        by msgspec; ``None``: in doubt. A value with a ``\\u`` escape is in doubt (msgspec takes
-        a lone surrogate that the exact path refuses)."""
-        value, key = msg.value(), _as_bytes(msg.key())
-        if not isinstance(value, bytes) or b"\\u" in value:
+    def _parse(self, msg: KafkaMessage, value: str | bytes | None, decoder: msgspec.json.Decoder[Any],
+               escapes: bool) -> DecodedEvent | None:
+        """The event of ``msg`` (whose value is ``value``) when its size, its JSON, its ids and
+        attributes and its key pass, decoded by msgspec; ``None``: in doubt. A value with a
+        ``\\u`` escape is in doubt (msgspec takes a lone surrogate that the exact path refuses):
+        ``escapes`` says whether the batch may hold one."""
+        key = _as_bytes(msg.key())
+        if not isinstance(value, bytes) or ((escapes or len(value) > _JOINED_BYTES) and b"\\u" in value):
             return None
         if len(value) + (len(key) if key else 0) + _header_bytes(msg) > self.max_message_bytes:
             return None
         try:
-            wire = _wire_decoder(self.max_id_chars, self.max_attribute_chars, self.max_fields).decode(value)
+            wire = decoder.decode(value)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return None
         ms = plain_event_ms(wire.event_time)

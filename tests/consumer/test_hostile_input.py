@@ -129,14 +129,14 @@ def test_an_exception_while_scoring_one_message_dead_letters_only_that_message(
 ) -> None:
     import consumer.scoring as scoring
 
-    real = scoring.output_value
+    real = scoring.output_values
 
-    def explode_for_boom(ev, *args):  # type: ignore[no-untyped-def]
-        if ev.customer_id == "boom":
+    def explode_for_boom(events, *args):  # type: ignore[no-untyped-def]
+        if any(ev.customer_id == "boom" for ev in events):
             raise ZeroDivisionError("injected")
-        return real(ev, *args)
+        return real(events, *args)
 
-    monkeypatch.setattr(scoring, "output_value", explode_for_boom)
+    monkeypatch.setattr(scoring, "output_values", explode_for_boom)
     outputs, dead, reasons = score([event(), event(customer_id="boom"), event(customer_id="c-3")])
     assert [json.loads(r.value or b"")["customer_id"] for r in outputs] == ["c-1", "c-3"]
     assert reasons == ["internal_error"]

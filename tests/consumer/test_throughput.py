@@ -21,10 +21,11 @@ from consumer.scoring import (
     json_number,
     json_string,
     output_value,
+    output_values,
     score_batch,
 )
 from segmentation.cluster_metrics import nearest_two
-from segmentation.events import CustomerEvent, Event, Rejection, event_time_iso
+from segmentation.events import CustomerEvent, DecodedEvent, Event, Rejection, event_time_iso, plain_event_ms
 from segmentation.metrics import BatchHistogram
 from segmentation.settings import DEFAULT_FEATURES
 from tests.support.messages import (
@@ -116,6 +117,30 @@ RFC3339_LIKE = st.builds(
     st.sampled_from(["", ".5", ".123456", ".1234567", "."]),
     st.sampled_from(["Z", "z", "+00:00", "-23:59", "+24:00", "+05:30", "", "+0530", "-00:00"]),
 )
+CANONICAL_TIME = st.builds(  # the form our producers write, with digits in and out of range
+    lambda ms, seconds, millis: f"{event_time_iso(ms)[:17]}{seconds}.{millis}Z",
+    st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999),
+    st.sampled_from(["00", "07", "59", "60", "99", "+1", " 1", "1_", "\u0663\u0663"]),
+    st.sampled_from(["000", "149", "999", "1_0", "+12", "\u0663\u0663\u0663"]),
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(CANONICAL_TIME)
+def test_the_fast_event_time_is_the_exact_paths(text: str) -> None:
+    try:
+        exact: int | None = CustomerEvent(customer_id="c", event_time=text, features={}).event_ms
+    except ValueError:
+        exact = None
+    fast = plain_event_ms(text)
+    assert fast is None or fast == exact
+
+
+def test_event_times_written_by_our_producers_take_the_fast_path() -> None:
+    for ms in (0, -1, 1_796_571_724_149, 4_102_444_799_999, -62_135_596_800_000):
+        assert plain_event_ms(event_time_iso(ms)) == ms
+
+
 NUMBER = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -170,6 +195,35 @@ def test_an_output_value_is_the_dict_of_its_fields_through_to_json() -> None:
             "segment_id": 1, "segment": DEMO_MODEL.bundle.segment_names[1], "distance": round(distance, 6),
             "outlier": outlier, "model_version": DEMO_MODEL.version, "scored_at": scored_at,
         })
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1), st.none() | st.text(),
+                          st.floats(min_value=0, max_value=1e300, allow_nan=False), st.booleans(),
+                          st.integers(-(2**40), 2**45)), min_size=1, max_size=20),
+       st.sampled_from([None, float("inf"), float("nan")]))
+def test_a_batch_of_output_values_is_each_events_output_value(
+    rows: list[tuple[str, str | None, float, bool, int]], poison: float | None,
+) -> None:
+    events = [DecodedEvent(c, ms, {}, {}, e) for c, e, _, _, ms in rows]
+    event_ms = [ms for *_, ms in rows]
+    indices = np.arange(len(rows)) % len(DEMO_MODEL.bundle.segment_ids)
+    distances = np.array([d for _, _, d, _, _ in rows])
+    outliers = np.array([o for _, _, _, o, _ in rows])
+    if poison is not None:
+        distances[-1] = poison
+    ids, names = DEMO_MODEL.bundle.segment_ids, DEMO_MODEL.bundle.segment_names
+
+    def each() -> list[bytes]:
+        return [output_value(ev, ms, ids[i], names[i], d, DEMO_MODEL.version, "T", outlier=o)
+                for ev, ms, i, d, o in zip(events, event_ms, indices.tolist(), distances.tolist(),
+                                           outliers.tolist(), strict=True)]
+
+    if poison is None:
+        assert output_values(events, event_ms, indices, distances, DEMO_MODEL, "T", outliers) == each()
+    else:  # a non-finite distance raises as it does event by event (the batch is then split)
+        with pytest.raises(ValueError, match="non-finite distance"):
+            output_values(events, event_ms, indices, distances, DEMO_MODEL, "T", outliers)
 
 
 def test_a_batch_of_observations_fills_the_histogram_as_one_by_one() -> None:
