@@ -229,7 +229,8 @@ class AtLeastOnce:
     def _produce_all(self, records: list[OutRecord], sent: Sent) -> None:
         """Produce ``records`` once; their reports land in ``sent``."""
         for record in records:
-            # Only failures are kept: once every report is in, the rest is acknowledged.
+            # Only failures are reported (the producer's ``delivery.report.only.error``) and
+            # kept: once every record is out of the producer's queue, the rest is acknowledged.
             def on_delivery(err: KafkaError | None, _msg: Message, record: OutRecord = record) -> None:
                 if err is not None:
                     sent.failed.append((record, err))

@@ -153,10 +153,11 @@ def build_delivery(settings: Settings, consumer: Consumer) -> Delivery:
         tid = f"{settings.transactional_id}-{settings.replica_id}"
 
         def new_producer() -> Producer:
-            return Producer(producer_config(settings, tid))
+            return Producer(producer_config(settings, tid, reports="errors"))
 
         return ExactlyOnce(new_producer(), consumer, settings.delivery_timeout_s, new_producer=new_producer)
-    return AtLeastOnce(Producer(producer_config(settings)), consumer, settings.delivery_timeout_s)
+    producer = Producer(producer_config(settings, reports="errors"))
+    return AtLeastOnce(producer, consumer, settings.delivery_timeout_s)
 
 
 def main() -> int:
