@@ -17,6 +17,7 @@ trainer, window, changes, scaleout).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import confluent_kafka
 from bench import consumers, latency, model_step, trainer_cost
 from bench.stage import (
     cleanup,
+    clear_customers,
     cpu_meter,
     fresh_settings,
     make_values,
@@ -133,14 +135,17 @@ def throughput(plan: Plan, results: dict[str, Any], workload: Workload, settings
     runs: dict[str, list[float]] = {c: [] for c in names}
     cpu: dict[str, list[dict[str, float]]] = {c: [] for c in names}
     redis_commands: list[float] = []
+    customers_stored, bytes_per_customer = 0, 0.0
     for r in range(plan.rounds):
         for name in names:
             s = with_output(settings, f"{workload.name}-{name}{r}")
+            clear_customers(store)
             commands = store.client.info("stats")["total_commands_processed"]
             with cpu_meter() as used:
                 took = run_contender(name, s, store, n)
             if name == "service":
                 redis_commands.append((store.client.info("stats")["total_commands_processed"] - commands) / n)
+                customers_stored, bytes_per_customer = customer_memory(store)
             runs[name].append(n / took)
             cpu[name].append({k: v / n * 1e6 for k, v in used.items()})
         rates = ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in runs.items())
@@ -155,6 +160,7 @@ def throughput(plan: Plan, results: dict[str, Any], workload: Workload, settings
         "output_bytes_per_event": sum(b for _, b in outputs.values()) / n,
         "change_records_per_event": outputs.get(out.changes_topic or "", (0, 0))[0] / n,
         "redis_commands_per_event": statistics.median(redis_commands),
+        "redis_customers": customers_stored, "redis_bytes_per_customer": bytes_per_customer,
         "rounds": plan.rounds, "per_round": runs, "median": med, "cpu_us_per_event": cpu_med,
     }
     prefix = "" if workload.name == "returning" else f"{workload.name}_"
@@ -162,9 +168,21 @@ def throughput(plan: Plan, results: dict[str, Any], workload: Workload, settings
     for naive in ("naive", "naive_fast"):
         if naive in med:
             results["ratios"][f"{prefix}e2e_vs_{naive}"] = med["service"] / med[naive]
+    clear_customers(store)
     stages = consumers.service_stages(with_output(settings, f"{workload.name}-stages"), store, n)
     results["consumer_stages_us_per_event"][workload.name] = stages
     print("  stages, us/event: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
+
+
+def customer_memory(store: Any, sample: int = 500) -> tuple[int, float]:
+    """How many customers the consumer keeps in Redis under the run's prefix, and the mean of
+    ``MEMORY USAGE`` (key, hash and Redis's own overhead) over a sample of them."""
+    keys = list(itertools.islice(store.client.scan_iter(match=store.keys.customer("*"), count=1000), sample))
+    if not keys:
+        return 0, 0.0
+    used = [store.client.memory_usage(k, samples=0) or 0 for k in keys]
+    stored = sum(1 for _ in store.client.scan_iter(match=store.keys.customer("*"), count=5000))
+    return stored, sum(used) / len(used)
 
 
 def arriving_throughput(plan: Plan, results: dict[str, Any]) -> None:

@@ -53,9 +53,11 @@ def table(r: dict[str, Any]) -> str:
                              f"pipe {parts(cpu['pipe'])}", f"consumer {parts(cpu['service'])}",
                              ", ".join(f"{k} {parts(v)}" for k, v in cpu.items() if k.startswith("naive")),
                              "-"))
+            stored = (f", Redis {t['redis_bytes_per_customer']:.0f} B/customer"
+                      if t.get("redis_bytes_per_customer") else "")
             rows.append(_row(f"{workload}: what the consumer costs per event", "-",
                              f"{t['redis_commands_per_event']:.2f} Redis commands, "
-                             f"{t['change_records_per_event']:.3f} change records",
+                             f"{t['change_records_per_event']:.3f} change records{stored}",
                              f"{t['input_bytes_per_event']:.0f} B in, "
                              f"{t['output_bytes_per_event']:.0f} B out (key + value)", "-"))
     stages_by = r.get("consumer_stages_us_per_event", {})

@@ -104,6 +104,14 @@ def cleanup(settings: Settings, store: ModelStore) -> None:
         store.client.delete(*keys[i:i + 1000])
 
 
+def clear_customers(store: ModelStore) -> None:
+    """Delete the customers the last contender wrote to Redis, so that every run writes each
+    of its customers (a replay of the same events finds them stored and writes nothing)."""
+    keys = list(store.client.scan_iter(match=store.keys.customer("*"), count=5000))
+    for i in range(0, len(keys), 1000):
+        store.client.delete(*keys[i:i + 1000])
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes ``python -m consumer`` use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEG_")}

@@ -69,7 +69,10 @@ class OnlineKMeans:
         k = centroids.shape[0]
         self.model = MiniBatchKMeans(
             n_clusters=k, init=centroids, n_init=1, reassignment_ratio=0.0,
-            batch_size=max(k, 256), random_state=self.random_state, compute_labels=False,
+            batch_size=max(k, 256), compute_labels=False,
+            # an instance, not the seed: every partial_fit makes a RandomState of a seed (about
+            # 100 us, a third of a call on a batch of 500); with no reassignment it draws nothing
+            random_state=np.random.RandomState(self.random_state),
         )
         with self._threads.limit(limits=1):
             self.model.partial_fit(centroids, sample_weight=absorbed)
