@@ -87,12 +87,22 @@ def rewind(consumer: Consumer, messages: Sequence[Consumed]) -> None:
 
 
 def next_offsets(messages: Sequence[Consumed]) -> list[TopicPartition]:
-    """Per partition, the offset after the last message (what a commit means)."""
-    last: dict[tuple[str, int], int] = {}
-    for msg in messages:
-        where = (str(msg.topic()), int(msg.partition() or 0))
-        last[where] = max(last.get(where, -1), int(msg.offset() or 0))
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+    """Per partition, the offset after the last message (what a commit means).
+
+    >>> class M:
+    ...     def __init__(self, p, o): self.p, self.o = p, o
+    ...     def topic(self): return "t"
+    ...     def partition(self): return self.p
+    ...     def offset(self): return self.o
+    >>> [(tp.partition, tp.offset) for tp in next_offsets([M(0, 7), M(1, 3), M(0, 5), M(0, 9)])]
+    [(0, 10), (1, 4)]
+    """
+    last: dict[tuple[str | None, int | None], int] = {}
+    for msg in messages:  # once per message: plain comparisons, the conversions once per partition
+        where, offset = (msg.topic(), msg.partition()), msg.offset() or 0
+        if offset > last.get(where, -1):
+            last[where] = offset
+    return [TopicPartition(str(t), int(p or 0), int(o) + 1) for (t, p), o in last.items()]
 
 
 def commit_stored(consumer: Consumer) -> None:

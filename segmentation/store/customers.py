@@ -27,9 +27,12 @@ for i, key in ipairs(KEYS) do
   local r = rows[i]
   -- A key of another type, or fields that are not numbers or lie past the ceiling (no event
   -- the consumer scores is dated that late), is garbage: the assignment replaces it.
-  local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', key) end
-  local cur = redis.call('HMGET', key, 'event_ms', 'offset')
+  -- (HMGET in pcall: one call per key where TYPE first made two; a wrong type is its error)
+  local ok, cur = pcall(redis.call, 'HMGET', key, 'event_ms', 'offset')
+  if not ok then
+    redis.call('DEL', key)
+    cur = {false, false}
+  end
   local newer = true
   local cms = tonumber(cur[1])
   if cms and cms <= ceiling then
