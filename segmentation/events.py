@@ -332,8 +332,10 @@ class InputContract:
         now = now_ms if now_ms is not None else int(time.time() * 1000)
         decoder = _wire_decoder(self.max_id_chars, self.max_attribute_chars, self.max_fields)
         values = [m.value() for m in messages]
-        # one scan of the batch: no value has a \u escape unless their concatenation has one
-        escapes = b"\\u" in b"".join(v for v in values if isinstance(v, bytes))
+        # one scan of the batch's usual-sized values: none has a \u escape unless their
+        # concatenation has one (a larger value is scanned on its own, so the copy stays small)
+        small = (v for v in values if isinstance(v, bytes) and len(v) <= _JOINED_BYTES)
+        escapes = b"\\u" in b"".join(small)
         parsed = {i: e for i, (m, v) in enumerate(zip(messages, values, strict=True))
                   if (e := self._parse(m, v, decoder, escapes)) is not None}
         positions = list(parsed)

@@ -160,6 +160,20 @@ EVENT = st.fixed_dictionaries(
 )
 
 
+def test_a_large_value_with_an_escape_is_decoded_exactly_beside_small_plain_ones() -> None:
+    # values above the size scanned per batch are scanned one by one: a lone surrogate escaped
+    # in a large value still goes to the exact path (which refuses it)
+    plain = demo_values(3)
+    event = json.loads(plain[0])
+    event["attributes"] = {"note": "x" * 5000 + "\ud800"}
+    large = json.dumps(event).encode()
+    assert b"\\ud800" in large and len(large) > 4096
+    messages = [Msg(v, i) for i, v in enumerate([plain[1], large, plain[2]])]
+    decoded = DEMO_CONTRACT.decode_batch(messages, NOW_MS)
+    assert decoded == [DEMO_CONTRACT.decode_message(m, NOW_MS) for m in messages]
+    assert isinstance(decoded[1], Rejection) and not isinstance(decoded[0], Rejection)
+
+
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(EVENT, min_size=1, max_size=8))
 def test_decoding_a_batch_is_decoding_each_message(events: list[dict[str, Any]]) -> None:
