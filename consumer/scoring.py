@@ -236,8 +236,7 @@ def output_value(
     >>> output_value(e, 1000, 2, "vip", 0.12345678, 7, "1970-01-01T00:00:02.000Z")
     b'{"customer_id":"c-1","event_id":null,"event_time":"1970-01-01T00:00:01.000Z","segment_id":2,"segment":"vip","distance":0.123457,"outlier":false,"model_version":7,"scored_at":"1970-01-01T00:00:02.000Z"}'
     """
-    if not math.isfinite(distance):
-        raise ValueError(f"non-finite distance {distance} for segment {segment_id}")
+    _check_finite(distance, segment_id)
     return (
         f'{{"customer_id":{json_string(event.customer_id)},"event_id":{json_string(event.event_id)},'
         f'"event_time":"{event_time or event_time_iso(event_ms)}","segment_id":{int(segment_id)},'
@@ -332,10 +331,10 @@ def output_values(
     many events (the segment's fields, ``scored_at``) is written once, and the ids are escaped
     per batch when none needs it.
     """
-    if not np.isfinite(distances).all():  # output_value names the event (and raises)
-        return _output_values_one_by_one(events, event_ms, indices, distances, model, scored_at, outliers)
     ids, names = model.bundle.segment_ids, model.bundle.segment_names
     index = indices.tolist()
+    for row in np.flatnonzero(~np.isfinite(distances)).tolist():  # the first one raises
+        _check_finite(float(distances[row]), ids[index[row]])
     segment = {i: f'"segment_id":{int(ids[i])},"segment":{json_string(names[i])}' for i in set(index)}
     tail = f'"model_version":{int(model.version)},"scored_at":{json_string(scored_at)}}}'
     flags = (["false"] * len(events) if outliers is None
@@ -347,16 +346,10 @@ def output_values(
             for c, e, t, i, d, o in rows]
 
 
-def _output_values_one_by_one(
-    events: Sequence[Event], event_ms: Sequence[int], indices: np.ndarray,
-    distances: np.ndarray, model: ActiveModel, scored_at: str, outliers: np.ndarray | None = None,
-) -> list[bytes]:
-    ids, names, version = model.bundle.segment_ids, model.bundle.segment_names, model.version
-    flags = [False] * len(events) if outliers is None else outliers.tolist()
-    rows = zip(events, event_ms, event_times_iso(event_ms), indices.tolist(), distances.tolist(),
-               flags, strict=True)
-    return [output_value(e, ms, ids[i], names[i], d, version, scored_at, t, o)
-            for e, ms, t, i, d, o in rows]
+def _check_finite(distance: float, segment_id: int) -> None:
+    """A distance the output contract can carry (JSON has no NaN or infinity)."""
+    if not math.isfinite(distance):
+        raise ValueError(f"non-finite distance {distance} for segment {segment_id}")
 
 
 def beyond(distances: np.ndarray, indices: np.ndarray, radii: np.ndarray | None) -> np.ndarray:
