@@ -14,10 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.workloads import Workload, returning
-from segmentation.kafka import delete_topics, ensure_topics, producer_config, reader_config
+from segmentation.kafka import (
+    TopicReader,
+    delete_topics,
+    ensure_topics,
+    producer_config,
+    read_to_end,
+    reader_config,
+)
 from segmentation.metrics import TrainerMetrics
 from segmentation.settings import Settings
 from segmentation.store import ModelStore, connect
@@ -198,24 +205,13 @@ def cpu_meter() -> Iterator[dict[str, float]]:
 
 def topic_bytes(settings: Settings, topic: str) -> tuple[int, int]:
     """(records, key + value bytes) of everything ``topic`` holds now."""
-    reader = Consumer(reader_config(settings, f"sizer-{uuid.uuid4().hex[:6]}"))
-    metadata = reader.list_topics(topic, timeout=10).topics[topic]
-    ends = {p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in metadata.partitions}
-    reader.assign([TopicPartition(topic, p, 0) for p, end in ends.items() if end > 0])
-    remaining = {p for p, end in ends.items() if end > 0}
-    count = size = 0
-    deadline = time.monotonic() + 120
-    while remaining and time.monotonic() < deadline:
-        for msg in reader.consume(5000, 0.5):
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    remaining.discard(msg.partition())
-                continue
+    reader = TopicReader(settings, f"sizer-{uuid.uuid4().hex[:6]}")
+    try:
+        partitions = list(reader.records.list_topics(topic, timeout=10).topics[topic].partitions)
+        count = size = 0
+        for msg in read_to_end(reader, topic, partitions, timeout_s=120.0):
             count += 1
             size += len(msg.key() or b"") + len(msg.value() or b"")
-            if (msg.offset() or 0) + 1 >= ends[msg.partition()]:
-                remaining.discard(msg.partition())
-    reader.close()
+    finally:
+        reader.close()
     return count, size
